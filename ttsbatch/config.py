@@ -1,0 +1,165 @@
+"""Options as frozen dataclasses, and TOML presets that set the same fields.
+
+A preset is a TOML file with one table per options group, e.g.::
+
+    [generation]
+    temperature = 0.7
+    [stitch]
+    paragraph_pause_ms = 800
+
+Built-in presets live in ``presets/`` (``--preset audiobook``); a path to a .toml file works too.
+Command-line flags override the preset, which overrides these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How a document becomes chunks of text."""
+
+    max_chars: int = 300  # no chunk is longer than this (Chatterbox degrades on long inputs)
+    merge_chars: int = 120  # sentences are merged while the chunk is shorter than this
+    normalize_punctuation: bool = True  # Chatterbox's own punctuation rules (punc_norm)
+    ascii_fold: bool = True  # replace characters the English tokenizer cannot say (é -> e, emoji -> dropped)
+    language: str = "english"  # abbreviation list for sentence splitting
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling parameters of Chatterbox; they are part of every chunk's id."""
+
+    exaggeration: float = 0.5  # emotion intensity, 0..2
+    cfg_weight: float = 0.5  # classifier-free guidance weight, 0 disables CFG
+    temperature: float = 0.8  # softmax temperature of T3 sampling
+    min_p: float = 0.05  # drop tokens whose probability is below min_p * the top probability
+    top_p: float = 1.0  # nucleus sampling mass, 1.0 disables
+    repetition_penalty: float = 1.2  # HF-style penalty on tokens already generated
+    max_new_tokens: int = 1000  # hard cap of speech tokens per chunk (25 tokens = 1 s)
+    tokens_per_char: float = 0.0  # >0: budget of speech tokens per character of text (benchmarks)
+    ignore_eos: bool = False  # keep sampling past end-of-speech until the budget (random weights)
+    cfm_steps: int = 10  # Euler steps of S3Gen's flow-matching decoder
+
+    def token_budget(self, n_chars: int) -> int:
+        """Speech tokens allowed for a chunk of ``n_chars`` characters."""
+        if self.tokens_per_char > 0:
+            return max(1, min(self.max_new_tokens, round(self.tokens_per_char * n_chars)))
+        return self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class StitchOptions:
+    """How finished chunks are joined into one track."""
+
+    sentence_pause_ms: int = 250  # silence between chunks of one paragraph
+    paragraph_pause_ms: int = 700  # silence after the last chunk of a paragraph
+    chapter_pause_ms: int = 2000  # silence after the last chunk of a chapter
+    fade_ms: int = 10  # fade in/out at every join so nothing clicks
+    trim_silence: bool = True  # trim each chunk's leading/trailing silence first
+    silence_threshold_db: float = -45.0  # below this (dBFS) counts as silence when trimming
+    keep_ms: int = 20  # silence kept at each trimmed edge
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the stitched track is encoded."""
+
+    sample_rate: int = 0  # output sample rate; 0 keeps the model's 24 kHz
+    mp3_bitrate: str = "128k"  # for .mp3
+    aac_bitrate: str = "96k"  # for .m4a / .m4b
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a run needs besides files: one group per stage."""
+
+    text: TextOptions = field(default_factory=TextOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    stitch: StitchOptions = field(default_factory=StitchOptions)
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+
+PRESET_DIRS = (
+    Path(__file__).resolve().parent.parent / "presets",  # a source checkout
+    Path(__file__).resolve().parent / "_presets",  # an installed wheel
+)
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets."""
+    names = set()
+    for d in PRESET_DIRS:
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def _preset_path(name: str) -> Path:
+    if name.endswith(".toml") or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"preset file not found: {name}")
+        return path
+    for d in PRESET_DIRS:
+        if (d / f"{name}.toml").is_file():
+            return d / f"{name}.toml"
+    raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+
+
+def _coerce(group: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputError(f"preset: [{group}] {f.name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(options: Options, overrides: dict[str, dict[str, Any]], source: str = "preset") -> Options:
+    """Return ``options`` with ``{group: {field: value}}`` applied; unknown names are errors."""
+    groups = {f.name: f for f in fields(Options)}
+    for group, values in overrides.items():
+        if group not in groups or not isinstance(values, dict):
+            raise InputError(f"{source}: unknown section [{group}]; expected one of {', '.join(groups)}")
+        current = getattr(options, group)
+        known = {f.name: f for f in fields(current)}
+        changes = {}
+        for name, value in values.items():
+            if name not in known:
+                raise InputError(f"{source}: unknown option {name!r} in [{group}]")
+            changes[name] = _coerce(group, known[name], value)
+        options = replace(options, **{group: replace(current, **changes)})
+    return options
+
+
+def load_options(preset: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Options:
+    """Defaults, then the preset (a built-in name or a .toml path), then explicit overrides."""
+    options = Options()
+    if preset:
+        path = _preset_path(preset)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"preset {path}: not valid TOML ({e})") from None
+        options = apply_overrides(options, data, source=f"preset {path.name}")
+    if overrides:
+        options = apply_overrides(options, overrides, source="option")
+    return options
+
+
+def as_dict(obj: Any) -> dict:
+    """A plain dict of a dataclass (for ids, manifests and logs)."""
+    return dataclasses.asdict(obj)

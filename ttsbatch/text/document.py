@@ -1,0 +1,36 @@
+"""The shapes text takes on its way to the model. No torch on this side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Boundary = Literal["sentence", "paragraph", "chapter", "end"]
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """A chapter: its heading (also spoken, as the first paragraph) and its paragraphs."""
+
+    title: str | None  # heading as written, None for text before the first heading
+    paragraphs: tuple[str, ...]  # plain text, one paragraph per item, hard wraps joined
+
+
+@dataclass(frozen=True)
+class Document:
+    """A whole book or article, read from a file."""
+
+    name: str  # file name, for logs
+    chapters: tuple[Chapter, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of text that the model speaks in one go, in document order."""
+
+    index: int  # 0-based position in the document
+    text: str  # normalized text, as sent to the model
+    source: str  # the same span of the document before normalization (for the no-drop check)
+    chapter: int  # index of its chapter in Document.chapters
+    paragraph: int  # index of its paragraph, counted across the whole document
+    boundary: Boundary  # what follows it: the pause that stitching puts after it
