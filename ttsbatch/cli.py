@@ -1,0 +1,267 @@
+"""The ``ttsbatch`` command. Commands are thin: each docstring is its --help."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from .errors import InputError, TtsbatchError
+
+log = logging.getLogger("ttsbatch")
+
+
+class BookIsDefault(TyperGroup):
+    """``ttsbatch BOOK ...`` means ``ttsbatch book BOOK ...``: the book is the main job."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["book", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=BookIsDefault,
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Turn books and subtitle files into watermarked speech with Chatterbox.\n\n"
+    "ttsbatch BOOK.txt --voice ref.wav -o book.mp3  (same as: ttsbatch book ...)",
+)
+checkpoint_app = typer.Typer(help="Make checkpoints for tests and benchmarks.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Size(str, Enum):
+    tiny = "tiny"
+    full = "full"
+
+
+def setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ttsbatch: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"ttsbatch: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn TtsbatchError into one line on stderr and its exit code; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TtsbatchError as e:
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("ttsbatch: interrupted; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def generation_overrides(**flags) -> dict:
+    """Flags given on the command line (None = not given) as option overrides."""
+    groups = {
+        "generation": (
+            "exaggeration",
+            "cfg_weight",
+            "temperature",
+            "min_p",
+            "top_p",
+            "repetition_penalty",
+            "max_new_tokens",
+            "tokens_per_char",
+            "ignore_eos",
+            "cfm_steps",
+        ),
+        "text": ("max_chars",),
+    }
+    out: dict[str, dict] = {}
+    for group, names in groups.items():
+        values = {n: flags[n] for n in names if flags.get(n) is not None}
+        if values:
+            out[group] = values
+    return out
+
+
+@app.command("book")
+@user_errors
+def book(
+    book_path: Path = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md."),
+    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3, 2+ s). Default: the model's built-in voice."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; format by extension (.wav .flac .mp3 .m4a .m4b). Default: BOOK with .mp3."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (chapters, every chunk, estimated length) without loading the model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Chunks per engine call."),
+    exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
+    cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
+    min_p: Optional[float] = typer.Option(None, help="Min-p sampling threshold."),
+    top_p: Optional[float] = typer.Option(None, help="Top-p (nucleus) sampling mass."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty."),
+    max_chars: Optional[int] = typer.Option(None, help="Longest chunk of text, in characters."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most speech tokens per chunk (25 = 1 s)."),
+    tokens_per_char: Optional[float] = typer.Option(None, help="Speech-token budget per character (benchmarks, random weights)."),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="Sample until the budget even past end-of-speech."),
+    cfm_steps: Optional[int] = typer.Option(None, help="Flow-matching steps of S3Gen."),
+):
+    """Speak a book: BOOK text in, one watermarked audio file out. Rerun the same command to resume."""
+    from .config import load_options
+    from .store import cache_dir, default_work_dir
+    from .text.chunking import chunk_document_report, estimate_seconds
+    from .text.readers import read_document
+
+    setup_logging(quiet)
+    overrides = generation_overrides(
+        exaggeration=exaggeration, cfg_weight=cfg_weight, temperature=temperature, min_p=min_p, top_p=top_p,
+        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, tokens_per_char=tokens_per_char,
+        ignore_eos=ignore_eos, cfm_steps=cfm_steps, max_chars=max_chars,
+    )
+    options = load_options(preset, overrides)
+    check_options(options)
+    output = output or book_path.with_suffix(".mp3")
+    if output.resolve() == book_path.resolve():
+        raise InputError(f"output {output} would overwrite the input")
+
+    doc = read_document(book_path)
+    chunks, skipped = chunk_document_report(doc, options.text)
+    if not chunks:
+        raise InputError(f"{book_path}: nothing speakable in it")
+    if dry_run:
+        print_plan(doc, chunks, skipped, estimate_seconds(chunks))
+        return
+
+    from .audio.export import check_writable_output
+
+    check_writable_output(output)
+    from .engine.voice import BUILTIN, read_voice
+
+    the_voice = read_voice(voice) if voice else BUILTIN
+
+    # Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked audio).
+    from .audio.watermark import Watermarker
+    from .engine.model import describe, load_model
+    from .engine.stock import StockEngine
+    from .pipeline import render_book
+
+    model = load_model(model_dir, device.value)
+    watermarker = Watermarker("cpu")
+    log.info("model: %s", describe(model))
+    report = render_book(
+        doc,
+        chunks,
+        source=book_path,
+        output=output,
+        work_dir=work_dir or default_work_dir(output),
+        voice=the_voice,
+        options=options,
+        model=model,
+        engine=StockEngine(model),
+        watermarker=watermarker,
+        batch_size=batch_size,
+        quiet=quiet,
+        cache_dir=cache_dir(),
+    )
+    if skipped:
+        log.info("skipped %d piece(s) of text with nothing speakable", skipped)
+    typer.echo(
+        f"ttsbatch: wrote {output} ({report.audio_seconds:.1f} s audio; {report.chunks_rendered} chunks rendered, "
+        f"{report.chunks_cached} reused; watermark score {report.watermark_score:.2f})",
+        err=True,
+    )
+
+
+def check_options(options) -> None:
+    """Option combinations that cannot work: one clear line each."""
+    g = options.generation
+    if g.ignore_eos and g.tokens_per_char <= 0 and g.max_new_tokens >= 1000:
+        raise InputError("conflicting options: --ignore-eos needs a token budget (--tokens-per-char or a small --max-new-tokens)")
+    if g.tokens_per_char < 0 or g.max_new_tokens < 1 or g.cfm_steps < 1:
+        raise InputError("--tokens-per-char must be >= 0; --max-new-tokens and --cfm-steps >= 1")
+    if not (0 < g.temperature) or not (0 <= g.min_p <= 1) or not (0 < g.top_p <= 1) or g.repetition_penalty <= 0:
+        raise InputError("sampling options out of range: temperature > 0, 0 <= min-p <= 1, 0 < top-p <= 1, repetition-penalty > 0")
+    if options.text.max_chars < 20:
+        raise InputError("--max-chars must be at least 20")
+
+
+def print_plan(doc, chunks, skipped: int, seconds: float) -> None:
+    """The --dry-run listing: chapters, then every chunk one per line, then the estimate."""
+    typer.echo(f"# {doc.name}: {len(doc.chapters)} chapter(s), {len(chunks)} chunk(s)")
+    for i, ch in enumerate(doc.chapters):
+        n = sum(1 for c in chunks if c.chapter == i)
+        typer.echo(f"chapter {i + 1}: {ch.title or '(untitled)'} [{n} chunks]")
+    typer.echo("")
+    for c in chunks:
+        typer.echo(f"{c.index + 1:5d} {c.text}")
+    typer.echo("")
+    if skipped:
+        typer.echo(f"skipped: {skipped} piece(s) with nothing speakable")
+    h, rem = divmod(int(round(seconds)), 3600)
+    typer.echo(f"estimated audio: {h}:{rem // 60:02d}:{rem % 60:02d} ({seconds:.0f} s)")
+
+
+@app.command("verify")
+@user_errors
+def verify(
+    files: list[Path] = typer.Argument(..., metavar="FILE...", help="Audio files to check."),
+):
+    """Report whether each FILE carries the Perth watermark. Exit 1 if any does not."""
+    from .audio.watermark import Watermarker, verify_file
+
+    setup_logging(quiet=True)
+    wm = Watermarker("cpu")
+    unmarked = 0
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"no such file: {f}")
+        r = verify_file(f, wm)
+        state = "watermarked" if r.marked else "NOT watermarked"
+        typer.echo(f"{f}: {state} (score {r.score:.2f}, {r.duration_s:.1f} s, {r.windows} window(s) checked)")
+        unmarked += not r.marked
+    if unmarked:
+        raise typer.Exit(1)
+
+
+@checkpoint_app.command("random")
+@user_errors
+def checkpoint_random(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Directory to write the five files into."),
+    size: Size = typer.Option(Size.tiny, "--size", help="tiny: 2-layer T3, one block per S3Gen stack (CPU tests); full: the real shapes (GPU benchmarks)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+):
+    """Write a random-weight checkpoint in Chatterbox's real five-file format. It speaks noise."""
+    from .engine.model import write_random_checkpoint
+
+    setup_logging(quiet=False)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a directory")
+    write_random_checkpoint(directory, size.value, seed)
+    typer.echo(f"wrote a random {size.value} checkpoint to {directory} (noise, not speech)")
+
+
+def main() -> None:
+    app()
