@@ -147,6 +147,7 @@ class VoiceCache:
                 import io
                 import torch
 
+                path.parent.mkdir(parents=True, exist_ok=True)
                 buf = io.BytesIO()
                 torch.save(dict(t3=conds.t3.__dict__, gen=conds.gen), buf)
                 atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,43 @@
+"""Shared fixtures: caches in a tmp dir, no hub access, and one tiny random checkpoint per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path, monkeypatch):
+    """Every test gets its own cache dir and never reaches the model hub."""
+    monkeypatch.setenv("TTSBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight checkpoint of the tiny size, in the real five-file format (written once)."""
+    from ttsbatch.engine.model import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), "tiny", seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests run only where CUDA is available (the device machine)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

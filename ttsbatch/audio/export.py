@@ -1,0 +1,199 @@
+"""Encoding the stitched track into the user's format, and decoding any audio file back.
+
+Everything streams through ffmpeg from files on disk, so a 10-hour book is never held in
+Python memory. Outputs appear atomically: ffmpeg writes a hidden temporary file next to
+``out``, which is fsynced and renamed over ``out`` only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ..config import ExportOptions
+from ..errors import InputError
+from .ffmpeg import FFmpegError, ffmpeg_exe, probe, run_ffmpeg
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "FFmpegError",
+    "check_writable_output",
+    "decode_audio",
+    "encode",
+    "ffmpeg_exe",
+    "probe_duration",
+    "run_ffmpeg",
+]
+
+SUPPORTED_FORMATS = {".wav", ".flac", ".mp3", ".m4a", ".m4b", ".ogg"}
+
+# extension -> (ffmpeg muxer, codec arguments). The muxer is named with -f so the temporary
+# file's name does not matter. WAV/FLAC are 16-bit: universally playable, half the size of
+# float, and far below the model's noise floor. "-rf64 auto" switches to RF64 past 4 GiB.
+_MUXERS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".m4a": "ipod", ".m4b": "ipod", ".ogg": "ogg"}
+# Containers whose chapter marks ffmpeg writes (MP4 chapter track, ID3v2 CHAP frames).
+_CHAPTER_FORMATS = {".m4a", ".m4b", ".mp3"}
+
+
+def _codec_args(ext: str, opts: ExportOptions) -> list[str]:
+    if ext == ".wav":
+        return ["-c:a", "pcm_s16le", "-rf64", "auto"]
+    if ext == ".flac":
+        return ["-c:a", "flac", "-sample_fmt", "s16"]
+    if ext == ".mp3":
+        return ["-c:a", "libmp3lame", "-b:a", opts.mp3_bitrate]
+    if ext in (".m4a", ".m4b"):
+        # faststart puts the index first so players can start before reading the whole file
+        return ["-c:a", "aac", "-b:a", opts.aac_bitrate, "-movflags", "+faststart"]
+    return ["-c:a", "libvorbis", "-q:a", "5"]  # .ogg: ExportOptions has no Vorbis bitrate
+
+
+def _extension(out: Path) -> str:
+    ext = out.suffix.lower()
+    if ext not in SUPPORTED_FORMATS:
+        raise InputError(
+            f"{out}: unsupported output format {ext or '(no extension)'}; "
+            f"use one of {', '.join(sorted(SUPPORTED_FORMATS))}"
+        )
+    return ext
+
+
+def check_writable_output(out: Path) -> None:
+    """Fail early, before any synthesis, if ``out`` could not be written."""
+    out = Path(out)
+    _extension(out)
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; name an output file")
+    parent = out.parent
+    if not parent.exists():
+        raise InputError(f"{out}: output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: output directory {parent} is not writable")
+
+
+def _escape_meta(value: str) -> str:
+    # FFMETADATA: '=', ';', '#', '\' and newlines must be backslash-escaped; titles stay one line
+    value = " ".join(str(value).split())
+    return re.sub(r"([=;#\\])", r"\\\1", value)
+
+
+def _ffmetadata(chapters: Sequence[tuple[str, float]], title: str | None, total_s: float) -> str:
+    lines = [";FFMETADATA1"]
+    if title:
+        lines.append(f"title={_escape_meta(title)}")
+    marks = sorted((max(0.0, float(s)), t) for t, s in chapters)
+    for i, (start, name) in enumerate(marks):
+        end = marks[i + 1][0] if i + 1 < len(marks) else total_s
+        start_ms, end_ms = round(start * 1000), round(min(end, total_s) * 1000)
+        if end_ms <= start_ms:  # an empty chapter (no audio) would confuse players
+            continue
+        lines += ["[CHAPTER]", "TIMEBASE=1/1000", f"START={start_ms}", f"END={end_ms}", f"title={_escape_meta(name)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and directories on some OSes) refuse fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def encode(
+    track_wav: Path,
+    out: Path,
+    opts: ExportOptions = ExportOptions(),
+    chapters: Sequence[tuple[str, float]] = (),
+    title: str | None = None,
+) -> None:
+    """Encode the stitched WAV ``track_wav`` into ``out``; the format follows ``out``'s extension.
+
+    ``chapters`` are (title, start seconds) marks written to .m4b/.m4a/.mp3. On any failure
+    neither ``out`` nor a temporary file is left behind (an existing ``out`` is untouched).
+    """
+    out, track_wav = Path(out), Path(track_wav)
+    ext = _extension(out)
+    if not track_wav.is_file():
+        raise InputError(f"{track_wav}: stitched track not found")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{ext}")
+    meta = out.with_name(f".{out.name}.tmp-{os.getpid()}.ffmeta")
+    args = ["-v", "error", "-y", "-i", str(track_wav)]
+    map_args = ["-map", "0:a:0"]
+    try:
+        if chapters or title:
+            meta.write_text(_ffmetadata(chapters, title, sf.info(str(track_wav)).duration), encoding="utf-8")
+            args += ["-f", "ffmetadata", "-i", str(meta)]
+            map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
+        resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
+        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, "-f", _MUXERS[ext], str(tmp)],
+                   what=f"encoding {out.name}")
+        _fsync(tmp)
+        os.replace(tmp, out)
+        _fsync(out.parent)  # make the rename itself durable
+    except BaseException:  # includes KeyboardInterrupt: never leave a partial output
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        meta.unlink(missing_ok=True)
+
+
+def decode_audio(
+    path: Path, sr: int | None = None, start_s: float = 0.0, duration_s: float | None = None
+) -> tuple[np.ndarray, int]:
+    """Decode (a window of) any audio file ffmpeg reads to mono float32 at ``sr`` (native if None).
+
+    Returns ``(wav, sample_rate)``. Meant for voice references and verification windows,
+    not whole books: the result is held in memory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such audio file")
+    rate = sr or probe(path).sample_rate  # probe also rejects non-audio files with a clear line
+    args = ["-v", "error"]
+    if start_s > 0:
+        args += ["-ss", f"{start_s:.6f}"]  # before -i: fast seek, accurate for decoded audio
+    args += ["-i", str(path)]
+    if duration_s is not None:
+        args += ["-t", f"{duration_s:.6f}"]
+    args += ["-map", "0:a:0", "-f", "f32le", "-ac", "1", "-ar", str(rate), "-"]
+    raw = run_ffmpeg(args, what=f"decoding {path.name}")
+    wav = np.frombuffer(raw, dtype="<f4").astype(np.float32)  # copy: writable, native order
+    if wav.size == 0 and start_s == 0:
+        raise InputError(f"{path}: contains no audio samples")
+    return wav, rate
+
+
+_TIME = re.compile(r"time=(\d+):(\d+):(\d+(?:\.\d+)?)")
+
+
+def probe_duration(path: Path) -> float:
+    """Duration in seconds: exact from the header for WAV/FLAC, else from ffmpeg's banner,
+    else (no duration in the container) by decoding to nowhere and reading ffmpeg's clock."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such audio file")
+    if path.suffix.lower() in (".wav", ".flac"):
+        try:
+            return sf.info(str(path)).duration
+        except (RuntimeError, sf.LibsndfileError):
+            pass  # e.g. a WAV codec libsndfile lacks: ffmpeg below
+    p = probe(path)
+    if p.duration_s is not None:
+        return p.duration_s
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path), "-map", "0:a:0", "-f", "null", "-"]
+    stderr = subprocess.run(cmd, capture_output=True).stderr
+    times = _TIME.findall(stderr.decode("utf-8", "replace"))
+    if not times:
+        raise InputError(f"{path}: cannot determine its duration")
+    h, m, s = times[-1]
+    return int(h) * 3600 + int(m) * 60 + float(s)

@@ -1,0 +1,152 @@
+"""Text normalization: what a chunk looks like when it is sent to the model.
+
+``normalize_text`` runs these steps, in order:
+
+1. Unicode NFKC (ligatures, full-width forms, ``…`` -> ``...``, no-break spaces -> spaces);
+   control and format characters (zero-width spaces, soft hyphens, BOMs) are removed.
+2. With ``ascii_fold``: accented letters lose their accents (``é`` -> ``e``, ``ß`` -> ``ss``),
+   curly quotes become straight ones, dashes become ``-``, a few symbols are spelled out
+   (``&`` -> ``and``, ``%`` -> ``percent``, ``$5`` -> ``5 dollars``, see ``_SYMBOL_WORDS``),
+   brackets become parentheses, and everything else that is not an ASCII letter, a digit
+   or one of ``.,!?;:'"-()`` (emoji, arrows, other scripts, ...) becomes a space.
+3. Whitespace is collapsed to single spaces and stripped.
+4. Text with no letter or digit left is unspeakable and becomes ``""``.
+5. With ``normalize_punctuation``: Chatterbox's own ``punc_norm`` rules (``punc_norm`` below
+   is a copy of ``chatterbox.tts.punc_norm`` that leaves empty text empty).
+
+Normalization may make text longer (``...`` from ``…``, spelled-out symbols, the full stop
+that ``punc_norm`` appends); the chunker measures the normalized text, never the source.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+from ..config import TextOptions
+
+__all__ = ["normalize_text", "punc_norm", "fold_ascii"]
+
+_WS_RE = re.compile(r"\s+")
+
+# chatterbox.tts.punc_norm's replacement table, in its order (chatterbox-tts 0.1.7).
+_PUNC_TO_REPLACE = (
+    ("...", ", "),
+    ("…", ", "),
+    (":", ","),
+    (" - ", ", "),
+    (";", ", "),
+    ("—", "-"),
+    ("–", "-"),
+    (" ,", ","),
+    ("“", '"'),
+    ("”", '"'),
+    ("‘", "'"),
+    ("’", "'"),
+)
+_SENTENCE_ENDERS = (".", "!", "?", "-", ",")
+
+
+def punc_norm(text: str) -> str:
+    """Chatterbox's ``punc_norm``, rule for rule, except that empty text stays empty.
+
+    Capitalizes the first character (only if it is a lowercase letter, before the
+    whitespace collapse, as the original does), collapses whitespace, applies the
+    replacement table and appends ``.`` unless the text ends in one of ``.!?-,``.
+    """
+    if len(text) == 0:
+        return ""
+    if text[0].islower():
+        text = text[0].upper() + text[1:]
+    text = " ".join(text.split())
+    for old, new in _PUNC_TO_REPLACE:
+        text = text.replace(old, new)
+    text = text.rstrip(" ")
+    if not text.endswith(_SENTENCE_ENDERS):
+        text += "."
+    return text
+
+
+# Letters that have no Unicode decomposition to ASCII.
+_LETTERS = {
+    "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O",
+    "đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D",
+    "ı": "i", "ħ": "h", "Ħ": "H", "ŋ": "ng", "Ŋ": "Ng", "ĸ": "k", "ſ": "s",
+}
+# Quotes, dashes and brackets.
+_PUNCT = {
+    "‘": "'", "’": "'", "‚": "'", "‛": "'", "′": "'", "`": "'", "´": "'",
+    "“": '"', "”": '"', "„": '"', "‟": '"', "«": '"', "»": '"', "‹": "'", "›": "'", "″": '"',
+    "‐": "-", "‑": "-", "‒": "-", "–": "-", "—": "-", "―": "-", "−": "-", "⁃": "-",
+    "[": "(", "]": ")", "{": "(", "}": ")",
+    "…": "...", "⁄": " over ", "/": " ",  # NFKC turns ½ into 1⁄2 (fraction slash)
+    "¡": "", "¿": "",  # Spanish opening marks: the closing mark is kept
+}
+# Symbols with a spoken form (spaces are collapsed afterwards).
+_SYMBOL_WORDS = {
+    "&": " and ", "%": " percent", "‰": " per mille", "+": " plus ", "=": " equals ",
+    "@": " at ", "°": " degrees", "×": " times ", "÷": " divided by ", "±": " plus or minus ",
+    "$": " dollars ", "£": " pounds ", "€": " euros ", "¥": " yen ", "¢": " cents ",
+    "§": " section ", "¶": " paragraph ",
+}
+_CURRENCY_RE = re.compile(r"([$£€¥])\s?(\d[\d,]*(?:\.\d+)?)")
+_CURRENCY_WORD = {"$": "dollars", "£": "pounds", "€": "euros", "¥": "yen"}
+_NUMBER_SIGN_RE = re.compile(r"#\s?(?=\d)")  # "#5" -> "number 5"; any other "#" is dropped
+# A run of one symbol ("=====", "& & &" is fine) is a divider, not something to say.
+_SYMBOL_RUN_RE = re.compile(r"([&%‰+=@°×÷±$£€¥¢§¶])\1+")
+_NEEDS_FOLD_RE = re.compile(r"[^A-Za-z0-9 .,!?;:'\"()\-\s]")
+_KEEP = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?;:'\"-()")
+
+
+@lru_cache(maxsize=8192)
+def _fold_char(ch: str) -> str:
+    if ch in _KEEP:
+        return ch
+    if ch in _LETTERS:
+        return _LETTERS[ch]
+    if ch in _PUNCT:
+        return _PUNCT[ch]
+    if ch in _SYMBOL_WORDS:
+        return _SYMBOL_WORDS[ch]
+    cat = unicodedata.category(ch)
+    if cat == "Mn" or cat == "Cf" or cat == "Me":
+        return ""  # combining accents, zero-width characters
+    decomposed = unicodedata.normalize("NFKD", ch)
+    if decomposed != ch:
+        out = "".join(_fold_char(c) for c in decomposed)
+        if out.strip():
+            return out
+    return " "  # emoji, arrows, other scripts: nothing the English tokenizer can say
+
+
+def fold_ascii(text: str) -> str:
+    """Fold ``text`` to the characters Chatterbox's English tokenizer can say (see module doc)."""
+    if not _NEEDS_FOLD_RE.search(text):
+        return text
+    text = _SYMBOL_RUN_RE.sub(" ", text)
+    text = _CURRENCY_RE.sub(lambda m: f"{m.group(2)} {_CURRENCY_WORD[m.group(1)]}", text)
+    text = _NUMBER_SIGN_RE.sub(" number ", text)
+    return _NEEDS_FOLD_RE.sub(lambda m: _fold_char(m.group()), text)
+
+
+def _drop_controls(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isspace() else "" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in text
+    )
+
+
+def normalize_text(text: str, opts: TextOptions) -> str:
+    """The text of one chunk as the model gets it; ``""`` when nothing in it can be spoken."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _drop_controls(text)
+    if opts.ascii_fold:
+        text = fold_ascii(text)
+    text = _WS_RE.sub(" ", text).strip()
+    if not any(c.isalnum() for c in text):
+        return ""
+    if opts.normalize_punctuation:
+        text = punc_norm(text)
+    return text
