@@ -122,11 +122,15 @@ def test_check_writable_output(tmp_path, monkeypatch):
 
 
 def test_decode_window_and_downmix(tmp_path):
-    stereo = np.stack([tone(3.0), -tone(3.0) * 0.0 + tone(3.0)], axis=1)
+    stereo = np.stack([tone(3.0), tone(3.0, 330)], axis=1)
     path = tmp_path / "stereo.flac"
-    sf.write(str(path), stereo, 44100)  # note: a 44.1 kHz file (samples reinterpreted)
+    sf.write(str(path), stereo, 44100)  # stored as 44.1 kHz: the native rate is kept
     wav, sr = decode_audio(path)
     assert sr == 44100 and wav.ndim == 1 and len(wav) == len(stereo)
+    mean = stereo.mean(axis=1)
+    gain = float(wav @ mean / (mean @ mean))  # ffmpeg's downmix gain is (L+R)/sqrt(2)
+    assert 0.9 < gain < 1.5
+    np.testing.assert_allclose(wav, gain * mean, atol=1e-3)  # both channels, not just one
     win, sr = decode_audio(path, sr=16000, start_s=0.5, duration_s=0.25)
     assert sr == 16000 and abs(len(win) - 4000) <= 2
 
@@ -152,3 +156,9 @@ def test_run_ffmpeg_error_carries_stderr_tail():
     assert isinstance(e.value, TtsbatchError) and e.value.exit_code == 2
     msg = str(e.value)
     assert msg.startswith("probing x failed: ") and "No such file" in msg and "\n" not in msg
+
+
+def test_names_that_look_like_protocols(track, tmp_path):
+    out = tmp_path / "http:book.mp3"  # ffmpeg would read "http:" as a protocol without "file:"
+    encode(track[0], out, ExportOptions())
+    assert abs(decode_audio(out)[0].size / SR - track[1]) < 0.05

@@ -168,8 +168,8 @@ def book(
     from .engine.stock import StockEngine
     from .pipeline import render_book
 
-    model = load_model(model_dir, device.value)
     watermarker = Watermarker("cpu")
+    model = load_model(model_dir, device.value)
     log.info("model: %s", describe(model))
     report = render_book(
         doc,

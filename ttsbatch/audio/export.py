@@ -18,7 +18,7 @@ import soundfile as sf
 
 from ..config import ExportOptions
 from ..errors import InputError
-from .ffmpeg import FFmpegError, ffmpeg_exe, probe, run_ffmpeg
+from .ffmpeg import FFmpegError, ff_path, ffmpeg_exe, probe, run_ffmpeg
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -127,15 +127,15 @@ def encode(
         raise InputError(f"{track_wav}: stitched track not found")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{ext}")
     meta = out.with_name(f".{out.name}.tmp-{os.getpid()}.ffmeta")
-    args = ["-v", "error", "-y", "-i", str(track_wav)]
+    args = ["-v", "error", "-y", "-i", ff_path(track_wav)]
     map_args = ["-map", "0:a:0"]
     try:
         if chapters or title:
             meta.write_text(_ffmetadata(chapters, title, sf.info(str(track_wav)).duration), encoding="utf-8")
-            args += ["-f", "ffmetadata", "-i", str(meta)]
+            args += ["-f", "ffmetadata", "-i", ff_path(meta)]
             map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
         resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
-        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, "-f", _MUXERS[ext], str(tmp)],
+        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, "-f", _MUXERS[ext], ff_path(tmp)],
                    what=f"encoding {out.name}")
         _fsync(tmp)
         os.replace(tmp, out)
@@ -162,7 +162,7 @@ def decode_audio(
     args = ["-v", "error"]
     if start_s > 0:
         args += ["-ss", f"{start_s:.6f}"]  # before -i: fast seek, accurate for decoded audio
-    args += ["-i", str(path)]
+    args += ["-i", ff_path(path)]
     if duration_s is not None:
         args += ["-t", f"{duration_s:.6f}"]
     args += ["-map", "0:a:0", "-f", "f32le", "-ac", "1", "-ar", str(rate), "-"]
@@ -190,7 +190,7 @@ def probe_duration(path: Path) -> float:
     p = probe(path)
     if p.duration_s is not None:
         return p.duration_s
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path), "-map", "0:a:0", "-f", "null", "-"]
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ff_path(path), "-map", "0:a:0", "-f", "null", "-"]
     stderr = subprocess.run(cmd, capture_output=True).stderr
     times = _TIME.findall(stderr.decode("utf-8", "replace"))
     if not times:

@@ -29,6 +29,12 @@ def ffmpeg_exe() -> str:
         raise ModelError(f"cannot find ffmpeg ({e}); reinstall with `uv sync`") from None
 
 
+def ff_path(path: Path) -> str:
+    """A path as ffmpeg must see it: "file:" stops a name like "http:x.mp3" or "concat:a|b"
+    from being read as a protocol (ffmpeg takes the text before a colon as one)."""
+    return "file:" + str(path)
+
+
 def _stderr_tail(stderr: bytes, lines: int = 4) -> str:
     """ffmpeg's complaint on one line. The cause is often first (a bad option) and the
     consequence last (cannot open output), so keep both ends; drop "[codec @ 0x..]" noise."""
@@ -72,7 +78,7 @@ def probe(path: Path) -> Probe:
     ffmpeg exits non-zero when no output is named, so the exit code means nothing here;
     a file it cannot read has no "Audio:" stream line, which is what we check.
     """
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)]
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ff_path(path)]
     stderr = subprocess.run(cmd, capture_output=True).stderr.decode("utf-8", "replace")
     audio = _AUDIO.search(stderr)
     if audio is None:

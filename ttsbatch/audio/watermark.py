@@ -37,13 +37,10 @@ THRESHOLD = 0.5
 _MIN_SAMPLES_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Perth's import warns about pkg_resources and its loader prints to stdout; neither
-    belongs in our output (stdout may carry machine-readable progress)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.filterwarnings("ignore", message=".*pkg_resources.*")
-        yield
+def _why(e: Exception) -> str:
+    """An exception as one short line, for the user-facing message."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
 
 
 class Watermarker:
@@ -53,18 +50,20 @@ class Watermarker:
 
     def __init__(self, device: str = "cpu"):
         try:
-            with _quiet():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pkg_resources.*")  # perth's own import
                 import torch
 
                 # Imported from its module, not `perth.PerthImplicitWatermarker`: perth's
                 # __init__ swallows the ImportError (e.g. no pkg_resources) and sets it to None.
                 from perth.perth_net.perth_net_implicit.perth_watermarker import PerthImplicitWatermarker
-
+            # Its loader prints "loaded PerthNet ..." to stdout, which may carry machine-readable
+            # progress. The redirect is process-wide, so it spans only this ~0.1 s call.
+            with contextlib.redirect_stdout(io.StringIO()):
                 self._perth = PerthImplicitWatermarker(device=device)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
             raise WatermarkError(
-                f"cannot load the Perth watermarker ({type(e).__name__}: {reason}): "
+                f"cannot load the Perth watermarker ({_why(e)}): "
                 "refusing to write unmarked audio; reinstall with `uv sync`"
             ) from None
         self._torch = torch
@@ -81,7 +80,7 @@ class Watermarker:
             with self._torch.inference_mode():
                 marked = self._perth.apply_watermark(np.concatenate([x, np.zeros(pad, np.float32)]), sample_rate=sr)
         except Exception as e:
-            raise WatermarkError(f"Perth failed to watermark a chunk ({type(e).__name__}: {e})") from None
+            raise WatermarkError(f"Perth failed to watermark a chunk ({_why(e)})") from None
         marked = np.asarray(marked, dtype=np.float32).reshape(-1)[:n]
         if len(marked) != n or not np.isfinite(marked).all():
             raise WatermarkError(
@@ -99,7 +98,7 @@ class Watermarker:
             with self._torch.inference_mode():
                 conf = self._perth.get_watermark(x, sample_rate=sr, round=False)
         except Exception as e:
-            raise WatermarkError(f"Perth failed to read the watermark ({type(e).__name__}: {e})") from None
+            raise WatermarkError(f"Perth failed to read the watermark ({_why(e)})") from None
         conf = np.asarray(conf, dtype=np.float64)
         if not np.isfinite(conf).any():  # Perth masks silent frames: all-silent input gives 0/0
             return 0.0

@@ -48,6 +48,10 @@ def quiet_imports() -> None:
     for name in ("transformers", "diffusers", "chatterbox", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import chatterbox.models.t3.t3 as t3_module
+    import transformers
+
+    # Stock T3 asks SDPA attention for attention weights, and transformers warns about it.
+    transformers.utils.logging.set_verbosity_error()
 
     # T3.inference wraps its loop in a tqdm bar per sentence; ours is one bar per book.
     t3_module.tqdm = lambda it, **_: it

@@ -12,7 +12,8 @@
 3. Whitespace is collapsed to single spaces and stripped.
 4. Text with no letter or digit left is unspeakable and becomes ``""``.
 5. With ``normalize_punctuation``: Chatterbox's own ``punc_norm`` rules (``punc_norm`` below
-   is a copy of ``chatterbox.tts.punc_norm`` that leaves empty text empty).
+   is a copy of ``chatterbox.tts.punc_norm`` that leaves empty text empty), then the double
+   spaces its replacements can leave are collapsed.
 
 Normalization may make text longer (``...`` from ``…``, spelled-out symbols, the full stop
 that ``punc_norm`` appends); the chunker measures the normalized text, never the source.
@@ -90,11 +91,12 @@ _SYMBOL_WORDS = {
     "$": " dollars ", "£": " pounds ", "€": " euros ", "¥": " yen ", "¢": " cents ",
     "§": " section ", "¶": " paragraph ",
 }
-_CURRENCY_RE = re.compile(r"([$£€¥])\s?(\d[\d,]*(?:\.\d+)?)")
+_CURRENCY_RE = re.compile(r"([$£€¥])\s?(\d+(?:,\d{3})*(?:\.\d+)?)")
 _CURRENCY_WORD = {"$": "dollars", "£": "pounds", "€": "euros", "¥": "yen"}
 _NUMBER_SIGN_RE = re.compile(r"#\s?(?=\d)")  # "#5" -> "number 5"; any other "#" is dropped
 # A run of one symbol ("=====", "& & &" is fine) is a divider, not something to say.
 _SYMBOL_RUN_RE = re.compile(r"([&%‰+=@°×÷±$£€¥¢§¶])\1+")
+_SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([.,!?;:])(?=\s|$)")
 _NEEDS_FOLD_RE = re.compile(r"[^A-Za-z0-9 .,!?;:'\"()\-\s]")
 _KEEP = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?;:'\"-()")
 
@@ -127,7 +129,9 @@ def fold_ascii(text: str) -> str:
     text = _SYMBOL_RUN_RE.sub(" ", text)
     text = _CURRENCY_RE.sub(lambda m: f"{m.group(2)} {_CURRENCY_WORD[m.group(1)]}", text)
     text = _NUMBER_SIGN_RE.sub(" number ", text)
-    return _NEEDS_FOLD_RE.sub(lambda m: _fold_char(m.group()), text)
+    text = _NEEDS_FOLD_RE.sub(lambda m: _fold_char(m.group()), text)
+    # What was dropped may leave a space before punctuation: "Hello 😀." -> "Hello ."
+    return _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)
 
 
 def _drop_controls(text: str) -> str:
@@ -148,5 +152,7 @@ def normalize_text(text: str, opts: TextOptions) -> str:
     if not any(c.isalnum() for c in text):
         return ""
     if opts.normalize_punctuation:
-        text = punc_norm(text)
+        # punc_norm collapses spaces before its replacements, which can leave doubles
+        # ("wait… what" -> "Wait,  what."); the model gets single spaces.
+        text = _WS_RE.sub(" ", punc_norm(text))
     return text

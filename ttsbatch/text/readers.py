@@ -78,7 +78,8 @@ def decode_bytes(data: bytes, label: str) -> str:
         except UnicodeDecodeError:
             continue
     sample = text[:_SAMPLE]
-    if sample and len(_CONTROL_RE.findall(sample)) > 0.05 * len(sample):
+    controls = len(_CONTROL_RE.findall(sample))
+    if controls >= 8 and controls > 0.1 * len(sample):
         raise InputError(f"{label}: looks like a binary file (mostly control characters), not text")
     return text
 

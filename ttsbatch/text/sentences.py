@@ -21,10 +21,14 @@ modulo whitespace.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import re
+import sys
+import threading
+import types
 from functools import lru_cache
-
-from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
 from ..config import TextOptions
 
@@ -84,23 +88,101 @@ def _training_sample(text: str, budget: int = _TRAIN_BUDGET) -> str:
     return "\n\n".join(parts)
 
 
+def _load_punkt_quietly() -> types.ModuleType:
+    """``nltk.tokenize.punkt`` without running ``nltk/__init__.py``.
+
+    ``import nltk`` imports scipy, sklearn and most of NLTK (about 5 s); Punkt's trainer
+    and tokenizer need a handful of small modules. They are loaded under empty stand-ins
+    for the ``nltk`` and ``nltk.tokenize`` packages, and every ``nltk*`` entry this adds to
+    ``sys.modules`` is removed again afterwards, so this private copy is invisible to the
+    rest of the process: a later ``import nltk`` anywhere is a normal, complete import.
+    (The copy's own load/save helpers import more of NLTK lazily; they are not used.)
+    If NLTK is already imported, or the trick fails, NLTK is imported the normal way.
+    """
+    if "nltk" in sys.modules:
+        import nltk.tokenize.punkt
+
+        return nltk.tokenize.punkt
+    before = set(sys.modules)
+
+    def forget_added() -> None:
+        for name in set(sys.modules) - before:
+            if name == "nltk" or name.startswith("nltk."):
+                del sys.modules[name]
+
+    try:
+        for name in ("nltk", "nltk.tokenize"):
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.submodule_search_locations is None:
+                raise ImportError(name)
+            stub = types.ModuleType(name)
+            stub.__path__ = list(spec.submodule_search_locations)
+            sys.modules[name] = stub
+        punkt = importlib.import_module("nltk.tokenize.punkt")
+        punkt.PunktTrainer, punkt.PunktSentenceTokenizer, punkt.PunktParameters  # noqa: B018
+    except Exception:  # a future NLTK that needs its package init: import it the normal way
+        forget_added()
+        import nltk.tokenize.punkt
+
+        return nltk.tokenize.punkt
+    forget_added()
+    return punkt
+
+
+_PUNKT_LOCK = threading.Lock()
+_PUNKT: types.ModuleType | None = None
+
+
+def _punkt() -> types.ModuleType:
+    global _PUNKT
+    with _PUNKT_LOCK:
+        if _PUNKT is None:
+            _PUNKT = _load_punkt_quietly()
+        return _PUNKT
+
+
+def _nltk_data_dirs() -> list[str]:
+    """NLTK's default data search path (``nltk.data.path``), without importing NLTK."""
+    dirs = [os.path.expanduser(d) for d in os.environ.get("NLTK_DATA", "").split(os.pathsep) if d]
+    dirs.append(os.path.expanduser("~/nltk_data"))
+    dirs += [os.path.join(sys.prefix, *p) for p in (("nltk_data",), ("share", "nltk_data"), ("lib", "nltk_data"))]
+    dirs += ["/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data", "/usr/local/lib/nltk_data"]
+    return dirs
+
+
+def _punkt_tab_installed(language: str) -> bool:
+    """Is NLTK's pretrained ``punkt_tab`` data for ``language`` anywhere NLTK looks?"""
+    for d in _nltk_data_dirs():
+        if os.path.isdir(os.path.join(d, "tokenizers", "punkt_tab", language)):
+            return True
+        if os.path.isfile(os.path.join(d, "tokenizers", "punkt_tab.zip")):
+            return True
+    return False
+
+
 @lru_cache(maxsize=8)
-def _pretrained(language: str) -> PunktParameters | None:
-    """NLTK's pretrained Punkt parameters if ``punkt_tab`` is installed, else None."""
+def _pretrained(language: str):
+    """NLTK's pretrained Punkt parameters if ``punkt_tab`` is installed, else None.
+
+    Only when the data is there is NLTK imported in full (its loader needs ``nltk.data``).
+    """
+    if not re.fullmatch(r"[a-z_]+", language) or not _punkt_tab_installed(language):
+        return None
     try:
         import nltk.data
-        from nltk.tokenize.punkt import load_punkt_params
+        import nltk.tokenize.punkt
 
-        return load_punkt_params(nltk.data.find(f"tokenizers/punkt_tab/{language}/"))
-    except (LookupError, ValueError, OSError, ImportError):
+        return nltk.tokenize.punkt.load_punkt_params(nltk.data.find(f"tokenizers/punkt_tab/{language}/"))
+    except (LookupError, ValueError, OSError):
         return None
 
 
-def train_punkt(document_text: str, language: str) -> PunktSentenceTokenizer:
-    """A Punkt tokenizer trained on ``document_text`` (no download): see the module doc."""
+def train_punkt(document_text: str, language: str):
+    """A Punkt tokenizer (``PunktSentenceTokenizer``) trained on ``document_text``, no download."""
+    punkt = _punkt()
     language = language.lower()
     seeds = ABBREVIATIONS.get(language, frozenset())
-    trainer = PunktTrainer()
+    trainer = punkt.PunktTrainer()
     # Seeded before training so the first pass (and the orthographic statistics that
     # depend on it) knows them; added again afterwards because training may drop a seed
     # it saw too rarely.
@@ -113,15 +195,17 @@ def train_punkt(document_text: str, language: str) -> PunktSentenceTokenizer:
         params.collocations |= pretrained.collocations
         params.sent_starters |= pretrained.sent_starters
     params.abbrev_types |= seeds
-    return PunktSentenceTokenizer(params)
+    return punkt.PunktSentenceTokenizer(params)
 
 
-def _as_tokenizer(trained, text: str, language: str) -> PunktSentenceTokenizer:
+def _as_tokenizer(trained, text: str, language: str):
     if trained is None:
         return train_punkt(text, language)
-    if isinstance(trained, PunktParameters):
-        return PunktSentenceTokenizer(trained)
-    return trained
+    if hasattr(trained, "span_tokenize"):
+        return trained
+    if hasattr(trained, "abbrev_types"):  # PunktParameters (NLTK's own or this module's copy)
+        return _punkt().PunktSentenceTokenizer(trained)
+    raise TypeError(f"expected a Punkt tokenizer or PunktParameters, got {type(trained).__name__}")
 
 
 def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
@@ -144,7 +228,7 @@ def _joins_next(prev: str, nxt: str) -> bool:
     return word in _NUMBERED and nxt[:1].isdigit()
 
 
-def sentence_spans(text: str, tokenizer: PunktSentenceTokenizer, language: str = "english") -> list[tuple[int, int]]:
+def sentence_spans(text: str, tokenizer, language: str = "english") -> list[tuple[int, int]]:
     """``(start, end)`` of each sentence of ``text``; they cover all of its non-space text."""
     if not text.strip():
         return []
@@ -172,7 +256,11 @@ def sentence_spans(text: str, tokenizer: PunktSentenceTokenizer, language: str =
     return out
 
 
-def split_sentences(text: str, opts: TextOptions, trained: PunktParameters | PunktSentenceTokenizer | None = None) -> list[str]:
-    """The sentences of ``text``; Punkt is trained on ``text`` itself unless ``trained`` is given."""
+def split_sentences(text: str, opts: TextOptions, trained=None) -> list[str]:
+    """The sentences of ``text``.
+
+    ``trained`` is a tokenizer from ``train_punkt`` or NLTK ``PunktParameters``; without
+    it Punkt is trained on ``text`` itself.
+    """
     tokenizer = _as_tokenizer(trained, text, opts.language)
     return [text[s:e] for s, e in sentence_spans(text, tokenizer, opts.language)]

@@ -1,0 +1,113 @@
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ttsbatch.audio.export import decode_audio, encode
+from ttsbatch.audio.watermark import THRESHOLD, Watermarker, load_watermarker, verify_file
+from ttsbatch.config import ExportOptions
+from ttsbatch.errors import ModelError, WatermarkError
+
+SR = 24000
+
+
+@pytest.fixture(scope="module")
+def wm():
+    return load_watermarker("cpu")
+
+
+def noise(seconds, seed=0):
+    return (0.1 * np.random.default_rng(seed).standard_normal(round(seconds * SR))).astype(np.float32)
+
+
+def harmonic(seconds, f0=100.0, seed=0):
+    """Speech-like: 29 harmonics with vibrato, a 3 Hz syllable envelope and a noise floor."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * SR)) / SR
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.1 * np.sin(2 * np.pi * 0.7 * t))) / SR
+    x = sum(np.sin(k * phase + rng.uniform(0, 6)) / k for k in range(1, 30))
+    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2) + 0.01 * rng.standard_normal(len(t))
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def signals(wm):
+    sigs = {"noise": noise(6), "harmonic": harmonic(6)}
+    return {k: (x, wm.apply(x, SR)) for k, x in sigs.items()}
+
+
+@pytest.mark.parametrize("kind", ["noise", "harmonic"])
+def test_apply_marks_and_unmarked_is_not(wm, signals, kind):
+    plain, marked = signals[kind]
+    assert marked.dtype == np.float32 and marked.shape == plain.shape and np.isfinite(marked).all()
+    assert not np.array_equal(marked, plain)
+    assert wm.is_marked(marked, SR) and wm.score(marked, SR) > 0.9
+    assert not wm.is_marked(plain, SR) and wm.score(plain, SR) < 0.2
+
+
+@pytest.mark.parametrize("kind", ["noise", "harmonic"])
+def test_mark_survives_mp3_round_trip(wm, signals, tmp_path, kind):
+    plain, marked = signals[kind]
+    for name, wav in (("plain", plain), ("marked", marked)):
+        sf.write(str(tmp_path / f"{name}.wav"), wav, SR, subtype="FLOAT")
+        encode(tmp_path / f"{name}.wav", tmp_path / f"{name}.mp3", ExportOptions(mp3_bitrate="128k"))
+    back, sr = decode_audio(tmp_path / "marked.mp3")
+    assert sr == SR and wm.is_marked(back, SR)
+    report = verify_file(tmp_path / "marked.mp3", wm)
+    assert report.marked and report.windows == 1 and report.sample_rate == SR
+    assert abs(report.duration_s - 6.0) < 0.05
+    assert not verify_file(tmp_path / "plain.mp3", wm).marked
+
+
+def test_verify_long_file_uses_spread_windows(wm, signals, tmp_path):
+    # 21 s: marked, except one unmarked and one silent 3 s stretch; windows at 0, 3, ..., 18 s
+    plain, marked = (x[: 3 * SR] for x in signals["noise"])
+    parts = [marked, marked, plain, np.zeros(3 * SR, np.float32), marked, marked, marked]
+    sf.write(str(tmp_path / "long.flac"), np.concatenate(parts), SR)
+    report = verify_file(tmp_path / "long.flac", wm, max_windows=7, window_s=3.0)
+    assert report.windows == 6  # the silent window is not scored
+    assert report.marked and min(report.window_scores) < THRESHOLD  # the odd window was seen
+    assert report.duration_s == pytest.approx(21.0)
+    # fewer windows than the file has room for: spread, capped at max_windows
+    assert verify_file(tmp_path / "long.flac", wm, max_windows=2, window_s=3.0).windows == 2
+
+
+def test_lengths_preserved_and_silence(wm):
+    for n in (50, 1000, 24001, 3 * SR + 7):  # Perth alone drops the tail past a whole hop
+        assert len(wm.apply(noise(n / SR), SR)) == n
+    silence = np.zeros(SR, np.float32)
+    assert wm.score(silence, SR) == 0.0  # Perth gives NaN here; we report "no mark"
+    assert np.isfinite(wm.apply(silence, SR)).all()
+
+
+def test_broken_perth_output_raises(wm, monkeypatch):
+    monkeypatch.setattr(wm._perth, "apply_watermark", lambda x, sample_rate: np.full_like(x, np.nan))
+    with pytest.raises(WatermarkError, match="refusing to write unmarked audio"):
+        wm.apply(noise(1), SR)
+    monkeypatch.setattr(wm._perth, "apply_watermark", lambda x, sample_rate: x[: len(x) // 2])
+    with pytest.raises(WatermarkError):
+        wm.apply(noise(1), SR)
+
+
+def test_missing_perth_raises_one_clear_line(monkeypatch):
+    for name in [m for m in sys.modules if m == "perth" or m.startswith("perth.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "perth", None)
+    with pytest.raises(WatermarkError) as e:
+        Watermarker("cpu")
+    msg = str(e.value)
+    assert msg.startswith("cannot load the Perth watermarker (ModuleNotFoundError")
+    assert "refusing to write unmarked audio" in msg and "uv sync" in msg and "\n" not in msg
+    assert isinstance(e.value, ModelError)
+
+
+def test_missing_weights_raise(monkeypatch):
+    import perth.perth_net.perth_net_implicit.perth_watermarker as pw
+
+    def no_weights(*a, **k):
+        raise FileNotFoundError("perth_net_250000.pth.tar not found")
+
+    monkeypatch.setattr(pw, "PerthImplicitWatermarker", no_weights)
+    with pytest.raises(WatermarkError, match=r"FileNotFoundError: perth_net_250000"):
+        Watermarker("cpu")

@@ -1,0 +1,221 @@
+"""`ttsbatch BOOK`: end to end on the CPU with the tiny random checkpoint, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from ttsbatch.cli import app
+
+from .conftest import SAMPLES
+
+runner = CliRunner()
+
+# Random weights never say "stop": a budget of speech tokens per character keeps runs short.
+FAST = ["--device", "cpu", "--tokens-per-char", "0.2", "--ignore-eos", "--quiet"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def summary(result) -> dict:
+    m = re.search(r"(\d+) chunks rendered, (\d+) reused", result.stderr)
+    assert m, result.stderr
+    return {"rendered": int(m.group(1)), "reused": int(m.group(2))}
+
+
+def stored_ids(work_dir) -> list[str]:
+    lines = (work_dir / "index.jsonl").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines if line.strip()]
+
+
+def test_help_on_every_command():
+    for args in ([], ["book"], ["verify"], ["checkpoint"], ["checkpoint", "random"]):
+        r = run(*args, "--help")
+        assert r.exit_code == 0, r.output
+        assert "Usage" in r.output
+
+
+def test_dry_run_prints_the_plan_without_loading_a_model(tmp_path):
+    # No --model-dir and no hub: a model load would fail, so success proves none happened.
+    r = run(SAMPLES / "story.txt", "--dry-run")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "chapter 2: CHAPTER I." in out and "chapter 3: CHAPTER II." in out
+    assert "Mr. James Dillingham Young" in out
+    assert re.search(r"estimated audio: \d+:\d\d:\d\d", out)
+    listed = [line for line in out.splitlines() if re.match(r"\s+\d+ ", line)]
+    assert len(listed) >= 8
+
+
+def test_story_to_mp3_end_to_end(tiny_checkpoint, tmp_path):
+    from ttsbatch.audio.stitch import trim_silence
+    from ttsbatch.config import StitchOptions
+    from ttsbatch.store import ChunkStore, read_manifest
+
+    out = tmp_path / "story.mp3"
+    r = run(SAMPLES / "story.txt", "--voice", SAMPLES / "voice.wav", "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+    assert not list(tmp_path.glob(".story.partial*"))
+
+    # Duration: every stored chunk (trimmed) plus the pauses its boundary asks for.
+    work = tmp_path / ".story.mp3.ttsbatch"
+    manifest = read_manifest(work)
+    store = ChunkStore(work)
+    opts = StitchOptions()
+    pause = {"sentence": opts.sentence_pause_ms, "paragraph": opts.paragraph_pause_ms, "chapter": opts.chapter_pause_ms, "end": 0}
+    expected = 0.0
+    for c in manifest["chunks"]:
+        wav, sr = store.get(c["id"])
+        expected += len(trim_silence(wav, sr, opts)) / sr + pause[c["boundary"]] / 1000
+    info = sf.info(str(out))
+    assert info.samplerate == 24000
+    assert abs(info.duration - expected) < 0.1, (info.duration, expected)
+
+    # Perth finds the mark in the encoded file.
+    v = run("verify", out)
+    assert v.exit_code == 0, v.output
+    assert "watermarked" in v.stdout and "NOT" not in v.stdout
+
+
+SHORT = "First paragraph is here.\n\nSecond paragraph, a little longer than the first.\n\nThird one.\n\nThe fourth and last paragraph.\n"
+
+
+def test_interrupted_run_resumes_with_only_the_rest(tiny_checkpoint, tmp_path, monkeypatch):
+    from ttsbatch.engine.stock import StockEngine
+
+    book = tmp_path / "short.txt"
+    book.write_text(SHORT)
+    out = tmp_path / "short.wav"
+    real = StockEngine.synthesize
+    calls = {"n": 0}
+
+    def dies_after_two(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of the third chunk
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(StockEngine, "synthesize", dies_after_two)
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 130
+    assert "resume" in r.stderr
+    assert not out.exists()
+    work = tmp_path / ".short.wav.ttsbatch"
+    first = stored_ids(work)
+    assert len(first) == 2
+
+    monkeypatch.setattr(StockEngine, "synthesize", real)
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    s = summary(r)
+    assert s == {"rendered": 2, "reused": 2}
+    second = stored_ids(work)[2:]
+    assert not set(first) & set(second) and len(second) == 2
+    assert out.is_file()
+
+    # Same command again: nothing to render, same audio.
+    before = sf.read(out)[0]
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert summary(r) == {"rendered": 0, "reused": 4}
+    assert np.array_equal(sf.read(out)[0], before)
+
+
+def test_editing_one_paragraph_rerenders_only_its_chunks(tiny_checkpoint, tmp_path):
+    book = tmp_path / "short.txt"
+    book.write_text(SHORT)
+    out = tmp_path / "short.flac"
+    assert run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST).exit_code == 0
+    book.write_text(SHORT.replace("Third one.", "Third one, now edited."))
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert summary(r) == {"rendered": 1, "reused": 3}
+
+
+def test_output_is_not_written_when_perth_cannot_load(tiny_checkpoint, tmp_path, monkeypatch):
+    import sys
+
+    from ttsbatch.engine.stock import StockEngine
+
+    # As on an install whose setuptools lost pkg_resources: importing Perth fails.
+    for name in [m for m in sys.modules if m == "perth" or m.startswith("perth.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)
+    monkeypatch.setattr(StockEngine, "synthesize", lambda *a, **k: pytest.fail("generated without a watermarker"))
+    out = tmp_path / "x.wav"
+    r = run(SAMPLES / "story.txt", "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 3
+    assert "watermark" in r.stderr.lower() and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_no_weights_is_one_line_and_exit_3(tmp_path):
+    r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
+    assert r.exit_code == 3
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model-dir" in lines[0]
+
+
+def _binary(p):
+    p.write_bytes(bytes(range(256)) * 40)
+
+
+BAD_INPUTS = {
+    "missing file": (lambda t: [t / "nope.txt"], "no such file"),
+    "empty file": (lambda t: [_w(t / "e.txt", "")], "empty"),
+    "whitespace only": (lambda t: [_w(t / "e.txt", " \n\t\n ")], "only whitespace"),
+    "binary": (lambda t: [_wb(t / "b.txt")], "binary"),
+    "unsupported extension": (lambda t: [_w(t / "b.docx", "hello")], "unsupported"),
+    "corrupt voice": (lambda t: [SAMPLES / "story.txt", "--voice", _w(t / "v.wav", "RIFF nonsense")], "not readable audio"),
+    "silent voice": (lambda t: [SAMPLES / "story.txt", "--voice", _sil(t / "v.wav", 3.0)], "silent"),
+    "short voice": (lambda t: [SAMPLES / "story.txt", "--voice", _tone(t / "v.wav", 1.0)], "at least 2 s"),
+    "missing voice": (lambda t: [SAMPLES / "story.txt", "--voice", t / "none.wav"], "not found"),
+    "output dir missing": (lambda t: [SAMPLES / "story.txt", "-o", t / "no" / "dir" / "x.mp3"], "does not exist"),
+    "output parent is a file": (lambda t: [SAMPLES / "story.txt", "-o", _w(t / "f", "x") / "x.mp3"], "not a directory"),
+    "output format": (lambda t: [SAMPLES / "story.txt", "-o", t / "x.xyz"], "unsupported"),
+    "output is input": (lambda t: [_w(t / "a.txt", "Hi there."), "-o", t / "a.txt"], "overwrite the input"),
+    "ignore eos without budget": (lambda t: [SAMPLES / "story.txt", "--ignore-eos"], "conflicting options"),
+    "unknown preset": (lambda t: [SAMPLES / "story.txt", "--preset", "nope"], "unknown preset"),
+}
+
+
+def _w(p, text):
+    p.write_text(text)
+    return p
+
+
+def _wb(p):
+    _binary(p)
+    return p
+
+
+def _sil(p, s):
+    sf.write(p, np.zeros(int(24000 * s), dtype=np.float32), 24000)
+    return p
+
+
+def _tone(p, s):
+    t = np.arange(int(24000 * s)) / 24000
+    sf.write(p, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
+    return p
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
+    make, expect = BAD_INPUTS[case]
+    args = make(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    r = run(*args, "--device", "cpu")
+    assert r.exit_code == 2, (case, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ttsbatch: error:") and expect in lines[0].lower(), lines[0]
+    assert "Traceback" not in r.output
+    assert set(tmp_path.rglob("*")) == before  # nothing written, not even a work dir

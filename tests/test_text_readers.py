@@ -1,0 +1,293 @@
+"""Readers: encodings, line endings, paragraphs, chapters, Markdown stripping, bad input."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import pytest
+
+from ttsbatch.errors import InputError
+from ttsbatch.text.readers import is_chapter_heading, read_document, read_text
+
+TEXT = "Café “naïve” — déjà vu.\n\nSecond paragraph."
+
+
+def paragraphs(doc):
+    return [p for ch in doc.chapters for p in ch.paragraphs]
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        TEXT.encode("utf-8"),
+        codecs.BOM_UTF8 + TEXT.encode("utf-8"),
+        codecs.BOM_UTF16_LE + TEXT.encode("utf-16-le"),
+        codecs.BOM_UTF16_BE + TEXT.encode("utf-16-be"),
+        codecs.BOM_UTF32_LE + TEXT.encode("utf-32-le"),
+        TEXT.encode("cp1252"),
+    ],
+    ids=["utf8", "utf8-bom", "utf16le-bom", "utf16be-bom", "utf32le-bom", "cp1252"],
+)
+def test_encodings(tmp_path, data):
+    doc = read_document(write(tmp_path, "book.txt", data))
+    assert doc.name == "book.txt"
+    assert paragraphs(doc) == ["Café “naïve” — déjà vu.", "Second paragraph."]
+
+
+def test_latin1_fallback_when_not_cp1252(tmp_path):
+    # 0x8d is undefined in cp1252, so only Latin-1 decodes this; the C1 control it becomes is dropped.
+    doc = read_document(write(tmp_path, "old.txt", b"Gr\xfc\xdfe aus K\xf6ln \x8d."))
+    assert paragraphs(doc) == ["Grüße aus Köln ."]
+
+
+def test_utf8_is_tried_before_cp1252(tmp_path):
+    # "Ã©" in cp1252 is the UTF-8 encoding of "é": UTF-8 must win.
+    assert paragraphs(read_document(write(tmp_path, "a.txt", "é".encode("utf-8")))) == ["é"]
+
+
+def test_bom_with_invalid_content_is_an_error(tmp_path):
+    path = write(tmp_path, "bad.txt", codecs.BOM_UTF16_LE + b"a\x00b")  # odd length
+    with pytest.raises(InputError, match=r"bad\.txt.*UTF-16"):
+        read_document(path)
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r", "\n"], ids=["crlf", "cr", "lf"])
+def test_line_endings(newline):
+    raw = newline.join(["First line", "wrapped here.", "", "Second", "para."])
+    doc = read_text(raw.encode(), "x.txt")
+    assert paragraphs(doc) == ["First line wrapped here.", "Second para."]
+
+
+def test_control_characters_are_dropped_and_form_feed_breaks_lines():
+    doc = read_text(b"One\x0cTwo\x07 three.\x1a", "x.txt")
+    assert paragraphs(doc) == ["One Two three."]
+
+
+# ---------------------------------------------------------------------------- paragraphs
+
+
+def test_hard_wraps_are_joined_and_blank_lines_separate():
+    raw = "It was a dark\n   and stormy\nnight.\n\n\n\nThe end\nof it.  \n"
+    # "   and stormy" is indented after an unindented line: a new paragraph by the documented rule
+    assert paragraphs(read_text(raw.encode(), "x.txt")) == ["It was a dark", "and stormy night.", "The end of it."]
+
+
+def test_hyphenated_line_break_keeps_every_character():
+    doc = read_text(b"some-\nthing and well-\nKnown and 1990-\n1995", "x.txt")
+    (para,) = paragraphs(doc)
+    assert para == "some-thing and well- Known and 1990- 1995"
+    assert "".join(para.split()) == "some-thingandwell-Knownand1990-1995"
+
+
+def test_indented_first_lines_start_paragraphs_but_indented_blocks_stay_together():
+    raw = "    First paragraph starts\nand goes on.\n    Second one\nends here.\nPoem:\n    line one\n    line two\n"
+    assert paragraphs(read_text(raw.encode(), "x.txt")) == [
+        "First paragraph starts and goes on.",
+        "Second one ends here. Poem:",
+        "line one line two",
+    ]
+
+
+# ---------------------------------------------------------------------------- chapters
+
+
+def test_txt_chapters():
+    raw = (
+        "A preface line.\n\n"
+        "CHAPTER I.\nDown the Rabbit-Hole\n\nAlice was tired.\n\n"
+        "Chapter Two: The Storm\n\nRain fell\nhard.\n\n"
+        "PROLOGUE\n\nEarlier.\n\n"
+        "Part III\n\nLater.\n\nEPILOGUE\n\nDone."
+    )
+    doc = read_text(raw.encode(), "b.txt")
+    assert [c.title for c in doc.chapters] == [None, "CHAPTER I.", "Chapter Two: The Storm", "PROLOGUE", "Part III", "EPILOGUE"]
+    assert doc.chapters[0].paragraphs == ("A preface line.",)
+    assert doc.chapters[1].paragraphs == ("CHAPTER I.", "Down the Rabbit-Hole", "Alice was tired.")
+    assert doc.chapters[2].paragraphs == ("Chapter Two: The Storm", "Rain fell hard.")
+    assert doc.chapters[-1].paragraphs == ("EPILOGUE", "Done.")
+
+
+def test_no_empty_untitled_chapter_when_the_book_starts_with_a_heading():
+    doc = read_text(b"\n\nChapter 12\n\nText.", "b.txt")
+    assert [c.title for c in doc.chapters] == ["Chapter 12"]
+    assert doc.chapters[0].paragraphs == ("Chapter 12", "Text.")
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["CHAPTER I.", "Chapter 12", "Chapter Two: The Storm", "PROLOGUE", "Epilogue", "Part III", "Chapter XIV. The End",
+     "Chapter Twenty-One", "Book 2", "Chapter 7 The Storm", "**Chapter 3**", "Introduction"],
+)
+def test_is_chapter_heading(line):
+    assert is_chapter_heading(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["Chapter 3 was long and dull.", "part one", "The Chapter 1", "Part I want to keep", "Prologues are dull.",
+     "Chapter " + "1: " + "x" * 100, "Chapter 3, in which,", ""],
+)
+def test_is_not_chapter_heading(line):
+    assert not is_chapter_heading(line)
+
+
+def test_heading_only_counts_as_the_first_line_of_a_paragraph():
+    doc = read_text(b"He played the\nPart III\nof the suite.", "b.txt")
+    assert [c.title for c in doc.chapters] == [None]
+    assert paragraphs(doc) == ["He played the Part III of the suite."]
+
+
+# ---------------------------------------------------------------------------- markdown
+
+MD = """---
+title: My Book
+author: Me
+---
+
+Intro *before* any heading.
+
+# The First
+
+Some *emph*, _under_, **strong** and `code` with a [link](http://example.com/x) and
+![an image](pic.png) wrapped over some-
+thing.
+
+> A quoted
+> line.
+
+- item one
+* item two
+1. numbered
+
+```python
+def hidden(): pass
+```
+
+| Name | Age |
+|------|-----|
+| Ann  | 30  |
+
+<div>Some <b>html</b> here</div>
+<!-- a comment -->
+
+***
+
+Setext Heading
+==============
+
+Text ~~struck~~ &amp; done.<br>Next.
+
+Subtitle
+--------
+
+CHAPTER IV.
+
+Fourth.
+"""
+
+
+def test_markdown_structure_and_stripping():
+    doc = read_text(MD.encode(), "book.md", fmt="md")
+    assert [c.title for c in doc.chapters] == [None, "The First", "Setext Heading", "Subtitle", "CHAPTER IV."]
+    assert doc.chapters[0].paragraphs == ("Intro before any heading.",)
+    assert doc.chapters[1].paragraphs == (
+        "The First",
+        "Some emph, under, strong and code with a link and wrapped over some-thing.",
+        "A quoted line.",
+        "item one",
+        "item two",
+        "numbered",
+        "Name, Age",
+        "Ann, 30",
+        "Some html here",
+    )
+    assert doc.chapters[2].paragraphs == ("Setext Heading", "Text struck & done. Next.")
+    assert doc.chapters[4].paragraphs == ("CHAPTER IV.", "Fourth.")
+    text = " ".join(paragraphs(doc))
+    for gone in ("*", "_", "`", "http", "pic.png", "image", "hidden", "|", "<", ">", "#", "title:", "comment", "==="):
+        assert gone not in text, gone
+
+
+def test_markdown_file_extensions(tmp_path):
+    for name in ("a.md", "b.markdown", "c.MD"):
+        doc = read_document(write(tmp_path, name, b"# Head\n\n**Bold** text."))
+        assert paragraphs(doc) == ["Head", "Bold text."], name
+    doc = read_document(write(tmp_path, "d.text", b"# Not a heading in txt"))
+    assert paragraphs(doc) == ["# Not a heading in txt"]
+
+
+def test_markdown_indented_text_is_prose_not_code():
+    doc = read_text(b"Para one.\n\n    Indented para two.", "x.md", fmt="md")
+    assert paragraphs(doc) == ["Para one.", "Indented para two."]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file") as e:
+        read_document(tmp_path / "nope.txt")
+    assert "nope.txt" in str(e.value)
+
+
+def test_directory(tmp_path):
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(InputError, match="directory"):
+        read_document(tmp_path / "dir.txt")
+
+
+def test_unsupported_extension_lists_supported(tmp_path):
+    with pytest.raises(InputError, match=r"book\.pdf.*unsupported.*\.txt.*\.md") as e:
+        read_document(write(tmp_path, "book.pdf", b"%PDF"))
+    assert "\n" not in str(e.value)
+
+
+def test_permission_denied(tmp_path, monkeypatch):
+    path = write(tmp_path, "secret.txt", b"text")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(InputError, match=r"secret\.txt.*permission denied"):
+        read_document(path)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b" \n\r\n\t  \n", "only whitespace"),
+        (b"PK\x03\x04\x14\x00\x00\x00\x08\x00text", "binary"),
+        (bytes(range(1, 32)) * 50, "binary"),
+        ("text \x00 with a NUL".encode(), "binary"),
+    ],
+    ids=["empty", "whitespace", "zip", "controls", "nul"],
+)
+def test_bad_content(tmp_path, data, message):
+    with pytest.raises(InputError, match=message) as e:
+        read_document(write(tmp_path, "in.txt", data))
+    assert "in.txt" in str(e.value)
+
+
+def test_markdown_with_nothing_to_say():
+    with pytest.raises(InputError, match=r"x\.md.*no text"):
+        read_text(b"```\ncode only\n```\n\n---\n", "x.md", fmt="md")
+
+
+def test_read_text_from_stdin_bytes():
+    doc = read_text(b"# Title\n\nBody.", "<stdin>", fmt="md")
+    assert doc.name == "<stdin>"
+    assert [c.title for c in doc.chapters] == ["Title"]
+    with pytest.raises(InputError, match="format"):
+        read_text(b"x", "<stdin>", fmt="pdf")
