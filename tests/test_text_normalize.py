@@ -76,6 +76,10 @@ def test_punctuation_rules_in_normalize_text():
     assert normalize_text("wait… what: yes; no", FULL) == "Wait, what, yes, no."  # no double spaces
     assert normalize_text("  spaced   out  ", FULL) == "Spaced out."
     assert normalize_text("Already done!", FULL) == "Already done!"
+    assert normalize_text('He said "Go."', FULL) == 'He said "Go."'  # punc_norm alone gives '"Go.".'
+    assert normalize_text("(A note.)", FULL) == "(A note.)"
+    assert normalize_text('He said "Go"', FULL) == 'He said "Go".'
+
 
 
 def test_punc_norm_rules():

@@ -13,7 +13,8 @@
 4. Text with no letter or digit left is unspeakable and becomes ``""``.
 5. With ``normalize_punctuation``: Chatterbox's own ``punc_norm`` rules (``punc_norm`` below
    is a copy of ``chatterbox.tts.punc_norm`` that leaves empty text empty), then the double
-   spaces its replacements can leave are collapsed.
+   spaces its replacements can leave are collapsed and the full stop it appends after an
+   already punctuated closing quote is taken back (``"Go."`` not ``"Go.".``).
 
 Normalization may make text longer (``...`` from ``…``, spelled-out symbols, the full stop
 that ``punc_norm`` appends); the chunker measures the normalized text, never the source.
@@ -47,6 +48,7 @@ _PUNC_TO_REPLACE = (
     ("’", "'"),
 )
 _SENTENCE_ENDERS = (".", "!", "?", "-", ",")
+_STOP_AFTER_QUOTE_RE = re.compile(r"([.!?,\-][\"')\]]+)\.$")
 
 
 def punc_norm(text: str) -> str:
@@ -155,4 +157,6 @@ def normalize_text(text: str, opts: TextOptions) -> str:
         # punc_norm collapses spaces before its replacements, which can leave doubles
         # ("wait… what" -> "Wait,  what."); the model gets single spaces.
         text = _WS_RE.sub(" ", punc_norm(text))
+        # ...and the full stop it appends after a closing quote: 'He said "Go."' stays so.
+        text = _STOP_AFTER_QUOTE_RE.sub(r"\1", text)
     return text

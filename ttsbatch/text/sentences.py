@@ -66,7 +66,7 @@ _ELLIPSIS_BREAK_RE = re.compile(r"(?:\.{3,}|…)[\"'”’)\]]*(?=\s+[\"'“‘(
 
 # Training on a whole 1 MB book takes seconds; a sample of this many characters, taken
 # from evenly spaced places in the book, learns the same abbreviations.
-_TRAIN_BUDGET = 250_000
+_TRAIN_BUDGET = 200_000
 _TRAIN_WINDOWS = 10
 
 
