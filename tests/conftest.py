@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# huggingface_hub reads these once, at import: set them before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 

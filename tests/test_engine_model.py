@@ -22,7 +22,8 @@ def test_random_checkpoint_is_the_five_file_format(tiny_checkpoint):
     assert M.random_size_of(tiny_checkpoint) == "tiny"
 
 
-def test_tiny_loads_through_the_real_path_and_sizes_come_from_tensors(tiny_checkpoint, caplog):
+def test_tiny_loads_through_the_real_path_and_sizes_come_from_tensors(tiny_checkpoint, caplog, monkeypatch):
+    monkeypatch.setattr(M, "_CACHE", {})  # load for real, not from this process's cache
     with caplog.at_level(logging.WARNING, logger="ttsbatch"):
         m = M.load_model(tiny_checkpoint, "cpu")
     assert "noise" in caplog.text  # random weights are labelled

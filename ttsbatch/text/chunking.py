@@ -119,7 +119,7 @@ def _merge(para: str, pieces: Sequence[_Piece], opts: TextOptions) -> list[_Piec
     cap = _MERGE_SOURCE_FACTOR * opts.max_chars
     for piece in pieces:
         if cur is not None and cur[3] and piece[3] and piece[1] - cur[0] <= cap:
-            if True:
+            if len(cur[2]) < opts.merge_chars or not cur[2] or not piece[2]:
                 text = normalize_text(para[cur[0] : piece[1]], opts)
                 if len(text) <= opts.max_chars:
                     cur = (cur[0], piece[1], text, True)

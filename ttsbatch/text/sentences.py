@@ -65,7 +65,7 @@ _LAST_WORD_RE = re.compile(r"[\"'(“‘\[]*([A-Za-z]+)\.$")
 _ELLIPSIS_BREAK_RE = re.compile(r"(?:\.{3,}|…)[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z])")
 
 # Training on a whole 1 MB book takes seconds; a sample of this many characters, taken
-# from evenly spaced places in the book, learns the same abbreviations.
+# from ten evenly spaced places in the book, learns nearly the same statistics.
 _TRAIN_BUDGET = 200_000
 _TRAIN_WINDOWS = 10
 

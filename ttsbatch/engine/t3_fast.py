@@ -1,0 +1,703 @@
+"""Batched T3 decoding over the stock module's weights (gpt-fast style), with continuous batching.
+
+The model classes and weights come from chatterbox-tts; only the decode loop is ours:
+
+- :class:`T3Weights`: the Llama weights of ``model.t3`` (q/k/v and gate/up fused), the speech
+  embeddings and head, and the RoPE table computed by the HF module's own rotary embedding.
+  bf16 on CUDA, fp32 on CPU; the fp32 module stays untouched as the reference.
+- :class:`DecodeState`: preallocated buffers. A static KV cache ``(layers, seqs, heads,
+  max_len, head_dim)``; per-sequence positions; per-row step counters, token budgets,
+  ``done`` flags, seeds, a "seen" mask for the repetition penalty, sampling options and an
+  output token buffer. A *row* is one sentence; with CFG it owns two *sequences*
+  (``2*row`` conditional, ``2*row+1`` unconditional), as stock's batch of two.
+- :func:`prefill` embeds many sentences at once (right-padded, causal mask per length) and
+  writes their KV into their rows' slots; the other rows are not touched.
+- :func:`decode_one_token` = :func:`draw_tokens` + :func:`record_tokens` + :func:`forward_tokens`:
+  a pure function of the buffers (the first ``n`` rows, the first ``kv_len`` cache
+  positions), so it can be captured in a CUDA graph per (rows bucket, kv-length bucket).
+- :class:`FastT3` runs continuous batching: requests are length-sorted (longest first),
+  rows are filled, decoded, and every ``check_every`` steps the host reads the ``done``
+  flags once, yields finished rows and refills them with the next requests.
+
+Stock semantics kept (chatterbox ``T3.inference``): the prefill is ``[cond_emb,
+text_emb + text_pos, BOS + speech_pos(0), BOS + speech_pos(0)]`` (BOS twice: stock's
+quirk); the unconditional row has its text embedding zeroed before the position embedding
+is added; step ``i`` feeds ``speech_emb(token_i) + speech_pos(i + 1)``; logits are
+``cond + cfg * (cond - uncond)`` then the filters of :mod:`.sampling`; the repetition
+penalty counts BOS. With ``cfg_weight <= 0`` stock's two rows are identical and its mix is
+``cond``, so rows run without a pair.
+
+Output: per request the list of sampled speech token ids, **without** the end-of-speech
+token (stock includes it and ``drop_invalid_tokens`` removes it later). With ``ignore_eos``
+the list is exactly ``budget`` long and may contain any id the head can produce.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
+
+log = logging.getLogger("ttsbatch")
+
+LEN_BUCKET = 256  # KV length granularity of captured graphs (and of the cache's max_len)
+MAX_ROWS = 256  # never more rows than this, whatever the memory
+CPU_ROWS = 8  # default rows on the CPU
+RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
+PREFILL_TOKENS = 32768  # most (sequences x padded length) per prefill forward on CUDA
+PREFILL_TOKENS_CPU = 8192
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Batch sizes graphs are captured for: powers of two below ``max_rows``, and ``max_rows``."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return out + [max_rows]
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return buckets[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor  # (3 * heads * head_dim, dim): q, k, v stacked
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor  # (2 * mlp, dim): gate, up stacked
+    wdown: torch.Tensor
+
+
+class T3Weights:
+    """The decode-time weights of a chatterbox T3 (a Llama backbone), in one dtype on one device."""
+
+    def __init__(self, t3, dtype: torch.dtype | None = None):
+        cfg = t3.cfg
+        if getattr(t3, "is_gpt", False) or getattr(cfg, "model_type", "llama") != "llama":
+            raise NotImplementedError("the fast T3 supports the Llama backbone (English Chatterbox) only")
+        if t3.hp.input_pos_emb != "learned":
+            raise NotImplementedError("the fast T3 needs learned position embeddings")
+        device = t3.device
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.t3 = t3  # the fp32 reference module: conditioning and text embeddings come from it
+        self.device, self.dtype = device, dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        if self.n_kv_heads != self.n_heads:
+            raise NotImplementedError("the fast T3 expects as many KV heads as query heads (T3 has)")
+        self.dim = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+
+        def cast(t):
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        with torch.no_grad():
+            self.layers = []
+            for layer in t3.tfmr.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers.append(
+                    LayerWeights(
+                        ln1=cast(layer.input_layernorm.weight),
+                        wqkv=cast(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                        wo=cast(a.o_proj.weight),
+                        ln2=cast(layer.post_attention_layernorm.weight),
+                        wgu=cast(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                        wdown=cast(m.down_proj.weight),
+                    )
+                )
+            self.norm = cast(t3.tfmr.norm.weight)
+            self.speech_emb = cast(t3.speech_emb.weight)
+            self.speech_pos = cast(t3.speech_pos_emb.emb.weight)
+            self.speech_head = cast(t3.speech_head.weight)
+            self.speech_head_bias = cast(t3.speech_head.bias) if t3.speech_head.bias is not None else None
+        self.vocab = self.speech_head.shape[0]
+        self.n_layers = len(self.layers)
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (max_len, head_dim) from the HF module's rotary embedding (Llama 3 scaling)."""
+        if max_len not in self._rope:
+            with torch.no_grad():
+                probe = torch.zeros(1, device=self.device, dtype=torch.float32)
+                positions = torch.arange(max_len, device=self.device)[None]
+                cos, sin = self.t3.tfmr.rotary_emb(probe, position_ids=positions)
+            self._rope = {max_len: (cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous())}
+        return self._rope[max_len]
+
+    def kv_bytes_per_seq(self, max_len: int) -> int:
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * max_len * itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer, on our buffers
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _layer(w: T3Weights, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) -> torch.Tensor:
+    """One Llama decoder layer on x (N, T, D); ``attend(q, k, v)`` (N, H, T, hd) does the attention."""
+    n, t, _ = x.shape
+    h = rms_norm(x, lw.ln1, w.eps)
+    qkv = F.linear(h, lw.wqkv).view(n, t, 3, w.n_heads, w.head_dim)
+    q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, T, hd)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    o = attend(q, k, v).transpose(1, 2).reshape(n, t, w.n_heads * w.head_dim)
+    x = x + F.linear(o, lw.wo)
+    h = rms_norm(x, lw.ln2, w.eps)
+    gate, up = F.linear(h, lw.wgu).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, lw.wdown)
+
+
+def _head(w: T3Weights, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(rms_norm(x, w.norm, w.eps), w.speech_head, w.speech_head_bias).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers
+
+
+class DecodeState:
+    """Everything one decode step reads and writes, allocated once (shapes never change)."""
+
+    def __init__(self, w: T3Weights, rows: int, max_len: int, max_new: int, pairs: int, eos: int):
+        dev = w.device
+        self.rows, self.max_len, self.max_new, self.pairs, self.eos = rows, max_len, max_new, pairs, eos
+        seqs = rows * pairs
+        self.seqs = seqs
+        shape = (w.n_layers, seqs, w.n_kv_heads, max_len, w.head_dim)
+        self.k = torch.zeros(shape, dtype=w.dtype, device=dev)
+        self.v = torch.zeros(shape, dtype=w.dtype, device=dev)
+        self.cos, self.sin = w.rope(max_len)
+        self.logits = torch.zeros(seqs, w.vocab, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(seqs, dtype=torch.int64, device=dev)  # next cache position (= KV length)
+        self.step = torch.zeros(rows, dtype=torch.int64, device=dev)  # tokens sampled so far
+        self.budget = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.done = torch.ones(rows, dtype=torch.bool, device=dev)  # free rows count as done
+        self.ignore_eos = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.seed_lo = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.seed_hi = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.seen = torch.zeros(rows, w.vocab, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(rows, max_new, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)  # last token drawn
+        self.params = SamplingParams(rows, dev)
+        self.graphs: dict[tuple, object] = {}  # (rows bucket, kv bucket, use_top_p) -> CUDAGraph
+
+    def fits(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int) -> bool:
+        return (self.rows, self.pairs, self.eos) == (rows, pairs, eos) and self.max_len >= max_len and self.max_new >= max_new
+
+    def small_state(self) -> dict[str, torch.Tensor]:
+        """The per-row tensors (not the KV cache): for snapshots around graph warm-up."""
+        names = ("logits", "pos", "step", "budget", "done", "ignore_eos", "seen", "out", "tokens")
+        return {n: getattr(self, n) for n in names}
+
+
+@dataclass
+class RowInput:
+    """One sentence ready for prefill: its sequences' embeddings and its options."""
+
+    embeds: torch.Tensor  # (pairs, L, D) in the compute dtype
+    budget: int
+    seed: int
+    ignore_eos: bool
+    gen: object  # GenerationOptions
+
+
+def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput], max_tokens: int | None = None) -> None:
+    """Run the prompts of ``inputs`` and make ``rows`` start decoding them; other rows are untouched."""
+    if not rows:
+        return
+    dev = w.device
+    if max_tokens is None:
+        max_tokens = PREFILL_TOKENS if dev.type == "cuda" else PREFILL_TOKENS_CPU
+    # Chunks of rows whose padded size stays under max_tokens.
+    group: list[int] = []
+    longest = 0
+    for i in range(len(rows)):
+        L = inputs[i].embeds.shape[1]
+        if group and (len(group) + 1) * st.pairs * max(longest, L) > max_tokens:
+            _prefill_group(w, st, [rows[j] for j in group], [inputs[j] for j in group])
+            group, longest = [], 0
+        group.append(i)
+        longest = max(longest, L)
+    _prefill_group(w, st, [rows[j] for j in group], [inputs[j] for j in group])
+    _start_rows(w, st, rows, inputs)
+
+
+def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
+    dev, P = w.device, st.pairs
+    lens = [x.embeds.shape[1] for x in inputs for _ in range(P)]
+    Lmax = max(lens)
+    if Lmax > st.max_len:
+        raise ValueError(f"prompt of {Lmax} positions does not fit a cache of {st.max_len}")
+    n = len(lens)
+    x = torch.zeros(n, Lmax, w.dim, dtype=w.dtype, device=dev)
+    for i, inp in enumerate(inputs):
+        x[i * P : (i + 1) * P, : inp.embeds.shape[1]] = inp.embeds
+    seq_idx = torch.tensor([r * P + j for r in rows for j in range(P)], dtype=torch.int64, device=dev)
+    length = torch.tensor(lens, dtype=torch.int64, device=dev)
+    ar = torch.arange(Lmax, device=dev)
+    mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
+    mask = mask[:, None]  # (n, 1, Lmax, Lmax)
+    cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
+    for li, lw in enumerate(w.layers):
+
+        def attend(q, k, v, li=li):
+            st.k[li, seq_idx, :, :Lmax] = k
+            st.v[li, seq_idx, :, :Lmax] = v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+
+        x = _layer(w, lw, x, cos, sin, attend)
+    last = x[torch.arange(n, device=dev), length - 1]  # (n, D)
+    st.logits[seq_idx] = _head(w, last)
+    st.pos[seq_idx] = length
+
+
+def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
+    """Reset the per-row state of ``rows`` for their new sentences."""
+    dev = w.device
+    idx = torch.tensor(list(rows), dtype=torch.int64, device=dev)
+    st.step[idx] = 0
+    st.budget[idx] = torch.tensor([x.budget for x in inputs], dtype=torch.int64, device=dev)
+    st.ignore_eos[idx] = torch.tensor([x.ignore_eos for x in inputs], dtype=torch.bool, device=dev)
+    seeds = [split_seed(int(x.seed)) for x in inputs]
+    st.seed_lo[idx] = torch.tensor([s[0] for s in seeds], dtype=torch.int64, device=dev)
+    st.seed_hi[idx] = torch.tensor([s[1] for s in seeds], dtype=torch.int64, device=dev)
+    st.seen[idx] = False
+    st.seen[idx, w.t3.hp.start_speech_token] = True  # stock's generated_ids start with BOS
+    st.out[idx] = 0
+    st.tokens[idx] = 0
+    # Options: one GenerationOptions per call in practice; grouped so any mix works.
+    by_gen: dict[int, list[int]] = {}
+    for r, x in zip(rows, inputs):
+        by_gen.setdefault(id(x.gen), []).append(r)
+    gens = {id(x.gen): x.gen for x in inputs}
+    for key, rs in by_gen.items():
+        st.params.set_rows(torch.tensor(rs, dtype=torch.int64, device=dev), gens[key])
+    st.done[idx] = False
+
+
+def draw_tokens(st: DecodeState, n: int, use_top_p: bool) -> torch.Tensor:
+    """One token per row for the first ``n`` rows, from ``st.logits`` (CFG mix, filters, race)."""
+    P, V = st.pairs, st.logits.shape[-1]
+    lg = st.logits[: n * P].view(n, P, V)
+    params = st.params.view(n)
+    mixed = cfg_mix(lg[:, 0], lg[:, 1], params["cfg"]) if P == 2 else lg[:, 0]
+    return sample_tokens(mixed, st.seen[:n], params, st.seed_lo[:n], st.seed_hi[:n], st.step[:n], use_top_p)
+
+
+def record_tokens(st: DecodeState, n: int, tok: torch.Tensor) -> None:
+    """Append ``tok`` (n,) to the live rows among the first ``n``: output, seen mask, step, done."""
+    active = ~st.done[:n]
+    step = st.step[:n]
+    col = step.clamp(max=st.max_new - 1)[:, None]
+    out = st.out[:n]
+    out.scatter_(1, col, torch.where(active, tok, out.gather(1, col)[:, 0])[:, None])
+    seen = st.seen[:n]
+    t = tok[:, None]
+    seen.scatter_(1, t, seen.gather(1, t) | active[:, None])
+    new_step = step + active.to(torch.int64)
+    stop = (tok == st.eos) & ~st.ignore_eos[:n]
+    st.step[:n] = new_step
+    st.done[:n] = st.done[:n] | (active & (stop | (new_step >= st.budget[:n])))
+    st.tokens[:n] = tok
+
+
+def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torch.Tensor) -> None:
+    """Feed ``tok`` (n,) to the first ``n`` rows (both sequences of a pair) at their positions.
+
+    Token number ``step`` gets ``speech_pos(step)`` (``st.step`` was already advanced), its
+    K/V go to each sequence's position ``pos``, attention reads cache positions ``<= pos``
+    among the first ``kv_len``; the next logits land in ``st.logits``; live sequences advance.
+    """
+    P = st.pairs
+    s = n * P
+    spos = st.step[:n].clamp(max=w.speech_pos.shape[0] - 1)
+    x = w.speech_emb[tok] + w.speech_pos[spos]  # (n, D)
+    x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim)  # both sequences of a pair
+    pos = st.pos[:s].clamp(max=st.max_len - 1)
+    cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (s, 1, hd)
+    seq = torch.arange(s, device=x.device)
+    mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
+    for li, lw in enumerate(w.layers):
+
+        def attend(q, k, v, li=li):
+            st.k[li, seq, :, pos] = k[:, :, 0]
+            st.v[li, seq, :, pos] = v[:, :, 0]
+            kc = st.k[li, :s, :, :kv_len]
+            vc = st.v[li, :s, :, :kv_len]
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=w.scale)
+
+        x = _layer(w, lw, x, cos, sin, attend)
+    st.logits[:s] = _head(w, x[:, 0])
+    live = (~st.done[:n])[:, None].expand(n, P).reshape(s)
+    st.pos[:s] = st.pos[:s] + live.to(torch.int64)
+
+
+def decode_one_token(w: T3Weights, st: DecodeState, n: int, kv_len: int, use_top_p: bool) -> None:
+    """One step for the first ``n`` rows: draw, record, feed. Pure function of the buffers."""
+    tok = draw_tokens(st, n, use_top_p)
+    record_tokens(st, n, tok)
+    forward_tokens(w, st, n, kv_len, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning and prompts
+
+
+def cond_embedding(t3, t3_cond) -> torch.Tensor:
+    """T3's conditioning embedding (len_cond, D), fp32, computed as stock does (without mutating ``t3_cond``)."""
+    c = copy.copy(t3_cond)
+    with torch.inference_mode():
+        return t3.prepare_conditioning(c)[0].float()
+
+
+def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: int, dtype) -> torch.Tensor:
+    """The prefill of one sentence: (pairs, L, D), stock's layout (see the module docstring)."""
+    with torch.inference_mode():
+        tt = text_tokens.to(device=t3.device, dtype=torch.long)[None]  # (1, T)
+        te = t3.text_emb(tt)[0]
+        tpos = t3.text_pos_emb(tt)  # (T, D): positions 0..T-1
+        bos = torch.tensor([[t3.hp.start_speech_token]], device=t3.device)
+        bos_e = (t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0))[0]  # (1, D)
+        rows = [torch.cat([cond_emb, te + tpos, bos_e, bos_e])]
+        if pairs == 2:
+            rows.append(torch.cat([cond_emb, torch.zeros_like(te) + tpos, bos_e, bos_e]))
+        return torch.stack(rows).to(dtype)
+
+
+def text_token_ids(model, text: str) -> torch.Tensor:
+    """Stock tokenization of one sentence: [START] text [STOP] (1-D, on the CPU)."""
+    hp = model.t3.hp
+    ids = model.tokenizer.text_to_tokens(text).view(-1).to(torch.long).cpu()
+    return torch.cat([torch.tensor([hp.start_text_token]), ids, torch.tensor([hp.stop_text_token])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+def _tokens_without_eos(tokens: list[int], eos: int, ignore_eos: bool) -> list[int]:
+    if not ignore_eos and tokens and tokens[-1] == eos:
+        return tokens[:-1]
+    return tokens
+
+
+class FastT3:
+    """The batched, graph-captured T3 of one loaded model. Reuse one per model (see :func:`fast_t3`)."""
+
+    def __init__(self, model, dtype: torch.dtype | None = None, use_graphs: bool | None = None):
+        self.model = model
+        self.w = T3Weights(model.t3, dtype)
+        self.device = self.w.device
+        if use_graphs is None:
+            use_graphs = self.device.type == "cuda"
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.use_graphs = use_graphs
+        self.state: DecodeState | None = None
+        self._graph_pool = None
+        self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
+        self.trace: list[tuple] = []  # ("start"/"finish", request index, row, step count): for tests
+        self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, prefills=0, compactions=0)
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    def pick_rows(self, max_len: int, pairs: int, max_vram_gb: float | None = None, n_requests: int | None = None) -> int:
+        """Rows that fit: from free GPU memory (minus a reserve), capped by ``max_vram_gb``; 8 on the CPU."""
+        limit = MAX_ROWS if n_requests is None else max(1, min(MAX_ROWS, n_requests))
+        if self.device.type != "cuda":
+            return min(CPU_ROWS, limit)
+        per_row = self.bytes_per_row(max_len, pairs)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        held = torch.cuda.memory_reserved(self.device)
+        if self.state is not None:  # the buffers of a previous call will be freed first
+            free += self.state_bytes(self.state)
+            held -= self.state_bytes(self.state)
+        avail = free - RESERVE_BYTES
+        if max_vram_gb is not None:
+            avail = min(avail, int(max_vram_gb * (1 << 30)) - held - (1 << 30))
+        rows = int(avail // per_row)
+        if rows < 1:
+            from ..errors import ModelError
+
+            need = (per_row + RESERVE_BYTES) / (1 << 30)
+            cap = f" (--max-vram {max_vram_gb} GB)" if max_vram_gb is not None else ""
+            raise ModelError(
+                f"not enough GPU memory for one sentence of {max_len} positions: about {need:.1f} GiB "
+                f"needed, {max(avail + RESERVE_BYTES, 0) / (1 << 30):.1f} GiB available{cap}"
+            )
+        return min(rows, limit)
+
+    def bytes_per_row(self, max_len: int, pairs: int) -> int:
+        V = self.w.vocab
+        # KV cache + logits per sequence; seen mask, output, and sampling temporaries (int64 noise, sort) per row
+        return pairs * (self.w.kv_bytes_per_seq(max_len) + V * 4) + V * (1 + 8 * 8) + 4096 * 8
+
+    @staticmethod
+    def state_bytes(st: DecodeState) -> int:
+        return 2 * st.k.numel() * st.k.element_size() + st.logits.numel() * 4 + st.seen.numel() + st.out.numel() * 8
+
+    def new_state(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int | None = None) -> DecodeState:
+        """Buffers for ``rows`` sentences (reused when the current ones fit)."""
+        eos = self.model.t3.hp.stop_speech_token if eos is None else eos
+        if self.state is not None and self.state.fits(rows, max_len, max_new, pairs, eos):
+            return self.state
+        self.state = None  # free the old buffers (and their graphs) before allocating
+        self._graph_pool = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        max_len = _round_up(max_len, LEN_BUCKET if self.device.type == "cuda" else 64)
+        self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
+        return self.state
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def cond_emb(self, conds) -> torch.Tensor:
+        key = id(conds.t3)
+        hit = self._cond_cache.get(key)
+        if hit is None or hit[0] is not conds.t3:
+            hit = (conds.t3, cond_embedding(self.model.t3, conds.t3))
+            self._cond_cache = {key: hit}
+        return hit[1]
+
+    def row_input(self, conds, req, gen, pairs: int, text_ids: torch.Tensor | None = None) -> RowInput:
+        ids = text_token_ids(self.model, req.text) if text_ids is None else text_ids
+        emb = prompt_embeds(self.model.t3, self.cond_emb(conds), ids, pairs, self.w.dtype)
+        return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self, st: DecodeState, n: int, kv_len: int, use_top_p: bool) -> None:
+        """One decode step of the first ``n`` rows: a graph replay on CUDA, eager elsewhere."""
+        if not self.use_graphs:
+            decode_one_token(self.w, st, n, kv_len, use_top_p)
+            return
+        key = (n, kv_len, use_top_p)
+        graph = st.graphs.get(key)
+        if graph is None:
+            graph = self._capture(st, n, kv_len, use_top_p)
+            st.graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, st: DecodeState, n: int, kv_len: int, use_top_p: bool):
+        """Capture one decode step; warm-up runs on a snapshot of the small state, restored after.
+
+        Warm-up steps also write K/V at positions past every live row's length: those are
+        rewritten by the real steps before anything reads them.
+        """
+        saved = {k: v.clone() for k, v in st.small_state().items()}
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_one_token(self.w, st, n, kv_len, use_top_p)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            decode_one_token(self.w, st, n, kv_len, use_top_p)
+        for k, v in saved.items():
+            getattr(st, k).copy_(v)
+        self.stats["graphs_captured"] += 1
+        return graph
+
+    # -- continuous batching -------------------------------------------------------------------
+
+    def generate(
+        self,
+        conds,
+        requests: Sequence,
+        gen,
+        max_rows: int | None = None,
+        check_every: int = 8,
+        max_vram_gb: float | None = None,
+        sort: bool = True,
+        eos_token: int | None = None,
+    ) -> Iterator[tuple[int, list[int]]]:
+        """Speech tokens for every request, yielded as ``(request index, tokens)`` when each is done.
+
+        Requests are taken longest text first (``sort=False``: in the given order); a row
+        that finishes is refilled with the next request. The host reads the ``done`` flags
+        once every ``check_every`` steps (sooner when a budget is known to run out sooner).
+        """
+        check_options(gen)
+        if not requests:
+            return
+        if check_every < 1:
+            raise ValueError("check_every must be >= 1")
+        t3 = self.model.t3
+        hp = t3.hp
+        pairs = 2 if gen.cfg_weight > 0 else 1
+        eos = hp.stop_speech_token if eos_token is None else int(eos_token)
+        pos_limit = self.w.speech_pos.shape[0] - 1
+        for i, r in enumerate(requests):
+            if not 1 <= int(r.budget) <= pos_limit:
+                from ..errors import InputError
+
+                raise InputError(f"request {i}: token budget {r.budget} outside 1..{pos_limit}")
+        len_cond = self.cond_emb(conds).shape[0]
+        ids = [text_token_ids(self.model, r.text) for r in requests]
+        prompt_len = [len_cond + len(x) + 2 for x in ids]
+        need = max(p + int(r.budget) for p, r in zip(prompt_len, requests))
+        max_new = max(int(r.budget) for r in requests)
+        order = list(range(len(requests)))
+        if sort:
+            order.sort(key=lambda i: (-len(ids[i]), -int(requests[i].budget), i))
+        rows = max_rows or self.pick_rows(need, pairs, max_vram_gb, len(requests))
+        rows = max(1, min(rows, len(requests)))
+        use_top_p = gen.top_p < 1.0
+        st = self.new_state(rows, need, max_new, pairs, eos)
+        st.done.fill_(True)
+        buckets = row_buckets(rows)
+        kv_cap = st.max_len
+        kv_step = LEN_BUCKET if self.device.type == "cuda" else 64
+
+        queue = deque(order)
+        slot_req: list[int | None] = [None] * rows
+        slot_pos = [0] * rows  # host bound of the highest position a row has written
+        slot_left = [0] * rows  # host bound of steps a row has left
+        self.trace = []
+
+        with torch.inference_mode():
+            while queue or any(r is not None for r in slot_req):
+                free = [s for s in range(rows) if slot_req[s] is None]
+                if queue and free:
+                    take = free[: len(queue)]
+                    reqs = [queue.popleft() for _ in take]
+                    inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
+                    prefill(self.w, st, take, inputs)
+                    self.stats["prefills"] += 1
+                    for s, i in zip(take, reqs):
+                        slot_req[s] = i
+                        slot_pos[s] = prompt_len[i]
+                        slot_left[s] = int(requests[i].budget)
+                        self.trace.append(("start", i, s))
+                elif not queue:
+                    self._compact(st, slot_req, slot_pos, slot_left, buckets)
+                live = [s for s in range(rows) if slot_req[s] is not None]
+                n = _bucket(max(live) + 1, buckets)
+                k = max(1, min(check_every, min(slot_left[s] for s in live)))
+                kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
+                for _ in range(k):
+                    self.step(st, n, kv_len, use_top_p)
+                self.stats["steps"] += k
+                self.stats["row_steps"] += k * len(live)
+                for s in live:
+                    slot_pos[s] += k
+                    slot_left[s] -= k
+                # One host sync per k steps: which rows are done, and how far they got.
+                flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu()
+                self.stats["host_checks"] += 1
+                finished = [s for s in live if bool(flags[0, s])]
+                if not finished:
+                    continue
+                count = {s: int(flags[1, s]) for s in finished}
+                width = max(count.values())
+                got = st.out[torch.tensor(finished, device=self.device), :width].cpu()
+                for j, s in enumerate(finished):
+                    i = slot_req[s]
+                    toks = _tokens_without_eos(got[j, : count[s]].tolist(), eos, gen.ignore_eos)
+                    slot_req[s] = None
+                    self.trace.append(("finish", i, s))
+                    yield i, toks
+
+    def _compact(self, st: DecodeState, slot_req, slot_pos, slot_left, buckets) -> None:
+        """With nothing left to start, move live rows down so a smaller batch bucket covers them."""
+        live = [s for s in range(st.rows) if slot_req[s] is not None]
+        if not live or _bucket(len(live), buckets) >= _bucket(max(live) + 1, buckets):
+            return
+        free = [s for s in range(len(live)) if slot_req[s] is None]
+        movers = [s for s in live if s >= len(live)]
+        for src, dst in zip(movers, free):
+            move_row(st, src, dst)
+            slot_req[dst], slot_req[src] = slot_req[src], None
+            slot_pos[dst], slot_left[dst] = slot_pos[src], slot_left[src]
+            self.trace.append(("move", slot_req[dst], src, dst))
+        self.stats["compactions"] += 1
+
+
+def move_row(st: DecodeState, src: int, dst: int) -> None:
+    """Copy row ``src`` (its sequences' KV and its state) to row ``dst``, and free ``src``."""
+    P = st.pairs
+    s_seq = slice(src * P, (src + 1) * P)
+    d_seq = slice(dst * P, (dst + 1) * P)
+    st.k[:, d_seq] = st.k[:, s_seq]
+    st.v[:, d_seq] = st.v[:, s_seq]
+    st.logits[d_seq] = st.logits[s_seq]
+    st.pos[d_seq] = st.pos[s_seq]
+    for name in ("step", "budget", "done", "ignore_eos", "seed_lo", "seed_hi", "seen", "out", "tokens"):
+        t = getattr(st, name)
+        t[dst] = t[src]
+    for name in SamplingParams.NAMES:
+        t = getattr(st.params, name)
+        t[dst] = t[src]
+    st.done[src] = True
+
+
+_FAST: dict[int, FastT3] = {}
+
+
+def fast_t3(model, **kwargs) -> FastT3:
+    """The FastT3 of ``model`` (built once per loaded model and kept)."""
+    key = id(model)
+    hit = _FAST.get(key)
+    if hit is None or hit.model is not model or kwargs:
+        hit = FastT3(model, **kwargs)
+        _FAST[key] = hit
+    return hit
+
+
+def generate_tokens(
+    model,
+    conds,
+    requests: Sequence,
+    gen,
+    max_rows: int | None = None,
+    check_every: int = 8,
+    max_vram_gb: float | None = None,
+    sort: bool = True,
+) -> Iterator[tuple[int, list[int]]]:
+    """``(request index, speech tokens without EOS)`` for each request, as each finishes."""
+    return fast_t3(model).generate(
+        conds, requests, gen, max_rows=max_rows, check_every=check_every, max_vram_gb=max_vram_gb, sort=sort
+    )
