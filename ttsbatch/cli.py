@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import shutil
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -14,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import InputError, TtsbatchError
+from .progress import resolve_mode
 
 log = logging.getLogger("ttsbatch")
 
@@ -50,16 +56,44 @@ class Size(str, Enum):
     full = "full"
 
 
-def setup_logging(quiet: bool) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """Log records as the same JSON events as --progress json, so stderr stays parseable."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"event": "log", "level": record.levelname.lower(), "message": record.getMessage()})
+
+
+def setup_logging(quiet: bool, json_events: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("ttsbatch: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if json_events else logging.Formatter("ttsbatch: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so work in flight unwinds cleanly."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+class ProgressMode(str, Enum):
+    auto = "auto"
+    bar = "bar"
+    json = "json"
+    none = "none"
+
+
+_json_errors = False  # set by commands running with --progress json
+
+
 def fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"ttsbatch: error: {message}", err=True)
+    if _json_errors:
+        typer.echo(json.dumps({"event": "error", "message": message, "exit_code": code}), err=True)
+    else:
+        typer.echo(f"ttsbatch: error: {message}", err=True)
     return typer.Exit(code)
 
 
@@ -68,13 +102,21 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.getsignal(signal.SIGTERM)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except TtsbatchError as e:
             raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("ttsbatch: interrupted; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
+            raise fail("interrupted; what is finished is stored: run the same command again to resume", 130) from None
+        except Terminated:
+            raise fail("terminated; what is finished is stored: run the same command again to resume", 143) from None
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -107,15 +149,19 @@ def generation_overrides(**flags) -> dict:
 @app.command("book")
 @user_errors
 def book(
-    book_path: Path = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md."),
-    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3, 2+ s). Default: the model's built-in voice."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; format by extension (.wav .flac .mp3 .m4a .m4b). Default: BOOK with .mp3."),
+    book_path: str = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md, or - for standard input."),
+    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3/ogg, 2+ s). Default: the model's built-in voice."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, format by extension (.wav .flac .mp3 .m4a .m4b .ogg), or - for standard output (with --format). Default: BOOK with .mp3."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output format when writing to standard output: wav, flac, mp3, m4a, ogg."),
+    input_format: str = typer.Option("txt", "--input-format", help="How to read standard input: txt or md."),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file."),
     model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox."),
     device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output (in the cache dir for standard input/output)."),
+    wait: bool = typer.Option(False, "--wait", help="If another ttsbatch is working in the same work dir, wait for it instead of exiting."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (chapters, every chunk, estimated length) without loading the model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
+    progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Chunks per engine call."),
     exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
     cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
@@ -133,9 +179,14 @@ def book(
     from .config import load_options
     from .store import cache_dir, default_work_dir
     from .text.chunking import chunk_document_report, estimate_seconds
-    from .text.readers import read_document
+    from .text.readers import read_document, read_text
 
-    setup_logging(quiet)
+    global _json_errors
+    mode = progress.value
+    _json_errors = mode == "json"
+    setup_logging(quiet, json_events=mode == "json")
+    if quiet and mode in ("bar", "json"):
+        raise InputError(f"conflicting options: --quiet and --progress {mode}")
     overrides = generation_overrides(
         exaggeration=exaggeration, cfg_weight=cfg_weight, temperature=temperature, min_p=min_p, top_p=top_p,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, tokens_per_char=tokens_per_char,
@@ -143,21 +194,49 @@ def book(
     )
     options = load_options(preset, overrides)
     check_options(options)
-    output = output or book_path.with_suffix(".mp3")
-    if output.resolve() == book_path.resolve():
-        raise InputError(f"output {output} would overwrite the input")
 
-    doc = read_document(book_path)
+    # Where the text comes from and where the audio goes.
+    from_stdin, to_stdout = book_path == "-", output == "-"
+    if to_stdout and not fmt:
+        raise InputError("-o - writes to standard output: say which format with --format (wav, flac, mp3, m4a, ogg)")
+    if fmt and not to_stdout:
+        raise InputError("conflicting options: --format is for -o -; otherwise the extension of -o decides")
+    if from_stdin:
+        if input_format not in ("txt", "md"):
+            raise InputError(f"--input-format {input_format}: expected txt or md")
+        data = sys.stdin.buffer.read()
+        doc = read_text(data, "stdin", input_format)
+        source = Path("stdin")
+        identity = hashlib.sha256(data).hexdigest()[:16]
+    else:
+        source = Path(book_path)
+        doc = read_document(source)
+        identity = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    if to_stdout:
+        fmt = fmt.lower().lstrip(".")
+        out_path = None
+    else:
+        out_path = Path(output) if output else (Path("book") if from_stdin else source).with_suffix(".mp3")
+        if not from_stdin and out_path.resolve() == source.resolve():
+            raise InputError(f"output {out_path} would overwrite the input")
+
     chunks, skipped = chunk_document_report(doc, options.text)
     if not chunks:
-        raise InputError(f"{book_path}: nothing speakable in it")
+        raise InputError(f"{source}: nothing speakable in it")
     if dry_run:
         print_plan(doc, chunks, skipped, estimate_seconds(chunks))
         return
 
-    from .audio.export import check_writable_output
+    from .audio.export import SUPPORTED_FORMATS, check_writable_output
 
-    check_writable_output(output)
+    if out_path is not None:
+        check_writable_output(out_path)
+        work = work_dir or default_work_dir(out_path)
+    else:
+        work = work_dir or cache_dir() / "work" / f"{identity}-{fmt}"
+        out_path = work / f"output.{fmt}"
+        if f".{fmt}" not in SUPPORTED_FORMATS:
+            raise InputError(f"--format {fmt}: unsupported; choose one of {', '.join(sorted(f[1:] for f in SUPPORTED_FORMATS))}")
     from .engine.voice import BUILTIN, read_voice
 
     the_voice = read_voice(voice) if voice else BUILTIN
@@ -171,28 +250,44 @@ def book(
     watermarker = Watermarker("cpu")
     model = load_model(model_dir, device.value)
     log.info("model: %s", describe(model))
+    if to_stdout:
+        work.mkdir(parents=True, exist_ok=True)
     report = render_book(
         doc,
         chunks,
-        source=book_path,
-        output=output,
-        work_dir=work_dir or default_work_dir(output),
+        source=source,
+        output=out_path,
+        work_dir=work,
         voice=the_voice,
         options=options,
         model=model,
         engine=StockEngine(model),
         watermarker=watermarker,
         batch_size=batch_size,
-        quiet=quiet,
+        progress=resolve_mode(mode, quiet),
         cache_dir=cache_dir(),
+        lock_timeout=-1 if wait else 0,
     )
+    if to_stdout:
+        with open(out_path, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        out_path.unlink()
     if skipped:
         log.info("skipped %d piece(s) of text with nothing speakable", skipped)
-    typer.echo(
-        f"ttsbatch: wrote {output} ({report.audio_seconds:.1f} s audio; {report.chunks_rendered} chunks rendered, "
-        f"{report.chunks_cached} reused; watermark score {report.watermark_score:.2f})",
-        err=True,
-    )
+    done = {
+        "output": "-" if to_stdout else str(out_path), "audio_s": round(report.audio_seconds, 2),
+        "rendered": report.chunks_rendered, "reused": report.chunks_cached, "skipped": skipped,
+        "seconds": round(report.synth_seconds, 2), "watermark_score": round(report.watermark_score or 0, 3),
+    }
+    if mode == "json":
+        typer.echo(json.dumps({"event": "done", **done}), err=True)
+    else:
+        typer.echo(
+            f"ttsbatch: wrote {done['output']} ({report.audio_seconds:.1f} s audio; {report.chunks_rendered} chunks rendered, "
+            f"{report.chunks_cached} reused; watermark score {report.watermark_score:.2f})",
+            err=True,
+        )
 
 
 def check_options(options) -> None:

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from tqdm import tqdm
-
+from . import faults
 from .config import GenerationOptions, Options, as_dict
-from .errors import WatermarkError
+from .errors import TtsbatchError, WatermarkError
 from .plan import PlannedChunk, batches, make_plan, pending
+from .progress import Progress
 from .store import ChunkStore, store_lock, write_manifest
 from .text import Chunk, Document
 
@@ -38,6 +37,18 @@ class ChunkDone:
     tokens: int  # speech tokens the engine generated
 
 
+@dataclass(frozen=True)
+class ChunkFailed:
+    """One chunk the engine could not render, even alone; the run goes on without it."""
+
+    planned: PlannedChunk
+    error: str  # one line
+
+
+class ChunksFailed(TtsbatchError):
+    """Some chunks failed: the rest is stored, no output is written (exit 1)."""
+
+
 @dataclass
 class RunReport:
     """What a run did, for the summary line and for tests."""
@@ -45,11 +56,34 @@ class RunReport:
     chunks_total: int = 0  # chunks in the plan (identical texts counted once)
     chunks_cached: int = 0  # already in the store when the run started
     chunks_rendered: int = 0  # synthesized by this run
+    chunks_failed: int = 0  # could not be rendered
     audio_seconds: float = 0.0  # length of the output
     synth_seconds: float = 0.0  # wall time spent synthesizing
     rendered_ids: list[str] = field(default_factory=list)
     output: Path | None = None
     watermark_score: float | None = None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA (or any accelerator's) out-of-memory, however the engine surfaced it."""
+    try:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return "out of memory" in str(e).lower()
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def synthesize_pending(
@@ -61,24 +95,52 @@ def synthesize_pending(
     watermarker,
     store: ChunkStore,
     batch_size: int,
-) -> Iterator[ChunkDone]:
-    """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded."""
+) -> Iterator[ChunkDone | ChunkFailed]:
+    """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded.
+
+    Out of memory: the batch is halved and retried, and later batches keep the smaller size.
+    Any other engine error: the batch is retried one chunk at a time, so one bad chunk costs
+    only itself; a chunk that fails alone is yielded as ChunkFailed.
+    """
     from .engine.stock import SynthesisRequest
 
     sr = engine.sample_rate
-    for batch in batches(list(todo), batch_size):
+    remaining = [p for batch in batches(list(todo), batch_size) for p in batch]  # length-sorted
+    size = batch_size
+    alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
+    while remaining or alone:
+        if alone:
+            batch = [alone.pop(0)]
+        else:
+            batch, remaining = remaining[:size], remaining[size:]
         requests = [SynthesisRequest(p.chunk.text, p.seed, p.budget) for p in batch]
-        results = engine.synthesize(requests, conds, generation)
+        try:
+            results = engine.synthesize(requests, conds, generation)
+        except Exception as e:  # KeyboardInterrupt and SIGTERM are BaseException: they pass
+            if is_out_of_memory(e) and len(batch) > 1:
+                size = max(1, len(batch) // 2)
+                log.warning("out of GPU memory with %d chunks in a batch; retrying with %d", len(batch), size)
+                _free_accelerator_memory()
+                remaining[:0] = batch
+                continue
+            if len(batch) > 1:
+                log.warning("a batch of %d chunks failed (%s); retrying them one at a time", len(batch), _line(e))
+                alone.extend(batch)
+                continue
+            log.error("chunk %d failed: %s", batch[0].chunk.index + 1, _line(e))
+            yield ChunkFailed(batch[0], _line(e))
+            continue
         for planned, result in zip(batch, results):
             marked = watermarker.apply(result.wav, sr) if len(result.wav) else result.wav
             meta = {"text": planned.chunk.text, "tokens": result.tokens, "engine": engine.name}
             store.put(planned.id, marked, sr, meta)
+            faults.point("chunk-stored")
             yield ChunkDone(planned, len(marked) / sr, result.tokens)
 
 
-def progress_bar(total: int, quiet: bool, desc: str = "chunks") -> tqdm:
-    """One bar for the whole run: chunks, audio seconds, real-time factor and ETA."""
-    return tqdm(total=total, desc=desc, unit="chunk", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+def _line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def run_chunks(
@@ -90,11 +152,10 @@ def run_chunks(
     watermarker,
     store: ChunkStore,
     batch_size: int,
-    quiet: bool,
+    progress: str,
     report: RunReport,
-    on_chunk: Callable[[ChunkDone], None] | None = None,
 ) -> None:
-    """Render what the store lacks, with a progress bar; fills ``report``."""
+    """Render what the store lacks, reporting progress; fills ``report``; raises ChunksFailed."""
     todo = pending(plan, store)
     unique = {p.id for p in plan}
     report.chunks_total = len(unique)
@@ -102,9 +163,9 @@ def run_chunks(
     if report.chunks_cached:
         log.info("resuming: %d of %d chunks already rendered", report.chunks_cached, len(unique))
     started = time.perf_counter()
-    audio = 0.0
-    with progress_bar(len(todo), quiet) as bar:
-        for done in synthesize_pending(
+    failed: list[ChunkFailed] = []
+    with Progress(progress, total=len(todo), cached=report.chunks_cached) as bar:
+        for item in synthesize_pending(
             todo,
             engine=engine,
             conds=conds,
@@ -113,15 +174,20 @@ def run_chunks(
             store=store,
             batch_size=batch_size,
         ):
-            audio += done.seconds
+            if isinstance(item, ChunkFailed):
+                failed.append(item)
+                continue
             report.chunks_rendered += 1
-            report.rendered_ids.append(done.planned.id)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(audio=f"{audio:.0f}s", rtf=f"{elapsed / max(audio, 1e-9):.2f}", refresh=False)
-            bar.update(1)
-            if on_chunk:
-                on_chunk(done)
+            report.rendered_ids.append(item.planned.id)
+            bar.chunk(item.planned.chunk.index, item.planned.id, item.seconds)
     report.synth_seconds = time.perf_counter() - started
+    report.chunks_failed = len(failed)
+    if failed:
+        first = failed[0]
+        raise ChunksFailed(
+            f"{len(failed)} chunk(s) failed (first: chunk {first.planned.chunk.index + 1}: {first.error}); "
+            "the others are stored; run the same command again to retry"
+        )
 
 
 def stitch_to_file(plan: list[PlannedChunk], doc: Document, store: ChunkStore, options: Options, track_path: Path):
@@ -168,8 +234,9 @@ def render_book(
     engine,
     watermarker,
     batch_size: int = 1,
-    quiet: bool = False,
+    progress: str = "none",
     cache_dir: Path | None = None,
+    lock_timeout: float = 0,
 ) -> RunReport:
     """The whole job for a book; resumable; the output appears only when complete and marked."""
     from .audio.export import encode
@@ -177,9 +244,10 @@ def render_book(
     from .engine.voice import VoiceCache
 
     report = RunReport(output=output)
-    plan = make_plan(chunks, voice.id, options.generation, model.model_id)
+    # The engine is part of the audio's identity: stock and fast sample differently.
+    plan = make_plan(chunks, voice.id, options.generation, f"{model.model_id}:{engine.name}")
     store = ChunkStore(work_dir)
-    with store_lock(work_dir):
+    with store_lock(work_dir, timeout=lock_timeout):
         store.remove_temp_files()  # leftovers of a run that was killed mid-write
         write_manifest(work_dir, manifest_for(doc, source, voice, model.model_id, options, plan))
         conds = VoiceCache(model, cache_dir).get(voice, options.generation.exaggeration)
@@ -191,7 +259,7 @@ def render_book(
             watermarker=watermarker,
             store=store,
             batch_size=batch_size,
-            quiet=quiet,
+            progress=progress,
             report=report,
         )
         # Encode beside the output under a temporary name, check the mark, then rename: the
@@ -202,6 +270,7 @@ def render_book(
             chapters, seconds = stitch_to_file(plan, doc, store, options, track)
             encode(track, staged, options.export, chapters=chapters if len(chapters) > 1 else [], title=doc.name)
             check = verify_file(staged, watermarker)
+            faults.point("encoded")
             if not check.marked:
                 raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
             os.replace(staged, output)

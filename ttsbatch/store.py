@@ -47,6 +47,7 @@ import numpy as np
 import platformdirs
 import soundfile as sf
 
+from . import faults
 from .errors import TtsbatchError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point("before-rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -316,7 +316,7 @@ def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequ
 
 
 def draw_tokens(st: DecodeState, n: int, use_top_p: bool) -> torch.Tensor:
-    """One token per row for the first ``n`` rows, from ``st.logits`` (CFG mix, filters, race)."""
+    """One token per row for the first ``n`` rows, from ``st.logits`` (CFG mix, filters, draw)."""
     P, V = st.pairs, st.logits.shape[-1]
     lg = st.logits[: n * P].view(n, P, V)
     params = st.params.view(n)
@@ -436,7 +436,7 @@ class FastT3:
         self.state: DecodeState | None = None
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
-        self.trace: list[tuple] = []  # ("start"/"finish", request index, row, step count): for tests
+        self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
         self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, prefills=0, compactions=0)
 
     # -- sizes ---------------------------------------------------------------------------------
