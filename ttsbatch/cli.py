@@ -179,7 +179,7 @@ def book(
     from .config import load_options
     from .store import cache_dir, default_work_dir
     from .text.chunking import chunk_document_report, estimate_seconds
-    from .text.readers import read_document, read_text
+    from .text.readers import MAX_INPUT_BYTES, read_document, read_text
 
     global _json_errors
     mode = progress.value
@@ -204,7 +204,7 @@ def book(
     if from_stdin:
         if input_format not in ("txt", "md"):
             raise InputError(f"--input-format {input_format}: expected txt or md")
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         doc = read_text(data, "stdin", input_format)
         source = Path("stdin")
         identity = hashlib.sha256(data).hexdigest()[:16]

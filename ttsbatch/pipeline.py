@@ -265,7 +265,9 @@ def render_book(
         # Encode beside the output under a temporary name, check the mark, then rename: the
         # output never exists unfinished or unmarked.
         track = work_dir / f"track-{os.getpid()}.wav"
-        staged = output.with_name(f".{output.stem}.partial-{os.getpid()}{output.suffix}")
+        # One fixed name (we hold the work dir's lock): a run killed here leaves it, the next
+        # run overwrites it.
+        staged = output.with_name(f".{output.stem}.partial{output.suffix}")
         try:
             chapters, seconds = stitch_to_file(plan, doc, store, options, track)
             encode(track, staged, options.export, chapters=chapters if len(chapters) > 1 else [], title=doc.name)

@@ -227,7 +227,9 @@ def write_random_checkpoint(directory: Path, size: str = "tiny", seed: int = 0) 
     from .voice import conditionals_from_wav
 
     model = LoadedModel(t3, s3, ve, None, None, "cpu", "random", size, directory)
-    conds = conditionals_from_wav(model, synthetic_voice(), 24000, exaggeration=0.5)
+    # S3Gen re-decodes the voice prompt with every chunk: a short built-in prompt keeps CPU tests fast.
+    seconds = 3.0 if size == "tiny" else 10.0
+    conds = conditionals_from_wav(model, synthetic_voice(seconds), 24000, exaggeration=0.5)
     conds.save(directory / "conds.pt")
     return directory
 

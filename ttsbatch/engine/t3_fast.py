@@ -219,10 +219,11 @@ class DecodeState:
         self.out = torch.zeros(rows, max_new, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)  # last token drawn
         self.params = SamplingParams(rows, dev)
-        self.graphs: dict[tuple, object] = {}  # (rows bucket, kv bucket, use_top_p) -> CUDAGraph
+        self.graphs: dict[tuple, object] = {}  # (rows bucket, kv bucket, use_top_p) -> replay()
 
     def fits(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int) -> bool:
-        return (self.rows, self.pairs, self.eos) == (rows, pairs, eos) and self.max_len >= max_len and self.max_new >= max_new
+        """Whether these buffers serve a call needing this much (a call may use fewer rows)."""
+        return (self.pairs, self.eos) == (pairs, eos) and self.rows >= rows and self.max_len >= max_len and self.max_new >= max_new
 
     def small_state(self) -> dict[str, torch.Tensor]:
         """The per-row tensors (not the KV cache): for snapshots around graph warm-up."""
@@ -424,13 +425,15 @@ def _tokens_without_eos(tokens: list[int], eos: int, ignore_eos: bool) -> list[i
 class FastT3:
     """The batched, graph-captured T3 of one loaded model. Reuse one per model (see :func:`fast_t3`)."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None, use_graphs: bool | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, use_graphs: bool | str | None = None):
+        """``use_graphs``: None = on CUDA only; ``"emulate"`` runs the capture bookkeeping
+        (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests."""
         self.model = model
         self.w = T3Weights(model.t3, dtype)
         self.device = self.w.device
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
-        if use_graphs and self.device.type != "cuda":
+        if use_graphs is True and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
         self.state: DecodeState | None = None
@@ -446,7 +449,7 @@ class FastT3:
         limit = MAX_ROWS if n_requests is None else max(1, min(MAX_ROWS, n_requests))
         if self.device.type != "cuda":
             return min(CPU_ROWS, limit)
-        per_row = self.bytes_per_row(max_len, pairs)
+        per_row = self.bytes_per_row(_round_up(max_len, LEN_BUCKET), pairs)
         free, _total = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_reserved(self.device)
         if self.state is not None:  # the buffers of a previous call will be freed first
@@ -477,7 +480,7 @@ class FastT3:
         return 2 * st.k.numel() * st.k.element_size() + st.logits.numel() * 4 + st.seen.numel() + st.out.numel() * 8
 
     def new_state(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int | None = None) -> DecodeState:
-        """Buffers for ``rows`` sentences (reused when the current ones fit)."""
+        """Buffers for at least ``rows`` sentences (the current ones when they fit)."""
         eos = self.model.t3.hp.stop_speech_token if eos is None else eos
         if self.state is not None and self.state.fits(rows, max_len, max_new, pairs, eos):
             return self.state
@@ -512,34 +515,51 @@ class FastT3:
             decode_one_token(self.w, st, n, kv_len, use_top_p)
             return
         key = (n, kv_len, use_top_p)
-        graph = st.graphs.get(key)
-        if graph is None:
-            graph = self._capture(st, n, kv_len, use_top_p)
-            st.graphs[key] = graph
-        graph.replay()
+        replay = st.graphs.get(key)
+        if replay is None:
+            replay = self._capture(st, n, kv_len, use_top_p)
+            st.graphs[key] = replay
+        replay()
 
     def _capture(self, st: DecodeState, n: int, kv_len: int, use_top_p: bool):
         """Capture one decode step; warm-up runs on a snapshot of the small state, restored after.
 
-        Warm-up steps also write K/V at positions past every live row's length: those are
-        rewritten by the real steps before anything reads them.
+        Warm-up steps also write K/V at positions past every live row's length: the real
+        steps rewrite those before anything reads them (a step writes its K/V, then attends).
         """
         saved = {k: v.clone() for k, v in st.small_state().items()}
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                decode_one_token(self.w, st, n, kv_len, use_top_p)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+
+        def run():
             decode_one_token(self.w, st, n, kv_len, use_top_p)
+
+        if self.use_graphs == "emulate":
+            for _ in range(2):
+                run()
+            replay = run
+        else:
+            cur = torch.cuda.current_stream(self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(cur)
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            cur.wait_stream(stream)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    run()
+            except Exception as e:
+                raise RuntimeError(
+                    f"CUDA graph capture of the T3 decode step failed (rows={n}, kv_len={kv_len}): {e}. "
+                    "Run with use_graphs=False to decode eagerly."
+                ) from e
+            replay = graph.replay
         for k, v in saved.items():
             getattr(st, k).copy_(v)
         self.stats["graphs_captured"] += 1
-        return graph
+        return replay
 
     # -- continuous batching -------------------------------------------------------------------
 
@@ -643,7 +663,7 @@ class FastT3:
 
     def _compact(self, st: DecodeState, slot_req, slot_pos, slot_left, buckets) -> None:
         """With nothing left to start, move live rows down so a smaller batch bucket covers them."""
-        live = [s for s in range(st.rows) if slot_req[s] is not None]
+        live = [s for s in range(len(slot_req)) if slot_req[s] is not None]
         if not live or _bucket(len(live), buckets) >= _bucket(max(live) + 1, buckets):
             return
         free = [s for s in range(len(live)) if slot_req[s] is None]

@@ -282,8 +282,22 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
     return builder.build(name, label)
 
 
+# The longest novels are a few MB; 50 MB of text is some 800 hours of speech. Past this we
+# refuse rather than hold hundreds of MB of text and millions of chunks in memory.
+MAX_INPUT_BYTES = 50 * 1024 * 1024
+
+
+def _too_large(label: str, size: int) -> InputError:
+    return InputError(
+        f"{label}: {size / 2**20:.0f} MB of text is more than ttsbatch reads at once "
+        f"({MAX_INPUT_BYTES // 2**20} MB, some 800 hours of speech); split it into parts"
+    )
+
+
 def read_text(data: bytes, name: str, fmt: str = "txt") -> Document:
     """A Document from raw bytes (e.g. stdin); ``fmt`` is ``"txt"`` or ``"md"``."""
+    if len(data) > MAX_INPUT_BYTES:
+        raise _too_large(name, len(data))
     return _read(data, name, fmt, name)
 
 
@@ -299,6 +313,9 @@ def read_document(path: Path) -> Document:
         kinds = ", ".join(SUPPORTED_EXTENSIONS)
         raise InputError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; supported: {kinds}")
     try:
+        size = path.stat().st_size
+        if size > MAX_INPUT_BYTES:
+            raise _too_large(str(path), size)
         data = path.read_bytes()
     except PermissionError:
         raise InputError(f"{path}: cannot read it (permission denied)") from None

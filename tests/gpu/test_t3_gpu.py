@@ -1,0 +1,252 @@
+"""The fast T3 on a CUDA GPU, full-size random checkpoint: bf16 vs fp32, graphs vs eager, memory, no host syncs.
+
+Run on the device machine (skipped without CUDA):
+
+    TTSBATCH_FULL_CKPT=/tmp/ttsbatch-full .venv/bin/pytest -q -s -m gpu tests/gpu/test_t3_gpu.py
+
+``TTSBATCH_FULL_CKPT`` (optional) names a full random checkpoint to reuse; without it one is
+written into a temporary directory (a few minutes). ``-s`` shows the measured numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttsbatch.config import GenerationOptions
+from ttsbatch.engine.stock import SynthesisRequest, text_tokens_for
+
+pytestmark = pytest.mark.gpu
+
+TEXTS = [
+    "One dollar and eighty-seven cents.",
+    "That was all.",
+    "And sixty cents of it was in pennies.",
+    "Three times Della counted it.",
+    "One dollar and eighty-seven cents, and the next day would be Christmas.",
+    "There was clearly nothing to do but flop down on the shabby little couch and howl.",
+    "So Della did it.",
+    "In the vestibule below was a letter-box into which no letter would go, and an electric button.",
+    "Also appertaining thereunto was a card bearing the name of Mr. James Dillingham Young.",
+    "Jim, darling, she cried, don't look at me that way.",
+    "I had my hair cut off and sold because I couldn't have lived through Christmas without giving you a present.",
+    "You've cut off your hair? asked Jim, laboriously.",
+    "He had paid for the combs.",
+    "The old clerk counted the coins again before the lamps were lit.",
+    "Yes!",
+    "A young woman walked slowly to the corner while the rain kept falling on the roofs of the city.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from ttsbatch.engine.model import load_model, write_random_checkpoint
+
+    env = os.environ.get("TTSBATCH_FULL_CKPT")
+    if env and (Path(env) / "t3_cfg.safetensors").is_file():
+        directory = Path(env)
+    else:
+        directory = write_random_checkpoint(tmp_path_factory.mktemp("full-ckpt"), "full", seed=0)
+    m = load_model(directory, "cuda")
+    assert m.random_size == "full", f"expected a full random checkpoint in {directory}, got {m.random_size}"
+    return m
+
+
+@pytest.fixture(scope="module")
+def conds(model):
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    return VoiceCache(model).get(BUILTIN, 0.5)
+
+
+@pytest.fixture(scope="module")
+def fast_bf16(model):
+    from ttsbatch.engine.t3_fast import FastT3
+
+    f = FastT3(model)
+    assert f.w.dtype == torch.bfloat16 and f.use_graphs is True
+    return f
+
+
+@pytest.fixture(scope="module")
+def fast_fp32(model):
+    from ttsbatch.engine.t3_fast import FastT3
+
+    return FastT3(model, dtype=torch.float32, use_graphs=False)
+
+
+def _teacher_forced(fast, conds, texts, forced, gen):
+    """Logits (steps+1, rows, pairs, V) of the fast path fed ``forced`` (rows, steps)."""
+    from ttsbatch.engine import t3_fast as tf
+
+    n, steps = forced.shape
+    pairs = 2 if gen.cfg_weight > 0 else 1
+    reqs = [SynthesisRequest(t, i, steps + 1) for i, t in enumerate(texts)]
+    st = fast.new_state(rows=n, max_len=512, max_new=steps + 1, pairs=pairs)
+    st.done.fill_(True)
+    out = []
+    with torch.inference_mode():
+        tf.prefill(fast.w, st, list(range(n)), [fast.row_input(conds, r, gen, pairs) for r in reqs])
+        out.append(st.logits.view(n, pairs, -1).clone())
+        forced = forced.to(fast.device)
+        for k in range(steps):
+            tf.record_tokens(st, n, forced[:, k])
+            tf.forward_tokens(fast.w, st, n, st.max_len, forced[:, k])
+            out.append(st.logits.view(n, pairs, -1).clone())
+    return torch.stack(out)
+
+
+def _stock_logits(model, conds, text, forced, cfg_weight=0.5):
+    """Stock T3.inference's HF forward passes with a forced history: (steps+1, 2, V)."""
+    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
+
+    t3 = model.t3
+    tt = text_tokens_for(model, text)
+    dev = t3.device
+    with torch.inference_mode():
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=conds.t3, text_tokens=tt, speech_tokens=t3.hp.start_speech_token * torch.ones_like(tt[:, :1]), cfg_weight=cfg_weight
+        )
+        backend = T3HuggingfaceBackend(config=t3.cfg, llama=t3.tfmr, speech_enc=t3.speech_emb, speech_head=t3.speech_head)
+        bos = torch.tensor([[t3.hp.start_speech_token]], device=dev)
+        be = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+        kw = dict(output_attentions=True, output_hidden_states=True, return_dict=True)
+        out = backend(inputs_embeds=torch.cat([embeds, torch.cat([be, be])], 1), past_key_values=None, use_cache=True, **kw)
+        past, logits = out.past_key_values, [out.logits[:, -1].float().clone()]
+        for i, tok in enumerate(forced):
+            e = t3.speech_emb(torch.tensor([[tok]], device=dev)) + t3.speech_pos_emb.get_fixed_embedding(i + 1)
+            out = backend(inputs_embeds=torch.cat([e, e]), past_key_values=past, **kw)
+            past = out.past_key_values
+            logits.append(out.logits[:, -1].float().clone())
+    return torch.stack(logits)
+
+
+def _sampled_histories(fast, conds, texts, steps):
+    """Realistic forced histories: what the bf16 graph path samples (ignore_eos, ``steps`` each)."""
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 500 + i, steps) for i, t in enumerate(texts)]
+    got = dict(fast.generate(conds, reqs, gen))
+    return torch.tensor([got[i] for i in range(len(texts))])
+
+
+def test_fp32_fast_matches_stock_on_gpu(model, conds, fast_fp32, fast_bf16):
+    steps = 12
+    texts = TEXTS[:3]
+    forced = _sampled_histories(fast_bf16, conds, texts, steps)
+    mine = _teacher_forced(fast_fp32, conds, texts, forced, GenerationOptions())
+    worst = 0.0
+    for i, t in enumerate(texts):
+        ref = _stock_logits(model, conds, t, forced[i].tolist())
+        worst = max(worst, (mine[:, i] - ref).abs().max().item())
+    print(f"\n[gpu] fp32 fast vs stock HF, teacher forced: max abs logit diff {worst:.2e}")
+    assert worst <= 2e-3
+
+
+def test_bf16_vs_fp32_top1_agreement(conds, fast_fp32, fast_bf16):
+    """bf16 (graph dtype) vs fp32 teacher-forced on the full-size model: top-1 agreement >= 99%."""
+    steps = 48
+    forced = _sampled_histories(fast_bf16, conds, TEXTS, steps)
+    gen = GenerationOptions()
+    ref = _teacher_forced(fast_fp32, conds, TEXTS, forced, gen)  # (steps+1, n, 2, V)
+    low = _teacher_forced(fast_bf16, conds, TEXTS, forced, gen)
+    cond_agree = (ref[:, :, 0].argmax(-1) == low[:, :, 0].argmax(-1)).float().mean().item()
+    mix = lambda x: x[:, :, 0] + 0.5 * (x[:, :, 0] - x[:, :, 1])  # noqa: E731
+    mix_agree = (mix(ref).argmax(-1) == mix(low).argmax(-1)).float().mean().item()
+    top2 = ref[:, :, 0].topk(2, dim=-1).values
+    margin = (top2[..., 0] - top2[..., 1]).median().item()
+    err = (ref - low).abs().max().item()
+    print(
+        f"\n[gpu] bf16 vs fp32 over {ref.shape[0] * ref.shape[1]} teacher-forced steps: top-1 agreement "
+        f"cond {cond_agree:.4f}, CFG-mixed {mix_agree:.4f}; max abs logit diff {err:.3f}; median fp32 top-1 margin {margin:.3f}"
+    )
+    assert cond_agree >= 0.99
+
+
+def test_graphs_equal_eager_and_refills(model, conds, fast_bf16):
+    """Replaying captured graphs gives the tokens eager bf16 gives, through refills and compaction."""
+    from ttsbatch.engine.t3_fast import FastT3
+
+    gen = GenerationOptions(ignore_eos=True, top_p=0.95)
+    reqs = [SynthesisRequest(t, 900 + i, 20 + 7 * (i % 5)) for i, t in enumerate(TEXTS * 3)]
+    graphed = dict(fast_bf16.generate(conds, reqs, gen, max_rows=8, check_every=8))
+    eager = dict(FastT3(model, use_graphs=False).generate(conds, reqs, gen, max_rows=8, check_every=8))
+    assert all(len(graphed[i]) == r.budget for i, r in enumerate(reqs))
+    same = sum(graphed[i] == eager[i] for i in range(len(reqs)))
+    print(f"\n[gpu] graphs vs eager: {same}/{len(reqs)} requests identical; graphs captured {fast_bf16.stats['graphs_captured']}")
+    assert same == len(reqs)
+
+
+def test_batch_invariance_on_gpu_is_close(conds, fast_bf16):
+    """bf16 kernels differ by batch size, so GPU batch invariance is approximate: most rows agree."""
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 70 + i, 24) for i, t in enumerate(TEXTS[:8])]
+    batch = dict(fast_bf16.generate(conds, reqs, gen, max_rows=8))
+    prefix = []
+    for i in range(8):
+        alone = dict(fast_bf16.generate(conds, [reqs[i]], gen, max_rows=1))[0]
+        k = next((j for j, (a, b) in enumerate(zip(alone, batch[i])) if a != b), len(alone))
+        prefix.append(k)
+    print(f"\n[gpu] batch of 8 vs alone: identical prefix lengths {prefix} (of 24)")
+    assert sum(p == 24 for p in prefix) >= 4
+
+
+def test_decode_steps_never_sync_with_the_host(model, conds, fast_bf16):
+    """Eager decode steps and graph replays run with CUDA sync debug mode set to 'error'."""
+    from ttsbatch.engine import t3_fast as tf
+
+    gen = GenerationOptions(ignore_eos=True, top_p=0.9)
+    f = fast_bf16
+    st = f.new_state(rows=4, max_len=512, max_new=64, pairs=2)
+    st.done.fill_(True)
+    with torch.inference_mode():
+        reqs = [SynthesisRequest(t, i, 40) for i, t in enumerate(TEXTS[:4])]
+        tf.prefill(f.w, st, [0, 1, 2, 3], [f.row_input(conds, r, gen, 2) for r in reqs])
+        f.step(st, 4, 512, True)  # captures (syncs) once, outside the checked region
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                tf.decode_one_token(f.w, st, 4, 512, True)
+            for _ in range(4):
+                f.step(st, 4, 512, True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert int(st.step[:4].min()) == 9
+
+
+def test_rows_from_free_memory_and_the_cap(model, conds):
+    from ttsbatch.engine.t3_fast import FastT3
+
+    f = FastT3(model)
+    free_rows = f.pick_rows(1536, 2)
+    held = torch.cuda.memory_reserved() / (1 << 30)
+    cap = held + 4.0  # room for ~4 GiB of KV: a handful of rows at 1536 positions
+    capped = f.pick_rows(1536, 2, max_vram_gb=cap)
+    per_row = f.bytes_per_row(1536, 2) / (1 << 30)
+    print(f"\n[gpu] rows: {free_rows} from free memory, {capped} under --max-vram {cap:.1f} (≈{per_row:.2f} GiB per row, {held:.1f} GiB held)")
+    assert 1 <= capped < free_rows
+    # a run under the cap stays under it
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, i, 64) for i, t in enumerate(TEXTS * 4)]
+    torch.cuda.reset_peak_memory_stats()
+    got = dict(f.generate(conds, reqs, gen, max_vram_gb=cap))
+    peak = torch.cuda.max_memory_reserved() / (1 << 30)
+    print(f"[gpu] run under the cap: {f.state.rows} rows, peak reserved {peak:.2f} GiB (cap {cap:.1f})")
+    assert len(got) == len(reqs) and all(len(v) == 64 for v in got.values())
+    assert peak <= cap
+    with pytest.raises(Exception, match="GPU memory"):
+        f.pick_rows(1536, 2, max_vram_gb=0.5)
+
+
+def test_fast_engine_end_to_end_on_gpu(model, conds):
+    from ttsbatch.engine.fast import FastEngine
+
+    engine = FastEngine(model, max_rows=4)
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=4)
+    reqs = [SynthesisRequest(t, 40 + i, 50) for i, t in enumerate(TEXTS[:6])]
+    results = engine.synthesize(reqs, conds, gen)
+    for r in results:
+        assert r.tokens > 0 and len(r.wav) > 0 and r.wav.dtype.name == "float32"

@@ -1,0 +1,265 @@
+"""The batched T3 decoder (ttsbatch.engine.t3_fast) against stock T3, on the tiny random checkpoint (fp32, CPU).
+
+- teacher forcing: same conditioning, text and forced token history -> the same logits as
+  stock's HF forward (as ``T3.inference`` calls it) at every step, for several sentences of
+  different lengths prefilled into one batch (one of them joining mid-way);
+- greedy options: token for token what stock ``T3.inference`` itself samples;
+- batch invariance, budgets, end-of-speech, refill order, host checks, FastEngine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttsbatch.config import GenerationOptions
+from ttsbatch.engine.stock import StockEngine, SynthesisRequest, text_tokens_for
+
+TEXTS = [
+    "Hi.",
+    "One dollar and eighty-seven cents, and sixty cents of it in pennies.",
+    "Three times Della counted it.",
+    "The next day would be Christmas.",
+    "Yes!",
+    "There was clearly nothing to do but flop down on the shabby little couch and howl.",
+    "So Della did it.",
+    "In the vestibule below was a letter-box into which no letter would go.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    from ttsbatch.engine.model import load_model
+
+    return load_model(tiny_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def conds(model):
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    return VoiceCache(model).get(BUILTIN, 0.5)
+
+
+@pytest.fixture(scope="module")
+def fast(model):
+    from ttsbatch.engine.t3_fast import FastT3
+
+    return FastT3(model)
+
+
+def _stock_logits(model, conds, text, forced, cfg_weight):
+    """Stock T3.inference's forward passes with a forced token history: logits (steps+1, 2, V)."""
+    from chatterbox.models.t3.inference.t3_hf_backend import T3HuggingfaceBackend
+
+    t3 = model.t3
+    tt = text_tokens_for(model, text)
+    with torch.inference_mode():
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=conds.t3,
+            text_tokens=tt,
+            speech_tokens=t3.hp.start_speech_token * torch.ones_like(tt[:, :1]),
+            cfg_weight=cfg_weight,
+        )
+        backend = T3HuggingfaceBackend(config=t3.cfg, llama=t3.tfmr, speech_enc=t3.speech_emb, speech_head=t3.speech_head)
+        bos = torch.tensor([[t3.hp.start_speech_token]])
+        bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+        x = torch.cat([embeds, torch.cat([bos_embed, bos_embed])], dim=1)
+        kw = dict(output_attentions=True, output_hidden_states=True, return_dict=True)
+        out = backend(inputs_embeds=x, past_key_values=None, use_cache=True, **kw)
+        past, logits = out.past_key_values, [out.logits[:, -1].clone()]
+        for i, tok in enumerate(forced):
+            e = t3.speech_emb(torch.tensor([[tok]])) + t3.speech_pos_emb.get_fixed_embedding(i + 1)
+            out = backend(inputs_embeds=torch.cat([e, e]), past_key_values=past, **kw)
+            past = out.past_key_values
+            logits.append(out.logits[:, -1].clone())
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("cfg_weight", [0.5, 0.0])
+def test_teacher_forced_logits_match_stock(model, conds, fast, cfg_weight):
+    """Rows of one batch (prefilled together, one joining later) each match stock run alone."""
+    from ttsbatch.engine import t3_fast as tf
+
+    gen = GenerationOptions(cfg_weight=cfg_weight)
+    pairs = 2 if cfg_weight > 0 else 1
+    texts = [TEXTS[1], TEXTS[0], TEXTS[3], TEXTS[5]]
+    rows = [4, 0, 2, 1]  # out of order on purpose; row 3 stays free
+    start = [0, 0, 0, 2]  # the last sentence joins after two steps
+    steps = 6
+    g = torch.Generator().manual_seed(0)
+    forced = torch.randint(0, 6561, (len(texts), steps), generator=g)
+    ref = [_stock_logits(model, conds, t, forced[i, : steps - start[i]].tolist(), cfg_weight) for i, t in enumerate(texts)]
+    reqs = [SynthesisRequest(t, i, steps + 1) for i, t in enumerate(texts)]
+    st = fast.new_state(rows=5, max_len=300, max_new=steps + 1, pairs=pairs)
+    st.done.fill_(True)
+    n = 5
+
+    def check(i, k):  # row of sentence i has taken k forced tokens
+        mine = st.logits[rows[i] * pairs : (rows[i] + 1) * pairs]
+        diff = (mine - ref[i][k][:pairs]).abs().max().item()
+        assert diff <= 1e-4, f"sentence {i} step {k}: max abs diff {diff}"
+        return diff
+
+    with torch.inference_mode():
+        first = [i for i in range(len(texts)) if start[i] == 0]
+        tf.prefill(fast.w, st, [rows[i] for i in first], [fast.row_input(conds, reqs[i], gen, pairs) for i in first])
+        for step in range(steps + 1):
+            if step == 2:  # a refill while the others are mid-sentence
+                tf.prefill(fast.w, st, [rows[3]], [fast.row_input(conds, reqs[3], gen, pairs)])
+            live = [i for i in range(len(texts)) if start[i] <= step]
+            for i in live:
+                check(i, step - start[i])
+            if step == steps:
+                break
+            tok = torch.zeros(n, dtype=torch.long)
+            for i in live:
+                if step - start[i] < steps - start[i]:
+                    tok[rows[i]] = forced[i, step - start[i]]
+            tf.record_tokens(st, n, tok)
+            tf.forward_tokens(fast.w, st, n, st.max_len, tok)
+    # the row that joined late saw its whole forced history at the right speech positions
+    assert int(st.step[rows[3]]) == steps - 2
+    # the repetition penalty's memory: BOS and every token fed, nothing else
+    for i in range(len(texts)):
+        expected = set(forced[i, : steps - start[i]].tolist()) | {model.t3.hp.start_speech_token}
+        assert set(torch.nonzero(st.seen[rows[i]]).view(-1).tolist()) == expected
+
+
+@pytest.mark.parametrize("cfg_weight", [0.5, 0.0])
+def test_greedy_decoding_equals_stock_inference(model, conds, fast, cfg_weight):
+    """With min_p=1 stock T3.inference is deterministic: the fast path must give the same tokens."""
+    gen = GenerationOptions(min_p=1.0, cfg_weight=cfg_weight, ignore_eos=True)
+    reqs = [SynthesisRequest(TEXTS[i], 10 + i, 5 + i) for i in (2, 5, 4)]
+    stock = StockEngine(model)
+    expected = [stock.speech_tokens(r, conds, gen).tolist() for r in reqs]
+    got = dict(fast.generate(conds, reqs, gen, max_rows=3))
+    for i in range(len(reqs)):
+        assert got[i] == expected[i]
+
+
+def _reqs(budgets=(9, 14, 6, 11, 17, 8, 12, 5)):
+    return [SynthesisRequest(t, 1000 + 17 * i, b) for i, (t, b) in enumerate(zip(TEXTS, budgets))]
+
+
+def test_batch_invariance_and_budgets(model, conds, fast):
+    """Each sentence of a batch of 8 decodes to the same tokens alone, and with 3 rows and refills."""
+    from ttsbatch.engine.t3_fast import FastT3
+
+    gen = GenerationOptions(ignore_eos=True, top_p=0.95)
+    reqs = _reqs()
+    batch = dict(fast.generate(conds, reqs, gen, max_rows=8))
+    assert sorted(batch) == list(range(8))
+    for i, r in enumerate(reqs):
+        assert len(batch[i]) == r.budget  # ignore_eos: exactly the budget
+    for i in (0, 4, 5):  # the shortest text, the largest budget, the longest text
+        alone = dict(fast.generate(conds, [reqs[i]], gen, max_rows=1))[0]
+        assert alone == batch[i], f"request {i} differs alone"
+    refilled = dict(fast.generate(conds, reqs, gen, max_rows=3, check_every=3))
+    assert refilled == batch
+    assert any(e[0] == "move" for e in fast.trace)  # the tail was compacted on the way
+    assert len({tuple(t) for t in batch.values()}) == 8  # seeds give different streams
+    # the graph path's bookkeeping (warm-up steps on a snapshot, restored) changes nothing
+    emulated = FastT3(model, use_graphs="emulate")
+    assert dict(emulated.generate(conds, reqs, gen, max_rows=3, check_every=3)) == batch
+    assert emulated.stats["graphs_captured"] >= 3
+
+
+def test_end_of_speech_stops_a_row_and_is_not_returned(conds, fast):
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = _reqs((12, 12, 12, 12))[:4]
+    free_run = dict(fast.generate(conds, reqs, gen, max_rows=2))
+    eos = free_run[1][4]  # a token row 1 samples at step 4 plays end-of-speech
+    assert eos in free_run[1] and len(free_run[1]) == 12  # ignore_eos kept going past it
+    stopped = dict(fast.generate(conds, reqs, GenerationOptions(ignore_eos=False), max_rows=2, eos_token=eos))
+    for i in range(4):
+        t = free_run[i]
+        expected = t[: t.index(eos)] if eos in t else t
+        assert stopped[i] == expected
+    assert len(stopped[1]) <= 4
+    # the early finisher's row is refilled at once, while the other row is still going
+    trace = [e for e in fast.trace if e[0] in ("start", "finish")]
+    row = next(e[2] for e in trace if e == ("start", 1, e[2]))
+    after = trace[trace.index(("finish", 1, row)) + 1 :]
+    nxt = next(e for e in after if e[0] == "start")
+    assert nxt[2] == row
+    others_done = [e for e in after if e[0] == "finish"]
+    assert after.index(nxt) < after.index(others_done[0])
+
+
+def test_real_end_of_speech_token_never_returned(conds, fast):
+    reqs = _reqs()
+    for i, toks in fast.generate(conds, reqs, GenerationOptions(ignore_eos=False), max_rows=8):
+        assert 6562 not in toks and len(toks) <= reqs[i].budget
+
+
+def test_budget_of_one_and_validation(conds, fast):
+    from ttsbatch.errors import InputError
+
+    gen = GenerationOptions(ignore_eos=True)
+    out = dict(fast.generate(conds, [SynthesisRequest("Hi.", 1, 1), SynthesisRequest("Yes.", 2, 3)], gen))
+    assert len(out[0]) == 1 and len(out[1]) == 3
+    with pytest.raises(InputError):
+        list(fast.generate(conds, [SynthesisRequest("Hi.", 1, 0)], gen))
+    with pytest.raises(InputError):
+        list(fast.generate(conds, [SynthesisRequest("Hi.", 1, 3)], GenerationOptions(min_p=1.5)))
+
+
+def test_refill_order_longest_first_and_rows_reused(conds, fast):
+    gen = GenerationOptions(ignore_eos=True)
+    texts = ["Tiny.", "A much longer sentence than the others here.", "Medium sized one.", "Mid size two!", "Go"]
+    reqs = [SynthesisRequest(t, i, 3 + i) for i, t in enumerate(texts)]
+    order = sorted(range(5), key=lambda i: -len(texts[i]))
+    got = dict(fast.generate(conds, reqs, gen, max_rows=2, check_every=2))
+    starts = [e for e in fast.trace if e[0] == "start"]
+    assert [e[1] for e in starts] == order
+    live, most = set(), 0
+    for e in fast.trace:
+        if e[0] == "start":
+            assert e[2] not in live  # a row is refilled only once it is free
+            live.add(e[2])
+        elif e[0] == "finish":
+            live.discard(e[2])
+        elif e[0] == "move":
+            live.discard(e[2])
+            live.add(e[3])
+        most = max(most, len(live))
+    assert most == 2
+    assert all(len(got[i]) == reqs[i].budget for i in range(5))
+    list(fast.generate(conds, reqs, gen, max_rows=2, sort=False))
+    assert [e[1] for e in fast.trace if e[0] == "start"] == [0, 1, 2, 3, 4]
+
+
+def test_host_looks_once_per_k_steps(conds, fast):
+    gen = GenerationOptions(ignore_eos=False)
+    reqs = [SynthesisRequest("Hello there.", 3, 12), SynthesisRequest("General Kenobi.", 4, 12)]
+    for k, checks in ((4, 3), (5, 3), (1, 12)):
+        before = dict(fast.stats)
+        list(fast.generate(conds, reqs, gen, max_rows=2, check_every=k))
+        steps = fast.stats["steps"] - before["steps"]
+        assert fast.stats["host_checks"] - before["host_checks"] <= checks
+        assert steps <= 12
+
+
+def test_rows_default_on_cpu(fast):
+    assert fast.pick_rows(500, 2) == 8
+    assert fast.pick_rows(500, 2, n_requests=3) == 3
+
+
+def test_fast_engine_synthesizes_each_request(model, conds):
+    from ttsbatch.engine.fast import FastEngine, speech_tokens_for_s3gen
+
+    assert speech_tokens_for_s3gen([5, 6561, 7, 8, 7000, 9, 6562, 10, 6562]) == [7, 8, 9]
+    assert speech_tokens_for_s3gen([1, 2, 3]) == [1, 2, 3]
+    engine = FastEngine(model)
+    assert engine.name == "fast" and engine.sample_rate == model.sample_rate
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest("Hello there.", 3, 6), SynthesisRequest("Hi.", 4, 4)]
+    streamed = dict(engine.synthesize_stream(reqs, conds, gen))
+    assert sorted(streamed) == [0, 1]
+    results = engine.synthesize(reqs, conds, gen)
+    tokens = dict(engine.speech_tokens(reqs, conds, gen))
+    for i, r in enumerate(results):
+        assert r.tokens == len(speech_tokens_for_s3gen(tokens[i])) > 0
+        assert r.wav.dtype.name == "float32" and len(r.wav) > 0
+        assert (r.wav == streamed[i].wav).all()  # seeded: the same audio twice

@@ -1,0 +1,166 @@
+"""``ttsbatch srt``: subtitles in, one track with each cue spoken at its time out.
+
+Registered in cli.py (after its helpers are defined) with ``app.command("srt")(srt)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import cli as _cli
+from .cli import Device, ProgressMode, check_options, generation_overrides, log, setup_logging, user_errors
+from .errors import InputError
+
+
+@user_errors
+def srt(
+    subs_path: Path = typer.Argument(..., metavar="SUBS", help="Subtitles to speak: .srt or .vtt."),
+    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3, 2+ s). Default: the model's built-in voice."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; format by extension (.wav .flac .mp3 .m4a). Default: SUBS with .wav."),
+    max_stretch: float = typer.Option(1.3, "--max-stretch", help="Speed speech up (pitch kept) at most this much to fit its cue, 1.0-2.0; 1.0 never stretches."),
+    shift: bool = typer.Option(False, "--shift", help="When speech still runs over, move every later cue later (default: delay only the cues it collides with)."),
+    keep_sounds: bool = typer.Option(False, "--keep-sounds", help="Also speak sound descriptions ([laughs], (door creaks)) and music lines (♪ ... ♪)."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Track length in seconds. Default: the last cue's end."),
+    sample_rate: Optional[int] = typer.Option(None, "--sample-rate", help="Output sample rate in Hz. Default: the model's 24000."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output."),
+    wait: bool = typer.Option(False, "--wait", help="If another ttsbatch is working in the same work dir, wait for it instead of exiting."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every cue and what will be spoken, without loading the model."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
+    progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Chunks per engine call."),
+    exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
+    cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
+    min_p: Optional[float] = typer.Option(None, help="Min-p sampling threshold."),
+    top_p: Optional[float] = typer.Option(None, help="Top-p (nucleus) sampling mass."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty."),
+    max_chars: Optional[int] = typer.Option(None, help="Longest chunk of text, in characters (longer cues are split)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most speech tokens per chunk (25 = 1 s)."),
+    tokens_per_char: Optional[float] = typer.Option(None, help="Speech-token budget per character (benchmarks, random weights)."),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="Sample until the budget even past end-of-speech."),
+    cfm_steps: Optional[int] = typer.Option(None, help="Flow-matching steps of S3Gen."),
+):
+    """Dub subtitles: SUBS (.srt/.vtt) in, one watermarked track out, each cue spoken at its start.
+
+    Speech that does not fit before the next cue is sped up (at most --max-stretch), then runs
+    over and delays what follows; two voices never overlap. Beside the output: OUT.srt (times of
+    the speech produced; OUT.adjusted.srt if OUT.srt is the input) and OUT.timing.json.
+    Rerun the same command to resume.
+    """
+    from .audio.timing import MAX_STRETCH_LIMIT, FitOptions
+    from .config import load_options
+    from .progress import resolve_mode
+    from .store import cache_dir, default_work_dir
+    from .text.subtitles import read_subtitles
+
+    mode = progress.value
+    _cli._json_errors = mode == "json"
+    setup_logging(quiet, json_events=mode == "json")
+    if quiet and mode in ("bar", "json"):
+        raise InputError(f"conflicting options: --quiet and --progress {mode}")
+    overrides = generation_overrides(
+        exaggeration=exaggeration, cfg_weight=cfg_weight, temperature=temperature, min_p=min_p, top_p=top_p,
+        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, tokens_per_char=tokens_per_char,
+        ignore_eos=ignore_eos, cfm_steps=cfm_steps, max_chars=max_chars,
+    )
+    if sample_rate is not None:
+        if not 8000 <= sample_rate <= 192000:
+            raise InputError("--sample-rate must be between 8000 and 192000 Hz")
+        overrides["export"] = {"sample_rate": sample_rate}
+    options = load_options(preset, overrides)
+    check_options(options)
+    if not 1.0 <= max_stretch <= MAX_STRETCH_LIMIT:
+        raise InputError(f"--max-stretch must be between 1.0 and {MAX_STRETCH_LIMIT}")
+    if duration is not None and not duration > 0:
+        raise InputError("--duration must be more than 0 seconds")
+    fit = FitOptions(max_stretch=max_stretch, shift=shift)
+    output = output or subs_path.with_suffix(".wav")
+    if output.resolve() == subs_path.resolve():
+        raise InputError(f"output {output} would overwrite the input")
+
+    cues = read_subtitles(subs_path, keep_sounds=keep_sounds, text_options=options.text)
+    spoken = [c for c in cues if not c.skipped]
+    if dry_run:
+        print_cues(cues)
+        return
+    if not spoken:
+        raise InputError(f"{subs_path}: no cue has anything speakable ({len(cues)} cue(s), all skipped; see --dry-run)")
+
+    from .audio.export import check_writable_output
+
+    check_writable_output(output)
+    from .engine.voice import BUILTIN, read_voice
+
+    the_voice = read_voice(voice) if voice else BUILTIN
+
+    # Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked audio).
+    from .audio.watermark import Watermarker
+    from .dub import render_subtitles
+    from .engine.model import describe, load_model
+    from .engine.stock import StockEngine
+
+    watermarker = Watermarker("cpu")
+    model = load_model(model_dir, device.value)
+    log.info("model: %s", describe(model))
+    report = render_subtitles(
+        cues,
+        source=subs_path,
+        output=output,
+        work_dir=work_dir or default_work_dir(output),
+        voice=the_voice,
+        options=options,
+        fit=fit,
+        model=model,
+        engine=StockEngine(model),
+        watermarker=watermarker,
+        duration=duration,
+        batch_size=batch_size,
+        progress=resolve_mode(mode, quiet),
+        cache_dir=cache_dir(),
+        lock_timeout=-1 if wait else 0,
+    )
+    t = report.totals
+    if t["skipped"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in t["skipped_by_reason"].items())
+        log.info("skipped %d cue(s) with nothing to speak (%s)", t["skipped"], reasons)
+    if t["overrun_cues"]:
+        log.info("%d cue(s) ran over their window by %.1f s in all (up to %.1f s late); see %s",
+                 t["overrun_cues"], t["overrun_seconds"], t["max_delay"], report.report_path)
+    done = {
+        "output": str(output), "srt": str(report.srt_path), "report": str(report.report_path),
+        "audio_s": round(report.audio_seconds, 2), "rendered": report.chunks_rendered, "reused": report.chunks_cached,
+        "seconds": round(report.synth_seconds, 2), "watermark_score": round(report.watermark_score or 0, 3),
+        **{k: t[k] for k in ("spoken", "skipped", "stretched", "overrun_cues", "delayed_cues")},
+    }
+    if mode == "json":
+        typer.echo(json.dumps({"event": "done", **done}), err=True)
+        return
+    typer.echo(
+        f"ttsbatch: wrote {output} ({report.audio_seconds:.1f} s audio; {t['spoken']} cues spoken, {t['skipped']} skipped, "
+        f"{t['stretched']} sped up, {t['overrun_cues']} ran over; {report.chunks_rendered} chunks rendered, "
+        f"{report.chunks_cached} reused; watermark score {report.watermark_score:.2f}) and {report.srt_path.name}, "
+        f"{report.report_path.name}",
+        err=True,
+    )
+
+
+def _clock(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    h, rem = divmod(ms, 3_600_000)
+    return f"{h}:{rem // 60_000:02d}:{rem % 60_000 // 1000:02d}.{rem % 1000:03d}"
+
+
+def print_cues(cues) -> None:
+    """The --dry-run listing: one line per cue (time, then the spoken text or why it is skipped)."""
+    skipped = sum(1 for c in cues if c.skipped)
+    typer.echo(f"# {len(cues)} cue(s): {len(cues) - skipped} spoken, {skipped} skipped")
+    for c in cues:
+        what = c.text if not c.skipped else f"[skipped: {c.skipped}] {' '.join(c.raw.split())}"
+        typer.echo(f"{c.index + 1:5d} {_clock(c.start)} --> {_clock(c.end)}  {what}")
