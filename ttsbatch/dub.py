@@ -41,7 +41,7 @@ from .config import Options, StitchOptions, as_dict
 from .errors import WatermarkError
 from .pipeline import FORMAT_VERSION, RunReport, run_chunks
 from .plan import PlannedChunk, make_plan
-from .store import ChunkStore, atomic_write_bytes, store_lock, write_manifest
+from .store import ChunkStore, StoreError, atomic_write_bytes, store_lock, write_manifest
 from .text.document import Chunk
 from .text.subtitles import SKIP_REASONS, Cue, cue_chunks
 
@@ -203,25 +203,32 @@ def render_subtitles(
         finally:
             track.unlink(missing_ok=True)
 
-    report.audio_seconds = seconds
-    report.watermark_score = check.score
-    report.cues = _rows(cues, placed, {cue.index: planned for cue, planned in per_cue}, sr)
-    report.totals = _totals(report, fit)
-    report.srt_path, report.report_path = srt_path, report_path
-    atomic_write_bytes(srt_path, adjusted_srt(report.cues).encode("utf-8"))
-    blob = {
-        "format": REPORT_VERSION,
-        "input": str(source),
-        "output": str(output),
-        "adjusted_srt": str(srt_path),
-        "sample_rate": sr,
-        "max_stretch": fit.max_stretch,
-        "shift": fit.shift,
-        "totals": report.totals,
-        "cues": [{k: v for k, v in row.items() if k != "display"} for row in report.cues],
-    }
-    atomic_write_bytes(report_path, (json.dumps(blob, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+        report.audio_seconds = seconds
+        report.watermark_score = check.score
+        report.cues = _rows(cues, placed, {cue.index: planned for cue, planned in per_cue}, sr)
+        report.totals = _totals(report, fit)
+        report.srt_path, report.report_path = srt_path, report_path
+        blob = {
+            "format": REPORT_VERSION,
+            "input": str(source),
+            "output": str(output),
+            "adjusted_srt": str(srt_path),
+            "sample_rate": options.export.sample_rate or sr,
+            "max_stretch": fit.max_stretch,
+            "shift": fit.shift,
+            "totals": report.totals,
+            "cues": report.cues,
+        }
+        _write_sidecar(srt_path, adjusted_srt(report.cues))
+        _write_sidecar(report_path, json.dumps(blob, ensure_ascii=False, indent=1) + "\n")
     return report
+
+
+def _write_sidecar(path: Path, text: str) -> None:
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"))
+    except OSError as e:
+        raise StoreError(f"wrote the audio but cannot write {path}: {e.strerror or e}") from None
 
 
 def _rows(cues: list[Cue], placed: dict, planned_by_cue: dict, sr: int) -> list[dict]:
@@ -232,7 +239,7 @@ def _rows(cues: list[Cue], placed: dict, planned_by_cue: dict, sr: int) -> list[
             "number": cue.number,
             "line": cue.line,
             "text": cue.text,
-            "display": cue.raw,
+            "display": cue.raw,  # the subtitle text as shown (skipped cues too)
             "planned_start": _r(cue.start),
             "planned_end": _r(cue.end),
             "speech_start": None,
