@@ -154,7 +154,7 @@ def test_cfg_mix_is_stocks_formula():
 def _draw(probs, seeds, steps):
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     lo, hi = seeds & S.M32, (seeds >> 32) & S.M32
-    return S.inverse_cdf(probs, S.row_uniform(lo, hi, torch.as_tensor(steps, dtype=torch.int64)))
+    return S.race(probs, S.uniform_noise(lo, hi, torch.as_tensor(steps, dtype=torch.int64), probs.shape[-1]))
 
 
 def _chi2(counts, probs):
@@ -209,8 +209,11 @@ def test_draw_is_a_pure_function_of_seed_and_step():
     # a different seed or step gives a different stream
     many = _draw(probs[:1].expand(64, -1), torch.arange(64), torch.zeros(64, dtype=torch.int64))
     assert len(set(many.tolist())) > 40
-    u = S.row_uniform(torch.arange(1000), torch.zeros(1000, dtype=torch.int64), torch.zeros(1000, dtype=torch.int64))
-    assert bool(((u > 0) & (u < 1)).all()) and abs(float(u.mean()) - 0.5) < 0.03
+    u = S.uniform_noise(torch.arange(100), torch.zeros(100, dtype=torch.int64), torch.zeros(100, dtype=torch.int64), 1000)
+    assert bool(((u > 0) & (u < 1)).all()) and abs(float(u.mean()) - 0.5) < 0.01
+    extremes = -torch.log(S.hash_to_unit(torch.tensor([0, 1, S.M32 - 1, S.M32])))
+    assert bool(torch.isfinite(extremes).all() and (extremes > 0).all())  # E = -log(U) never 0 or inf
+    assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.02
 
 
 def test_draws_use_64_bit_seeds():
@@ -218,7 +221,7 @@ def test_draws_use_64_bit_seeds():
     lo2, hi2 = S.split_seed(5 + (1 << 32))
     assert lo1 == lo2 and hi1 != hi2
     t = lambda x: torch.tensor([x])  # noqa: E731
-    assert S.row_uniform(t(lo1), t(hi1), t(0)).item() != S.row_uniform(t(lo2), t(hi2), t(0)).item()
+    assert not torch.equal(S.uniform_noise(t(lo1), t(hi1), t(0), 64), S.uniform_noise(t(lo2), t(hi2), t(0), 64))
 
 
 @pytest.mark.parametrize("option", ["min_p=1", "top_p tiny"])

@@ -258,7 +258,7 @@ def test_fast_engine_synthesizes_each_request(model, conds):
     streamed = dict(engine.synthesize_stream(reqs, conds, gen))
     assert sorted(streamed) == [0, 1]
     results = engine.synthesize(reqs, conds, gen)
-    tokens = dict(engine.speech_tokens(reqs, conds, gen))
+    tokens = dict(engine.speech_token_stream(reqs, conds, gen))
     for i, r in enumerate(results):
         assert r.tokens == len(speech_tokens_for_s3gen(tokens[i])) > 0
         assert r.wav.dtype.name == "float32" and len(r.wav) > 0

@@ -159,6 +159,9 @@ def run_bench(
     result["fast_scale"] = timed(reqs[:n_fast], label=f"{n_fast} sentences")
     result["fast_batch1"] = timed(same[:4], max_rows=1, label="batch 1")
     result["graphs_captured"] = fast.stats["graphs_captured"]
+    result["graph_error"] = fast.graph_error
+    if fast.graph_error:
+        say(f"WARNING: CUDA graphs were turned off: {fast.graph_error}")
     if "stock" in result:
         result["speedup_same"] = round(result["fast_same"]["tokens_per_s"] / result["stock"]["tokens_per_s"], 1)
         result["speedup_scale"] = round(result["fast_scale"]["tokens_per_s"] / result["stock"]["tokens_per_s"], 1)

@@ -131,7 +131,7 @@ def srt(
         reasons = ", ".join(f"{n} {why}" for why, n in t["skipped_by_reason"].items())
         log.info("skipped %d cue(s) with nothing to speak (%s)", t["skipped"], reasons)
     if t["overrun_cues"]:
-        log.info("%d cue(s) ran over their window by %.1f s in all (up to %.1f s late); see %s",
+        log.info("%d cue(s) ran over their window by %.2f s in all (up to %.2f s late); see %s",
                  t["overrun_cues"], t["overrun_seconds"], t["max_delay"], report.report_path)
     done = {
         "output": str(output), "srt": str(report.srt_path), "report": str(report.report_path),

@@ -176,6 +176,8 @@ def test_graphs_equal_eager_and_refills(model, conds, fast_bf16):
     assert all(len(graphed[i]) == r.budget for i, r in enumerate(reqs))
     same = sum(graphed[i] == eager[i] for i in range(len(reqs)))
     print(f"\n[gpu] graphs vs eager: {same}/{len(reqs)} requests identical; graphs captured {fast_bf16.stats['graphs_captured']}")
+    assert fast_bf16.graph_error is None, f"graph capture failed: {fast_bf16.graph_error}"
+    assert fast_bf16.stats["graphs_captured"] >= 2
     assert same == len(reqs)
 
 

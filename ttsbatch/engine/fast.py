@@ -58,7 +58,7 @@ class FastEngine:
         self.check_every = check_every
         self.t3 = FastT3(model, use_graphs=use_graphs)
 
-    def speech_tokens(
+    def speech_token_stream(
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
     ) -> Iterator[tuple[int, list[int]]]:
         """T3 only: ``(request index, tokens without EOS)`` as each request finishes."""
@@ -75,7 +75,7 @@ class FastEngine:
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
     ) -> Iterator[tuple[int, SynthesisResult]]:
         """``(request index, result)`` for each request, as soon as its audio is done."""
-        for i, tokens in self.speech_tokens(requests, conds, gen):
+        for i, tokens in self.speech_token_stream(requests, conds, gen):
             yield i, self._vocode(requests[i], tokens, conds, gen)
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:

@@ -19,10 +19,10 @@ token. Differences from stock, all deliberate:
 - ``top_p >= 1`` skips the top-p filter (``use_top_p=False``). At 1.0 HF's warper only
   removes tokens whose softmax probability is exactly 0 in fp32, so the sampling
   distribution is the same; only those logits stay finite instead of becoming -inf.
-- The random draw is not ``torch.multinomial``: it is an inverse-CDF draw (the first token
-  whose float64 cumulative probability exceeds ``U * total``), which picks token ``v`` with
-  probability ``probs[v]`` (the distribution of multinomial), with ``U`` from a counter-based
-  hash of ``(row seed, step)``. No generator state is shared between rows, so
+- The random draw is not ``torch.multinomial``: it is an exponential race
+  ``argmax(probs / E)``, ``E = -log(U)``, which picks token ``v`` with probability
+  ``probs[v]`` (the distribution of multinomial), with ``U`` from a counter-based hash of
+  ``(row seed, step, vocabulary index)``. No generator state is shared between rows, so
   a sentence samples the same tokens whatever batch it is in, and the draw can live inside
   a CUDA graph. The token *stream* therefore differs from stock's for the same seed;
   faithfulness is asserted by teacher-forced logits (tests/test_t3_fast.py) and by the
@@ -37,7 +37,7 @@ M32 = 0xFFFFFFFF
 # Multipliers are below 2**31 so products with 32-bit values fit in int64 without overflow.
 _MIX = 0x045D9F3B  # Thomas Mueller's 32-bit integer hash constant
 _GOLD = 0x4F1BBCDD  # an odd constant to spread the step counter
-_VOCAB = 0x27D4EB2D  # an odd constant for the second hash of a step
+_VOCAB = 0x27D4EB2D  # an odd constant to spread the vocabulary index
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -56,28 +56,36 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def row_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """One U(0, 1) float64 per row (48 random bits), a pure function of (seed, step). int64 (rows,) in."""
+def row_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row for this step: a hash of (seed, step). int64 tensors (rows,)."""
     k = _mix32(seed_lo ^ _mix32(seed_hi ^ 0x2545F491))
-    h1 = _mix32((k + ((step * _GOLD) & M32)) & M32)
-    h2 = _mix32((h1 + _VOCAB) & M32)
-    bits = (h1 >> 8) * (1 << 24) + (h2 >> 8)  # 48 bits
-    return (bits.to(torch.float64) + 0.5) * (1.0 / (1 << 48))
+    return _mix32((k + ((step * _GOLD) & M32)) & M32)
 
 
-def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A multinomial draw per row: the first token whose cumulative probability exceeds ``u * total``.
+def uniform_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0, 1) noise (rows, vocab), float32, a pure function of (seed, step, vocabulary index)."""
+    key = row_keys(seed_lo, seed_hi, step)[:, None]
+    v = torch.arange(vocab, device=key.device, dtype=torch.int64)[None, :]
+    h = _mix32(key ^ ((v * _VOCAB) & M32))
+    return hash_to_unit(_mix32((h + key) & M32))
 
-    The cumulative sum is float64, so rounding does not bias the draw; a token of probability
-    0 is never picked (its cumulative value equals its predecessor's).
+
+def hash_to_unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in [2**-24, 1 - 2**-24]: the top 23 bits, centred in their bin.
+
+    Exact in float32, so ``-log(U)`` is never 0 or inf (24 bits would round the top bin to 1.0).
     """
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    x = (uniform * cdf[:, -1]).contiguous()
-    idx = torch.searchsorted(cdf, x[:, None], right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
-    # u * total can round up to total: then fall back to the last token with probability > 0.
-    ok = probs.gather(1, idx[:, None])[:, 0] > 0
-    last = probs.shape[-1] - 1 - torch.argmax((probs > 0).flip(-1).to(torch.float32), dim=-1)
-    return torch.where(ok, idx, last)
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A multinomial draw per row as an exponential race: ``argmax(probs / -log(U))``.
+
+    Token ``v`` wins with probability ``probs[v]``; a token of probability 0 never wins.
+    Unlike an inverse-CDF draw, a small error in one probability only matters when that
+    token is one of the two closest racers, so bf16 noise rarely changes the token.
+    """
+    return torch.argmax(probs / (-torch.log(uniform)), dim=-1)
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, cfg: torch.Tensor) -> torch.Tensor:
@@ -135,7 +143,7 @@ def sample_tokens(
         logits, seen, p["repetition_penalty"], p["temperature"], p["min_p"], p["top_p"], use_top_p
     )
     probs = torch.softmax(filtered, dim=-1)
-    return inverse_cdf(probs, row_uniform(seed_lo, seed_hi, step))
+    return race(probs, uniform_noise(seed_lo, seed_hi, step, probs.shape[-1]))
 
 
 class SamplingParams:

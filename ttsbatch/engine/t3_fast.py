@@ -4,7 +4,9 @@ The model classes and weights come from chatterbox-tts; only the decode loop is 
 
 - :class:`T3Weights`: the Llama weights of ``model.t3`` (q/k/v and gate/up fused), the speech
   embeddings and head, and the RoPE table computed by the HF module's own rotary embedding.
-  bf16 on CUDA, fp32 on CPU; the fp32 module stays untouched as the reference.
+  On CUDA the layer weights, matmuls and KV cache are bf16 (the residual stream, norms,
+  RoPE, embeddings and speech head stay fp32); on the CPU all fp32. The fp32 module stays
+  untouched as the reference.
 - :class:`DecodeState`: preallocated buffers. A static KV cache ``(layers, seqs, heads,
   max_len, head_dim)``; per-sequence positions; per-row step counters, token budgets,
   ``done`` flags, seeds, a "seen" mask for the repetition penalty, sampling options and an
@@ -113,8 +115,10 @@ class T3Weights:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
 
-        def cast(t):
-            return t.detach().to(device=device, dtype=dtype).contiguous()
+        def cast(t, dt=dtype):
+            return t.detach().to(device=device, dtype=dt).contiguous()
+
+        f32 = torch.float32
 
         with torch.no_grad():
             self.layers = []
@@ -122,31 +126,32 @@ class T3Weights:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append(
                     LayerWeights(
-                        ln1=cast(layer.input_layernorm.weight),
+                        ln1=cast(layer.input_layernorm.weight, f32),
                         wqkv=cast(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
                         wo=cast(a.o_proj.weight),
-                        ln2=cast(layer.post_attention_layernorm.weight),
+                        ln2=cast(layer.post_attention_layernorm.weight, f32),
                         wgu=cast(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
                         wdown=cast(m.down_proj.weight),
                     )
                 )
-            self.norm = cast(t3.tfmr.norm.weight)
-            self.speech_emb = cast(t3.speech_emb.weight)
-            self.speech_pos = cast(t3.speech_pos_emb.emb.weight)
-            self.speech_head = cast(t3.speech_head.weight)
-            self.speech_head_bias = cast(t3.speech_head.bias) if t3.speech_head.bias is not None else None
+            # Small or gathered by row: kept in fp32 whatever the compute dtype (see _layer).
+            self.norm = cast(t3.tfmr.norm.weight, f32)
+            self.speech_emb = cast(t3.speech_emb.weight, f32)
+            self.speech_pos = cast(t3.speech_pos_emb.emb.weight, f32)
+            self.speech_head = cast(t3.speech_head.weight, f32)
+            self.speech_head_bias = cast(t3.speech_head.bias, f32) if t3.speech_head.bias is not None else None
         self.vocab = self.speech_head.shape[0]
         self.n_layers = len(self.layers)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (max_len, head_dim) from the HF module's rotary embedding (Llama 3 scaling)."""
+        """cos, sin (max_len, head_dim), fp32, from the HF module's rotary embedding (Llama 3 scaling)."""
         if max_len not in self._rope:
             with torch.no_grad():
                 probe = torch.zeros(1, device=self.device, dtype=torch.float32)
                 positions = torch.arange(max_len, device=self.device)[None]
                 cos, sin = self.t3.tfmr.rotary_emb(probe, position_ids=positions)
-            self._rope = {max_len: (cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous())}
+            self._rope = {max_len: (cos[0].float().contiguous(), sin[0].float().contiguous())}
         return self._rope[max_len]
 
     def kv_bytes_per_seq(self, max_len: int) -> int:
@@ -172,19 +177,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _layer(w: T3Weights, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) -> torch.Tensor:
-    """One Llama decoder layer on x (N, T, D); ``attend(q, k, v)`` (N, H, T, hd) does the attention."""
+    """One Llama decoder layer on x (N, T, D); ``attend(q, k, v)`` (N, H, T, hd) does the attention.
+
+    Precision: the residual stream ``x``, the norms and RoPE are fp32; matmul inputs, weights,
+    q/k/v and the KV cache are ``w.dtype`` (bf16 on CUDA). In fp32 every cast is a no-op and
+    this is HF's LlamaDecoderLayer operation for operation. (A bf16 residual stream would
+    round the layers' small updates away; keeping it fp32 costs nothing measurable.)
+    """
     n, t, _ = x.shape
-    h = rms_norm(x, lw.ln1, w.eps)
+    dt = w.dtype
+    h = rms_norm(x, lw.ln1, w.eps).to(dt)
     qkv = F.linear(h, lw.wqkv).view(n, t, 3, w.n_heads, w.head_dim)
     q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
     cos, sin = cos[:, None], sin[:, None]  # (N, 1, T, hd)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    q, k = q.float(), k.float()
+    q = (q * cos + _rotate_half(q) * sin).to(dt)
+    k = (k * cos + _rotate_half(k) * sin).to(dt)
     o = attend(q, k, v).transpose(1, 2).reshape(n, t, w.n_heads * w.head_dim)
-    x = x + F.linear(o, lw.wo)
-    h = rms_norm(x, lw.ln2, w.eps)
+    x = x + F.linear(o, lw.wo).float()
+    h = rms_norm(x, lw.ln2, w.eps).to(dt)
     gate, up = F.linear(h, lw.wgu).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, lw.wdown)
+    return x + F.linear(F.silu(gate) * up, lw.wdown).float()
+
+
+def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as SDPA's additive float mask (0 where valid, -inf elsewhere)."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
 def _head(w: T3Weights, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +253,7 @@ class DecodeState:
 class RowInput:
     """One sentence ready for prefill: its sequences' embeddings and its options."""
 
-    embeds: torch.Tensor  # (pairs, L, D) in the compute dtype
+    embeds: torch.Tensor  # (pairs, L, D), fp32
     budget: int
     seed: int
     ignore_eos: bool
@@ -270,14 +288,14 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     if Lmax > st.max_len:
         raise ValueError(f"prompt of {Lmax} positions does not fit a cache of {st.max_len}")
     n = len(lens)
-    x = torch.zeros(n, Lmax, w.dim, dtype=w.dtype, device=dev)
+    x = torch.zeros(n, Lmax, w.dim, dtype=torch.float32, device=dev)
     for i, inp in enumerate(inputs):
         x[i * P : (i + 1) * P, : inp.embeds.shape[1]] = inp.embeds
     seq_idx = torch.tensor([r * P + j for r in rows for j in range(P)], dtype=torch.int64, device=dev)
     length = torch.tensor(lens, dtype=torch.int64, device=dev)
     ar = torch.arange(Lmax, device=dev)
     mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
-    mask = mask[:, None]  # (n, 1, Lmax, Lmax)
+    mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, Lmax)
     cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
     for li, lw in enumerate(w.layers):
 
@@ -357,7 +375,8 @@ def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torc
     pos = st.pos[:s].clamp(max=st.max_len - 1)
     cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (s, 1, hd)
     seq = torch.arange(s, device=x.device)
-    mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
+    valid = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
+    mask = _additive(valid, w.dtype)  # built once per step, not once per layer
     for li, lw in enumerate(w.layers):
 
         def attend(q, k, v, li=li):
@@ -391,8 +410,8 @@ def cond_embedding(t3, t3_cond) -> torch.Tensor:
         return t3.prepare_conditioning(c)[0].float()
 
 
-def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: int, dtype) -> torch.Tensor:
-    """The prefill of one sentence: (pairs, L, D), stock's layout (see the module docstring)."""
+def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The prefill of one sentence: (pairs, L, D) fp32, stock's layout (see the module docstring)."""
     with torch.inference_mode():
         tt = text_tokens.to(device=t3.device, dtype=torch.long)[None]  # (1, T)
         te = t3.text_emb(tt)[0]
@@ -402,7 +421,7 @@ def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: 
         rows = [torch.cat([cond_emb, te + tpos, bos_e, bos_e])]
         if pairs == 2:
             rows.append(torch.cat([cond_emb, torch.zeros_like(te) + tpos, bos_e, bos_e]))
-        return torch.stack(rows).to(dtype)
+        return torch.stack(rows).float()
 
 
 def text_token_ids(model, text: str) -> torch.Tensor:
@@ -436,6 +455,7 @@ class FastT3:
         if use_graphs is True and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.use_graphs = use_graphs
+        self.graph_error: str | None = None  # why graphs were turned off, if capture failed
         self.state: DecodeState | None = None
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
@@ -504,7 +524,7 @@ class FastT3:
 
     def row_input(self, conds, req, gen, pairs: int, text_ids: torch.Tensor | None = None) -> RowInput:
         ids = text_token_ids(self.model, req.text) if text_ids is None else text_ids
-        emb = prompt_embeds(self.model.t3, self.cond_emb(conds), ids, pairs, self.w.dtype)
+        emb = prompt_embeds(self.model.t3, self.cond_emb(conds), ids, pairs)
         return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen)
 
     # -- one step ------------------------------------------------------------------------------
@@ -550,12 +570,15 @@ class FastT3:
             try:
                 with torch.cuda.graph(graph, pool=self._graph_pool):
                     run()
-            except Exception as e:
-                raise RuntimeError(
-                    f"CUDA graph capture of the T3 decode step failed (rows={n}, kv_len={kv_len}): {e}. "
-                    "Run with use_graphs=False to decode eagerly."
-                ) from e
-            replay = graph.replay
+                replay = graph.replay
+            except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
+                torch.cuda.synchronize(self.device)
+                self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("CUDA graph capture failed (rows=%d, kv_len=%d): %s; decoding without graphs", n, kv_len, self.graph_error)
+                self.use_graphs = False
+                for k, v in saved.items():
+                    getattr(st, k).copy_(v)
+                return run
         for k, v in saved.items():
             getattr(st, k).copy_(v)
         self.stats["graphs_captured"] += 1

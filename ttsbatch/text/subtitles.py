@@ -44,7 +44,7 @@ from ..config import TextOptions
 from ..errors import InputError
 from .document import Chunk
 from .normalize import normalize_text
-from .readers import decode_bytes
+from .readers import MAX_INPUT_BYTES, decode_bytes
 
 __all__ = [
     "SUBTITLE_EXTENSIONS",
@@ -88,6 +88,9 @@ def read_subtitles(path: Path, *, keep_sounds: bool = False, text_options: TextO
     if fmt is None:
         raise InputError(f"{path}: unsupported subtitle type {path.suffix or '(no extension)'!r}; supported: .srt, .vtt")
     try:
+        size = path.stat().st_size
+        if size > MAX_INPUT_BYTES:  # a 2-hour film's subtitles are ~100 kB
+            raise InputError(f"{path}: {size / 2**20:.0f} MB is more than ttsbatch reads as subtitles ({MAX_INPUT_BYTES // 2**20} MB)")
         data = path.read_bytes()
     except PermissionError:
         raise InputError(f"{path}: cannot read it (permission denied)") from None

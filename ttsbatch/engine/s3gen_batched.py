@@ -1,0 +1,749 @@
+"""Batched S3Gen: flow encoder, CFM decoder (Euler + CFG) and HiFiGAN over many chunks at once.
+
+Stock ``S3Gen.inference`` handles one chunk at a time and re-derives everything each call.
+Here the voice is prepared once (:meth:`BatchedS3Gen.prepare_voice`) and chunks are grouped
+into a few mel-length buckets; each bucket runs as one padded batch with per-item masks, and
+every item's output is trimmed back to its own length.
+
+Semantics are stock's, per chunk (chatterbox-tts 0.1.7): the voice's prompt tokens go in front
+of the item's tokens, the encoder runs over both, the prompt mel is the CFM condition for the
+prompt frames, the CFM output is cut after the prompt frames, and HiFiGAN runs on the item's
+own frames only (then stock's 40 ms trim/fade-in). Padding never leaks into an item:
+
+- encoder: attention masks the padded keys; the look-ahead conv (the only non-causal conv)
+  sees zeros past each item's end, as stock's ``F.pad`` gives it (padded frames are zeroed
+  first); the rest is per-frame or causal.
+- CFM estimator: causal convs, per-frame LayerNorm, attention with the padded keys masked.
+- HiFiGAN: every conv's output is zeroed past the item's end at its resolution, so the next
+  conv's zero padding is what stock sees; the source STFT reflect-pads at each item's own end;
+  the inverse STFT's window envelope counts only the item's frames. So batched HiFiGAN equals
+  per-item HiFiGAN up to float rounding, the last samples included (tested).
+
+Noise: stock draws the CFM start noise with ``torch.randn_like(mu)`` over prompt+item frames
+and HiFiGAN's source draws a random phase (``Uniform``) and sine noise per sample from the
+global RNG. Here each item's noise is drawn over its own length only, from a generator seeded
+with the item's seed on the device (CFM noise, then phase, then sine noise), so an item's
+audio depends on its tokens, voice and seed, never on its neighbours or its bucket. Tests
+inject stock's exact noise instead (``noise=``, ``source_noise=``).
+
+No host syncs in the per-bucket work: chatterbox's ``make_pad_mask`` calls ``.item()`` and
+``add_optional_chunk_mask`` (used by the encoder and the CFM estimator) checks its mask with
+``.item()``; SineGen builds tensors on the CPU and ``torch.istft`` checks its window envelope
+with a sync. This module calls the stock submodules (layers, blocks, convs) with its own
+masks and has small replacements for exactly those forwards (marked below). Inputs are
+staged once per batch (pinned, non-blocking), audio comes back once per batch into pinned
+memory, and the host waits once per :meth:`synthesize` call.
+
+GPU options: ``dtype`` (default bf16 on CUDA, fp32 on CPU) runs the encoder and the CFM
+estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. ``compile=True``
+runs the encoder, the CFM step and HiFiGAN through ``torch.compile`` (one graph per bucket
+and batch size: batches are padded to a power of two), and ``cuda_graphs=True`` captures the
+whole CFM loop of a bucket into one CUDA graph. Both are CUDA-only and off by default.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
+DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
+OVERFLOW_STEP = 256  # items longer than the last bucket are padded to a multiple of this
+SPEECH_VOCAB = 6561  # S3 speech tokens; larger ids are T3's special tokens (stock drops them)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask helpers: static max length from the bucket, lengths on the device, no .item()/.tolist()
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, max_len) bool, True where position < length. Stock's ``make_pad_mask`` (negated),
+    but ``max_len`` comes from the bucket, so nothing is read back from the device."""
+    return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def length_mask_f(lengths: torch.Tensor, max_len: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, 1, max_len) float mask (1 valid, 0 padded)."""
+    return length_mask(lengths, max_len).to(dtype).unsqueeze(1)
+
+
+def attention_bias(mask_f: torch.Tensor, heads: int) -> torch.Tensor:
+    """Stock ``mask_to_bias`` for the estimator's attention ((1 - m) * -1e10), expanded once to
+    (B * heads, 1, T) so diffusers' ``prepare_attention_mask`` has nothing to repeat."""
+    bias = (1.0 - mask_f) * -1.0e10  # (B, 1, T)
+    b, _, t = bias.shape
+    return bias.unsqueeze(1).expand(b, heads, 1, t).reshape(b * heads, 1, t).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+
+
+def item_noise(seed: int, cfm_frames: int, samples: int, device, harmonics: int = 9):
+    """One item's noise, from its own generator on ``device``: CFM start noise (80, cfm_frames),
+    HiFiGAN source phase (harmonics, 1) in [-pi, pi) and sine noise (harmonics, samples).
+    Drawn over the item's own lengths only, so it does not depend on batch or bucket."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    z = torch.randn((80, cfm_frames), generator=g, device=device)
+    u = torch.rand((harmonics, 1), generator=g, device=device)
+    phase = -math.pi + u * (2 * math.pi)
+    sine = torch.randn((harmonics, samples), generator=g, device=device)
+    return z, phase, sine
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VoiceRef:
+    """A voice's S3Gen conditioning, prepared once and kept on the device."""
+
+    prompt_token: torch.Tensor  # (Pt,) int64
+    prompt_feat: torch.Tensor  # (80, Pmel) fp32, the prompt mel, channels first
+    spks: torch.Tensor  # (80,) fp32: normalized x-vector through spk_embed_affine_layer
+    n_prompt_tokens: int
+    n_prompt_frames: int
+
+    def item_frames(self, n_tokens: int) -> int:
+        """Mel frames stock outputs for an item of ``n_tokens`` (2 per token when the prompt
+        mel has exactly 2 frames per prompt token, as ``embed_ref`` arranges)."""
+        return 2 * (self.n_prompt_tokens + n_tokens) - self.n_prompt_frames
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage, summed over calls (filled only with ``profile=True``)."""
+
+    encoder: float = 0.0
+    cfm: float = 0.0
+    hifigan: float = 0.0
+    batches: int = 0
+    items: int = 0
+    _events: list = field(default_factory=list, repr=False)
+
+
+class BatchedS3Gen:
+    """Stock S3Gen semantics over many chunks at once (see the module docstring).
+
+    ``model`` is a :class:`ttsbatch.engine.model.LoadedModel` (its ``s3gen`` is used as is,
+    weights shared with the stock path). ``buckets``: item mel-frame lengths (even).
+    ``max_batch``: most items per forward; ``max_attn_elems`` caps batch × tokens² of the
+    encoder's full attention (the largest activation) for long buckets.
+    """
+
+    def __init__(
+        self,
+        model,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        dtype: torch.dtype | None = None,
+        max_batch: int = 64,
+        max_attn_elems: int = 64 * 1280 * 1280,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        compile_mode: str | None = None,
+        profile: bool = False,
+    ):
+        s3 = model.s3gen
+        self.s3 = s3
+        self.flow = s3.flow
+        self.hift = s3.mel2wav
+        if getattr(s3, "meanflow", False):
+            raise ValueError("BatchedS3Gen supports the CFM (non-meanflow) S3Gen only")
+        self.device = torch.device(model.device)
+        self.is_cuda = self.device.type == "cuda"
+        buckets = tuple(sorted({int(b) for b in buckets}))
+        if not buckets or any(b <= 0 or b % 2 for b in buckets):
+            raise ValueError(f"buckets must be positive even mel-frame counts, got {buckets}")
+        self.buckets = buckets
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.is_cuda else torch.float32)
+        self.max_batch = int(max_batch)
+        self.max_attn_elems = int(max_attn_elems)
+        if (compile or cuda_graphs) and not self.is_cuda:
+            raise ValueError("compile=True and cuda_graphs=True need a CUDA device")
+        self.compile = compile
+        self.cuda_graphs = cuda_graphs
+        self.profile = profile
+        self.times = StageTimes()
+
+        dec = self.flow.decoder
+        self.cfg_rate = float(dec.inference_cfg_rate)
+        self.t_scheduler = dec.t_scheduler
+        est = dec.estimator
+        blocks = [b for _, tbs, *_ in est.down_blocks for b in tbs]
+        self.heads = blocks[0].attn1.heads if blocks else 8
+        # HiFiGAN geometry (read off the modules)
+        h = self.hift
+        self.up_rates = [int(u.stride[0]) for u in h.ups]
+        self.n_fft = int(h.istft_params["n_fft"])
+        self.hop = int(h.istft_params["hop_len"])
+        self.samples_per_frame = int(np.prod(self.up_rates)) * self.hop  # 480 at 24 kHz
+        self.harmonics = h.m_source.l_sin_gen.harmonic_num + 1
+        self.window = h.stft_window.to(self.device, torch.float32)  # stock moves it per call
+        self.trim_fade = s3.trim_fade.to(self.device, torch.float32)
+        self._pe_cache: dict = {}
+        self._t_span_cache: dict = {}
+        self._graphs: dict = {}
+        self._graph_pool = None
+
+        self._enc_fn = self._encode
+        self._step_fn = self._cfm_step
+        self._voc_fn = self._vocode
+        if compile:
+            import torch._dynamo as dynamo
+
+            cfg = dynamo.config
+            for name in ("cache_size_limit", "recompile_limit"):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 256))
+            kw = dict(dynamic=False)
+            if compile_mode:
+                kw["mode"] = compile_mode
+            self._enc_fn = torch.compile(self._encode, **kw)
+            self._step_fn = torch.compile(self._cfm_step, **kw)
+            self._voc_fn = torch.compile(self._vocode, **kw)
+
+    # -----------------------------------------------------------------------------------------
+    # Voice
+
+    @torch.inference_mode()
+    def prepare_voice(self, gen: dict) -> VoiceRef:
+        """S3Gen's ref dict (``conds.gen``) -> a :class:`VoiceRef`, once per voice."""
+        dev = self.device
+        pt = torch.as_tensor(gen["prompt_token"]).to(dev).reshape(-1).long()  # stock may have cast it to float
+        n_pt = pt.numel()
+        plen = gen.get("prompt_token_len")
+        if plen is not None and int(torch.as_tensor(plen).reshape(-1)[0]) != n_pt:  # once per voice: a sync is fine
+            raise ValueError("prompt_token_len differs from the prompt's token count")
+        pf = torch.as_tensor(gen["prompt_feat"]).to(dev, torch.float32)
+        pf = pf.reshape(-1, pf.shape[-1])  # (Pmel, 80)
+        emb = torch.atleast_2d(torch.as_tensor(gen["embedding"]).to(dev, torch.float32))
+        spks = self.flow.spk_embed_affine_layer(F.normalize(emb, dim=1))[0]
+        return VoiceRef(pt, pf.t().contiguous(), spks.float().contiguous(), n_pt, pf.shape[0])
+
+    # -----------------------------------------------------------------------------------------
+    # Bucketing
+
+    def bucket_for(self, n_tokens: int) -> int:
+        """The mel-length bucket (item frames, 2 per token) an item of ``n_tokens`` lands in."""
+        frames = 2 * int(n_tokens)
+        for b in self.buckets:
+            if frames <= b:
+                return b
+        return -(-frames // OVERFLOW_STEP) * OVERFLOW_STEP
+
+    def plan(self, lengths: Sequence[int]) -> dict[int, list[int]]:
+        """Bucket -> indices of the items (token counts ``lengths``) in it; empty items skipped."""
+        out: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            if n > 0:
+                out.setdefault(self.bucket_for(n), []).append(i)
+        return dict(sorted(out.items()))
+
+    def batch_limit(self, bucket: int, voice: VoiceRef) -> int:
+        t = voice.n_prompt_tokens + bucket // 2
+        return max(1, min(self.max_batch, self.max_attn_elems // (t * t)))
+
+    def _padded_batch(self, b: int, limit: int) -> int:
+        if not (self.compile or self.cuda_graphs):
+            return b
+        return max(b, min(1 << (b - 1).bit_length(), limit))
+
+    # -----------------------------------------------------------------------------------------
+    # Public entry points
+
+    @torch.inference_mode()
+    def synthesize(
+        self,
+        token_lists: Sequence,
+        voice: VoiceRef,
+        n_timesteps: int = 10,
+        noise: Sequence[torch.Tensor] | None = None,
+        source_noise: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[np.ndarray]:
+        """Waveforms (float32, 24 kHz) for each item of ``token_lists``.
+
+        ``noise[i]``: item i's CFM start noise, (80, prompt_frames + item_frames) as stock's
+        ``randn_like(mu)``; ``source_noise[i]``: (phase (9, 1), sine noise (9, samples)) as
+        stock's SineGen draws them. Items without injected noise draw it from ``seeds[i]``
+        (default 0) through :func:`item_noise`.
+        """
+        out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
+        if self.is_cuda and pending:
+            torch.cuda.current_stream(self.device).synchronize()  # the one wait of the call
+        for idxs, host, lens in pending:
+            arr = host.numpy()
+            for j, i in enumerate(idxs):
+                out[i] = np.array(arr[j, : lens[j]], dtype=np.float32)
+        return out
+
+    @torch.inference_mode()
+    def synthesize_mels(
+        self,
+        token_lists: Sequence,
+        voice: VoiceRef,
+        n_timesteps: int = 10,
+        noise: Sequence[torch.Tensor] | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """The CFM output mel of each item, (80, item_frames) fp32 on the device (stock's
+        ``flow_inference(..., finalize=True)``, the prompt frames cut off)."""
+        out, pending = self._run(token_lists, voice, n_timesteps, noise, None, seeds, want_wav=False)
+        for idxs, mel, lens in pending:
+            for j, i in enumerate(idxs):
+                out[i] = mel[j, :, : lens[j]].clone()
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # Staging (host side, once per batch)
+
+    def _as_tokens(self, t) -> torch.Tensor | list[int]:
+        if torch.is_tensor(t):
+            t = t.reshape(-1)
+            if t.device.type == "cpu":
+                t = t.tolist()
+            else:
+                return t.long()  # on the device already: not validated (that would sync)
+        t = [int(x) for x in t]
+        if any(x < 0 or x >= SPEECH_VOCAB for x in t):
+            raise ValueError(f"speech tokens must be in [0, {SPEECH_VOCAB}); drop T3's special tokens first")
+        return t
+
+    def _stage_tokens(self, toks: list, voice: VoiceRef, n_tok: int):
+        """(B, Pt + n_tok) token ids with the prompt in front, and (B,) lengths, on the device."""
+        dev = self.device
+        B = len(toks)
+        pt = voice.n_prompt_tokens
+        lens = [pt + len(t) for t in toks]
+        if all(isinstance(t, list) for t in toks):
+            buf = np.zeros((B, n_tok + 1), dtype=np.int64)  # item tokens, then the length
+            for j, t in enumerate(toks):
+                buf[j, : len(t)] = t
+            buf[:, n_tok] = lens
+            host = torch.from_numpy(buf)
+            if self.is_cuda:
+                host = host.pin_memory()
+            staged = host.to(dev, non_blocking=True)  # one copy per batch
+            items, lengths = staged[:, :n_tok], staged[:, n_tok]
+        else:
+            rows = [torch.as_tensor(t, dtype=torch.long).to(dev, non_blocking=True) for t in toks]
+            items = torch.stack([F.pad(r, (0, n_tok - r.numel())) for r in rows])
+            lengths = torch.tensor(lens, dtype=torch.long, pin_memory=self.is_cuda).to(dev, non_blocking=True)
+        tokens = torch.cat([voice.prompt_token.unsqueeze(0).expand(B, -1), items], dim=1)
+        return tokens, lengths
+
+    def _stage_noise(self, idxs, toks, voice, T_mel, S, noise, source_noise, seeds):
+        dev = self.device
+        z_rows, ph_rows, sn_rows = [], [], []
+        for j, i in enumerate(idxs):
+            n = len(toks[j])
+            frames = 2 * (voice.n_prompt_tokens + n)
+            samples = voice.item_frames(n) * self.samples_per_frame
+            z = ph = sn = None
+            if noise is None or source_noise is None:
+                seed = 0 if seeds is None else seeds[i]
+                z, ph, sn = item_noise(seed, frames, samples, dev, self.harmonics)
+            if noise is not None:
+                z = torch.as_tensor(noise[i]).to(dev, torch.float32).reshape(80, -1)
+                if z.shape[1] != frames:
+                    raise ValueError(f"noise[{i}] has {z.shape[1]} frames, expected {frames}")
+            if source_noise is not None:
+                ph, sn = source_noise[i]
+                ph = torch.as_tensor(ph).to(dev, torch.float32).reshape(self.harmonics, 1)
+                sn = torch.as_tensor(sn).to(dev, torch.float32).reshape(self.harmonics, -1)
+                if sn.shape[1] != samples:
+                    raise ValueError(f"source_noise[{i}] has {sn.shape[1]} samples, expected {samples}")
+            z_rows.append(F.pad(z, (0, T_mel - z.shape[1])))
+            ph_rows.append(ph)
+            sn_rows.append(F.pad(sn, (0, S - sn.shape[1])))
+        return torch.stack(z_rows), torch.stack(ph_rows), torch.stack(sn_rows)
+
+    def _run(self, token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav):
+        toks = [self._as_tokens(t) for t in token_lists]
+        n = len(toks)
+        for name, lst in (("noise", noise), ("source_noise", source_noise), ("seeds", seeds)):
+            if lst is not None and len(lst) != n:
+                raise ValueError(f"{name} has {len(lst)} entries for {n} items")
+        out: list = [
+            np.zeros(0, dtype=np.float32) if want_wav else torch.zeros(80, 0, device=self.device) for _ in toks
+        ]
+        pending = []
+        for bucket, idxs in self.plan([len(t) for t in toks]).items():
+            limit = self.batch_limit(bucket, voice)
+            for k in range(0, len(idxs), limit):
+                sub = idxs[k : k + limit]
+                res = self._run_batch(
+                    sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav
+                )
+                pending.append(res)
+        return out, pending
+
+    def _run_batch(self, idxs, toks, voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav):
+        B = len(toks)
+        Bp = self._padded_batch(B, limit)
+        if Bp > B:  # static batch sizes for compiled graphs: repeat the first item, drop the copies
+            pad = Bp - B
+            idxs = list(idxs) + [idxs[0]] * pad
+            toks = list(toks) + [toks[0]] * pad
+        n_tok = bucket // 2
+        T_tok = voice.n_prompt_tokens + n_tok
+        T_mel = 2 * T_tok
+        S = (T_mel - voice.n_prompt_frames) * self.samples_per_frame
+        tokens, lengths = self._stage_tokens(toks, voice, n_tok)
+        z, phase, sine = self._stage_noise(idxs, toks, voice, T_mel, S, noise, source_noise, seeds)
+        item_frames = [voice.item_frames(len(t)) for t in toks[:B]]
+        self.times.batches += 1
+        self.times.items += B
+        if not want_wav:
+            mel = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps, vocode=False)
+            return idxs[:B], mel[:B], item_frames
+        wav = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps)
+        host = torch.empty((B, S), dtype=torch.float32, pin_memory=self.is_cuda)
+        host.copy_(wav[:B], non_blocking=self.is_cuda)
+        return idxs[:B], host, [f * self.samples_per_frame for f in item_frames]
+
+    # -----------------------------------------------------------------------------------------
+    # The per-bucket work: device tensors in, device tensors out, no host syncs
+
+    def run_bucket(self, tokens, lengths, z, phase, sine, voice: VoiceRef, n_timesteps: int = 10, vocode: bool = True):
+        """One padded batch: ``tokens`` (B, Pt + n) with the prompt in front, ``lengths`` (B,)
+        prompt + item tokens, ``z`` (B, 80, 2(Pt + n)) CFM noise, ``phase`` (B, 9, 1) and
+        ``sine`` (B, 9, samples) source noise. Returns (B, samples) audio, or with
+        ``vocode=False`` the (B, 80, item frames) mel (padded frames zero)."""
+        T_mel = tokens.shape[1] * 2
+        Pm = voice.n_prompt_frames
+        mel_len = 2 * lengths  # prompt + item mel frames (encoder output length)
+        item_len = mel_len - Pm
+        marks = self._mark()
+        mu = self._enc_fn(tokens, lengths, self._pos_emb(0, tokens.shape[1]), self._pos_emb(1, T_mel))
+        marks.append(self._mark())
+        mask = length_mask_f(mel_len, T_mel)
+        cond = F.pad(voice.prompt_feat, (0, T_mel - Pm)).unsqueeze(0).expand(mu.shape[0], -1, -1)
+        x = self._cfm(z, mu, mask, voice.spks, cond, n_timesteps)
+        mel = x[:, :, Pm:] * length_mask_f(item_len, T_mel - Pm)
+        marks.append(self._mark())
+        if not vocode:
+            self._account(marks)
+            return mel
+        wav = self._voc_fn(mel, item_len, phase, sine)
+        marks.append(self._mark())
+        self._account(marks)
+        return wav
+
+    def _mark(self):
+        if not self.profile:
+            return None
+        if self.is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _account(self, marks):
+        if not self.profile:
+            return
+        if self.is_cuda:
+            marks[-1].synchronize()  # profiling only: waits for this batch
+            d = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        else:
+            d = [b - a for a, b in zip(marks, marks[1:])]
+        for name, v in zip(("encoder", "cfm", "hifigan"), d):
+            setattr(self.times, name, getattr(self.times, name) + v)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        # the cast cache must be off for CUDA-graph capture; each weight is used once per step anyway
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+
+    # ---- encoder ------------------------------------------------------------------------------
+
+    def _pos_emb(self, which: int, size: int) -> torch.Tensor:
+        """Relative position embedding (1, 2 * size - 1, 512) of the encoder's first (0) or
+        upsampled (1) stack, fp32 on the device: stock's ``EspnetRelPositionalEncoding`` slice,
+        computed once per size (stock re-casts its cached table per call)."""
+        key = (which, size)
+        if key not in self._pe_cache:
+            enc = self.flow.encoder
+            pos_enc = (enc.embed if which == 0 else enc.up_embed).pos_enc
+            with torch.inference_mode():
+                pos_enc.extend_pe(torch.zeros(1, size, device=self.device))  # grows/moves the table if needed
+                pe = pos_enc.pe.to(self.device, torch.float32)
+                c = pe.size(1) // 2
+                self._pe_cache[key] = pe[:, c - size + 1 : c + size].contiguous()
+        return self._pe_cache[key]
+
+    def _encode(self, tokens, lengths, pos1, pos2):
+        """Stock ``CausalMaskedDiffWithXvec.inference`` up to ``encoder_proj`` (finalize=True),
+        batched: returns mu (B, 80, 2T) fp32. Replaces ``UpsampleConformerEncoder.forward``
+        (its ``add_optional_chunk_mask`` syncs) by calls to its submodules with our masks."""
+        flow, enc = self.flow, self.flow.encoder
+        T = tokens.shape[1]
+        tok_mask = length_mask(lengths, T)  # (B, T)
+        m = tok_mask.unsqueeze(-1).float()
+        with self._autocast():
+            x = flow.input_embedding(tokens) * m
+            x = enc.embed.out(x) * enc.embed.pos_enc.xscale  # LinearNoSubsampling + pos-enc scaling
+            x = x * m  # stock's look-ahead conv pads each item's end with zeros: make padded frames zero
+            x = enc.pre_lookahead_layer(x)
+            att = tok_mask.unsqueeze(1)  # (B, 1, T): padded keys masked
+            for layer in enc.encoders:
+                x = layer(x, att, pos1, att)[0]
+            x = enc.up_layer(x.transpose(1, 2).contiguous(), 0)[0].transpose(1, 2).contiguous()  # causal
+            x = enc.up_embed.out(x) * enc.up_embed.pos_enc.xscale
+            att2 = length_mask(2 * lengths, 2 * T).unsqueeze(1)
+            for layer in enc.up_encoders:
+                x = layer(x, att2, pos2, att2)[0]
+            if enc.normalize_before:
+                x = enc.after_norm(x)
+            h = flow.encoder_proj(x)
+        return h.float().transpose(1, 2).contiguous()
+
+    # ---- CFM ------------------------------------------------------------------------------------
+
+    def _t_span(self, n_timesteps: int) -> torch.Tensor:
+        if n_timesteps not in self._t_span_cache:
+            t = torch.linspace(0, 1, n_timesteps + 1, device=self.device, dtype=torch.float32)
+            if self.t_scheduler == "cosine":
+                t = 1 - torch.cos(t * 0.5 * torch.pi)
+            self._t_span_cache[n_timesteps] = t
+        return self._t_span_cache[n_timesteps]
+
+    def _cfm(self, z, mu, mask, spks, cond, n_timesteps):
+        """Stock ``CausalConditionalCFM.solve_euler`` with CFG, batched. The CFG inputs that do
+        not change over the steps (mu, speaker, prompt condition, masks) are packed once."""
+        B, _, T = mu.shape
+        zeros = torch.zeros_like(mu)
+        spk = spks.view(1, -1, 1).expand(B, -1, T)
+        static = torch.cat(
+            [torch.cat([mu, spk, cond], dim=1), torch.cat([zeros, torch.zeros_like(spk), torch.zeros_like(cond)], dim=1)],
+            dim=0,
+        )  # (2B, 240, T): [mu | spks | cond] for the conditional half, zeros for the CFG half
+        mask_in = torch.cat([mask, mask], dim=0)
+        bias = attention_bias(mask_in, self.heads)
+        t_span = self._t_span(n_timesteps)
+        if self.cuda_graphs:
+            return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
+        x = z
+        for k in range(n_timesteps):
+            x = self._step_fn(x, t_span[k : k + 1], t_span[k + 1 : k + 2], static, mask_in, bias)
+        return x
+
+    def _cfm_graphed(self, z, static, mask_in, bias, t_span, n_timesteps):
+        """The whole Euler loop of one (batch, bucket, steps) shape as one CUDA graph."""
+        key = (tuple(z.shape), n_timesteps)
+        g = self._graphs.get(key)
+        if g is None:
+            ins = dict(z=z.clone(), static=static.clone(), mask=mask_in.clone(), bias=bias.clone(), t=t_span.clone())
+
+            def loop():
+                x = ins["z"]
+                t = ins["t"]
+                for k in range(n_timesteps):
+                    x = self._step_fn(x, t[k : k + 1], t[k + 1 : k + 2], ins["static"], ins["mask"], ins["bias"])
+                return x
+
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (compile, cuBLAS/cuDNN plans) outside the capture
+                    loop()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = loop()
+            g = self._graphs[key] = (graph, ins, out)
+        graph, ins, out = g
+        ins["z"].copy_(z)
+        ins["static"].copy_(static)
+        ins["mask"].copy_(mask_in)
+        ins["bias"].copy_(bias)
+        ins["t"].copy_(t_span)
+        graph.replay()
+        return out.clone()  # graphs share one memory pool: the next replay may reuse out's memory
+
+    def _cfm_step(self, x, t, r, static, mask_in, bias):
+        """One Euler step with CFG (stock ``solve_euler``'s loop body); x stays fp32."""
+        B = x.shape[0]
+        x_in = torch.cat([x, x], dim=0)
+        t_in = t.expand(2 * B)
+        with self._autocast():
+            d = self._estimator(torch.cat([x_in, static], dim=1), mask_in, t_in, bias)
+        d = d.float()
+        d, dc = torch.split(d, [B, B], dim=0)
+        d = (1.0 + self.cfg_rate) * d - self.cfg_rate * dc
+        return x + (r - t) * d
+
+    def _estimator(self, x, mask, t, bias):
+        """``ConditionalDecoder.forward`` (chatterbox 0.1.7) on an already packed input
+        [x | mu | spks | cond], with the attention bias given: stock derives it through
+        ``add_optional_chunk_mask``, whose check calls ``.item()`` every block."""
+        est = self.flow.decoder.estimator
+        t = est.time_embeddings(t).to(t.dtype)
+        t = est.time_mlp(t)
+        hiddens = []
+        masks = [mask]
+        biases = [bias]
+        for level, (resnet, transformer_blocks, downsample) in enumerate(est.down_blocks):
+            mask_down = masks[-1]
+            if level > 0:
+                biases.append(attention_bias(mask_down, self.heads))
+            bias_down = biases[-1]
+            x = resnet(x, mask_down, t)
+            x = x.transpose(1, 2).contiguous()
+            for block in transformer_blocks:
+                x = block(hidden_states=x, attention_mask=bias_down, timestep=t)
+            x = x.transpose(1, 2).contiguous()
+            hiddens.append(x)
+            x = downsample(x * mask_down)
+            masks.append(mask_down[:, :, ::2])
+        masks = masks[:-1]  # as stock: the last downsampled mask is not used
+        mask_mid, bias_mid = masks[-1], biases[-1]
+        for resnet, transformer_blocks in est.mid_blocks:
+            x = resnet(x, mask_mid, t)
+            x = x.transpose(1, 2).contiguous()
+            for block in transformer_blocks:
+                x = block(hidden_states=x, attention_mask=bias_mid, timestep=t)
+            x = x.transpose(1, 2).contiguous()
+        for resnet, transformer_blocks, upsample in est.up_blocks:
+            mask_up, bias_up = masks.pop(), biases.pop()
+            skip = hiddens.pop()
+            x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
+            x = resnet(x, mask_up, t)
+            x = x.transpose(1, 2).contiguous()
+            for block in transformer_blocks:
+                x = block(hidden_states=x, attention_mask=bias_up, timestep=t)
+            x = x.transpose(1, 2).contiguous()
+            x = upsample(x * mask_up)
+        x = est.final_block(x, mask_up)
+        out = est.final_proj(x * mask_up)
+        return out * mask
+
+    # ---- HiFiGAN ---------------------------------------------------------------------------------
+
+    def _vocode(self, mel, n_frames, phase, sine):
+        """Stock ``HiFTGenerator.inference`` + trim/fade, batched and exact per item: mel
+        (B, 80, T) fp32 with zeros past each item's ``n_frames``; returns (B, T * 480)."""
+        h = self.hift
+        B, _, T = mel.shape
+        m0 = length_mask_f(n_frames, T)
+        # mel -> f0 (ConvRNNF0Predictor.forward, with each conv's output masked)
+        x = mel
+        for layer in h.f0_predictor.condnet:
+            x = layer(x)
+            if isinstance(layer, torch.nn.Conv1d):
+                x = x * m0
+        f0 = torch.abs(h.f0_predictor.classifier(x.transpose(1, 2)).squeeze(-1))  # (B, T)
+        # f0 -> source (SourceModuleHnNSF with our SineGen)
+        f0_up = h.f0_upsamp(f0[:, None])  # (B, 1, S)
+        sine_waves = self._sine_gen(f0_up, phase, sine)  # (B, 9, S)
+        ms = h.m_source
+        s = ms.l_tanh(ms.l_linear(sine_waves.transpose(1, 2))).transpose(1, 2)  # (B, 1, S)
+        # decode (HiFTGenerator.decode with masks)
+        n_samples = n_frames * self.samples_per_frame
+        real, imag = self._stft(s.squeeze(1), n_samples)
+        n_stft = n_frames * (self.samples_per_frame // self.hop) + 1  # stft frames of the item
+        fmask = length_mask_f(n_stft, real.shape[-1])
+        s_stft = torch.cat([real, imag], dim=1) * fmask
+        x = h.conv_pre(mel) * m0
+        length = n_frames
+        for i in range(h.num_upsamples):
+            x = F.leaky_relu(x, h.lrelu_slope)
+            x = h.ups[i](x)
+            length = length * self.up_rates[i]
+            if i == h.num_upsamples - 1:
+                x = h.reflection_pad(x)
+                length = length + 1
+            mi = length_mask_f(length, x.shape[-1])
+            x = x * mi
+            si = h.source_downs[i](s_stft) * mi
+            si = self._resblock(h.source_resblocks[i], si, mi)
+            x = x + si
+            xs = None
+            for j in range(h.num_kernels):
+                y = self._resblock(h.resblocks[i * h.num_kernels + j], x, mi)
+                xs = y if xs is None else xs + y
+            x = xs / h.num_kernels
+        x = F.leaky_relu(x)
+        x = h.conv_post(x)
+        nb = self.n_fft // 2 + 1
+        magnitude = torch.exp(x[:, :nb, :])
+        phase_spec = torch.sin(x[:, nb:, :])
+        wav = self._istft(magnitude, phase_spec, fmask)
+        wav = torch.clamp(wav, -h.audio_limit, h.audio_limit)
+        n = self.trim_fade.numel()
+        return torch.cat([wav[:, :n] * self.trim_fade, wav[:, n:]], dim=1)
+
+    @staticmethod
+    def _resblock(rb, x, m):
+        """HiFiGAN ``ResBlock.forward`` with every conv's output masked (Snake(0) = 0)."""
+        for c1, c2, a1, a2 in zip(rb.convs1, rb.convs2, rb.activations1, rb.activations2):
+            xt = c1(a1(x)) * m
+            xt = c2(a2(xt)) * m
+            x = xt + x
+        return x
+
+    def _sine_gen(self, f0, phase, noise):
+        """Stock ``SineGen.forward`` with the random phase and noise given (stock builds
+        F_mat and samples the phase on the CPU, then copies them over)."""
+        sg = self.hift.m_source.l_sin_gen
+        harm = torch.arange(1, sg.harmonic_num + 2, device=f0.device, dtype=f0.dtype).view(1, -1, 1)
+        f_mat = f0 * harm / sg.sampling_rate  # (B, 9, S), as stock: f0 * (i + 1) / sr
+        theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
+        keep = torch.ones_like(phase)
+        keep[:, 0] = 0  # stock: phase_vec[:, 0, :] = 0
+        sine_waves = sg.sine_amp * torch.sin(theta + phase * keep)
+        uv = (f0 > sg.voiced_threshold).float()
+        noise_amp = uv * sg.noise_std + (1 - uv) * sg.sine_amp / 3
+        return sine_waves * uv + noise_amp * noise
+
+    def _stft(self, x, n_samples):
+        """``torch.stft(center=True, pad_mode='reflect')`` per item: each row is reflected at
+        its own end (``n_samples``), not at the bucket's. Returns real, imag (B, n_fft/2+1, F)."""
+        B, S = x.shape
+        pad = self.n_fft // 2
+        p = torch.arange(S + 2 * pad, device=x.device) - pad
+        idx = p.abs().unsqueeze(0).expand(B, -1)
+        n = n_samples.unsqueeze(1)
+        idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx).clamp(0, S - 1)
+        frames = x.gather(1, idx).unfold(-1, self.n_fft, self.hop) * self.window  # (B, F, n_fft)
+        spec = torch.fft.rfft(frames, dim=-1)
+        return spec.real.transpose(1, 2), spec.imag.transpose(1, 2)
+
+    def _istft(self, magnitude, phase, fmask):
+        """``torch.istft(center=True)`` per item, without its envelope check (a host sync): the
+        window envelope counts only each item's own frames (``fmask``, (B, 1, F))."""
+        magnitude = torch.clip(magnitude, max=1e2)
+        real = magnitude * torch.cos(phase)
+        imag = magnitude * torch.sin(phase)
+        frames = torch.fft.irfft(torch.complex(real, imag).transpose(1, 2), n=self.n_fft, dim=-1)  # (B, F, n_fft)
+        fm = fmask.transpose(1, 2)  # (B, F, 1)
+        y = self._overlap_add(frames * self.window * fm)
+        env = self._overlap_add((self.window * self.window) * fm)
+        pad = self.n_fft // 2
+        n_out = (frames.shape[1] - 1) * self.hop
+        y = y[:, pad : pad + n_out]
+        env = env[:, pad : pad + n_out]
+        return y / torch.where(env > 1e-11, env, torch.ones_like(env))
+
+    def _overlap_add(self, frames):
+        """(B, F, n_fft) frames at hop -> (B, n_fft + hop * (F - 1)) signal."""
+        B, Fr, N = frames.shape
+        r = N // self.hop
+        if N % self.hop:
+            raise ValueError("n_fft must be a multiple of hop")
+        parts = frames.reshape(B, Fr, r, self.hop)
+        out = None
+        for j in range(r):
+            part = F.pad(parts[:, :, j, :], (0, 0, j, r - 1 - j))  # frame f's j-th hop lands at f + j
+            out = part if out is None else out + part
+        return out.reshape(B, (Fr + r - 1) * self.hop)
