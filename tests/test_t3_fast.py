@@ -226,7 +226,8 @@ def test_refill_order_longest_first_and_rows_reused(conds, fast):
         most = max(most, len(live))
     assert most == 2
     assert all(len(got[i]) == reqs[i].budget for i in range(5))
-    list(fast.generate(conds, reqs, gen, max_rows=2, sort=False))
+    for _ in fast.generate(conds, reqs, gen, max_rows=2, sort=False):
+        assert not torch.is_inference_mode_enabled()  # the generator's mode does not leak to the caller
     assert [e[1] for e in fast.trace if e[0] == "start"] == [0, 1, 2, 3, 4]
 
 

@@ -358,5 +358,10 @@ def checkpoint_random(
     typer.echo(f"wrote a random {size.value} checkpoint to {directory} (noise, not speech)")
 
 
+from .cli_srt import srt as _srt  # noqa: E402  (cli_srt uses the helpers above)
+
+app.command("srt")(_srt)
+
+
 def main() -> None:
     app()

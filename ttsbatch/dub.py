@@ -38,8 +38,7 @@ import numpy as np
 
 from .audio.timing import FitOptions, Placement, Slot, fit_timeline, time_stretch
 from .config import Options, StitchOptions, as_dict
-from .errors import WatermarkError
-from .pipeline import FORMAT_VERSION, RunReport, run_chunks
+from .pipeline import FORMAT_VERSION, RunReport, encode_verified, run_chunks
 from .plan import PlannedChunk, make_plan
 from .store import ChunkStore, StoreError, atomic_write_bytes, store_lock, write_manifest
 from .text.document import Chunk
@@ -91,23 +90,6 @@ def cue_audio(store: ChunkStore, planned: list[PlannedChunk], stitch: StitchOpti
             parts.append(np.zeros(round(sr * stitch.sentence_pause_ms / 1000), dtype=np.float32))
         parts.append(apply_fades(wav, sr, stitch.fade_ms))
     return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), sr
-
-
-def _encode_verified(track: Path, output: Path, options: Options, watermarker):
-    """Encode beside ``output`` under a temporary name, check the mark, rename (as render_book)."""
-    from .audio.export import encode
-    from .audio.watermark import verify_file
-
-    staged = output.with_name(f".{output.stem}.partial-{os.getpid()}{output.suffix}")
-    try:
-        encode(track, staged, options.export)
-        check = verify_file(staged, watermarker)
-        if not check.marked:
-            raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
-        os.replace(staged, output)
-    finally:
-        staged.unlink(missing_ok=True)
-    return check
 
 
 def _r(x: float | None) -> float | None:
@@ -199,7 +181,7 @@ def render_subtitles(
                     placed[cue.index] = (start, len(wav), natural, placement)
                 writer.pad_to(max(base_end, writer.duration_s))
                 seconds = writer.duration_s
-            check = _encode_verified(track, output, options, watermarker)
+            check = encode_verified(track, output, options, watermarker)
         finally:
             track.unlink(missing_ok=True)
 

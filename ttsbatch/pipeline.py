@@ -207,6 +207,28 @@ def stitch_to_file(plan: list[PlannedChunk], doc: Document, store: ChunkStore, o
         return list(writer.chapters), writer.duration_s
 
 
+def encode_verified(track: Path, output: Path, options: Options, watermarker, chapters=(), title: str | None = None):
+    """Encode ``track`` beside ``output`` under a temporary name, check the mark, then rename.
+
+    The output never exists unfinished or unmarked. The temporary name is fixed (callers hold
+    the work dir's lock): a run killed here leaves it, and the next run overwrites it.
+    """
+    from .audio.export import encode
+    from .audio.watermark import verify_file
+
+    staged = output.with_name(f".{output.stem}.partial{output.suffix}")
+    try:
+        encode(track, staged, options.export, chapters=list(chapters), title=title)
+        check = verify_file(staged, watermarker)
+        faults.point("encoded")
+        if not check.marked:
+            raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
+    return check
+
+
 def manifest_for(doc: Document, source: Path, voice, model_id: str, options: Options, plan: list[PlannedChunk]) -> dict:
     return {
         "format": FORMAT_VERSION,
@@ -239,8 +261,6 @@ def render_book(
     lock_timeout: float = 0,
 ) -> RunReport:
     """The whole job for a book; resumable; the output appears only when complete and marked."""
-    from .audio.export import encode
-    from .audio.watermark import verify_file
     from .engine.voice import VoiceCache
 
     report = RunReport(output=output)
@@ -262,23 +282,14 @@ def render_book(
             progress=progress,
             report=report,
         )
-        # Encode beside the output under a temporary name, check the mark, then rename: the
-        # output never exists unfinished or unmarked.
         track = work_dir / f"track-{os.getpid()}.wav"
-        # One fixed name (we hold the work dir's lock): a run killed here leaves it, the next
-        # run overwrites it.
-        staged = output.with_name(f".{output.stem}.partial{output.suffix}")
         try:
             chapters, seconds = stitch_to_file(plan, doc, store, options, track)
-            encode(track, staged, options.export, chapters=chapters if len(chapters) > 1 else [], title=doc.name)
-            check = verify_file(staged, watermarker)
-            faults.point("encoded")
-            if not check.marked:
-                raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
-            os.replace(staged, output)
+            check = encode_verified(
+                track, output, options, watermarker, chapters=chapters if len(chapters) > 1 else (), title=doc.name
+            )
         finally:
             track.unlink(missing_ok=True)
-            staged.unlink(missing_ok=True)
     report.audio_seconds = seconds
     report.watermark_score = check.score
     return report

@@ -312,7 +312,6 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
     if key in _CACHE:
         return _CACHE[key]
 
-    import torch
     from safetensors.torch import load_file
 
     quiet_imports()

@@ -134,8 +134,9 @@ class BatchedS3Gen:
 
     ``model`` is a :class:`ttsbatch.engine.model.LoadedModel` (its ``s3gen`` is used as is,
     weights shared with the stock path). ``buckets``: item mel-frame lengths (even).
-    ``max_batch``: most items per forward; ``max_attn_elems`` caps batch × tokens² of the
-    encoder's full attention (the largest activation) for long buckets.
+    ``max_batch``: most items per forward; ``max_attn_gib`` caps the size of one attention-score
+    tensor of the encoder's upsampled stack (batch × 8 heads × frames² fp32, its largest
+    activation), which lowers the batch of long buckets.
     """
 
     def __init__(
@@ -144,7 +145,7 @@ class BatchedS3Gen:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         dtype: torch.dtype | None = None,
         max_batch: int = 64,
-        max_attn_elems: int = 64 * 1280 * 1280,
+        max_attn_gib: float = 4.0,
         compile: bool = False,
         cuda_graphs: bool = False,
         compile_mode: str | None = None,
@@ -164,7 +165,7 @@ class BatchedS3Gen:
         self.buckets = buckets
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.is_cuda else torch.float32)
         self.max_batch = int(max_batch)
-        self.max_attn_elems = int(max_attn_elems)
+        self.max_attn_bytes = int(max_attn_gib * 2**30)
         if (compile or cuda_graphs) and not self.is_cuda:
             raise ValueError("compile=True and cuda_graphs=True need a CUDA device")
         self.compile = compile
@@ -247,8 +248,9 @@ class BatchedS3Gen:
         return dict(sorted(out.items()))
 
     def batch_limit(self, bucket: int, voice: VoiceRef) -> int:
-        t = voice.n_prompt_tokens + bucket // 2
-        return max(1, min(self.max_batch, self.max_attn_elems // (t * t)))
+        frames = 2 * (voice.n_prompt_tokens + bucket // 2)
+        heads = self.flow.encoder.up_encoders[0].self_attn.h if len(self.flow.encoder.up_encoders) else 8
+        return max(1, min(self.max_batch, self.max_attn_bytes // (heads * frames * frames * 4)))
 
     def _padded_batch(self, b: int, limit: int) -> int:
         if not (self.compile or self.cuda_graphs):
@@ -421,7 +423,7 @@ class BatchedS3Gen:
         Pm = voice.n_prompt_frames
         mel_len = 2 * lengths  # prompt + item mel frames (encoder output length)
         item_len = mel_len - Pm
-        marks = self._mark()
+        marks = [self._mark()]
         mu = self._enc_fn(tokens, lengths, self._pos_emb(0, tokens.shape[1]), self._pos_emb(1, T_mel))
         marks.append(self._mark())
         mask = length_mask_f(mel_len, T_mel)

@@ -448,7 +448,8 @@ class FastT3:
         """``use_graphs``: None = on CUDA only; ``"emulate"`` runs the capture bookkeeping
         (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests."""
         self.model = model
-        self.w = T3Weights(model.t3, dtype)
+        with torch.inference_mode(False), torch.no_grad():
+            self.w = T3Weights(model.t3, dtype)
         self.device = self.w.device
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
@@ -509,7 +510,8 @@ class FastT3:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         max_len = _round_up(max_len, LEN_BUCKET if self.device.type == "cuda" else 64)
-        self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable in and out of inference mode
+            self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
         return self.state
 
     # -- prompts -------------------------------------------------------------------------------
@@ -641,48 +643,54 @@ class FastT3:
         slot_left = [0] * rows  # host bound of steps a row has left
         self.trace = []
 
-        with torch.inference_mode():
-            while queue or any(r is not None for r in slot_req):
-                free = [s for s in range(rows) if slot_req[s] is None]
-                if queue and free:
-                    take = free[: len(queue)]
-                    reqs = [queue.popleft() for _ in take]
-                    inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
-                    prefill(self.w, st, take, inputs)
-                    self.stats["prefills"] += 1
-                    for s, i in zip(take, reqs):
-                        slot_req[s] = i
-                        slot_pos[s] = prompt_len[i]
-                        slot_left[s] = int(requests[i].budget)
-                        self.trace.append(("start", i, s))
-                elif not queue:
-                    self._compact(st, slot_req, slot_pos, slot_left, buckets)
-                live = [s for s in range(rows) if slot_req[s] is not None]
-                n = _bucket(max(live) + 1, buckets)
-                k = max(1, min(check_every, min(slot_left[s] for s in live)))
-                kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
-                for _ in range(k):
-                    self.step(st, n, kv_len, use_top_p)
-                self.stats["steps"] += k
-                self.stats["row_steps"] += k * len(live)
-                for s in live:
-                    slot_pos[s] += k
-                    slot_left[s] -= k
-                # One host sync per k steps: which rows are done, and how far they got.
-                flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu()
-                self.stats["host_checks"] += 1
-                finished = [s for s in live if bool(flags[0, s])]
-                if not finished:
-                    continue
-                count = {s: int(flags[1, s]) for s in finished}
-                width = max(count.values())
-                got = st.out[torch.tensor(finished, device=self.device), :width].cpu()
-                for j, s in enumerate(finished):
-                    i = slot_req[s]
-                    toks = _tokens_without_eos(got[j, : count[s]].tolist(), eos, gen.ignore_eos)
-                    slot_req[s] = None
-                    self.trace.append(("finish", i, s))
-                    yield i, toks
+        def advance() -> list[tuple[int, list[int]]]:
+            """Refill free rows, run up to ``check_every`` steps, harvest the finished rows."""
+            free = [s for s in range(rows) if slot_req[s] is None]
+            if queue and free:
+                take = free[: len(queue)]
+                reqs = [queue.popleft() for _ in take]
+                inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
+                prefill(self.w, st, take, inputs)
+                self.stats["prefills"] += 1
+                for s, i in zip(take, reqs):
+                    slot_req[s] = i
+                    slot_pos[s] = prompt_len[i]
+                    slot_left[s] = int(requests[i].budget)
+                    self.trace.append(("start", i, s))
+            elif not queue:
+                self._compact(st, slot_req, slot_pos, slot_left, buckets)
+            live = [s for s in range(rows) if slot_req[s] is not None]
+            n = _bucket(max(live) + 1, buckets)
+            k = max(1, min(check_every, min(slot_left[s] for s in live)))
+            kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
+            for _ in range(k):
+                self.step(st, n, kv_len, use_top_p)
+            self.stats["steps"] += k
+            self.stats["row_steps"] += k * len(live)
+            for s in live:
+                slot_pos[s] += k
+                slot_left[s] -= k
+            # One host sync per k steps: which rows are done, and how far they got.
+            flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu()
+            self.stats["host_checks"] += 1
+            finished = [s for s in live if bool(flags[0, s])]
+            if not finished:
+                return []
+            count = {s: int(flags[1, s]) for s in finished}
+            width = max(count.values())
+            got = st.out[torch.tensor(finished, device=self.device), :width].cpu()
+            out = []
+            for j, s in enumerate(finished):
+                i = slot_req[s]
+                out.append((i, _tokens_without_eos(got[j, : count[s]].tolist(), eos, gen.ignore_eos)))
+                slot_req[s] = None
+                self.trace.append(("finish", i, s))
+            return out
+
+        while queue or any(r is not None for r in slot_req):
+            with torch.inference_mode():  # not held across yields: the caller runs in its own mode
+                finished = advance()
+            yield from finished
 
     def _compact(self, st: DecodeState, slot_req, slot_pos, slot_left, buckets) -> None:
         """With nothing left to start, move live rows down so a smaller batch bucket covers them."""
