@@ -164,7 +164,7 @@ def test_per_bucket_work_has_no_host_reads(monkeypatch, bs, voice):
     """The per-bucket work (encoder, CFM, HiFiGAN on staged device tensors) never reads a
     tensor back (.item, .tolist, bool/int/float of a tensor, .numpy, .cpu) and builds no
     tensor from Python data (torch.tensor). On CPU that is the observable part of "no host
-    sync"; tests/… GPU test below runs it under CUDA's sync debug mode."""
+    sync"; the GPU test below runs the same work under CUDA's sync-debug mode "error"."""
     toks = [list(range(1, 20)), list(range(100, 105))]
     n_tok = 32
     tokens, lengths = bs._stage_tokens(toks, voice, n_tok)
@@ -197,23 +197,24 @@ def test_gpu_no_sync_and_bf16_close(tiny_checkpoint):
     m = load_model(tiny_checkpoint, "cuda")
     gen = VoiceCache(m).get(BUILTIN, 0.5).gen
     toks = [list(range(1, 40)), list(range(300, 320)), list(range(7, 70))]
-    b32 = BatchedS3Gen(m, dtype=torch.float32)
+    b32, b16 = BatchedS3Gen(m, dtype=torch.float32), BatchedS3Gen(m, dtype=torch.bfloat16)
     v = b32.prepare_voice(gen)
     tokens, lengths = b32._stage_tokens(toks, v, 64)
     T_mel = 2 * tokens.shape[1]
     S = (T_mel - v.n_prompt_frames) * 480
     z, phase, sine = b32._stage_noise([0, 1, 2], toks, v, T_mel, S, None, None, [0, 1, 2])
-    with torch.inference_mode():
-        b32.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)  # warm-up (lazy inits)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            wav = b32.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    assert torch.isfinite(wav).all()
+    for bs in (b32, b16):  # fp32 (masked SDPA) and bf16 (varlen flash attention where available)
+        with torch.inference_mode():
+            bs.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)  # warm-up (lazy inits)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                wav = bs.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(wav).all()
     noise = [z[i, :, : 2 * (v.n_prompt_tokens + len(t))] for i, t in enumerate(toks)]
     ref = b32.synthesize_mels(toks, v, 10, noise=noise)
-    got = BatchedS3Gen(m, dtype=torch.bfloat16).synthesize_mels(toks, v, 10, noise=noise)
+    got = b16.synthesize_mels(toks, v, 10, noise=noise)
     for a, b in zip(ref, got):
         assert (a - b).abs().max().item() < 0.25 * a.abs().max().item()

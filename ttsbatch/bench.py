@@ -149,7 +149,7 @@ def run_bench(
         n = sum(len(v) for v in got.values())
         assert n == sum(r.budget for r in rs), "fast path generated a different number of tokens than budgeted"
         stats = {k: fast.stats[k] - before[k] for k in fast.stats}
-        rows = fast.state.rows if fast.state is not None else None
+        rows = fast.rows_used
         r = _rate(n, dt) | dict(peak_gib=_peak_gib(device), rows=rows, steps=stats["steps"], host_checks=stats["host_checks"])
         r["mean_live_rows"] = round(stats["row_steps"] / max(1, stats["steps"]), 1)
         say(f"fast {label}: {r}")
@@ -182,7 +182,6 @@ def _profile(fast, conds, gen, reqs, device, check_every, max_vram_gb, top: int 
     """Top kernels (GPU) or ops (CPU) of one fast generate run, by self time."""
     from dataclasses import replace
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     g = replace(gen, max_new_tokens=min(gen.max_new_tokens, 64))

@@ -23,8 +23,9 @@ Noise: stock draws the CFM start noise with ``torch.randn_like(mu)`` over prompt
 and HiFiGAN's source draws a random phase (``Uniform``) and sine noise per sample from the
 global RNG. Here each item's noise is drawn over its own length only, from a generator seeded
 with the item's seed on the device (CFM noise, then phase, then sine noise), so an item's
-audio depends on its tokens, voice and seed, never on its neighbours or its bucket. Tests
-inject stock's exact noise instead (``noise=``, ``source_noise=``).
+audio depends on its tokens, voice and seed, never on its neighbours or its bucket (up to
+float rounding of differently shaped kernels). Tests inject stock's exact noise instead
+(``noise=``, ``source_noise=``).
 
 No host syncs in the per-bucket work: chatterbox's ``make_pad_mask`` calls ``.item()`` and
 ``add_optional_chunk_mask`` (used by the encoder and the CFM estimator) checks its mask with
@@ -35,7 +36,10 @@ staged once per batch (pinned, non-blocking), audio comes back once per batch in
 memory, and the host waits once per :meth:`synthesize` call.
 
 GPU options: ``dtype`` (default bf16 on CUDA, fp32 on CPU) runs the encoder and the CFM
-estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. ``compile=True``
+estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. In bf16 on
+CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
+row's key count given by ``seqused_k``: the key-padding mask without a mask tensor), with
+its transformer blocks called submodule by submodule (``_block``). ``compile=True``
 runs the encoder, the CFM step and HiFiGAN through ``torch.compile`` (one graph per bucket
 and batch size: batches are padded to a power of two), and ``cuda_graphs=True`` captures the
 whole CFM loop of a bucket into one CUDA graph. Both are CUDA-only and off by default.
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -126,7 +130,6 @@ class StageTimes:
     hifigan: float = 0.0
     batches: int = 0
     items: int = 0
-    _events: list = field(default_factory=list, repr=False)
 
 
 class BatchedS3Gen:
@@ -149,7 +152,9 @@ class BatchedS3Gen:
         compile: bool = False,
         cuda_graphs: bool = False,
         compile_mode: str | None = None,
+        compile_dynamic: bool | None = False,
         profile: bool = False,
+        vocoder_rows: int | None = None,
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -171,6 +176,9 @@ class BatchedS3Gen:
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.profile = profile
+        # rows per HiFiGAN call: the whole batch on CUDA; one on CPU, where batching HiFiGAN is
+        # ~1.7x slower per item than running it row by row (measured, tiny checkpoint)
+        self.vocoder_rows = vocoder_rows if vocoder_rows is not None else (0 if self.is_cuda else 1)
         self.times = StageTimes()
 
         dec = self.flow.decoder
@@ -186,12 +194,15 @@ class BatchedS3Gen:
         self.hop = int(h.istft_params["hop_len"])
         self.samples_per_frame = int(np.prod(self.up_rates)) * self.hop  # 480 at 24 kHz
         self.harmonics = h.m_source.l_sin_gen.harmonic_num + 1
+        self._src_geom = [(int(c.stride[0]), int(c.padding[0])) for c in h.source_downs]
         self.window = h.stft_window.to(self.device, torch.float32)  # stock moves it per call
         self.trim_fade = s3.trim_fade.to(self.device, torch.float32)
         self._pe_cache: dict = {}
         self._t_span_cache: dict = {}
         self._graphs: dict = {}
         self._graph_pool = None
+
+        self.flash = self._flash_usable(est)
 
         self._enc_fn = self._encode
         self._step_fn = self._cfm_step
@@ -203,7 +214,7 @@ class BatchedS3Gen:
             for name in ("cache_size_limit", "recompile_limit"):
                 if hasattr(cfg, name):
                     setattr(cfg, name, max(getattr(cfg, name), 256))
-            kw = dict(dynamic=False)
+            kw = dict(dynamic=compile_dynamic)
             if compile_mode:
                 kw["mode"] = compile_mode
             self._enc_fn = torch.compile(self._encode, **kw)
@@ -428,13 +439,20 @@ class BatchedS3Gen:
         marks.append(self._mark())
         mask = length_mask_f(mel_len, T_mel)
         cond = F.pad(voice.prompt_feat, (0, T_mel - Pm)).unsqueeze(0).expand(mu.shape[0], -1, -1)
-        x = self._cfm(z, mu, mask, voice.spks, cond, n_timesteps)
+        x = self._cfm(z, mu, mask, voice.spks, cond, n_timesteps, mel_len)
         mel = x[:, :, Pm:] * length_mask_f(item_len, T_mel - Pm)
         marks.append(self._mark())
         if not vocode:
             self._account(marks)
             return mel
-        wav = self._voc_fn(mel, item_len, phase, sine)
+        rows = self.vocoder_rows or mel.shape[0]
+        if rows >= mel.shape[0]:
+            wav = self._voc_fn(mel, item_len, phase, sine)
+        else:  # CPU: oneDNN's convs over a large batch of long rows thrash the caches; a few rows at a time
+            wav = torch.cat(
+                [self._voc_fn(mel[i : i + rows], item_len[i : i + rows], phase[i : i + rows], sine[i : i + rows])
+                 for i in range(0, mel.shape[0], rows)]
+            )
         marks.append(self._mark())
         self._account(marks)
         return wav
@@ -518,9 +536,12 @@ class BatchedS3Gen:
             self._t_span_cache[n_timesteps] = t
         return self._t_span_cache[n_timesteps]
 
-    def _cfm(self, z, mu, mask, spks, cond, n_timesteps):
+    def _cfm(self, z, mu, mask, spks, cond, n_timesteps, lengths=None):
         """Stock ``CausalConditionalCFM.solve_euler`` with CFG, batched. The CFG inputs that do
-        not change over the steps (mu, speaker, prompt condition, masks) are packed once."""
+        not change over the steps (mu, speaker, prompt condition, masks) are packed once.
+        ``lengths`` (B,): valid frames per row (else read off ``mask``, on the device).
+        With flash attention the attention argument passed down is not a bias but the int32
+        (2, 2B + 1) pair [row starts, valid keys per row] (see ``_block``)."""
         B, _, T = mu.shape
         zeros = torch.zeros_like(mu)
         spk = spks.view(1, -1, 1).expand(B, -1, T)
@@ -529,7 +550,18 @@ class BatchedS3Gen:
             dim=0,
         )  # (2B, 240, T): [mu | spks | cond] for the conditional half, zeros for the CFG half
         mask_in = torch.cat([mask, mask], dim=0)
-        bias = attention_bias(mask_in, self.heads)
+        if self.flash:
+            if lengths is None:
+                lengths = mask[:, 0].sum(-1).long()
+            # varlen flash attention over the padded layout: row i's queries and keys start at
+            # i * T, and only its first ``lengths[i]`` keys are used (seqused_k): a key-padding
+            # mask without a mask tensor, so the fast kernel applies.
+            cu = torch.arange(0, (2 * B + 1) * T, T, device=mu.device, dtype=torch.int32)
+            used = torch.cat([lengths, lengths]).to(torch.int32)
+            bias = torch.stack([cu[:-1], used])  # (2, 2B) int32, unpacked in _block
+            bias = torch.cat([bias, cu[-1:].expand(2, 1)], dim=1)  # keep cu's end: (2, 2B + 1)
+        else:
+            bias = attention_bias(mask_in, self.heads)
         t_span = self._t_span(n_timesteps)
         if self.cuda_graphs:
             return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
@@ -603,7 +635,7 @@ class BatchedS3Gen:
             x = resnet(x, mask_down, t)
             x = x.transpose(1, 2).contiguous()
             for block in transformer_blocks:
-                x = block(hidden_states=x, attention_mask=bias_down, timestep=t)
+                x = self._block(block, x, bias_down, t)
             x = x.transpose(1, 2).contiguous()
             hiddens.append(x)
             x = downsample(x * mask_down)
@@ -614,7 +646,7 @@ class BatchedS3Gen:
             x = resnet(x, mask_mid, t)
             x = x.transpose(1, 2).contiguous()
             for block in transformer_blocks:
-                x = block(hidden_states=x, attention_mask=bias_mid, timestep=t)
+                x = self._block(block, x, bias_mid, t)
             x = x.transpose(1, 2).contiguous()
         for resnet, transformer_blocks, upsample in est.up_blocks:
             mask_up, bias_up = masks.pop(), biases.pop()
@@ -623,12 +655,68 @@ class BatchedS3Gen:
             x = resnet(x, mask_up, t)
             x = x.transpose(1, 2).contiguous()
             for block in transformer_blocks:
-                x = block(hidden_states=x, attention_mask=bias_up, timestep=t)
+                x = self._block(block, x, bias_up, t)
             x = x.transpose(1, 2).contiguous()
             x = upsample(x * mask_up)
         x = est.final_block(x, mask_up)
         out = est.final_proj(x * mask_up)
         return out * mask
+
+    def _flash_usable(self, est) -> bool:
+        """Whether the estimator's attention can run as varlen flash attention: CUDA, a 16-bit
+        dtype, one time resolution (chatterbox's estimator has no downsampling), blocks in the
+        plain configuration our ``_block`` mirrors, and the kernel present (tried once)."""
+        if not self.is_cuda or self.dtype not in (torch.bfloat16, torch.float16) or len(est.down_blocks) != 1:
+            return False
+        blocks = [b for _, tbs, *_ in list(est.down_blocks) + list(est.mid_blocks) + list(est.up_blocks) for b in tbs]
+        for b in blocks:
+            a = b.attn1
+            if (
+                b.use_ada_layer_norm or b.use_ada_layer_norm_zero or b.attn2 is not None or b.only_cross_attention
+                or b._chunk_size is not None or a.residual_connection or a.rescale_output_factor != 1.0
+                or a.group_norm is not None or a.spatial_norm is not None
+            ):
+                return False
+        try:
+            H, D, T = 2, 64, 24
+            g = torch.Generator(device=self.device).manual_seed(0)
+            q, k, v = (torch.randn(2 * T, H, D, device=self.device, dtype=self.dtype, generator=g) for _ in range(3))
+            cu = torch.tensor([0, T, 2 * T], device=self.device, dtype=torch.int32)
+            used = torch.tensor([T, 9], device=self.device, dtype=torch.int32)
+            out = self._flash(q, k, v, cu, used, T, 1.0 / math.sqrt(D))
+            ref = F.scaled_dot_product_attention(
+                q.view(2, T, H, D).transpose(1, 2), k.view(2, T, H, D).transpose(1, 2), v.view(2, T, H, D).transpose(1, 2),
+                attn_mask=(torch.arange(T, device=self.device) < used.view(2, 1, 1, 1)),
+            ).transpose(1, 2).reshape(2 * T, H, D)
+            return bool((out.float() - ref.float()).abs().max() < 0.05)
+        except Exception:  # no flash kernel here (old GPU, build without it): the masked SDPA path
+            return False
+
+    @staticmethod
+    def _flash(q, k, v, cu, used, T, scale):
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, T, T, 0.0, False, False, scale=scale, seqused_k=used
+        )[0]
+
+    def _block(self, block, x, bias, t):
+        """A transformer block of the estimator. With flash attention: chatterbox's
+        ``BasicTransformerBlock.forward`` in its plain configuration (norm1, self-attention,
+        norm3, feed-forward; checked in ``_flash_usable``), its submodules called; else the
+        stock block with the additive attention bias."""
+        if not self.flash:
+            return block(hidden_states=x, attention_mask=bias, timestep=t)
+        attn = block.attn1
+        B, T, _ = x.shape
+        h = block.norm1(x)
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        H = attn.heads
+        D = q.shape[-1] // H
+        cu = bias[0]  # (2B + 1,) row starts, see _cfm
+        used = bias[1, :-1]  # (2B,) valid keys per row
+        o = self._flash(q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D), cu, used, T, 1.0 / math.sqrt(D))
+        o = attn.to_out[1](attn.to_out[0](o.reshape(B, T, H * D).to(q.dtype)))
+        x = o + x
+        return block.ff(block.norm3(x)) + x
 
     # ---- HiFiGAN ---------------------------------------------------------------------------------
 
@@ -667,7 +755,9 @@ class BatchedS3Gen:
                 length = length + 1
             mi = length_mask_f(length, x.shape[-1])
             x = x * mi
-            si = h.source_downs[i](s_stft) * mi
+            conv = h.source_downs[i]
+            stride, padding = self._src_geom[i]  # Python ints (the module holds numpy ints, which torch.compile reads back)
+            si = F.conv1d(s_stft, conv.weight, conv.bias, stride, padding) * mi
             si = self._resblock(h.source_resblocks[i], si, mi)
             x = x + si
             xs = None

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -458,6 +457,7 @@ class FastT3:
         self.use_graphs = use_graphs
         self.graph_error: str | None = None  # why graphs were turned off, if capture failed
         self.state: DecodeState | None = None
+        self.rows_used = 0  # rows of the last generate call (the buffers may hold more)
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
@@ -631,6 +631,7 @@ class FastT3:
         rows = max_rows or self.pick_rows(need, pairs, max_vram_gb, len(requests))
         rows = max(1, min(rows, len(requests)))
         use_top_p = gen.top_p < 1.0
+        self.rows_used = rows
         st = self.new_state(rows, need, max_new, pairs, eos)
         st.done.fill_(True)
         buckets = row_buckets(rows)
