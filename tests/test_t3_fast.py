@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,3 +265,26 @@ def test_fast_engine_synthesizes_each_request(model, conds):
         assert r.tokens == len(speech_tokens_for_s3gen(tokens[i])) > 0
         assert r.wav.dtype.name == "float32" and len(r.wav) > 0
         assert (r.wav == streamed[i].wav).all()  # seeded: the same audio twice
+
+
+def test_fast_engine_is_fast_t3_then_batched_s3gen(model, conds):
+    """The engine's audio is exactly batched S3Gen over the fast T3's cleaned tokens, seeded per
+    request, whatever the S3Gen batch size (items never depend on their neighbours)."""
+    from ttsbatch.engine.fast import FastEngine, speech_tokens_for_s3gen
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest(t, 40 + i, b) for i, (t, b) in enumerate([("One two three.", 9), ("Four.", 5), ("Five six.", 7)])]
+    one_by_one = FastEngine(model, s3gen_batch=1)
+    order = [i for i, _ in one_by_one.synthesize_stream(reqs, conds, gen)]
+    assert sorted(order) == [0, 1, 2]
+    tokens = dict(one_by_one.speech_token_stream(reqs, conds, gen))
+    kept = [speech_tokens_for_s3gen(tokens[i]) for i in range(3)]
+    s3 = BatchedS3Gen(model)
+    want = s3.synthesize(kept, s3.prepare_voice(conds.gen), n_timesteps=2, seeds=[r.seed for r in reqs])
+    for s3gen_batch in (1, 8):
+        got = FastEngine(model, s3gen_batch=s3gen_batch).synthesize(reqs, conds, gen)
+        for i in range(3):
+            assert got[i].tokens == len(kept[i])
+            assert len(got[i].wav) == len(want[i]) == 2 * len(kept[i]) * 480  # 2 mel frames per token, 480 samples per frame
+            np.testing.assert_allclose(got[i].wav, want[i], atol=1e-5)

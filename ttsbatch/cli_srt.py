@@ -34,7 +34,9 @@ def srt(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every cue and what will be spoken, without loading the model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
     progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Chunks per engine call."),
+    engine: str = typer.Option("auto", "--engine", help="auto: fast on a CUDA GPU, stock elsewhere; stock: Chatterbox as shipped; fast: ttsbatch's batched engine."),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on GPU memory for the fast engine (e.g. 24 to fit a 24 GB card)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Chunks per engine call. Default: 1 for stock, 4096 for fast."),
     exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
     cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
@@ -104,11 +106,14 @@ def srt(
     from .audio.watermark import Watermarker
     from .dub import render_subtitles
     from .engine.model import describe, load_model
-    from .engine.stock import StockEngine
+    from .engine.model import pick_device
+    from .engine.select import choose_engine, make_engine
 
-    watermarker = Watermarker("cpu")
-    model = load_model(model_dir, device.value)
-    log.info("model: %s", describe(model))
+    where = pick_device(device.value)
+    choice = choose_engine(engine, where, batch_size, max_vram)
+    watermarker = Watermarker(where)  # on the GPU when the model is: it marks every chunk
+    model = load_model(model_dir, where)
+    log.info("model: %s; engine: %s", describe(model), choice.name)
     report = render_subtitles(
         cues,
         source=subs_path,
@@ -118,10 +123,10 @@ def srt(
         options=options,
         fit=fit,
         model=model,
-        engine=StockEngine(model),
+        engine=make_engine(model, choice, max_vram),
         watermarker=watermarker,
         duration=duration,
-        batch_size=batch_size,
+        batch_size=choice.batch_size,
         progress=resolve_mode(mode, quiet),
         cache_dir=cache_dir(),
         lock_timeout=-1 if wait else 0,

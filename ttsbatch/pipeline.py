@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -86,6 +87,63 @@ def _free_accelerator_memory() -> None:
         pass
 
 
+class _ChunkSink:
+    """Watermarks and stores finished chunks on a worker thread, beside the engine.
+
+    The engine hands over each chunk as soon as it has it and goes on; at most ``depth``
+    chunks wait (bounded memory). Chunks are stored in the order they were handed over, and
+    :meth:`ready` returns those stored so far. A failure to mark or store (disk full, say)
+    is raised from :meth:`ready` / :meth:`drain`, so it stops the run as it would inline.
+    """
+
+    def __init__(self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 32):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttsbatch-store")
+        self._waiting: deque = deque()
+        self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
+
+    def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
+        sr = self._sr
+        marked = self._watermarker.apply(wav, sr) if len(wav) else wav
+        meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
+        self._store.put(planned.id, marked, sr, meta)
+        faults.point("chunk-stored")
+        return ChunkDone(planned, len(marked) / sr, tokens)
+
+    def put(self, planned: PlannedChunk, wav, tokens: int) -> list[ChunkDone]:
+        """Queue one chunk; returns the chunks stored meanwhile (waits if ``depth`` are queued)."""
+        self._waiting.append(self._pool.submit(self._mark_and_store, planned, wav, tokens))
+        done = self.ready()
+        while len(self._waiting) >= self._depth:
+            done.append(self._waiting.popleft().result())
+        return done
+
+    def ready(self) -> list[ChunkDone]:
+        done = []
+        while self._waiting and self._waiting[0].done():
+            done.append(self._waiting.popleft().result())
+        return done
+
+    def drain(self) -> list[ChunkDone]:
+        done = []
+        while self._waiting:
+            done.append(self._waiting.popleft().result())
+        return done
+
+    def close(self) -> None:
+        """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop."""
+        self._pool.shutdown(wait=True)
+
+
+def _engine_results(engine, requests, conds, generation):
+    """``(index, result)`` as the engine finishes them: streamed where the engine can."""
+    stream = getattr(engine, "synthesize_stream", None)
+    if stream is not None:
+        return iter(stream(requests, conds, generation))
+    return iter(enumerate(engine.synthesize(requests, conds, generation)))
+
+
 def synthesize_pending(
     todo: Sequence[PlannedChunk],
     *,
@@ -98,44 +156,61 @@ def synthesize_pending(
 ) -> Iterator[ChunkDone | ChunkFailed]:
     """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded.
 
-    Out of memory: the batch is halved and retried, and later batches keep the smaller size.
-    Any other engine error: the batch is retried one chunk at a time, so one bad chunk costs
-    only itself; a chunk that fails alone is yielded as ChunkFailed.
+    Chunks are marked and stored on a worker thread as the engine hands them over, so the
+    engine never waits for the disk. Out of memory: the unfinished part of the batch is
+    halved and retried, and later batches keep the smaller size. Any other engine error: the
+    unfinished chunks are retried one at a time, so one bad chunk costs only itself; a chunk
+    that fails alone is yielded as ChunkFailed.
     """
     from .engine.stock import SynthesisRequest
 
-    sr = engine.sample_rate
     remaining = [p for batch in batches(list(todo), batch_size) for p in batch]  # length-sorted
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    while remaining or alone:
-        if alone:
-            batch = [alone.pop(0)]
-        else:
-            batch, remaining = remaining[:size], remaining[size:]
-        requests = [SynthesisRequest(p.chunk.text, p.seed, p.budget) for p in batch]
-        try:
-            results = engine.synthesize(requests, conds, generation)
-        except Exception as e:  # KeyboardInterrupt and SIGTERM are BaseException: they pass
-            if is_out_of_memory(e) and len(batch) > 1:
-                size = max(1, len(batch) // 2)
+    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate)
+    try:
+        while remaining or alone:
+            if alone:
+                batch = [alone.pop(0)]
+            else:
+                batch, remaining = remaining[:size], remaining[size:]
+            requests = [SynthesisRequest(p.chunk.text, p.seed, p.budget) for p in batch]
+            finished: set[int] = set()
+            error = None
+            results = None
+            while True:
+                try:  # only the engine's own failures are caught here; the sink's propagate
+                    if results is None:
+                        results = _engine_results(engine, requests, conds, generation)
+                    j, result = next(results)
+                except StopIteration:
+                    break
+                except Exception as e:  # KeyboardInterrupt and SIGTERM are BaseException: they pass
+                    error = e
+                    break
+                finished.add(j)
+                yield from sink.put(batch[j], result.wav, result.tokens)
+            yield from sink.ready()
+            if error is None:
+                continue
+            unfinished = [p for j, p in enumerate(batch) if j not in finished]
+            if not unfinished:
+                continue
+            if is_out_of_memory(error) and len(unfinished) > 1:
+                size = max(1, len(unfinished) // 2)
                 log.warning("out of GPU memory with %d chunks in a batch; retrying with %d", len(batch), size)
                 _free_accelerator_memory()
-                remaining[:0] = batch
+                remaining[:0] = unfinished
                 continue
-            if len(batch) > 1:
-                log.warning("a batch of %d chunks failed (%s); retrying them one at a time", len(batch), _line(e))
-                alone.extend(batch)
+            if len(unfinished) > 1:
+                log.warning("a batch of %d chunks failed (%s); retrying them one at a time", len(unfinished), _line(error))
+                alone.extend(unfinished)
                 continue
-            log.error("chunk %d failed: %s", batch[0].chunk.index + 1, _line(e))
-            yield ChunkFailed(batch[0], _line(e))
-            continue
-        for planned, result in zip(batch, results):
-            marked = watermarker.apply(result.wav, sr) if len(result.wav) else result.wav
-            meta = {"text": planned.chunk.text, "tokens": result.tokens, "engine": engine.name}
-            store.put(planned.id, marked, sr, meta)
-            faults.point("chunk-stored")
-            yield ChunkDone(planned, len(marked) / sr, result.tokens)
+            log.error("chunk %d failed: %s", unfinished[0].chunk.index + 1, _line(error))
+            yield ChunkFailed(unfinished[0], _line(error))
+        yield from sink.drain()
+    finally:
+        sink.close()
 
 
 def _line(e: BaseException) -> str:

@@ -1,21 +1,26 @@
-"""The fast engine: batched, graph-captured T3 (``t3_fast``) glued to stock S3Gen per chunk.
+"""The fast engine: batched, graph-captured T3 (``t3_fast``) feeding batched S3Gen (``s3gen_batched``).
 
-Same interface as :class:`~ttsbatch.engine.stock.StockEngine`. T3 runs every request of a
-call through continuous batching; as soon as a request's speech tokens are done, its
-invalid tokens are dropped the way stock does and stock ``S3Gen.inference`` turns them into
-a waveform (seeded with the request's seed), so :meth:`FastEngine.synthesize_stream` can
-yield it while the other rows keep decoding at the next ``generate`` step.
-(Batched S3Gen is a later stage.)
+Same interface as :class:`~ttsbatch.engine.stock.StockEngine`, plus :meth:`synthesize_stream`.
+T3 runs every request of a call through continuous batching. As requests finish, their
+speech tokens are cleaned up the way stock does and collected; once ``s3gen_batch`` of them
+are waiting (or T3 is done), batched S3Gen turns them into waveforms in one go (one host
+wait per S3Gen batch) and they are yielded, while the T3 rows they left are already refilled.
+
+Memory: T3's KV cache gets ``t3_share`` of the budget (``max_vram_gb``, else the free GPU
+memory); S3Gen's activations live in the rest (its largest attention tensor capped to fit).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..config import GenerationOptions
 from .stock import SynthesisRequest, SynthesisResult
+
+log = logging.getLogger("ttsbatch")
 
 
 def speech_tokens_for_s3gen(tokens: Sequence[int]) -> list[int]:
@@ -37,7 +42,7 @@ def speech_tokens_for_s3gen(tokens: Sequence[int]) -> list[int]:
 
 
 class FastEngine:
-    """Chunks in, waveforms out: fast T3 for all chunks at once, stock S3Gen per chunk."""
+    """Chunks in, waveforms out: fast T3 for all chunks at once, batched S3Gen behind it."""
 
     name = "fast"
 
@@ -48,7 +53,18 @@ class FastEngine:
         max_vram_gb: float | None = None,
         check_every: int = 8,
         use_graphs: bool | None = None,
+        s3gen_batch: int | None = None,
+        t3_share: float = 0.6,
+        compile_s3gen: bool = False,
     ):
+        """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
+        both models' work; ``check_every``: T3 steps between host looks at "all done?";
+        ``use_graphs``: CUDA graphs for T3's decode step (None: on CUDA); ``s3gen_batch``:
+        finished chunks collected before S3Gen runs (None: 64 on CUDA, 8 on CPU);
+        ``compile_s3gen``: torch.compile S3Gen's stages and capture its CFM loop (CUDA)."""
+        import torch
+
+        from .s3gen_batched import BatchedS3Gen
         from .t3_fast import FastT3
 
         self.model = model
@@ -57,6 +73,30 @@ class FastEngine:
         self.max_vram_gb = max_vram_gb
         self.check_every = check_every
         self.t3 = FastT3(model, use_graphs=use_graphs)
+        cuda = self.t3.device.type == "cuda"
+        self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
+        self.t3_vram_gb = None
+        attn_gib = 4.0
+        if cuda:
+            free, _ = torch.cuda.mem_get_info(self.t3.device)
+            budget = free / (1 << 30) + torch.cuda.memory_reserved(self.t3.device) / (1 << 30)
+            if max_vram_gb is not None:
+                budget = min(budget, max_vram_gb)
+            self.t3_vram_gb = budget * t3_share
+            # S3Gen's peak is a few copies of its largest attention tensor: keep it in the rest
+            attn_gib = max(0.25, min(4.0, budget * (1 - t3_share) / 6))
+        self.s3 = BatchedS3Gen(
+            model, max_batch=self.s3gen_batch, max_attn_gib=attn_gib, compile=compile_s3gen, cuda_graphs=compile_s3gen
+        )
+        self._voice_key = None
+        self._voice = None
+
+    def voice_ref(self, conds):
+        """S3Gen's per-voice tensors, computed once per voice (``conds`` object)."""
+        if self._voice_key is not conds.gen:
+            self._voice = self.s3.prepare_voice(conds.gen)
+            self._voice_key = conds.gen
+        return self._voice
 
     def speech_token_stream(
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
@@ -68,15 +108,26 @@ class FastEngine:
             gen,
             max_rows=self.max_rows,
             check_every=self.check_every,
-            max_vram_gb=self.max_vram_gb,
+            max_vram_gb=self.t3_vram_gb,
         )
 
     def synthesize_stream(
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
     ) -> Iterator[tuple[int, SynthesisResult]]:
-        """``(request index, result)`` for each request, as soon as its audio is done."""
+        """``(request index, result)`` for each request, a batch of S3Gen at a time."""
+        voice = self.voice_ref(conds)
+        waiting: list[tuple[int, list[int]]] = []
         for i, tokens in self.speech_token_stream(requests, conds, gen):
-            yield i, self._vocode(requests[i], tokens, conds, gen)
+            kept = speech_tokens_for_s3gen(tokens)
+            if not kept:  # end-of-speech at once: nothing to say
+                yield i, SynthesisResult(np.zeros(0, dtype=np.float32), 0)
+                continue
+            waiting.append((i, kept))
+            if len(waiting) >= self.s3gen_batch:
+                yield from self._vocode(waiting, requests, voice, gen)
+                waiting = []
+        if waiting:
+            yield from self._vocode(waiting, requests, voice, gen)
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
         results: list[SynthesisResult | None] = [None] * len(requests)
@@ -84,15 +135,9 @@ class FastEngine:
             results[i] = result
         return results  # type: ignore[return-value]
 
-    def _vocode(self, req: SynthesisRequest, tokens: list[int], conds, gen: GenerationOptions) -> SynthesisResult:
-        import torch
-
-        kept = speech_tokens_for_s3gen(tokens)
-        if not kept:  # end-of-speech at once: nothing to say
-            return SynthesisResult(np.zeros(0, dtype=np.float32), 0)
-        speech = torch.tensor(kept, dtype=torch.long, device=self.model.device)
-        torch.manual_seed(req.seed)
-        with torch.inference_mode():
-            wav, _ = self.model.s3gen.inference(speech_tokens=speech, ref_dict=conds.gen, n_cfm_timesteps=gen.cfm_steps)
-        wav = wav.squeeze(0).float().cpu().numpy()
-        return SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
+    def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
+        wavs = self.s3.synthesize(
+            [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
+        )
+        for (i, kept), wav in zip(items, wavs):
+            yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))

@@ -1,0 +1,48 @@
+"""Which engine renders a run: ``--engine auto|stock|fast`` and ``--max-vram``.
+
+auto picks the fast engine on a CUDA GPU and stock Chatterbox elsewhere: on the CPU the fast
+engine is correct (the tests run it there) but brings nothing, and stock is the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+ENGINES = ("auto", "stock", "fast")
+
+# Chunks handed to an engine per call. Stock renders one at a time; the fast engine keeps its
+# own batches full (continuous batching) and streams chunks back as they finish, so it gets
+# a large slice of the book per call: big enough to keep every T3 row busy to the end.
+STOCK_BATCH = 1
+FAST_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str  # "stock" or "fast"
+    batch_size: int  # chunks per engine call
+
+
+def choose_engine(engine: str, device: str, batch_size: int | None, max_vram_gb: float | None) -> EngineChoice:
+    """Resolve ``auto`` against the device the model runs on; check the combination."""
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if max_vram_gb is not None and max_vram_gb <= 0:
+        raise InputError(f"--max-vram {max_vram_gb}: must be a positive number of GB")
+    name = engine if engine != "auto" else ("fast" if device.startswith("cuda") else "stock")
+    if max_vram_gb is not None and name == "stock":
+        raise InputError("--max-vram applies to the fast engine; stock Chatterbox has no memory cap")
+    default = FAST_BATCH if name == "fast" else STOCK_BATCH
+    return EngineChoice(name, batch_size or default)
+
+
+def make_engine(model, choice: EngineChoice, max_vram_gb: float | None = None):
+    if choice.name == "fast":
+        from .fast import FastEngine
+
+        return FastEngine(model, max_vram_gb=max_vram_gb)
+    from .stock import StockEngine
+
+    return StockEngine(model)
