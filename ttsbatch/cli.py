@@ -363,6 +363,40 @@ def checkpoint_random(
     typer.echo(f"wrote a random {size.value} checkpoint to {directory} (noise, not speech)")
 
 
+@app.command("bench")
+@user_errors
+def bench(
+    book: Optional[Path] = typer.Option(None, "--book", help="Text of a real book for the end-to-end part. Default: samples/story.txt (T3 part only is meaningful then)."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Checkpoint directory (e.g. from `ttsbatch checkpoint random DIR --size full`). Default: the hub's."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on the fast engine's GPU memory."),
+    sentences: int = typer.Option(16, "--sentences", min=1, help="Chunks of the book rendered by stock Chatterbox for the comparison."),
+    tokens_per_char: float = typer.Option(1.0, "--tokens-per-char", help="Speech-token budget per character, the same for stock and fast."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Use only the first N characters of the book (a shorter book)."),
+    parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
+):
+    """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
+    from .bench import run_bench
+    from .bench_book import run_book_bench
+
+    setup_logging(quiet=True)
+    wanted = {p.strip() for p in parts.split(",") if p.strip()}
+    if not wanted or wanted - {"t3", "book"}:
+        raise InputError(f"--parts {parts}: expected t3, book or both")
+    results: dict = {}
+    if "t3" in wanted:
+        results["t3"] = run_bench(model_dir, device.value, n_sentences=sentences, tokens_per_char=tokens_per_char,
+                                  max_vram_gb=max_vram, book=book)
+    if "book" in wanted:
+        from .bench import SAMPLE
+
+        results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
+                                         tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2, default=str))
+
+
 from .cli_srt import srt as _srt  # noqa: E402  (cli_srt uses the helpers above)
 
 app.command("srt")(_srt)

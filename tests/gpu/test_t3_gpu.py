@@ -181,19 +181,31 @@ def test_bf16_vs_fp32_top1_agreement(conds, fast_fp32, fast_bf16):
 
 
 def test_graphs_equal_eager_and_refills(model, conds, fast_bf16):
-    """Replaying captured graphs gives the tokens eager bf16 gives, through refills and compaction."""
+    """Replaying captured graphs gives the tokens eager mode gives, through refills and compaction.
+
+    Exact in fp32. In bf16, cuBLAS and SDPA may pick other kernels under capture than eagerly,
+    and random weights have near-tied logits (see the bf16 agreement test), so a row can
+    diverge after a near tie: there most requests must still agree, and all have their budget."""
     from ttsbatch.engine.t3_fast import FastT3
 
     gen = GenerationOptions(ignore_eos=True, top_p=0.95)
     reqs = [SynthesisRequest(t, 900 + i, 20 + 7 * (i % 5)) for i, t in enumerate(TEXTS * 3)]
-    graphed = dict(fast_bf16.generate(conds, reqs, gen, max_rows=8, check_every=8))
-    eager = dict(FastT3(model, use_graphs=False).generate(conds, reqs, gen, max_rows=8, check_every=8))
-    assert all(len(graphed[i]) == r.budget for i, r in enumerate(reqs))
-    same = sum(graphed[i] == eager[i] for i in range(len(reqs)))
-    print(f"\n[gpu] graphs vs eager: {same}/{len(reqs)} requests identical; graphs captured {fast_bf16.stats['graphs_captured']}")
-    assert fast_bf16.graph_error is None, f"graph capture failed: {fast_bf16.graph_error}"
-    assert fast_bf16.stats["graphs_captured"] >= 2
-    assert same == len(reqs)
+    fp32_graphed = FastT3(model, dtype=torch.float32)
+    assert fp32_graphed.use_graphs is True
+    graphed = dict(fp32_graphed.generate(conds, reqs, gen, max_rows=8, check_every=8))
+    eager = dict(FastT3(model, dtype=torch.float32, use_graphs=False).generate(conds, reqs, gen, max_rows=8, check_every=8))
+    assert fp32_graphed.graph_error is None, f"graph capture failed: {fp32_graphed.graph_error}"
+    assert fp32_graphed.stats["graphs_captured"] >= 2
+    same32 = sum(graphed[i] == eager[i] for i in range(len(reqs)))
+
+    g16 = dict(fast_bf16.generate(conds, reqs, gen, max_rows=8, check_every=8))
+    e16 = dict(FastT3(model, use_graphs=False).generate(conds, reqs, gen, max_rows=8, check_every=8))
+    same16 = sum(g16[i] == e16[i] for i in range(len(reqs)))
+    print(f"\n[gpu] graphs vs eager: fp32 {same32}/{len(reqs)}, bf16 {same16}/{len(reqs)} requests identical")
+    assert fast_bf16.graph_error is None and fast_bf16.stats["graphs_captured"] >= 2
+    assert all(len(g16[i]) == len(graphed[i]) == r.budget for i, r in enumerate(reqs))
+    assert same32 == len(reqs)
+    assert same16 >= 0.75 * len(reqs)
 
 
 def test_batch_invariance_on_gpu_is_close(conds, fast_bf16):
@@ -267,3 +279,21 @@ def test_fast_engine_end_to_end_on_gpu(model, conds):
     results = engine.synthesize(reqs, conds, gen)
     for r in results:
         assert r.tokens > 0 and len(r.wav) > 0 and r.wav.dtype.name == "float32"
+
+
+def test_fast_engine_stays_under_max_vram(model, conds):
+    """T3 and batched S3Gen together, under --max-vram: peak reserved memory within the cap."""
+    from ttsbatch.engine.fast import FastEngine
+
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved() / (1 << 30)
+    cap = held + 12.0
+    engine = FastEngine(model, max_vram_gb=cap)
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 70 + i, 150) for i, t in enumerate(TEXTS * 8)]
+    torch.cuda.reset_peak_memory_stats()
+    results = engine.synthesize(reqs, conds, gen)
+    peak = torch.cuda.max_memory_reserved() / (1 << 30)
+    print(f"[gpu] fast engine under --max-vram {cap:.1f}: {engine.t3.rows_used} T3 rows, peak reserved {peak:.2f} GiB")
+    assert all(r.tokens == 150 and len(r.wav) == 150 * 2 * 480 for r in results)
+    assert peak <= cap

@@ -1,0 +1,214 @@
+"""End-to-end benchmark: a whole book, text file to watermarked MP3, fast engine vs stock.
+
+In one process: the book is chunked as ``ttsbatch BOOK`` does (default options), the first
+``stock_sentences`` chunks are rendered by stock Chatterbox (T3 + S3Gen, one at a time) to
+get stock's audio-seconds per second, then the whole book goes through the real pipeline
+(``render_book``: fast engine, Perth, store, stitch, MP3, verify) into a fresh work dir.
+Both sides get the same per-character token budget with ``ignore_eos`` (random weights never
+stop by themselves), so both make the same amount of audio per character.
+
+Reported: audio length, wall time and real-time factor of the whole run (model load
+excluded, graph capture included), time to the first stored chunk, the stages (synthesis,
+stitch + encode + verify), S3Gen's stage times, T3's counters, peak GPU memory, peak host
+RSS, GPU busy fraction (NVML utilization sampled every 100 ms), and dynamo's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("ttsbatch")
+
+
+class GpuBusy:
+    """Samples the GPU's utilization (share of time a kernel ran) in a background thread."""
+
+    def __init__(self, period: float = 0.1):
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._period = period
+        self._read = self._reader()
+        self._thread = threading.Thread(target=self._loop, daemon=True) if self._read else None
+
+    @staticmethod
+    def _reader():
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+        except Exception:
+            pass
+        if shutil.which("nvidia-smi"):
+            def smi():
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                return int(out.strip().splitlines()[0])
+            return smi
+        return None
+
+    def _loop(self):
+        while not self._stop.wait(self._period):
+            try:
+                self.samples.append((time.perf_counter(), self._read()))
+            except Exception:
+                return
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def busy(self, start: float, end: float) -> float | None:
+        vals = [u for t, u in self.samples if start <= t <= end]
+        return round(sum(vals) / len(vals) / 100, 3) if vals else None
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
+
+
+def run_book_bench(
+    model_dir: Path | None,
+    book: Path,
+    output: Path | None = None,
+    device: str = "auto",
+    max_vram_gb: float | None = None,
+    tokens_per_char: float = 1.0,
+    stock_sentences: int = 16,
+    max_chars: int | None = None,
+    out=sys.stdout,
+) -> dict:
+    import torch
+
+    from .audio.watermark import Watermarker
+    from .config import load_options
+    from .engine.fast import FastEngine
+    from .engine.model import describe, load_model, pick_device
+    from .engine.stock import StockEngine, SynthesisRequest
+    from .engine.voice import BUILTIN, VoiceCache
+    from .pipeline import render_book
+    from .text import chunk_document, read_document
+
+    def say(msg: str) -> None:
+        print(msg, file=out, flush=True)
+
+    device = pick_device(device)
+    cuda = device.startswith("cuda")
+    options = load_options(None, {"generation": {"tokens_per_char": tokens_per_char, "ignore_eos": True}})
+    gen = options.generation
+    t_text = time.perf_counter()
+    doc = read_document(book)
+    if max_chars:  # a shorter book: the same text, cut after the paragraph that reaches max_chars
+        from dataclasses import replace
+
+        kept, n = [], 0
+        for ch in doc.chapters:
+            paras = []
+            for p in ch.paragraphs:
+                if n >= max_chars:
+                    break
+                paras.append(p)
+                n += len(p)
+            if paras:
+                kept.append(replace(ch, paragraphs=tuple(paras)))
+        doc = replace(doc, chapters=tuple(kept))
+    chunks = chunk_document(doc, options.text)
+    t_text = time.perf_counter() - t_text
+    chars = sum(len(c.text) for c in chunks)
+    model = load_model(model_dir, device)
+    r: dict = dict(
+        book=str(book), chars=chars, chunks=len(chunks), chunking_s=round(t_text, 2), tokens_per_char=tokens_per_char,
+        model=json.loads(describe(model)), device_name=torch.cuda.get_device_name() if cuda else "cpu",
+        max_vram_gb=max_vram_gb, date=time.strftime("%Y-%m-%d"),
+    )
+    say(f"book bench: {book.name}: {len(chunks)} chunks, {chars} characters, {r['device_name']}")
+    watermarker = Watermarker(device)
+    conds = VoiceCache(model).get(BUILTIN, gen.exaggeration)
+
+    # -- stock Chatterbox on the first chunks of the book, end to end (T3 + S3Gen) ----------------
+    if stock_sentences:
+        stock = StockEngine(model)
+        step = max(1, len(chunks) // stock_sentences)  # spread over the book, not just its opening
+        sample = chunks[::step][:stock_sentences]
+        reqs = [SynthesisRequest(c.text, 1000 + i, gen.token_budget(len(c.text))) for i, c in enumerate(sample)]
+        stock.synthesize([SynthesisRequest(sample[0].text, 1, 25)], conds, gen)  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        audio = sum(len(x.wav) for x in stock.synthesize(reqs, conds, gen)) / model.sample_rate
+        dt = time.perf_counter() - t0
+        r["stock"] = dict(chunks=len(sample), audio_s=round(audio, 1), seconds=round(dt, 2), x_realtime=round(audio / dt, 2))
+        say(f"stock: {r['stock']}")
+
+    # -- the fast engine through the real pipeline, the whole book -----------------------------
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    import torch._dynamo.utils as dynamo_utils
+
+    dynamo_utils.counters.clear()
+    engine = FastEngine(model, max_vram_gb=max_vram_gb)
+    engine.s3.profile = False
+    work = Path(tempfile.mkdtemp(prefix="ttsbatch-bench-"))
+    output = output or work / "book.mp3"
+    first: list[float] = []
+    chunk_audio = [0.0]  # seconds of audio the engine made (before trimming and pauses)
+    from . import pipeline
+
+    orig = pipeline._ChunkSink._mark_and_store
+
+    def timed_store(self, *a, **k):  # time to the first stored chunk
+        done = orig(self, *a, **k)
+        chunk_audio[0] += done.seconds
+        if not first:
+            first.append(time.perf_counter())
+        return done
+
+    pipeline._ChunkSink._mark_and_store = timed_store
+    try:
+        with GpuBusy() as gpu:
+            t0 = time.perf_counter()
+            report = render_book(
+                doc, chunks, source=book, output=output, work_dir=work / "work", voice=BUILTIN, options=options,
+                model=model, engine=engine, watermarker=watermarker, batch_size=4096, progress="none",
+            )
+            wall = time.perf_counter() - t0
+    finally:
+        pipeline._ChunkSink._mark_and_store = orig
+    synth = report.synth_seconds
+    r["fast"] = dict(
+        audio_s=round(report.audio_seconds, 1), audio_h=round(report.audio_seconds / 3600, 2), wall_s=round(wall, 2),
+        x_realtime=round(report.audio_seconds / wall, 1), chunk_audio_s=round(chunk_audio[0], 1),
+        chunk_x_realtime=round(chunk_audio[0] / wall, 1), synth_s=round(synth, 2),
+        synth_x_realtime=round(report.audio_seconds / synth, 1), stitch_encode_verify_s=round(wall - synth, 2),
+        first_chunk_s=round(first[0] - t0, 2) if first else None, watermark_score=report.watermark_score,
+        t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, s3gen_items=engine.s3.times.items,
+        s3gen_batches=engine.s3.times.batches, output_bytes=output.stat().st_size,
+        peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
+        peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
+        gpu_busy=gpu.busy(t0 + (first[0] - t0 if first else 0), t0 + synth),
+        peak_host_rss_gib=round(_peak_rss_gib(), 2),
+        dynamo={k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("graph_break", "stats", "recompiles")},
+    )
+    say(f"fast: {r['fast']}")
+    if "stock" in r:
+        # like for like: audio the engines made per wall second (stock's is raw chunk audio too)
+        r["speedup_vs_stock"] = round(r["fast"]["chunk_x_realtime"] / r["stock"]["x_realtime"], 1)
+        say(f"end to end: {r['fast']['x_realtime']}x real time; stock {r['stock']['x_realtime']}x; ratio {r['speedup_vs_stock']}x")
+    shutil.rmtree(work, ignore_errors=True)
+    return r
