@@ -250,6 +250,9 @@ def book(
     from .engine.select import choose_engine, make_engine
     from .pipeline import render_book
 
+    from .warmup import use_compile_cache
+
+    use_compile_cache(cache_dir())  # compiled kernels shared with `ttsbatch warmup`
     where = pick_device(device.value)
     choice = choose_engine(engine, where, batch_size, max_vram)
     watermarker = Watermarker(where)  # on the GPU when the model is: it marks every chunk
@@ -361,6 +364,33 @@ def checkpoint_random(
         raise InputError(f"{directory} exists and is not a directory")
     write_random_checkpoint(directory, size.value, seed)
     typer.echo(f"wrote a random {size.value} checkpoint to {directory} (noise, not speech)")
+
+
+@app.command("warmup")
+@user_errors
+def warmup_cmd(
+    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice to prepare (its conditioning is cached). Default: the built-in voice."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory. Default: download ResembleAI/chatterbox now."),
+    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    engine: str = typer.Option("auto", "--engine", help="auto, stock or fast (as for a book)."),
+    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on the fast engine's GPU memory."),
+    cache: Optional[Path] = typer.Option(None, "--cache-dir", help="Where voice and compiler caches go. Default: the user cache dir (or $TTSBATCH_CACHE_DIR)."),
+):
+    """Download the model, prepare the voice and run every engine path once, so the next run starts at full speed."""
+    from .engine.voice import BUILTIN, read_voice
+    from .store import cache_dir
+    from .warmup import use_compile_cache, warmup
+
+    setup_logging(quiet=False)
+    root = cache or cache_dir()
+    use_compile_cache(root)
+    the_voice = read_voice(voice) if voice else BUILTIN
+    rep = warmup(model_dir, device.value, the_voice, engine, max_vram, root)
+    typer.echo(
+        f"ttsbatch: warm on {rep.device} ({rep.engine} engine): model {rep.load_s:.1f} s, voice {rep.voice_s:.1f} s, "
+        f"first chunk {rep.first_chunk_s:.1f} s, {rep.chunks} chunks in all; caches in {root}",
+        err=True,
+    )
 
 
 @app.command("bench")

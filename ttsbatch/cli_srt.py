@@ -109,6 +109,9 @@ def srt(
     from .engine.model import pick_device
     from .engine.select import choose_engine, make_engine
 
+    from .warmup import use_compile_cache
+
+    use_compile_cache(cache_dir())  # compiled kernels shared with `ttsbatch warmup`
     where = pick_device(device.value)
     choice = choose_engine(engine, where, batch_size, max_vram)
     watermarker = Watermarker(where)  # on the GPU when the model is: it marks every chunk

@@ -295,5 +295,6 @@ def test_fast_engine_stays_under_max_vram(model, conds):
     results = engine.synthesize(reqs, conds, gen)
     peak = torch.cuda.max_memory_reserved() / (1 << 30)
     print(f"[gpu] fast engine under --max-vram {cap:.1f}: {engine.t3.rows_used} T3 rows, peak reserved {peak:.2f} GiB")
-    assert all(r.tokens == 150 and len(r.wav) == 150 * 2 * 480 for r in results)
+    # stock's clean-up drops ids >= 6561 (and cuts at an end-of-speech id) from random tokens
+    assert all(0 < r.tokens <= 150 and len(r.wav) == r.tokens * 2 * 480 for r in results)
     assert peak <= cap

@@ -1,0 +1,77 @@
+"""`ttsbatch warmup`: get everything a run needs ready before the first book.
+
+What a later process can reuse is made and kept on disk: the model weights (hub cache), the
+voice's conditioning (the voice cache), and PyTorch's compiler caches (Inductor/Triton,
+pointed into ttsbatch's cache dir by :func:`use_compile_cache`). What cannot outlive a
+process (CUDA graphs, allocator pools) is exercised once so that failures show up here,
+not an hour into a book: Perth loads, the engine renders one short chunk per S3Gen length
+bucket, and the timings are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("ttsbatch")
+
+
+def use_compile_cache(cache_root: Path) -> Path:
+    """Point Inductor's and Triton's on-disk caches into ``cache_root/compile`` (unless the user
+    set them), so compiled kernels made by one process (``warmup``) are reused by the next."""
+    d = Path(cache_root) / "compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    return d
+
+
+@dataclass
+class WarmupReport:
+    device: str
+    engine: str
+    model: str
+    load_s: float = 0.0  # model load (download included when it happened)
+    voice_s: float = 0.0  # voice conditioning (computed or read from the cache)
+    first_chunk_s: float = 0.0  # the first short chunk, start to audio
+    buckets_s: float = 0.0  # one chunk per S3Gen length bucket
+    chunks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_root: Path) -> WarmupReport:
+    from .audio.watermark import Watermarker
+    from .config import GenerationOptions
+    from .engine.model import describe, load_model, pick_device
+    from .engine.select import choose_engine, make_engine
+    from .engine.stock import SynthesisRequest
+    from .engine.voice import VoiceCache
+
+    where = pick_device(device)
+    choice = choose_engine(engine_name, where, None, max_vram_gb)
+    Watermarker(where)
+    t0 = time.perf_counter()
+    model = load_model(model_dir, where)
+    rep = WarmupReport(where, choice.name, describe(model), load_s=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    conds = VoiceCache(model, cache_root).get(voice, GenerationOptions().exaggeration)
+    rep.voice_s = time.perf_counter() - t0
+    engine = make_engine(model, choice, max_vram_gb)
+    # Short budgets: the point is to run every code path once, not to speak.
+    gen = GenerationOptions(ignore_eos=True, max_new_tokens=12)
+    t0 = time.perf_counter()
+    engine.synthesize([SynthesisRequest("Warm up.", 1, 12)], conds, gen)
+    rep.first_chunk_s = time.perf_counter() - t0
+    rep.chunks = 1
+    s3 = getattr(engine, "s3", None)
+    if s3 is not None and s3.is_cuda:  # fast engine on a GPU: one chunk per S3Gen length bucket (graphs, kernels)
+        budgets = [max(1, b // 2) for b in s3.buckets]
+        gen = GenerationOptions(ignore_eos=True, max_new_tokens=max(budgets))
+        reqs = [SynthesisRequest("Warm up, bucket %d." % i, 2 + i, n) for i, n in enumerate(budgets)]
+        t0 = time.perf_counter()
+        engine.synthesize(reqs, conds, gen)
+        rep.buckets_s = time.perf_counter() - t0
+        rep.chunks += len(reqs)
+    return rep
