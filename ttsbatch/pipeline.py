@@ -105,7 +105,10 @@ class _ChunkSink:
 
     def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
         sr = self._sr
-        marked = self._watermarker.apply(wav, sr) if len(wav) else wav
+        from .engine import capture_lock
+
+        with capture_lock:  # Perth may run on the GPU: never while the engine captures a graph
+            marked = self._watermarker.apply(wav, sr) if len(wav) else wav
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
         self._store.put(planned.id, marked, sr, meta)
         faults.point("chunk-stored")

@@ -56,6 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import capture_lock
+
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
 OVERFLOW_STEP = 256  # items longer than the last bucket are padded to a multiple of this
@@ -593,7 +595,7 @@ class BatchedS3Gen:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool):
                 out = loop()
             g = self._graphs[key] = (graph, ins, out)
         graph, ins, out = g

@@ -45,6 +45,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import capture_lock
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
 log = logging.getLogger("ttsbatch")
@@ -570,7 +571,7 @@ class FastT3:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self._graph_pool):
+                with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool):
                     run()
                 replay = graph.replay
             except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
