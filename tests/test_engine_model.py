@@ -159,3 +159,20 @@ def test_stock_engine_is_seeded_and_keeps_the_budget(tiny_checkpoint):
     assert len(a.wav) == a.tokens * 960
     tokens = eng.speech_tokens(SynthesisRequest("Hello there.", 7, 20), conds, gen)
     assert tokens.numel() == 20  # ignore_eos: exactly the budget
+
+
+def test_random_checkpoint_identity_is_the_same_in_every_process(tiny_checkpoint, tmp_path):
+    """Chunk ids and seeds hang on the checkpoint's fingerprint (its bytes): a checkpoint
+    written again with the same seed, in another process, must be byte-identical, or every
+    run on a fresh tiny checkpoint would sample different audio."""
+    import subprocess
+    import sys
+
+    from ttsbatch.engine.model import CHECKPOINT_FILES, fingerprint
+
+    other = tmp_path / "again"
+    code = f"from ttsbatch.engine.model import write_random_checkpoint as w; w({str(other)!r}, 'tiny', seed=0)"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    for name in CHECKPOINT_FILES:
+        assert (other / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
+    assert fingerprint(other) == fingerprint(tiny_checkpoint)

@@ -268,3 +268,37 @@ def test_voice_that_is_not_audio_or_huge(tmp_path):
     sf.write(big, (0.2 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 24000)
     v = read_voice(big)
     assert len(v.wav) == int(MAX_VOICE_READ_S * 24000)  # only the first minute is read
+
+
+def test_a_streaming_engine_failing_midway_keeps_what_it_finished(tiny_checkpoint, tmp_path, book, monkeypatch):
+    """The fast engine streams chunks as they finish. If it fails midway (here: out of GPU
+    memory after two chunks), the two it finished are stored and never rendered again; only
+    the unfinished ones are retried, in a smaller batch."""
+    import torch
+
+    from ttsbatch.engine.fast import FastEngine
+
+    real = FastEngine.synthesize_stream
+    calls = []
+    finished_first = []  # texts the failing call handed over before it failed
+
+    def runs_out_after_two(self, requests, *a, **k):
+        calls.append([r.text for r in requests])
+        for n, (i, result) in enumerate(real(self, requests, *a, **k)):
+            if len(calls) == 1 and n == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if len(calls) == 1:
+                finished_first.append(requests[i].text)
+            yield i, result
+
+    monkeypatch.setattr(FastEngine, "synthesize_stream", runs_out_after_two)
+    out = tmp_path / "out.wav"
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST, "--engine", "fast", "--cfm-steps", "2")
+    assert r.exit_code == 0, r.output
+    assert "out of GPU memory with 5 chunks in a batch; retrying with 1" in r.stderr
+    assert len(calls[0]) == 5
+    retried = [t for c in calls[1:] for t in c]
+    assert len(finished_first) == 2 and len(retried) == 3
+    assert sorted(finished_first + retried) == sorted(calls[0])  # each chunk rendered once
+    assert "5 chunks rendered" in r.stderr and out.is_file()
+    assert len(ids_in_index(tmp_path / ".out.wav.ttsbatch")) == 5

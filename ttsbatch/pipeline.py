@@ -94,12 +94,17 @@ class _ChunkSink:
     chunks wait (bounded memory). Chunks are stored in the order they were handed over, and
     :meth:`ready` returns those stored so far. A failure to mark or store (disk full, say)
     is raised from :meth:`ready` / :meth:`drain`, so it stops the run as it would inline.
+
+    ``background=False`` does the same work inline. That is the choice when the engine runs on
+    the CPU: there the worker would compete for the same cores, and concurrent CPU work
+    changes how the BLAS library splits the engine's matrix products, so the rounding and,
+    at near-tied logits, the sampled tokens would depend on timing. Runs must be repeatable.
     """
 
-    def __init__(self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 32):
+    def __init__(self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 32, background: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttsbatch-store")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttsbatch-store") if background else None
         self._waiting: deque = deque()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
 
@@ -116,6 +121,8 @@ class _ChunkSink:
 
     def put(self, planned: PlannedChunk, wav, tokens: int) -> list[ChunkDone]:
         """Queue one chunk; returns the chunks stored meanwhile (waits if ``depth`` are queued)."""
+        if self._pool is None:
+            return [self._mark_and_store(planned, wav, tokens)]
         self._waiting.append(self._pool.submit(self._mark_and_store, planned, wav, tokens))
         done = self.ready()
         while len(self._waiting) >= self._depth:
@@ -136,7 +143,8 @@ class _ChunkSink:
 
     def close(self) -> None:
         """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop."""
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _engine_results(engine, requests, conds, generation):
@@ -159,8 +167,8 @@ def synthesize_pending(
 ) -> Iterator[ChunkDone | ChunkFailed]:
     """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded.
 
-    Chunks are marked and stored on a worker thread as the engine hands them over, so the
-    engine never waits for the disk. Out of memory: the unfinished part of the batch is
+    On a GPU, chunks are marked and stored on a worker thread as the engine hands them over,
+    so the engine never waits for the disk (on the CPU inline: see :class:`_ChunkSink`). Out of memory: the unfinished part of the batch is
     halved and retried, and later batches keep the smaller size. Any other engine error: the
     unfinished chunks are retried one at a time, so one bad chunk costs only itself; a chunk
     that fails alone is yielded as ChunkFailed.
@@ -170,7 +178,8 @@ def synthesize_pending(
     remaining = [p for batch in batches(list(todo), batch_size) for p in batch]  # length-sorted
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate)
+    on_gpu = str(getattr(getattr(engine, "model", None), "device", "cpu")).startswith("cuda")
+    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=on_gpu)
     try:
         while remaining or alone:
             if alone:

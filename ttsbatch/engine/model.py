@@ -213,7 +213,9 @@ def write_random_checkpoint(directory: Path, size: str = "tiny", seed: int = 0) 
     shape = SIZES[size]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {RANDOM_MARK: size, "seed": str(seed)}
+    # One metadata entry only: safetensors stores metadata from a hash map whose order changes
+    # from process to process, and the checkpoint's identity (``fingerprint``) reads the bytes.
+    meta = {RANDOM_MARK: size}
     torch.manual_seed(seed)
     t3 = build_t3(shape["t3_layers"], shape["t3_mlp"]).eval()
     s3 = build_s3gen(shape["s3_blocks"]).eval()

@@ -1,0 +1,37 @@
+"""`ttsbatch bench` on the CPU with the tiny checkpoint: it runs both sides and reports them.
+
+Only the plumbing is checked here (the numbers mean something on a GPU with the full
+checkpoint; see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from ttsbatch.cli import app
+
+from .conftest import SAMPLES
+
+runner = CliRunner()
+
+
+def test_book_bench_runs_stock_and_the_real_pipeline(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--book", str(SAMPLES / "story.txt"),
+                            "--parts", "book", "--sentences", "2", "--tokens-per-char", "0.2", "--max-chars", "300", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    b = json.loads(out.read_text())["book"]
+    assert b["stock"]["chunks"] == 2 and b["stock"]["audio_s"] > 0
+    fast = b["fast"]
+    assert fast["watermark_score"] >= 0.5 and fast["output_bytes"] > 0  # the MP3 was written and verified
+    assert 0 < fast["chunk_audio_s"] <= fast["audio_s"]  # the output adds pauses to the chunks
+    assert fast["s3gen_items"] <= b["chunks"] and fast["t3"]["steps"] > 0
+    assert b["chars"] < 600  # --max-chars cut the book
+    assert "speedup_vs_stock" in b
+
+
+def test_bench_rejects_unknown_parts():
+    r = runner.invoke(app, ["bench", "--parts", "t3,gpu"])
+    assert r.exit_code == 2
+    assert "--parts t3,gpu: expected t3, book or both" in r.stderr
