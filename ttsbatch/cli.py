@@ -243,21 +243,10 @@ def book(
 
     the_voice = read_voice(voice) if voice else BUILTIN
 
-    # Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked audio).
-    from .audio.watermark import Watermarker
-    from .engine.model import describe, load_model
-    from .engine.model import pick_device
-    from .engine.select import choose_engine, make_engine
+    from .engine.select import load_for_run
     from .pipeline import render_book
 
-    from .warmup import use_compile_cache
-
-    use_compile_cache(cache_dir())  # compiled kernels shared with `ttsbatch warmup`
-    where = pick_device(device.value)
-    choice = choose_engine(engine, where, batch_size, max_vram)
-    watermarker = Watermarker(where)  # on the GPU when the model is: it marks every chunk
-    model = load_model(model_dir, where)
-    log.info("model: %s; engine: %s", describe(model), choice.name)
+    run = load_for_run(model_dir, device.value, engine, batch_size, max_vram, cache_dir())
     if to_stdout:
         work.mkdir(parents=True, exist_ok=True)
     report = render_book(
@@ -268,10 +257,10 @@ def book(
         work_dir=work,
         voice=the_voice,
         options=options,
-        model=model,
-        engine=make_engine(model, choice, max_vram),
-        watermarker=watermarker,
-        batch_size=choice.batch_size,
+        model=run.model,
+        engine=run.engine,
+        watermarker=run.watermarker,
+        batch_size=run.batch_size,
         progress=resolve_mode(mode, quiet),
         cache_dir=cache_dir(),
         lock_timeout=-1 if wait else 0,
@@ -379,11 +368,10 @@ def warmup_cmd(
     """Download the model, prepare the voice and run every engine path once, so the next run starts at full speed."""
     from .engine.voice import BUILTIN, read_voice
     from .store import cache_dir
-    from .warmup import use_compile_cache, warmup
+    from .warmup import warmup
 
     setup_logging(quiet=False)
     root = cache or cache_dir()
-    use_compile_cache(root)
     the_voice = read_voice(voice) if voice else BUILTIN
     rep = warmup(model_dir, device.value, the_voice, engine, max_vram, root)
     typer.echo(

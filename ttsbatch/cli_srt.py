@@ -102,21 +102,10 @@ def srt(
 
     the_voice = read_voice(voice) if voice else BUILTIN
 
-    # Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked audio).
-    from .audio.watermark import Watermarker
     from .dub import render_subtitles
-    from .engine.model import describe, load_model
-    from .engine.model import pick_device
-    from .engine.select import choose_engine, make_engine
+    from .engine.select import load_for_run
 
-    from .warmup import use_compile_cache
-
-    use_compile_cache(cache_dir())  # compiled kernels shared with `ttsbatch warmup`
-    where = pick_device(device.value)
-    choice = choose_engine(engine, where, batch_size, max_vram)
-    watermarker = Watermarker(where)  # on the GPU when the model is: it marks every chunk
-    model = load_model(model_dir, where)
-    log.info("model: %s; engine: %s", describe(model), choice.name)
+    run = load_for_run(model_dir, device.value, engine, batch_size, max_vram, cache_dir())
     report = render_subtitles(
         cues,
         source=subs_path,
@@ -125,11 +114,11 @@ def srt(
         voice=the_voice,
         options=options,
         fit=fit,
-        model=model,
-        engine=make_engine(model, choice, max_vram),
-        watermarker=watermarker,
+        model=run.model,
+        engine=run.engine,
+        watermarker=run.watermarker,
         duration=duration,
-        batch_size=choice.batch_size,
+        batch_size=run.batch_size,
         progress=resolve_mode(mode, quiet),
         cache_dir=cache_dir(),
         lock_timeout=-1 if wait else 0,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ttsbatch")
@@ -38,27 +38,22 @@ class WarmupReport:
     first_chunk_s: float = 0.0  # the first short chunk, start to audio
     buckets_s: float = 0.0  # one chunk per S3Gen length bucket
     chunks: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_root: Path) -> WarmupReport:
-    from .audio.watermark import Watermarker
     from .config import GenerationOptions
-    from .engine.model import describe, load_model, pick_device
-    from .engine.select import choose_engine, make_engine
+    from .engine.model import describe
+    from .engine.select import load_for_run
     from .engine.stock import SynthesisRequest
     from .engine.voice import VoiceCache
 
-    where = pick_device(device)
-    choice = choose_engine(engine_name, where, None, max_vram_gb)
-    Watermarker(where)
     t0 = time.perf_counter()
-    model = load_model(model_dir, where)
-    rep = WarmupReport(where, choice.name, describe(model), load_s=time.perf_counter() - t0)
+    run = load_for_run(model_dir, device, engine_name, None, max_vram_gb, cache_root)
+    model, engine = run.model, run.engine
+    rep = WarmupReport(model.device, engine.name, describe(model), load_s=time.perf_counter() - t0)
     t0 = time.perf_counter()
     conds = VoiceCache(model, cache_root).get(voice, GenerationOptions().exaggeration)
     rep.voice_s = time.perf_counter() - t0
-    engine = make_engine(model, choice, max_vram_gb)
     # Short budgets: the point is to run every code path once, not to speak.
     gen = GenerationOptions(ignore_eos=True, max_new_tokens=12)
     t0 = time.perf_counter()

@@ -46,3 +46,34 @@ def make_engine(model, choice: EngineChoice, max_vram_gb: float | None = None):
     from .stock import StockEngine
 
     return StockEngine(model)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What a run needs, loaded: the watermarker, the model, the engine and its batch size."""
+
+    watermarker: object
+    model: object
+    engine: object
+    batch_size: int
+
+
+def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, max_vram_gb: float | None, cache_root) -> Ready:
+    """The shared start of every command that speaks (book, srt, warmup).
+
+    Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked
+    audio). It runs where the model runs: it marks every chunk.
+    """
+    import logging
+
+    from ..audio.watermark import Watermarker
+    from ..warmup import use_compile_cache
+    from .model import describe, load_model, pick_device
+
+    use_compile_cache(cache_root)  # compiled kernels shared with `ttsbatch warmup`
+    where = pick_device(device)
+    choice = choose_engine(engine, where, batch_size, max_vram_gb)
+    watermarker = Watermarker(where)
+    model = load_model(model_dir, where)
+    logging.getLogger("ttsbatch").info("model: %s; engine: %s", describe(model), choice.name)
+    return Ready(watermarker, model, make_engine(model, choice, max_vram_gb), choice.batch_size)
