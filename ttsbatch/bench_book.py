@@ -164,7 +164,6 @@ def run_book_bench(
 
     dynamo_utils.counters.clear()
     engine = FastEngine(model, max_vram_gb=max_vram_gb)
-    engine.s3.profile = False
     work = Path(tempfile.mkdtemp(prefix="ttsbatch-bench-"))
     output = output or work / "book.mp3"
     with GpuBusy() as gpu:

@@ -109,9 +109,9 @@ class _ChunkSink:
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
 
     def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
-        sr = self._sr
         from .engine import capture_lock
 
+        sr = self._sr
         with capture_lock:  # Perth may run on the GPU: never while the engine captures a graph
             marked = self._watermarker.apply(wav, sr) if len(wav) else wav
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
@@ -168,8 +168,8 @@ def synthesize_pending(
     """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded.
 
     On a GPU, chunks are marked and stored on a worker thread as the engine hands them over,
-    so the engine never waits for the disk (on the CPU inline: see :class:`_ChunkSink`). Out of memory: the unfinished part of the batch is
-    halved and retried, and later batches keep the smaller size. Any other engine error: the
+    so the engine never waits for the disk (on the CPU inline: see :class:`_ChunkSink`).
+    Out of memory: the unfinished part of the batch is halved and retried, and later batches keep the smaller size. Any other engine error: the
     unfinished chunks are retried one at a time, so one bad chunk costs only itself; a chunk
     that fails alone is yielded as ChunkFailed.
     """
@@ -178,7 +178,7 @@ def synthesize_pending(
     remaining = [p for batch in batches(list(todo), batch_size) for p in batch]  # length-sorted
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    on_gpu = str(getattr(getattr(engine, "model", None), "device", "cpu")).startswith("cuda")
+    on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
     sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=on_gpu)
     try:
         while remaining or alone:

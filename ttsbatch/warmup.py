@@ -2,30 +2,20 @@
 
 What a later process can reuse is made and kept on disk: the model weights (hub cache), the
 voice's conditioning (the voice cache), and PyTorch's compiler caches (Inductor/Triton,
-pointed into ttsbatch's cache dir by :func:`use_compile_cache`). What cannot outlive a
-process (CUDA graphs, allocator pools) is exercised once so that failures show up here,
-not an hour into a book: Perth loads, the engine renders one short chunk per S3Gen length
-bucket, and the timings are reported.
+pointed into ttsbatch's cache dir by ``engine.select.use_compile_cache``). What cannot
+outlive a process (CUDA graphs, allocator pools) is exercised once so that failures show up
+here, not an hour into a book: Perth loads, the engine renders one short chunk, and on a GPU
+the fast engine one more per S3Gen length bucket; the timings are reported.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ttsbatch")
-
-
-def use_compile_cache(cache_root: Path) -> Path:
-    """Point Inductor's and Triton's on-disk caches into ``cache_root/compile`` (unless the user
-    set them), so compiled kernels made by one process (``warmup``) are reused by the next."""
-    d = Path(cache_root) / "compile"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
-    return d
 
 
 @dataclass

@@ -12,15 +12,12 @@ memory); S3Gen's activations live in the rest (its largest attention tensor capp
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..config import GenerationOptions
 from .stock import SynthesisRequest, SynthesisResult
-
-log = logging.getLogger("ttsbatch")
 
 
 def speech_tokens_for_s3gen(tokens: Sequence[int]) -> list[int]:
@@ -68,6 +65,7 @@ class FastEngine:
         from .t3_fast import FastT3
 
         self.model = model
+        self.device = model.device  # where it runs (the pipeline stores beside a GPU, inline on the CPU)
         self.sample_rate = model.sample_rate
         self.max_rows = max_rows
         self.max_vram_gb = max_vram_gb

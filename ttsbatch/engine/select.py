@@ -6,7 +6,9 @@ engine is correct (the tests run it there) but brings nothing, and stock is the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InputError
 
@@ -48,6 +50,15 @@ def make_engine(model, choice: EngineChoice, max_vram_gb: float | None = None):
     return StockEngine(model)
 
 
+def use_compile_cache(cache_root: Path) -> Path:
+    """Point Inductor's and Triton's on-disk caches into ``cache_root/compile`` (unless the user
+    set them), so compiled kernels made by one process (``warmup``) are reused by the next."""
+    d = Path(cache_root) / "compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    return d
+
+
 @dataclass(frozen=True)
 class Ready:
     """What a run needs, loaded: the watermarker, the model, the engine and its batch size."""
@@ -67,7 +78,6 @@ def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, ma
     import logging
 
     from ..audio.watermark import Watermarker
-    from ..warmup import use_compile_cache
     from .model import describe, load_model, pick_device
 
     use_compile_cache(cache_root)  # compiled kernels shared with `ttsbatch warmup`

@@ -52,6 +52,7 @@ class StockEngine:
 
     def __init__(self, model):
         self.model = model
+        self.device = model.device  # where it runs
         self.sample_rate = model.sample_rate
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
