@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ttsbatch.config import GenerationOptions
-from ttsbatch.plan import PlannedChunk, batches, chunk_id, make_plan, pending, seed_for
+from ttsbatch.plan import PlannedChunk, chunk_id, make_plan, pending, seed_for
 from ttsbatch.text.document import Chunk
 
 GEN = GenerationOptions()
@@ -123,18 +123,13 @@ def test_make_plan_document_order_ids_seeds_budget():
     assert plan[0].budget == 12 and plan[1].budget == 50  # 2 * 6 chars; capped at max_new_tokens
 
 
-def test_pending_skips_stored_dedups_and_sorts():
+def test_pending_skips_stored_dedups_in_document_order():
     texts = ["bb", "a", "dddd", "bb", "ccc", "a", "eeeee"]
     plan = make_plan(mk_chunks(texts), VOICE, GEN, MODEL)
     todo = pending(plan, FakeStore({plan[4].id}))  # "ccc" is done
-    assert [p.chunk.text for p in todo] == ["eeeee", "dddd", "bb", "a"]
-    assert [p.chunk.index for p in todo] == [6, 2, 0, 1]  # first occurrence of a duplicate is kept
+    assert [p.chunk.text for p in todo] == ["bb", "a", "dddd", "eeeee"]
+    assert [p.chunk.index for p in todo] == [0, 1, 2, 6]  # first occurrence of a duplicate is kept
     assert len({p.id for p in todo}) == len(todo)
-
-
-def test_pending_tie_break_is_document_order():
-    plan = make_plan(mk_chunks(["xx", "yy", "zz", "w"]), VOICE, GEN, MODEL)
-    assert [p.chunk.index for p in pending(plan, FakeStore())] == [0, 1, 2, 3]
 
 
 def test_resume_plan_ten_store_four_then_edit_one():
@@ -151,28 +146,3 @@ def test_resume_plan_ten_store_four_then_edit_one():
     assert [p.chunk.index for p in pending(plan2, store)] == [7]
     # another voice: everything is pending again
     assert len(pending(make_plan(mk_chunks(texts), "other", GEN, MODEL), store)) == 10
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-
-def test_batches_sizes_and_order():
-    texts = ["a" * n for n in [3, 10, 1, 7, 7, 2, 9, 4, 5, 8, 6]]
-    plan = make_plan(mk_chunks(texts), VOICE, GEN, MODEL)
-    out = list(batches(plan, 4))
-    assert [len(b) for b in out] == [4, 4, 3]
-    lengths = [len(p.chunk.text) for b in out for p in b]
-    assert lengths == sorted(lengths, reverse=True)
-    assert [len(p.chunk.text) for p in out[0]] == [10, 9, 8, 7]
-    sevens = [p.chunk.index for b in out for p in b if len(p.chunk.text) == 7]
-    assert sevens == [3, 4]  # tie broken by document order
-    assert sorted(p.chunk.index for b in out for p in b) == list(range(len(texts)))
-
-
-def test_batches_edge_cases():
-    plan = make_plan(mk_chunks(["one", "two"]), VOICE, GEN, MODEL)
-    assert list(batches([], 8)) == []
-    assert [len(b) for b in batches(plan, 8)] == [2]
-    assert [len(b) for b in batches(plan, 1)] == [1, 1]
-    with pytest.raises(ValueError):
-        list(batches(plan, 0))

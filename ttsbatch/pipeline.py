@@ -2,8 +2,9 @@
 
 ``synthesize_pending`` is the resumable part: every finished chunk is watermarked and in
 the store before the next batch starts, so an interrupted run loses at most one batch.
-``render`` stitches a whole plan from the store, in document order, into the output file,
-which appears only when complete (atomic rename) and only after its watermark is found.
+``render_book`` stitches the plan from the store, in document order, into the output file
+while the chunks are still being rendered (:mod:`.track`); the file appears only when
+complete (atomic rename) and only after its watermark is found.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Iterator, Sequence
 from . import faults
 from .config import GenerationOptions, Options, as_dict
 from .errors import TtsbatchError, WatermarkError
-from .plan import PlannedChunk, batches, make_plan, pending
+from .plan import PlannedChunk, make_plan, pending
 from .progress import Progress
-from .store import ChunkStore, store_lock, write_manifest
+from .store import TEMP_SUFFIX, ChunkStore, store_lock, write_manifest
 from .text import Chunk, Document
+from .track import BookTrack
 
 log = logging.getLogger("ttsbatch")
 
@@ -91,8 +93,8 @@ class _ChunkSink:
     """Watermarks and stores finished chunks on a worker thread, beside the engine.
 
     The engine hands over each chunk as soon as it has it and goes on; at most ``depth``
-    chunks wait (bounded memory). Chunks are stored in the order they were handed over, and
-    :meth:`ready` returns those stored so far. A failure to mark or store (disk full, say)
+    chunks wait (bounded memory). ``workers`` threads mark and store them; :meth:`ready`
+    returns the chunks stored so far, in the order they were handed over. A failure to mark or store (disk full, say)
     is raised from :meth:`ready` / :meth:`drain`, so it stops the run as it would inline.
 
     ``background=False`` does the same work inline. That is the choice when the engine runs on
@@ -101,10 +103,15 @@ class _ChunkSink:
     at near-tied logits, the sampled tokens would depend on timing. Runs must be repeatable.
     """
 
-    def __init__(self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 32, background: bool = True):
+    def __init__(
+        self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 256, background: bool = True, workers: int = 2
+    ):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttsbatch-store") if background else None
+        # depth: the fast engine hands over a whole S3Gen batch (64 chunks, ~0.5 MB each) at
+        # once; a shallow queue made it wait for Perth chunk by chunk (14 s of a 2-hour book,
+        # profiled). workers: Perth's resampling and the FLAC encoder release the GIL.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
         self._waiting: deque = deque()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
 
@@ -165,7 +172,7 @@ def synthesize_pending(
     store: ChunkStore,
     batch_size: int,
 ) -> Iterator[ChunkDone | ChunkFailed]:
-    """Synthesize ``todo`` in length-sorted batches; each chunk is marked and stored, then yielded.
+    """Synthesize ``todo`` in batches, in order; each chunk is marked and stored, then yielded.
 
     On a GPU, chunks are marked and stored on a worker thread as the engine hands them over,
     so the engine never waits for the disk (on the CPU inline: see :class:`_ChunkSink`).
@@ -175,7 +182,7 @@ def synthesize_pending(
     """
     from .engine.stock import SynthesisRequest
 
-    remaining = [p for batch in batches(list(todo), batch_size) for p in batch]  # length-sorted
+    remaining = list(todo)
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
     on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
@@ -241,8 +248,12 @@ def run_chunks(
     batch_size: int,
     progress: str,
     report: RunReport,
+    on_stored=None,
 ) -> None:
-    """Render what the store lacks, reporting progress; fills ``report``; raises ChunksFailed."""
+    """Render what the store lacks, reporting progress; fills ``report``; raises ChunksFailed.
+
+    ``on_stored(planned)`` is called for each chunk once it is in the store (the book's track
+    follows the run that way)."""
     todo = pending(plan, store)
     unique = {p.id for p in plan}
     report.chunks_total = len(unique)
@@ -266,6 +277,8 @@ def run_chunks(
                 continue
             report.chunks_rendered += 1
             report.rendered_ids.append(item.planned.id)
+            if on_stored is not None:
+                on_stored(item.planned)
             bar.chunk(item.planned.chunk.index, item.planned.id, item.seconds)
     report.synth_seconds = time.perf_counter() - started
     report.chunks_failed = len(failed)
@@ -275,23 +288,6 @@ def run_chunks(
             f"{len(failed)} chunk(s) failed (first: chunk {first.planned.chunk.index + 1}: {first.error}); "
             "the others are stored; run the same command again to retry"
         )
-
-
-def stitch_to_file(plan: list[PlannedChunk], doc: Document, store: ChunkStore, options: Options, track_path: Path):
-    """Join the stored chunks in document order into a WAV track; returns (chapters, seconds)."""
-    from .audio.stitch import TrackWriter
-
-    sr = None
-    chapter = None
-    with TrackWriter(track_path, store.get(plan[0].id)[1], options.stitch) as writer:
-        for p in plan:
-            wav, sr = store.get(p.id)
-            if p.chunk.chapter != chapter:
-                chapter = p.chunk.chapter
-                title = doc.chapters[chapter].title or (doc.name if chapter == 0 else f"Part {chapter + 1}")
-                writer.start_chapter(title)
-            writer.add(wav, p.chunk.boundary)
-        return list(writer.chapters), writer.duration_s
 
 
 def encode_verified(track: Path, output: Path, options: Options, watermarker, chapters=(), title: str | None = None):
@@ -306,6 +302,26 @@ def encode_verified(track: Path, output: Path, options: Options, watermarker, ch
     staged = output.with_name(f".{output.stem}.partial{output.suffix}")
     try:
         encode(track, staged, options.export, chapters=list(chapters), title=title)
+        check = verify_file(staged, watermarker)
+        faults.point("encoded")
+        if not check.marked:
+            raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
+    return check
+
+
+def publish_verified(encoded: Path, output: Path, watermarker, chapters=(), title: str | None = None, total_s=None):
+    """``output`` from a streamed encode: chapters and title added, the mark checked, renamed.
+
+    Like :func:`encode_verified`, the output never exists unfinished or unmarked."""
+    from .audio.export import finish_stream
+    from .audio.watermark import verify_file
+
+    staged = output.with_name(f".{output.stem}.partial{output.suffix}")
+    try:
+        finish_stream(encoded, staged, chapters=list(chapters), title=title, total_s=total_s)
         check = verify_file(staged, watermarker)
         faults.point("encoded")
         if not check.marked:
@@ -358,25 +374,30 @@ def render_book(
         store.remove_temp_files()  # leftovers of a run that was killed mid-write
         write_manifest(work_dir, manifest_for(doc, source, voice, model.model_id, options, plan))
         conds = VoiceCache(model, cache_dir).get(voice, options.generation.exaggeration)
-        run_chunks(
-            plan,
-            engine=engine,
-            conds=conds,
-            options=options,
-            watermarker=watermarker,
-            store=store,
-            batch_size=batch_size,
-            progress=progress,
-            report=report,
-        )
-        track = work_dir / f"track-{os.getpid()}.wav"
+        # The track is stitched and encoded as chunks arrive (in the engine's own thread on
+        # the CPU, beside it on a GPU), into a temporary file the next run would clean up.
+        encoded = work_dir / f".track-{os.getpid()}{TEMP_SUFFIX}"
+        on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
         try:
-            chapters, seconds = stitch_to_file(plan, doc, store, options, track)
-            check = encode_verified(
-                track, output, options, watermarker, chapters=chapters if len(chapters) > 1 else (), title=doc.name
+            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=on_gpu) as track:
+                run_chunks(
+                    plan,
+                    engine=engine,
+                    conds=conds,
+                    options=options,
+                    watermarker=watermarker,
+                    store=store,
+                    batch_size=batch_size,
+                    progress=progress,
+                    report=report,
+                    on_stored=track.stored,
+                )
+                chapters, seconds = track.finish()
+            check = publish_verified(
+                encoded, output, watermarker, chapters=chapters if len(chapters) > 1 else (), title=doc.name, total_s=seconds
             )
         finally:
-            track.unlink(missing_ok=True)
+            encoded.unlink(missing_ok=True)
     report.audio_seconds = seconds
     report.watermark_score = check.score
     return report

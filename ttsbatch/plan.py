@@ -1,4 +1,4 @@
-"""What to render: chunk ids, per-chunk seeds, and length-sorted batches of the missing chunks.
+"""What to render: chunk ids, per-chunk seeds, and the missing chunks in document order.
 
 A chunk's id is a content hash of everything that decides its audio: the text as sent to the
 model, the voice, every generation parameter, the model identity and a format version. The
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,14 +92,11 @@ def make_plan(chunks: list[Chunk], voice_id: str, generation: GenerationOptions,
     return plan
 
 
-def _length_order(planned: Iterable[PlannedChunk]) -> list[PlannedChunk]:
-    # Longest first: the slowest batches start early (no long straggler at the end, and an
-    # out-of-memory problem shows up in the first minute); document order breaks ties.
-    return sorted(planned, key=lambda p: (-len(p.chunk.text), p.chunk.index))
-
-
 def pending(plan: list[PlannedChunk], store: _HasIds) -> list[PlannedChunk]:
-    """The planned chunks still missing from ``store``, one per id, longest text first.
+    """The planned chunks still missing from ``store``, one per id, in document order.
+
+    Document order, so chunks finish roughly in the order the track needs them and the
+    book can be stitched and encoded while it is rendered (see :mod:`ttsbatch.track`).
 
     ``store`` is anything with ``ids() -> set[str]`` (a ChunkStore); it is listed once. Of
     several chunks with the same id, the first in document order is kept: rendering it once
@@ -114,17 +110,4 @@ def pending(plan: list[PlannedChunk], store: _HasIds) -> list[PlannedChunk]:
             continue
         seen.add(p.id)
         todo.append(p)
-    return _length_order(todo)
-
-
-def batches(pending: list[PlannedChunk], max_batch: int) -> Iterator[list[PlannedChunk]]:
-    """Split ``pending`` into batches of at most ``max_batch`` chunks of similar length.
-
-    The chunks are sorted by text length, longest first (document order breaks ties), and cut
-    into consecutive slices, so each batch pads little; only the last batch may be smaller.
-    """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    ordered = _length_order(pending)
-    for start in range(0, len(ordered), max_batch):
-        yield ordered[start : start + max_batch]
+    return todo

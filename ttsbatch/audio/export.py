@@ -7,6 +7,7 @@ Python memory. Outputs appear atomically: ffmpeg writes a hidden temporary file 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ import soundfile as sf
 
 from ..config import ExportOptions
 from ..errors import InputError
-from .ffmpeg import FFmpegError, ff_path, ffmpeg_exe, probe, run_ffmpeg
+from .ffmpeg import FFmpegError, _stderr_tail, ff_path, ffmpeg_exe, probe, run_ffmpeg
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -29,6 +30,8 @@ __all__ = [
     "ffmpeg_exe",
     "probe_duration",
     "run_ffmpeg",
+    "StreamEncoder",
+    "finish_stream",
 ]
 
 SUPPORTED_FORMATS = {".wav", ".flac", ".mp3", ".m4a", ".m4b", ".ogg"}
@@ -43,15 +46,22 @@ _CHAPTER_FORMATS = {".m4a", ".m4b", ".mp3"}
 
 def _codec_args(ext: str, opts: ExportOptions) -> list[str]:
     if ext == ".wav":
-        return ["-c:a", "pcm_s16le", "-rf64", "auto"]
+        return ["-c:a", "pcm_s16le"]
     if ext == ".flac":
         return ["-c:a", "flac", "-sample_fmt", "s16"]
     if ext == ".mp3":
         return ["-c:a", "libmp3lame", "-b:a", opts.mp3_bitrate]
     if ext in (".m4a", ".m4b"):
-        # faststart puts the index first so players can start before reading the whole file
-        return ["-c:a", "aac", "-b:a", opts.aac_bitrate, "-movflags", "+faststart"]
+        return ["-c:a", "aac", "-b:a", opts.aac_bitrate]
     return ["-c:a", "libvorbis", "-q:a", "5"]  # .ogg: ExportOptions has no Vorbis bitrate
+
+
+def _mux_args(ext: str) -> list[str]:
+    if ext == ".wav":
+        return ["-rf64", "auto"]
+    if ext in (".m4a", ".m4b"):
+        return ["-movflags", "+faststart"]  # the index first: players start before reading it all
+    return []
 
 
 def _extension(out: Path) -> str:
@@ -135,12 +145,114 @@ def encode(
             args += ["-f", "ffmetadata", "-i", ff_path(meta)]
             map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
         resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
-        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, "-f", _MUXERS[ext], ff_path(tmp)],
+        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)],
                    what=f"encoding {out.name}")
-        _fsync(tmp)
-        os.replace(tmp, out)
-        _fsync(out.parent)  # make the rename itself durable
+        _publish(tmp, out)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial output
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        meta.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Make the finished ``tmp`` durable and rename it over ``out``."""
+    _fsync(tmp)
+    os.replace(tmp, out)
+    _fsync(out.parent)  # make the rename itself durable
+
+
+class StreamEncoder:
+    """ffmpeg encoding mono float PCM as it is written, into ``path`` in ``ext``'s format.
+
+    The book's track is encoded while its later chunks are still being rendered: the stitcher
+    writes each chunk as soon as it is its turn, and ffmpeg (a separate process) encodes
+    beside the engine. Nothing is held in memory beyond the pipe's buffer. Chapters and the
+    title are added afterwards by :func:`finish_stream`, which copies the encoded audio.
+
+    ``write`` raises FFmpegError (with ffmpeg's complaint) if ffmpeg has died, e.g. of a full
+    disk; ``close`` waits for ffmpeg and raises likewise; ``abort`` kills it and removes ``path``.
+    """
+
+    def __init__(self, path: Path, ext: str, sample_rate: int, opts: ExportOptions = ExportOptions()):
+        import tempfile
+
+        self.path = Path(path)
+        self.sample_rate = sample_rate
+        self.samples = 0
+        ext = _extension(Path("x" + ext))
+        resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
+        # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
+        # deadlock both processes
+        self._stderr = tempfile.TemporaryFile()
+        cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y",
+               "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0",
+               *_codec_args(ext, opts), *resample, *(["-rf64", "auto"] if ext == ".wav" else []),
+               "-f", _MUXERS[ext], ff_path(self.path)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+
+    def _failed(self, what: str) -> FFmpegError:
+        self._proc.kill()
+        self._proc.wait()
+        self._stderr.seek(0)
+        return FFmpegError(f"{what} {self.path.name} failed: {_stderr_tail(self._stderr.read())}")
+
+    def write(self, wav: np.ndarray) -> None:
+        data = np.ascontiguousarray(wav, dtype="<f4")
+        try:
+            self._proc.stdin.write(data.tobytes())
+        except (BrokenPipeError, OSError):
+            raise self._failed("encoding") from None
+        self.samples += len(data)
+
+    def close(self) -> None:
+        """Finish the file; raises FFmpegError if ffmpeg failed."""
+        try:
+            self._proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            raise self._failed("encoding") from None
+        if self._proc.wait() != 0:
+            raise self._failed("encoding")
+        self._stderr.close()
+
+    def abort(self) -> None:
+        """Stop ffmpeg and remove what it wrote."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        self._stderr.close()
+        self.path.unlink(missing_ok=True)
+
+
+def finish_stream(
+    encoded: Path,
+    out: Path,
+    chapters: Sequence[tuple[str, float]] = (),
+    title: str | None = None,
+    total_s: float | None = None,
+) -> None:
+    """``out`` from the audio a StreamEncoder wrote to ``encoded``, plus chapters and title.
+
+    The audio is copied, not re-encoded (seconds for a 10-hour book). Atomic like ``encode``.
+    """
+    out, encoded = Path(out), Path(encoded)
+    ext = _extension(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{ext}")
+    meta = out.with_name(f".{out.name}.tmp-{os.getpid()}.ffmeta")
+    args = ["-v", "error", "-y", "-i", ff_path(encoded)]
+    map_args = ["-map", "0:a:0"]
+    try:
+        if chapters or title:
+            meta.write_text(_ffmetadata(chapters, title, total_s if total_s is not None else probe_duration(encoded)),
+                            encoding="utf-8")
+            args += ["-f", "ffmetadata", "-i", ff_path(meta)]
+            map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
+        run_ffmpeg([*args, *map_args, "-c", "copy", *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)],
+                   what=f"writing {out.name}")
+        _publish(tmp, out)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:

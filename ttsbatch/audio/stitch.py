@@ -73,19 +73,23 @@ class TrackWriter:
         encode(tmp_wav, out, opts.export, chapters=track.chapters)
 
     The file is float32 RF64 (a WAV that may exceed 4 GiB: float32 at 24 kHz passes that
-    after ~12 hours); soundfile and ffmpeg read it like WAV.
+    after ~12 hours); soundfile and ffmpeg read it like WAV. With ``sink`` instead of a path
+    the samples go to ``sink.write`` (a StreamEncoder, say), and ``close`` closes the sink.
     """
 
-    def __init__(self, path: Path, sample_rate: int = 24000, opts: StitchOptions = StitchOptions()):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, sample_rate: int = 24000, opts: StitchOptions = StitchOptions(), sink=None):
+        if (path is None) == (sink is None):
+            raise ValueError("TrackWriter writes to a path or to a sink, one of the two")
+        self.path = Path(path) if path is not None else None
         self.sample_rate = sample_rate
         self.opts = opts
         self.samples = 0  # samples written so far = start sample of the next chunk
         self.chunk_starts: list[int] = []  # first sample of each added chunk (after trimming)
         self.chunk_ends: list[int] = []  # one past its last sample (its pause follows)
         self.chapters: list[tuple[str, float]] = []  # (title, start seconds), for export
-        self._file = sf.SoundFile(str(self.path), "w", samplerate=sample_rate, channels=1,
-                                  subtype="FLOAT", format="RF64")
+        self._file = sink if sink is not None else sf.SoundFile(
+            str(self.path), "w", samplerate=sample_rate, channels=1, subtype="FLOAT", format="RF64")
+        self._closed = False
 
     @property
     def duration_s(self) -> float:
@@ -143,7 +147,8 @@ class TrackWriter:
         return max(0, self.samples - target)
 
     def close(self) -> None:
-        if not self._file.closed:
+        if not self._closed:
+            self._closed = True
             self._file.close()
 
     def __enter__(self) -> TrackWriter:

@@ -111,6 +111,7 @@ class FastEngine:
             max_rows=self.max_rows,
             check_every=self.check_every,
             max_vram_gb=self.t3_vram_gb,
+            sort=False,  # the caller's order (document order): chunks finish about when the track needs them
         )
 
     def synthesize_stream(

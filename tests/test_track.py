@@ -1,0 +1,139 @@
+"""The book's track stitched and encoded while chunks arrive (ttsbatch.track, StreamEncoder)."""
+
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ttsbatch.audio.export import FFmpegError, StreamEncoder, decode_audio, encode, finish_stream
+from ttsbatch.audio.stitch import TrackWriter
+from ttsbatch.config import ExportOptions, GenerationOptions, Options
+from ttsbatch.plan import make_plan
+from ttsbatch.store import ChunkStore
+from ttsbatch.text.document import Chapter, Chunk, Document
+from ttsbatch.track import BookTrack
+
+SR = 24000
+
+
+def book(n=12):
+    """A document of two chapters and n chunks, each with distinct audio in a store."""
+    doc = Document("book", (Chapter("One", ("p",)), Chapter("Two", ("q",))))
+    chunks = [
+        Chunk(index=i, text=f"sentence {i}", source=f"sentence {i}", chapter=0 if i < n // 2 else 1, paragraph=i,
+              boundary="chapter" if i == n // 2 - 1 else ("end" if i == n - 1 else "sentence"))
+        for i in range(n)
+    ]
+    return doc, make_plan(chunks, "voice", GenerationOptions(), "model")
+
+
+def chunk_audio(i):
+    rng = np.random.default_rng(i)
+    t = np.arange(round((0.3 + 0.05 * i) * SR)) / SR
+    body = (0.3 * np.sin(2 * np.pi * (150 + 20 * i) * t) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    return np.concatenate([np.zeros(2400, np.float32), body, np.zeros(1200, np.float32)])
+
+
+def offline_track(plan, doc, store, path):
+    """What stitching after the run gives (the old way): a WAV track of the whole plan."""
+    chapter = None
+    with TrackWriter(path, SR) as w:
+        for p in plan:
+            if p.chunk.chapter != chapter:
+                chapter = p.chunk.chapter
+                w.start_chapter(doc.chapters[chapter].title)
+            w.add(store.get(p.id)[0], p.chunk.boundary)
+        return list(w.chapters), w.duration_s
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_track_streams_in_document_order_and_equals_the_offline_stitch(tmp_path, background):
+    doc, plan = book()
+    store = ChunkStore(tmp_path / "work")
+    order = list(range(len(plan)))
+    random.Random(3).shuffle(order)  # the engine finishes chunks out of order
+    out = tmp_path / "out.wav"
+    encoded = tmp_path / "enc.tmp"
+    progress = []
+    with BookTrack(plan, doc, store, Options(), encoded, ".wav", background=background) as track:
+        for i in order:
+            store.put(plan[i].id, chunk_audio(i), SR)
+            track.stored(plan[i])
+            if not background:
+                # inline: everything up to the first missing chunk is already appended
+                stored = {plan[j].id for j in order[: order.index(i) + 1]}
+                expect = next((k for k, p in enumerate(plan) if p.id not in stored), len(plan))
+                assert track.stitched == expect
+            progress.append(track.stitched)
+        chapters, seconds = track.finish()
+    if not background:
+        assert progress[-1] == len(plan) and 0 < progress[len(plan) // 2] < len(plan)  # stitched during the run
+    finish_stream(encoded, out, chapters=chapters, title="book", total_s=seconds)
+
+    ref_chapters, ref_seconds = offline_track(plan, doc, store, tmp_path / "ref.wav")
+    encode(tmp_path / "ref.wav", tmp_path / "ref-out.wav", ExportOptions())
+    assert chapters == ref_chapters and seconds == pytest.approx(ref_seconds)
+    got, _ = sf.read(out, dtype="float32")
+    ref, _ = sf.read(tmp_path / "ref-out.wav", dtype="float32")
+    np.testing.assert_array_equal(got, ref)  # the same 16-bit samples
+
+
+def test_track_mp3_has_chapters_and_the_whole_length(tmp_path):
+    from ttsbatch.audio.export import probe_duration
+    from ttsbatch.audio.ffmpeg import ffmpeg_exe
+    import subprocess
+
+    doc, plan = book(8)
+    store = ChunkStore(tmp_path / "work")
+    for i, p in enumerate(plan):
+        store.put(p.id, chunk_audio(i), SR)
+    with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", background=True) as track:
+        chapters, seconds = track.finish()  # everything was stored before: finish stitches it all
+    out = tmp_path / "book.mp3"
+    finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title="My Book", total_s=seconds)
+    assert probe_duration(out) == pytest.approx(seconds, abs=0.06)
+    wav, _ = decode_audio(out, sr=SR)
+    assert abs(len(wav) - round(seconds * SR)) <= 2  # gapless: the encoder's delay is not added
+    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    assert "Chapter #0:1" in banner and "title           : Two" in banner and "My Book" in banner
+    assert [t for t, _ in chapters] == ["One", "Two"]
+
+
+def test_track_left_without_finish_removes_the_partial_file(tmp_path):
+    doc, plan = book(6)
+    store = ChunkStore(tmp_path / "work")
+    encoded = tmp_path / "enc.tmp"
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with BookTrack(plan, doc, store, Options(), encoded, ".mp3") as track:
+            store.put(plan[0].id, chunk_audio(0), SR)
+            track.stored(plan[0])
+            assert track.stitched == 1
+            proc = track._encoder._proc
+            assert proc.poll() is None  # ffmpeg is encoding
+            raise RuntimeError("engine failed")
+    assert proc.returncode is not None and not encoded.exists()
+
+
+def test_track_finish_with_a_chunk_missing_names_it(tmp_path):
+    from ttsbatch.store import StoreError
+
+    doc, plan = book(4)
+    store = ChunkStore(tmp_path / "work")
+    for i in (0, 1, 3):
+        store.put(plan[i].id, chunk_audio(i), SR)
+    with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".wav", background=True) as track:
+        with pytest.raises(StoreError, match="chunk 3 "):
+            track.finish()
+    assert not (tmp_path / "enc.tmp").exists()
+
+
+def test_stream_encoder_reports_ffmpeg_failure_in_one_line(tmp_path):
+    enc = StreamEncoder(tmp_path / "x.mp3", ".mp3", SR, ExportOptions(mp3_bitrate="nonsense"))
+    with pytest.raises(FFmpegError) as e:
+        for _ in range(50):  # ffmpeg refuses the bitrate and exits; writing or closing says so
+            enc.write(np.zeros(SR, np.float32))
+        enc.close()
+    assert "encoding x.mp3 failed" in str(e.value) and "\n" not in str(e.value)
+    enc.abort()
+    assert not (tmp_path / "x.mp3").exists()

@@ -1,0 +1,154 @@
+"""The book's track, stitched and encoded while the engine is still rendering.
+
+Chunks are stored in whatever order the engine finishes them; the track needs them in
+document order. :class:`BookTrack` keeps a cursor into the plan: each time a chunk is
+stored it is told so (:meth:`stored`), and it appends every chunk from the cursor on that is
+now in the store (trimmed, faded, paused, as :class:`~ttsbatch.audio.stitch.TrackWriter`
+does) to a :class:`~ttsbatch.audio.export.StreamEncoder`, so ffmpeg encodes beside the GPU
+instead of after it. A 2-hour book's MP3 encode alone took 45 s on the GPU machine's CPU.
+
+``background=True`` (the GPU case) does the stitching on a thread of its own; otherwise it
+happens inline in :meth:`stored` (on the CPU a second busy thread would slow the engine).
+Either way only the chunk being stitched is in memory, and :meth:`finish` stitches whatever
+is left (the store is listed once more, so a missed notice cannot lose a chunk).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from .audio.export import StreamEncoder
+from .audio.stitch import TrackWriter
+from .config import Options
+from .plan import PlannedChunk
+from .store import ChunkStore, StoreError
+from .text import Document
+
+
+class BookTrack:
+    """``with BookTrack(...) as track: run(..., on_stored=track.stored); chapters, s = track.finish()``.
+
+    Leaving the block without :meth:`finish` (an error, an interrupt) aborts: ffmpeg is
+    killed and the partial file removed.
+    """
+
+    def __init__(
+        self,
+        plan: list[PlannedChunk],
+        doc: Document,
+        store: ChunkStore,
+        options: Options,
+        encoded: Path,
+        ext: str,
+        background: bool = False,
+    ):
+        if not plan:
+            raise ValueError("a track needs at least one chunk")
+        self.plan, self.doc, self.store, self.options = plan, doc, store, options
+        self.encoded, self.ext = Path(encoded), ext
+        self._next = 0  # plan index of the next chunk to append
+        self._chapter = None
+        self._ready = store.ids()  # ids known to be in the store
+        self._cond = threading.Condition()
+        self._stop = False  # set by finish (stitch the rest, then end) and by abort
+        self._error: BaseException | None = None
+        self._encoder: StreamEncoder | None = None
+        self._writer: TrackWriter | None = None
+        self._finished = False
+        self._thread = threading.Thread(target=self._loop, name="ttsbatch-track", daemon=True) if background else None
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._advance()
+
+    @property
+    def stitched(self) -> int:
+        """Chunks of the plan appended to the track so far."""
+        return self._next
+
+    # -- the engine's side ------------------------------------------------------------------
+
+    def stored(self, planned: PlannedChunk) -> None:
+        """Chunk ``planned`` is in the store now (cheap; inline mode stitches what it can)."""
+        with self._cond:
+            self._ready.add(planned.id)
+            self._cond.notify()
+        if self._thread is None:
+            self._advance()
+        elif self._error is not None:  # fail the run early, not at the end
+            raise self._error
+
+    def finish(self) -> tuple[list[tuple[str, float]], float]:
+        """Append the rest, close the encoder; returns (chapters, track seconds)."""
+        with self._cond:
+            self._ready |= self.store.ids()
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._advance()
+        if self._error is not None:
+            raise self._error
+        if self._next < len(self.plan):
+            missing = self.plan[self._next]
+            raise StoreError(f"chunk {missing.chunk.index + 1} ({missing.id}) is not in the store; run again to render it")
+        self._writer.close()  # closes the encoder: waits for ffmpeg
+        self._finished = True
+        return list(self._writer.chapters), self._writer.duration_s
+
+    def abort(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready = set()  # nothing more to append
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if self._encoder is not None:
+            self._encoder.abort()
+        else:
+            self.encoded.unlink(missing_ok=True)
+
+    def __enter__(self) -> BookTrack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._finished:
+            self.abort()
+
+    # -- stitching ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._next_is_ready():
+                    self._cond.wait()
+                if not self._next_is_ready():
+                    return  # stopped, and nothing more can be appended
+            try:
+                self._advance()
+            except BaseException as e:  # handed to the engine's thread by stored() / finish()
+                self._error = e
+                return
+
+    def _next_is_ready(self) -> bool:
+        return self._next < len(self.plan) and self.plan[self._next].id in self._ready
+
+    def _advance(self) -> None:
+        """Append every chunk from the cursor on that is in the store."""
+        while True:
+            with self._cond:
+                if not self._next_is_ready():
+                    return
+                p = self.plan[self._next]
+            wav, sr = self.store.get(p.id)
+            if self._writer is None:
+                self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
+                self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)
+            if p.chunk.chapter != self._chapter:
+                self._chapter = p.chunk.chapter
+                ch = self.doc.chapters[p.chunk.chapter]
+                self._writer.start_chapter(ch.title or (self.doc.name if p.chunk.chapter == 0 else f"Part {p.chunk.chapter + 1}"))
+            self._writer.add(wav, p.chunk.boundary)
+            self._next += 1
