@@ -302,3 +302,39 @@ def test_a_streaming_engine_failing_midway_keeps_what_it_finished(tiny_checkpoin
     assert sorted(finished_first + retried) == sorted(calls[0])  # each chunk rendered once
     assert "5 chunks rendered" in r.stderr and out.is_file()
     assert len(ids_in_index(tmp_path / ".out.wav.ttsbatch")) == 5
+
+
+def test_background_sink_stores_every_chunk_and_reports_in_hand_over_order(tmp_path):
+    """The GPU-side sink: several workers mark and store at once; ChunkDone keeps the order."""
+    import random
+    import threading
+
+    from ttsbatch.pipeline import _ChunkSink
+    from ttsbatch.plan import make_plan
+    from ttsbatch.config import GenerationOptions
+    from ttsbatch.store import ChunkStore
+    from ttsbatch.text.document import Chunk
+
+    rnd = random.Random(0)
+    threads = set()
+
+    class SlowMark:
+        def apply(self, wav, sr):
+            threads.add(threading.current_thread().name)
+            time.sleep(rnd.uniform(0, 0.02))  # workers finish out of order
+            return wav * 0.5
+
+    chunks = [Chunk(index=i, text=f"s{i}", source=f"s{i}", chapter=0, paragraph=i, boundary="sentence") for i in range(24)]
+    plan = make_plan(chunks, "v", GenerationOptions(), "m")
+    store = ChunkStore(tmp_path)
+    sink = _ChunkSink(SlowMark(), store, "fast", 24000, depth=4, background=True, workers=3)
+    done = []
+    for i, p in enumerate(plan):
+        done += sink.put(p, np.full(2400, 0.2 + i / 100, np.float32), 10)
+    done += sink.drain()
+    sink.close()
+    assert [d.planned.id for d in done] == [p.id for p in plan]
+    assert len(threads) > 1
+    for i, p in enumerate(plan):
+        wav, _ = store.get(p.id)
+        np.testing.assert_allclose(wav, (0.2 + i / 100) * 0.5, atol=1e-6)  # marked, stored as its own

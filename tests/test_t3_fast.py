@@ -288,3 +288,69 @@ def test_fast_engine_is_fast_t3_then_batched_s3gen(model, conds):
             assert got[i].tokens == len(kept[i])
             assert len(got[i].wav) == len(want[i]) == 2 * len(kept[i]) * 480  # 2 mel frames per token, 480 samples per frame
             np.testing.assert_allclose(got[i].wav, want[i], atol=1e-5)
+
+
+def test_fast_engine_overlapped_equals_sequential(model, conds):
+    """T3 on its own thread (the GPU default) gives exactly the sequential engine's audio."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest(t, 70 + i, b) for i, (t, b) in enumerate([("One two three.", 9), ("Four.", 5), ("Five six.", 7), ("Seven.", 3)])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads of torch work at once: keep the BLAS split fixed
+    try:
+        seq = FastEngine(model, s3gen_batch=2, overlap=False).synthesize(reqs, conds, gen)
+        engine = FastEngine(model, s3gen_batch=2, overlap=True)
+        got = dict(engine.synthesize_stream(reqs, conds, gen))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == [0, 1, 2, 3]
+    for i in range(4):
+        assert got[i].tokens == seq[i].tokens
+        np.testing.assert_array_equal(got[i].wav, seq[i].wav)
+
+
+def test_fast_engine_keeps_the_callers_order(model, conds):
+    """Requests start in the order given (document order), not longest first."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    texts = ["Hi.", "A much longer sentence than the first one.", "Mid length one.", "Ok."]
+    reqs = [SynthesisRequest(t, 90 + i, 4) for i, t in enumerate(texts)]
+    engine = FastEngine(model, max_rows=2)
+    list(engine.speech_token_stream(reqs, conds, gen))
+    assert [i for kind, i, *_ in engine.t3.trace if kind == "start"] == [0, 1, 2, 3]
+
+
+def test_ahead_passes_items_errors_and_stops_its_thread():
+    import threading
+
+    from ttsbatch.engine.fast import _ahead
+
+    assert list(_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise ValueError("t3 broke")
+
+    it = _ahead(failing())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="t3 broke"):
+        next(it)
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()  # closed on the producer's thread when the consumer stops
+
+    it = _ahead(endless())
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert closed.is_set()
+    assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())

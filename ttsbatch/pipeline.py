@@ -119,7 +119,7 @@ class _ChunkSink:
         from .engine import capture_lock
 
         sr = self._sr
-        with capture_lock:  # Perth may run on the GPU: never while the engine captures a graph
+        with capture_lock.using():  # Perth may run on the GPU: never while the engine captures a graph
             marked = self._watermarker.apply(wav, sr) if len(wav) else wav
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
         self._store.put(planned.id, marked, sr, meta)

@@ -53,12 +53,16 @@ class FastEngine:
         s3gen_batch: int | None = None,
         t3_share: float = 0.5,
         compile_s3gen: bool = False,
+        overlap: bool | None = None,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
         ``use_graphs``: CUDA graphs for T3's decode step (None: on CUDA); ``s3gen_batch``:
-        finished chunks collected before S3Gen runs (None: 64 on CUDA, 8 on CPU);
-        ``compile_s3gen``: torch.compile S3Gen's stages and capture its CFM loop (CUDA)."""
+        S3Gen's largest batch (None: 64 on CUDA, 8 on CPU; twice as many finished chunks are
+        collected before S3Gen runs, so its length buckets fill); ``compile_s3gen``:
+        torch.compile S3Gen's stages and capture its CFM loop (CUDA); ``overlap``: T3 on a
+        thread and CUDA stream of its own, decoding the next chunks while S3Gen vocodes
+        (None: on CUDA)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -73,6 +77,9 @@ class FastEngine:
         self.t3 = FastT3(model, use_graphs=use_graphs)
         cuda = self.t3.device.type == "cuda"
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
+        self.collect = self.s3gen_batch if s3gen_batch else 2 * self.s3gen_batch
+        self.overlap = cuda if overlap is None else overlap
+        self._t3_stream = torch.cuda.Stream(self.t3.device) if cuda and self.overlap else None
         self.t3_vram_gb = None
         attn_gib = 4.0
         if cuda:
@@ -114,23 +121,36 @@ class FastEngine:
             sort=False,  # the caller's order (document order): chunks finish about when the track needs them
         )
 
+    def _s3gen_batches(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
+        """T3's finished requests grouped for S3Gen: ``[(index, cleaned tokens), ...]``.
+
+        A request with nothing left to say comes as a group of its own with empty tokens."""
+        waiting: list[tuple[int, list[int]]] = []
+        for i, tokens in self.speech_token_stream(requests, conds, gen):
+            kept = speech_tokens_for_s3gen(tokens)
+            if not kept:  # end-of-speech at once: nothing to say
+                yield [(i, [])]
+                continue
+            waiting.append((i, kept))
+            if len(waiting) >= self.collect:
+                yield waiting
+                waiting = []
+        if waiting:
+            yield waiting
+
     def synthesize_stream(
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
     ) -> Iterator[tuple[int, SynthesisResult]]:
         """``(request index, result)`` for each request, a batch of S3Gen at a time."""
         voice = self.voice_ref(conds)
-        waiting: list[tuple[int, list[int]]] = []
-        for i, tokens in self.speech_token_stream(requests, conds, gen):
-            kept = speech_tokens_for_s3gen(tokens)
-            if not kept:  # end-of-speech at once: nothing to say
-                yield i, SynthesisResult(np.zeros(0, dtype=np.float32), 0)
+        groups = self._s3gen_batches(requests, conds, gen)
+        if self.overlap:
+            groups = _ahead(groups, self._t3_stream)
+        for items in groups:
+            if not items[0][1]:
+                yield items[0][0], SynthesisResult(np.zeros(0, dtype=np.float32), 0)
                 continue
-            waiting.append((i, kept))
-            if len(waiting) >= self.s3gen_batch:
-                yield from self._vocode(waiting, requests, voice, gen)
-                waiting = []
-        if waiting:
-            yield from self._vocode(waiting, requests, voice, gen)
+            yield from self._vocode(items, requests, voice, gen)
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
         results: list[SynthesisResult | None] = [None] * len(requests)
@@ -139,8 +159,71 @@ class FastEngine:
         return results  # type: ignore[return-value]
 
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
-        wavs = self.s3.synthesize(
-            [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-        )
+        from . import capture_lock
+
+        # Held while S3Gen allocates and waits: T3 (on its thread) must not capture a graph
+        # meanwhile (a capture fails if another thread allocates or syncs).
+        with capture_lock.using():
+            wavs = self.s3.synthesize(
+                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
+            )
         for (i, kept), wav in zip(items, wavs):
             yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
+
+
+_END = object()
+
+
+def _ahead(items: Iterator, stream=None, depth: int = 2) -> Iterator:
+    """``items``, produced on a thread of their own (on CUDA ``stream``) up to ``depth`` ahead.
+
+    The producer's exceptions are raised in the consumer; closing the consumer early (an
+    error downstream, an interrupt) stops the producer at its next item and waits for it.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        import contextlib
+
+        import torch
+
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for x in items:
+                    if not put((x, None)):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((_END, e))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put((_END, None))
+
+    thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x, error = q.get()
+            if x is _END:
+                if error is not None:
+                    raise error
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()

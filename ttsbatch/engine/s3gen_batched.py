@@ -595,7 +595,7 @@ class BatchedS3Gen:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool):
+            with capture_lock.capturing(), torch.cuda.graph(graph, pool=self._graph_pool):
                 out = loop()
             g = self._graphs[key] = (graph, ins, out)
         graph, ins, out = g

@@ -588,7 +588,7 @@ class FastT3:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool):
+                with capture_lock.capturing(), torch.cuda.graph(graph, pool=self._graph_pool):
                     run()
                 replay = graph.replay
             except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
