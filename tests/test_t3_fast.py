@@ -354,3 +354,30 @@ def test_ahead_passes_items_errors_and_stops_its_thread():
     it.close()
     assert closed.is_set()
     assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
+
+
+def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, fast):
+    """Rows are refilled in groups of ``refill_min`` (fewer prefills); a request's tokens do not
+    depend on when it started."""
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(f"Sentence number {i} here.", 200 + i, 2 + (3 * i) % 7) for i in range(10)]
+    p0 = fast.stats["prefills"]
+    one = dict(fast.generate(conds, reqs, gen, max_rows=4, check_every=1, sort=False, refill_min=1))
+    p1 = fast.stats["prefills"]
+    grouped = dict(fast.generate(conds, reqs, gen, max_rows=4, check_every=1, sort=False, refill_min=3))
+    assert fast.stats["prefills"] - p1 < p1 - p0
+    assert grouped == one
+    starts, group = [], []
+    for e in fast.trace:  # starts between two finishes form one refill
+        if e[0] == "start":
+            group.append(e[1])
+        elif group:
+            starts.append(group)
+            group = []
+    starts.append(group)
+    starts = [g for g in starts if g]
+    assert starts[0] == [0, 1, 2, 3]
+    queue_left = 6
+    for g in starts[1:]:
+        assert len(g) >= min(3, queue_left)  # never fewer than refill_min unless the queue ends
+        queue_left -= len(g)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -113,18 +114,33 @@ class _ChunkSink:
         # profiled). workers: Perth's resampling and the FLAC encoder release the GIL.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
         self._waiting: deque = deque()
+        self._local = threading.local()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
 
     def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
         from .engine import capture_lock
 
         sr = self._sr
-        with capture_lock.using():  # Perth may run on the GPU: never while the engine captures a graph
+        with capture_lock.using(), self._gpu_stream():  # never while the engine captures a graph
             marked = self._watermarker.apply(wav, sr) if len(wav) else wav
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
         self._store.put(planned.id, marked, sr, meta)
         faults.point("chunk-stored")
         return ChunkDone(planned, len(marked) / sr, tokens)
+
+    def _gpu_stream(self):
+        """A CUDA stream of this worker's own when Perth runs on a GPU: its small kernels then
+        run beside S3Gen's instead of queueing between them on the default stream."""
+        import contextlib
+
+        if self._pool is None or not str(getattr(self._watermarker, "device", "cpu")).startswith("cuda"):
+            return contextlib.nullcontext()
+        import torch
+
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(torch.device(self._watermarker.device))
+        return torch.cuda.stream(stream)
 
     def put(self, planned: PlannedChunk, wav, tokens: int) -> list[ChunkDone]:
         """Queue one chunk; returns the chunks stored meanwhile (waits if ``depth`` are queued)."""
