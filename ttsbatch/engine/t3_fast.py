@@ -55,7 +55,7 @@ LEN_BUCKET = 256  # KV length granularity of captured graphs (and of the cache's
 MAX_ROWS = 256  # never more rows than this, whatever the memory
 CPU_ROWS = 8  # default rows on the CPU
 RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
-PREFILL_TOKENS = 32768  # most (sequences x padded length) per prefill forward on CUDA
+PREFILL_TOKENS = 24576  # most (sequences x padded length) per prefill forward on CUDA (its activations fit the reserve)
 PREFILL_TOKENS_CPU = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
 
@@ -269,11 +269,12 @@ def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence
     dev = w.device
     if max_tokens is None:
         max_tokens = PREFILL_TOKENS if dev.type == "cuda" else PREFILL_TOKENS_CPU
-    # Chunks of rows whose padded size stays under max_tokens.
+    # Chunks of rows whose padded size (as _prefill_group pads) stays under max_tokens.
+    step = PREFILL_LEN_STEP if dev.type == "cuda" else 1
     group: list[int] = []
     longest = 0
     for i in range(len(rows)):
-        L = inputs[i].embeds.shape[1]
+        L = _round_up(inputs[i].embeds.shape[1], step)
         if group and (len(group) + 1) * st.pairs * max(longest, L) > max_tokens:
             _prefill_group(w, st, [rows[j] for j in group], [inputs[j] for j in group])
             group, longest = [], 0
