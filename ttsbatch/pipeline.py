@@ -307,37 +307,25 @@ def run_chunks(
 
 
 def encode_verified(track: Path, output: Path, options: Options, watermarker, chapters=(), title: str | None = None):
-    """Encode ``track`` beside ``output`` under a temporary name, check the mark, then rename.
+    """Encode the WAV ``track`` into ``output`` (see :func:`publish_verified`)."""
+    from .audio.export import encode
+
+    return publish_verified(
+        lambda staged: encode(track, staged, options.export, chapters=list(chapters), title=title), output, watermarker
+    )
+
+
+def publish_verified(write, output: Path, watermarker):
+    """``write(path)`` the output beside ``output`` under a temporary name, check the mark, rename.
 
     The output never exists unfinished or unmarked. The temporary name is fixed (callers hold
     the work dir's lock): a run killed here leaves it, and the next run overwrites it.
     """
-    from .audio.export import encode
     from .audio.watermark import verify_file
 
     staged = output.with_name(f".{output.stem}.partial{output.suffix}")
     try:
-        encode(track, staged, options.export, chapters=list(chapters), title=title)
-        check = verify_file(staged, watermarker)
-        faults.point("encoded")
-        if not check.marked:
-            raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
-        os.replace(staged, output)
-    finally:
-        staged.unlink(missing_ok=True)
-    return check
-
-
-def publish_verified(encoded: Path, output: Path, watermarker, chapters=(), title: str | None = None, total_s=None):
-    """``output`` from a streamed encode: chapters and title added, the mark checked, renamed.
-
-    Like :func:`encode_verified`, the output never exists unfinished or unmarked."""
-    from .audio.export import finish_stream
-    from .audio.watermark import verify_file
-
-    staged = output.with_name(f".{output.stem}.partial{output.suffix}")
-    try:
-        finish_stream(encoded, staged, chapters=list(chapters), title=title, total_s=total_s)
+        write(staged)
         check = verify_file(staged, watermarker)
         faults.point("encoded")
         if not check.marked:
@@ -380,6 +368,7 @@ def render_book(
     lock_timeout: float = 0,
 ) -> RunReport:
     """The whole job for a book; resumable; the output appears only when complete and marked."""
+    from .audio.export import finish_stream
     from .engine.voice import VoiceCache
 
     report = RunReport(output=output)
@@ -409,8 +398,9 @@ def render_book(
                     on_stored=track.stored,
                 )
                 chapters, seconds = track.finish()
+            marks = chapters if len(chapters) > 1 else ()
             check = publish_verified(
-                encoded, output, watermarker, chapters=chapters if len(chapters) > 1 else (), title=doc.name, total_s=seconds
+                lambda staged: finish_stream(encoded, staged, chapters=marks, title=doc.name, total_s=seconds), output, watermarker
             )
         finally:
             encoded.unlink(missing_ok=True)

@@ -131,22 +131,30 @@ def encode(
     ``chapters`` are (title, start seconds) marks written to .m4b/.m4a/.mp3. On any failure
     neither ``out`` nor a temporary file is left behind (an existing ``out`` is untouched).
     """
-    out, track_wav = Path(out), Path(track_wav)
-    ext = _extension(out)
+    track_wav = Path(track_wav)
+    ext = _extension(Path(out))
     if not track_wav.is_file():
         raise InputError(f"{track_wav}: stitched track not found")
+    resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
+    _ffmpeg_into(track_wav, Path(out), [*_codec_args(ext, opts), *resample], chapters, title,
+                 lambda: sf.info(str(track_wav)).duration, what="encoding")
+
+
+def _ffmpeg_into(source: Path, out: Path, codec: list[str], chapters, title, total_s, what: str) -> None:
+    """ffmpeg ``source`` -> ``out`` with ``codec`` arguments, chapters and title (``total_s()``
+    gives the length the last chapter ends at), atomically: written beside ``out`` under a
+    temporary name, renamed over it only when complete; nothing is left behind on failure."""
+    ext = _extension(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{ext}")
     meta = out.with_name(f".{out.name}.tmp-{os.getpid()}.ffmeta")
-    args = ["-v", "error", "-y", "-i", ff_path(track_wav)]
+    args = ["-v", "error", "-y", "-i", ff_path(source)]
     map_args = ["-map", "0:a:0"]
     try:
         if chapters or title:
-            meta.write_text(_ffmetadata(chapters, title, sf.info(str(track_wav)).duration), encoding="utf-8")
+            meta.write_text(_ffmetadata(chapters, title, total_s()), encoding="utf-8")
             args += ["-f", "ffmetadata", "-i", ff_path(meta)]
             map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
-        resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
-        run_ffmpeg([*args, *map_args, *_codec_args(ext, opts), *resample, *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)],
-                   what=f"encoding {out.name}")
+        run_ffmpeg([*args, *map_args, *codec, *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)], what=f"{what} {out.name}")
         _publish(tmp, out)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial output
         tmp.unlink(missing_ok=True)
@@ -237,26 +245,9 @@ def finish_stream(
 
     The audio is copied, not re-encoded (seconds for a 10-hour book). Atomic like ``encode``.
     """
-    out, encoded = Path(out), Path(encoded)
-    ext = _extension(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{ext}")
-    meta = out.with_name(f".{out.name}.tmp-{os.getpid()}.ffmeta")
-    args = ["-v", "error", "-y", "-i", ff_path(encoded)]
-    map_args = ["-map", "0:a:0"]
-    try:
-        if chapters or title:
-            meta.write_text(_ffmetadata(chapters, title, total_s if total_s is not None else probe_duration(encoded)),
-                            encoding="utf-8")
-            args += ["-f", "ffmetadata", "-i", ff_path(meta)]
-            map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
-        run_ffmpeg([*args, *map_args, "-c", "copy", *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)],
-                   what=f"writing {out.name}")
-        _publish(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        meta.unlink(missing_ok=True)
+    encoded = Path(encoded)
+    _ffmpeg_into(encoded, Path(out), ["-c", "copy"], chapters, title,
+                 lambda: total_s if total_s is not None else probe_duration(encoded), what="writing")
 
 
 def decode_audio(
