@@ -381,3 +381,15 @@ def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, f
     for g in starts[1:]:
         assert len(g) >= min(3, queue_left)  # never fewer than refill_min unless the queue ends
         queue_left -= len(g)
+
+
+def test_s3gen_collections_start_small_then_grow(model, conds):
+    """The first S3Gen collection is one S3Gen batch (early first audio), later ones ``collect``."""
+    from ttsbatch.engine.fast import FastEngine
+
+    engine = FastEngine(model, s3gen_batch=2)
+    engine.collect = 3
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest(f"Words {i}.", 300 + i, 2 + i % 3) for i in range(8)]
+    sizes = [len(g) for g in engine._s3gen_batches(reqs, conds, gen)]
+    assert sizes == [2, 3, 3]

@@ -1,10 +1,11 @@
 """The fast engine: batched, graph-captured T3 (``t3_fast``) feeding batched S3Gen (``s3gen_batched``).
 
 Same interface as :class:`~ttsbatch.engine.stock.StockEngine`, plus :meth:`synthesize_stream`.
-T3 runs every request of a call through continuous batching. As requests finish, their
-speech tokens are cleaned up the way stock does and collected; once ``s3gen_batch`` of them
-are waiting (or T3 is done), batched S3Gen turns them into waveforms in one go (one host
-wait per S3Gen batch) and they are yielded, while the T3 rows they left are already refilled.
+T3 runs every request of a call through continuous batching (on CUDA on a thread and
+stream of its own, so it decodes while S3Gen vocodes). As requests finish, their speech
+tokens are cleaned up the way stock does and collected; once enough are waiting (or T3 is
+done), batched S3Gen turns them into waveforms, bucketed by length (one host wait per
+collection), and they are yielded, while the T3 rows they left are already refilled.
 
 Memory: T3's KV cache gets ``t3_share`` of the budget (``max_vram_gb``, else the free GPU
 memory); S3Gen's activations live in the rest (its largest attention tensor capped to fit).
@@ -58,8 +59,9 @@ class FastEngine:
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
         ``use_graphs``: CUDA graphs for T3's decode step (None: on CUDA); ``s3gen_batch``:
-        S3Gen's largest batch (None: 64 on CUDA, 8 on CPU; then 4 times as many finished
-        chunks are collected before S3Gen runs, so that its length buckets fill); ``compile_s3gen``:
+        S3Gen's largest batch (None: 64 on CUDA, 8 on CPU; then, after a first collection of
+        one batch, 4 times as many finished chunks are collected before S3Gen runs, so that
+        its length buckets fill); ``compile_s3gen``:
         torch.compile S3Gen's stages and capture its CFM loop (CUDA); ``overlap``: T3 on a
         thread and CUDA stream of its own, decoding the next chunks while S3Gen vocodes
         (None: on CUDA)."""
@@ -126,15 +128,16 @@ class FastEngine:
 
         A request with nothing left to say comes as a group of its own with empty tokens."""
         waiting: list[tuple[int, list[int]]] = []
+        want = self.s3gen_batch  # the first collection is small: the first audio comes early
         for i, tokens in self.speech_token_stream(requests, conds, gen):
             kept = speech_tokens_for_s3gen(tokens)
             if not kept:  # end-of-speech at once: nothing to say
                 yield [(i, [])]
                 continue
             waiting.append((i, kept))
-            if len(waiting) >= self.collect:
+            if len(waiting) >= want:
                 yield waiting
-                waiting = []
+                waiting, want = [], self.collect
         if waiting:
             yield waiting
 
