@@ -8,7 +8,7 @@ from ttsbatch.engine import CaptureGuard
 
 def test_sharers_run_together_and_a_capture_waits_for_them():
     g = CaptureGuard()
-    inside = threading.Barrier(3, timeout=5)  # three sharers inside at once, or this fails
+    inside = threading.Barrier(4, timeout=5)  # three sharers inside at once (and this test), or this fails
     events = []
 
     def share(name):
@@ -20,7 +20,7 @@ def test_sharers_run_together_and_a_capture_waits_for_them():
     threads = [threading.Thread(target=share, args=(n,)) for n in "abc"]
     for t in threads:
         t.start()
-    time.sleep(0.01)
+    inside.wait()  # all three are inside before the capture asks
 
     def capture():
         with g.capturing():
