@@ -275,7 +275,7 @@ def test_fast_engine_is_fast_t3_then_batched_s3gen(model, conds):
 
     gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
     reqs = [SynthesisRequest(t, 40 + i, b) for i, (t, b) in enumerate([("One two three.", 9), ("Four.", 5), ("Five six.", 7)])]
-    one_by_one = FastEngine(model, s3gen_batch=1)
+    one_by_one = FastEngine(model, s3gen_batch=1, s3gen_collect=1)
     order = [i for i, _ in one_by_one.synthesize_stream(reqs, conds, gen)]
     assert sorted(order) == [0, 1, 2]
     tokens = dict(one_by_one.speech_token_stream(reqs, conds, gen))
@@ -283,7 +283,7 @@ def test_fast_engine_is_fast_t3_then_batched_s3gen(model, conds):
     s3 = BatchedS3Gen(model)
     want = s3.synthesize(kept, s3.prepare_voice(conds.gen), n_timesteps=2, seeds=[r.seed for r in reqs])
     for s3gen_batch in (1, 8):
-        got = FastEngine(model, s3gen_batch=s3gen_batch).synthesize(reqs, conds, gen)
+        got = FastEngine(model, s3gen_batch=s3gen_batch, s3gen_collect=s3gen_batch).synthesize(reqs, conds, gen)
         for i in range(3):
             assert got[i].tokens == len(kept[i])
             assert len(got[i].wav) == len(want[i]) == 2 * len(kept[i]) * 480  # 2 mel frames per token, 480 samples per frame
@@ -387,8 +387,7 @@ def test_s3gen_collections_start_small_then_grow(model, conds):
     """The first S3Gen collection is one S3Gen batch (early first audio), later ones ``collect``."""
     from ttsbatch.engine.fast import FastEngine
 
-    engine = FastEngine(model, s3gen_batch=2)
-    engine.collect = 3
+    engine = FastEngine(model, s3gen_batch=2, s3gen_collect=3)
     gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
     reqs = [SynthesisRequest(f"Words {i}.", 300 + i, 2 + i % 3) for i in range(8)]
     sizes = [len(g) for g in engine._s3gen_batches(reqs, conds, gen)]

@@ -1,6 +1,7 @@
 """The book's track stitched and encoded while chunks arrive (ttsbatch.track, StreamEncoder)."""
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +67,11 @@ def test_track_streams_in_document_order_and_equals_the_offline_stitch(tmp_path,
                 expect = next((k for k, p in enumerate(plan) if p.id not in stored), len(plan))
                 assert track.stitched == expect
             progress.append(track.stitched)
+        if background:  # the thread stitches everything beside the run, before finish is called
+            deadline = time.monotonic() + 20
+            while track.stitched < len(plan) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert track.stitched == len(plan)
         chapters, seconds = track.finish()
     if not background:
         assert progress[-1] == len(plan) and 0 < progress[len(plan) // 2] < len(plan)  # stitched during the run

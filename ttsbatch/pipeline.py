@@ -95,8 +95,9 @@ class _ChunkSink:
 
     The engine hands over each chunk as soon as it has it and goes on; at most ``depth``
     chunks wait (bounded memory). ``workers`` threads mark and store them; :meth:`ready`
-    returns the chunks stored so far, in the order they were handed over. A failure to mark or store (disk full, say)
-    is raised from :meth:`ready` / :meth:`drain`, so it stops the run as it would inline.
+    returns the chunks stored so far, in the order they were handed over. A failure to mark
+    or store (disk full, say) is raised from :meth:`ready` / :meth:`drain`, so it stops the
+    run as it would inline.
 
     ``background=False`` does the same work inline. That is the choice when the engine runs on
     the CPU: there the worker would compete for the same cores, and concurrent CPU work
@@ -170,6 +171,12 @@ class _ChunkSink:
             self._pool.shutdown(wait=True)
 
 
+def _on_gpu(engine) -> bool:
+    """Whether the engine runs on a GPU: then the host work beside it (marking, storing,
+    stitching) goes to threads of its own; on the CPU it stays inline (see _ChunkSink)."""
+    return str(getattr(engine, "device", "cpu")).startswith("cuda")
+
+
 def _engine_results(engine, requests, conds, generation):
     """``(index, result)`` as the engine finishes them: streamed where the engine can."""
     stream = getattr(engine, "synthesize_stream", None)
@@ -201,8 +208,7 @@ def synthesize_pending(
     remaining = list(todo)
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
-    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=on_gpu)
+    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=_on_gpu(engine))
     try:
         while remaining or alone:
             if alone:
@@ -382,9 +388,8 @@ def render_book(
         # The track is stitched and encoded as chunks arrive (in the engine's own thread on
         # the CPU, beside it on a GPU), into a temporary file the next run would clean up.
         encoded = work_dir / f".track-{os.getpid()}{TEMP_SUFFIX}"
-        on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
         try:
-            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=on_gpu) as track:
+            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=_on_gpu(engine)) as track:
                 run_chunks(
                     plan,
                     engine=engine,

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from ..config import ExportOptions
 from ..errors import InputError
-from .ffmpeg import FFmpegError, _stderr_tail, ff_path, ffmpeg_exe, probe, run_ffmpeg
+from .ffmpeg import FFmpegError, stderr_tail, ff_path, ffmpeg_exe, probe, run_ffmpeg
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -186,8 +186,6 @@ class StreamEncoder:
         import tempfile
 
         self.path = Path(path)
-        self.sample_rate = sample_rate
-        self.samples = 0
         ext = _extension(Path("x" + ext))
         resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
         # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
@@ -195,7 +193,8 @@ class StreamEncoder:
         self._stderr = tempfile.TemporaryFile()
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y",
                "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0",
-               *_codec_args(ext, opts), *resample, *(["-rf64", "auto"] if ext == ".wav" else []),
+               # faststart is left to finish_stream (it rewrites the file anyway)
+               *_codec_args(ext, opts), *resample, *([] if ext in (".m4a", ".m4b") else _mux_args(ext)),
                "-f", _MUXERS[ext], ff_path(self.path)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
@@ -203,7 +202,7 @@ class StreamEncoder:
         self._proc.kill()
         self._proc.wait()
         self._stderr.seek(0)
-        return FFmpegError(f"{what} {self.path.name} failed: {_stderr_tail(self._stderr.read())}")
+        return FFmpegError(f"{what} {self.path.name} failed: {stderr_tail(self._stderr.read())}")
 
     def write(self, wav: np.ndarray) -> None:
         data = np.ascontiguousarray(wav, dtype="<f4")
@@ -211,7 +210,6 @@ class StreamEncoder:
             self._proc.stdin.write(data.tobytes())
         except (BrokenPipeError, OSError):
             raise self._failed("encoding") from None
-        self.samples += len(data)
 
     def close(self) -> None:
         """Finish the file; raises FFmpegError if ffmpeg failed."""

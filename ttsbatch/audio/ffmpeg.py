@@ -35,7 +35,7 @@ def ff_path(path: Path) -> str:
     return "file:" + str(path)
 
 
-def _stderr_tail(stderr: bytes, lines: int = 4) -> str:
+def stderr_tail(stderr: bytes, lines: int = 4) -> str:
     """ffmpeg's complaint on one line. The cause is often first (a bad option) and the
     consequence last (cannot open output), so keep both ends; drop "[codec @ 0x..]" noise."""
     text = [re.sub(r"^(\[[^]]* @ 0x[0-9a-f]+\] )+", "", line).strip()
@@ -56,7 +56,7 @@ def run_ffmpeg(args: list[str], input: bytes | None = None, what: str = "ffmpeg"
     try:
         return subprocess.run(cmd, input=input, capture_output=True, check=True).stdout
     except subprocess.CalledProcessError as e:
-        raise FFmpegError(f"{what} failed: {_stderr_tail(e.stderr)}") from None
+        raise FFmpegError(f"{what} failed: {stderr_tail(e.stderr)}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def probe(path: Path) -> Probe:
     if audio is None:
         if "Stream #" in stderr:
             raise InputError(f"{path}: has no audio stream")
-        raise InputError(f"{path}: not a readable audio file ({_stderr_tail(stderr.encode(), 1)})")
+        raise InputError(f"{path}: not a readable audio file ({stderr_tail(stderr.encode(), 1)})")
     d = _DURATION.search(stderr)
     duration = int(d[1]) * 3600 + int(d[2]) * 60 + float(d[3]) if d else None
     return Probe(duration, int(audio[1]), audio[2].strip())

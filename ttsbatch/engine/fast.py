@@ -55,16 +55,16 @@ class FastEngine:
         t3_share: float = 0.5,
         compile_s3gen: bool = False,
         overlap: bool | None = None,
+        s3gen_collect: int | None = None,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
         ``use_graphs``: CUDA graphs for T3's decode step (None: on CUDA); ``s3gen_batch``:
-        S3Gen's largest batch (None: 64 on CUDA, 8 on CPU; then, after a first collection of
-        one batch, 4 times as many finished chunks are collected before S3Gen runs, so that
-        its length buckets fill); ``compile_s3gen``:
-        torch.compile S3Gen's stages and capture its CFM loop (CUDA); ``overlap``: T3 on a
-        thread and CUDA stream of its own, decoding the next chunks while S3Gen vocodes
-        (None: on CUDA)."""
+        S3Gen's largest batch (None: 64 on CUDA, 8 on CPU); ``s3gen_collect``: finished
+        chunks collected before S3Gen runs, after a first collection of one batch (None: 4
+        batches, so that its length buckets fill); ``compile_s3gen``: torch.compile S3Gen's
+        stages and capture its CFM loop (CUDA); ``overlap``: T3 on a thread and CUDA stream
+        of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -79,7 +79,7 @@ class FastEngine:
         self.t3 = FastT3(model, use_graphs=use_graphs)
         cuda = self.t3.device.type == "cuda"
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
-        self.collect = self.s3gen_batch if s3gen_batch else 4 * self.s3gen_batch
+        self.collect = s3gen_collect or 4 * self.s3gen_batch
         self.overlap = cuda if overlap is None else overlap
         self._t3_stream = torch.cuda.Stream(self.t3.device) if cuda and self.overlap else None
         self.t3_vram_gb = None

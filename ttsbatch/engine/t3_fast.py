@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -314,15 +315,15 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
     mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, Lmax)
     cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
-    for li, lw in enumerate(w.layers):
 
-        def attend(q, k, v, li=li):
-            st.k[li, seq_idx, :, :Lmax] = k
-            st.v[li, seq_idx, :, :Lmax] = v
-            with _prefill_attention(dev):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+    def attend(q, k, v, li):
+        st.k[li, seq_idx, :, :Lmax] = k
+        st.v[li, seq_idx, :, :Lmax] = v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
 
-        x = _layer(w, lw, x, cos, sin, attend)
+    with _prefill_attention(dev):  # once for all layers
+        for li, lw in enumerate(w.layers):
+            x = _layer(w, lw, x, cos, sin, functools.partial(attend, li=li))
     last = x[torch.arange(n, device=dev), length - 1]  # (n, D)
     st.logits[seq_idx] = _head(w, last)
     st.pos[seq_idx] = length
