@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="CFM steps (stock default 10)")
     ap.add_argument("--batches", default="16,32,64")
     ap.add_argument("--compile-batches", default="64", help="bf16 batch sizes to also run compiled ('' = none); ~100 s of compiling each")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="eager configs to run")
+    ap.add_argument("--regions-batches", default="64", help="bf16 batch sizes to run with the CFM estimator's regions compiled (the fast engine's default on CUDA; '' = none)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -233,8 +235,8 @@ def main() -> int:
             encoder_s=st.encoder, cfm_s=st.cfm, hifigan_s=st.hifigan, peak_gib=peak,
             buckets=sorted(bs.plan([t.numel() for t in chunk_list])),
         )
-        if not compiled:
-            flops = cfm_flops(bs, chunk_list)
+        if not bs.compile:  # FLOPs counted on the eager twin (same math) when the regions are compiled
+            flops = cfm_flops(bs if not compiled else b16, chunk_list)
             row["cfm_step_tflop"] = flops / 1e12
             row["cfm_tflops_per_s"] = flops * steps / st.cfm / 1e12 if st.cfm > 0 else float("nan")
         res["configs"].append(row)
@@ -243,7 +245,10 @@ def main() -> int:
         return row
 
     batches = [int(b) for b in args.batches.split(",") if b]
+    dtypes = [d for d in args.dtypes.split(",") if d]
     for dtype, bs in ((torch.float32, b32), (torch.bfloat16, b16)):
+        if str(dtype)[6:].replace("float", "fp").replace("bfp16", "bf16") not in dtypes:
+            continue
         for batch in batches:
             if time.time() - t_start > args.budget_s:
                 res["notes"].append(f"skipped eager {dtype} B={batch}: time budget")
@@ -254,6 +259,34 @@ def main() -> int:
         b16.flash = False
         run_config("batched eager bf16 sdpa-mask", b16, batches[-1], False)
         b16.flash = True
+
+    reg_batches = [int(b) for b in args.regions_batches.split(",") if b]
+    if reg_batches:
+        br = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True)
+        for batch in reg_batches:
+            if time.time() - t_start > args.budget_s:
+                res["notes"].append(f"skipped compiled regions B={batch}: time budget")
+                continue
+            run_config("batched bf16 compiled regions", br, batch, True)
+        mr = br.synthesize_mels(acc_chunks, voice, steps, noise=noise)
+        res["accuracy"]["mel_max_abs_regions_vs_stock"] = max(float((a - b).abs().max()) for a, b in zip(ref_mels, mr))
+        res["accuracy"]["mel_max_abs_regions_vs_eager_bf16"] = max(float((a - b).abs().max()) for a, b in zip(mel16, mr))
+        with torch.inference_mode():
+            br.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
+            sync()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                br.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
+                res["regions_sync_free"] = True
+            except RuntimeError as e:
+                res["regions_sync_free"] = False
+                res["notes"].append(f"sync in compiled regions: {str(e).splitlines()[0][:200]}")
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        from torch._dynamo.utils import counters
+
+        res["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "inductor")}
+        log(f"compiled regions: accuracy {res['accuracy']}, dynamo {res['dynamo']}")
 
     comp_batches = [int(b) for b in args.compile_batches.split(",") if b]
     if comp_batches:

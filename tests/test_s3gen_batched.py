@@ -218,3 +218,85 @@ def test_gpu_no_sync_and_bf16_close(tiny_checkpoint):
     got = b16.synthesize_mels(toks, v, 10, noise=noise)
     for a, b in zip(ref, got):
         assert (a - b).abs().max().item() < 0.25 * a.abs().max().item()
+
+
+def _estimator_case(g, B, T):
+    lengths = torch.randint(T // 3, T + 1, (B,), generator=g)
+    lengths[0] = T  # one row fills the bucket, the others are padded
+    mask = length_mask_f(lengths, T)
+    x, mu, cond = (torch.randn(B, 80, T, generator=g) for _ in range(3))
+    spks = torch.randn(B, 80, generator=g)
+    t = torch.rand(B, generator=g)
+    packed = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, T), cond], dim=1)
+    return (x, mask, mu, t, spks, cond), packed
+
+
+def test_fused_estimator_matches_the_stock_decoder(model, bs):
+    """The CFM estimator as pure functions (cfm_estimator: prepared weights, q/k/v as one
+    GEMM, the stream in rows layout) against chatterbox's ``ConditionalDecoder.forward``,
+    fp32, padded rows of mixed lengths: max abs diff <= 1e-5 (outputs up to ~4)."""
+    from ttsbatch.engine.s3gen_batched import attention_bias
+
+    est = model.s3gen.flow.decoder.estimator
+    assert bs.fused is not None  # the checkpoint has the configuration chatterbox-tts ships
+    g = torch.Generator().manual_seed(3)
+    for B, T in ((1, 24), (3, 40), (4, 57)):
+        args, packed = _estimator_case(g, B, T)
+        mask = args[1]
+        with torch.inference_mode():
+            ref = est(*args)
+            got = bs._estimator(packed, mask, args[3], attention_bias(mask, bs.heads))
+        assert got.shape == ref.shape == (B, 80, T)
+        assert (got - ref).abs().max().item() <= 1e-5
+        assert ref.abs().max().item() > 0.5
+
+
+def test_compiled_regions_are_whole_graphs_and_compile_once(model):
+    """Compiled, each region is one graph (``fullgraph``: a break would raise) that serves
+    every bucket and batch size: after the first shape, new shapes add no graph. Dynamo's
+    "eager" backend traces and guards exactly as Inductor's would, without generating code."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ttsbatch.engine import cfm_estimator
+    from ttsbatch.engine.s3gen_batched import attention_bias
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = BatchedS3Gen(model)
+    compiled = BatchedS3Gen(model, compile_regions=True, regions_backend="eager")
+    assert compiled.fused.r.compiled and not eager.fused.r.compiled
+    g = torch.Generator().manual_seed(5)
+    graphs = []
+    for B, T in ((2, 40), (4, 56), (6, 40), (2, 88)):
+        args, packed = _estimator_case(g, B, T)
+        mask, t = args[1], args[3]
+        with torch.inference_mode():
+            ref = eager._estimator(packed, mask, t, attention_bias(mask, eager.heads))
+            got = compiled._estimator(packed, mask, t, attention_bias(mask, eager.heads))
+        assert torch.equal(got, ref)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [len(cfm_estimator.REGIONS)] * 4  # one per region, made for the first shape only
+    assert not counters["graph_break"] and not counters["recompiles"]
+    torch._dynamo.reset()
+
+
+def test_unsupported_estimator_runs_the_stock_modules(model, gen, monkeypatch):
+    """A checkpoint whose estimator differs from what cfm_estimator mirrors gets the stock
+    modules (and refuses to compile regions it cannot build)."""
+    from ttsbatch.engine import cfm_estimator
+
+    monkeypatch.setattr(cfm_estimator, "supported", lambda est: False)
+    plain = BatchedS3Gen(model)
+    assert plain.fused is None and not plain.flash
+    with pytest.raises(ValueError, match="compile_regions"):
+        BatchedS3Gen(model, compile_regions=True)
+    g = torch.Generator().manual_seed(9)
+    toks = [torch.randint(0, 6561, (n,), generator=g) for n in (9, 21)]
+    fused = BatchedS3Gen(model)
+    v = fused.prepare_voice(gen)
+    a = plain.synthesize_mels(toks, v, n_timesteps=2)
+    b = fused.synthesize_mels(toks, v, n_timesteps=2)
+    for x, y in zip(a, b):
+        assert (x - y).abs().max().item() <= MEL_TOL
+

@@ -379,6 +379,13 @@ def warmup_cmd(
         f"first chunk {rep.first_chunk_s:.1f} s, {rep.chunks} chunks in all; caches in {root}",
         err=True,
     )
+    if rep.compiled is not None:
+        c = rep.compiled
+        typer.echo(
+            f"ttsbatch: compiled {c['graphs']} graphs ({c['cache_hits']} from the cache, {c['cache_misses']} new), "
+            f"{c['graph_breaks']} graph breaks",
+            err=True,
+        )
 
 
 @app.command("bench")

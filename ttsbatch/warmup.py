@@ -25,25 +25,21 @@ class WarmupReport:
     model: str
     load_s: float = 0.0  # model load (download included when it happened)
     voice_s: float = 0.0  # voice conditioning (computed or read from the cache)
-    first_chunk_s: float = 0.0  # the first short chunk, start to audio
+    first_chunk_s: float = 0.0  # the first short chunk, start to audio (compiling included)
     buckets_s: float = 0.0  # one chunk per S3Gen length bucket
     chunks: int = 0
+    compiled: dict | None = None  # compiler cache use (dynamo/inductor counters), when compiling
 
 
-def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_root: Path) -> WarmupReport:
+def warm_engine(engine, conds, rep: WarmupReport) -> WarmupReport:
+    """Run every engine path once: one short chunk, then (fast engine on a GPU) one chunk per
+    S3Gen length bucket. Fills ``rep``'s timings; the compiled code lands in the caches."""
+    import torch._dynamo.utils as dynamo_utils
+
     from .config import GenerationOptions
-    from .engine.model import describe
-    from .engine.select import load_for_run
     from .engine.stock import SynthesisRequest
-    from .engine.voice import VoiceCache
 
-    t0 = time.perf_counter()
-    run = load_for_run(model_dir, device, engine_name, None, max_vram_gb, cache_root)
-    model, engine = run.model, run.engine
-    rep = WarmupReport(model.device, engine.name, describe(model), load_s=time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    conds = VoiceCache(model, cache_root).get(voice, GenerationOptions().exaggeration)
-    rep.voice_s = time.perf_counter() - t0
+    dynamo_utils.counters.clear()
     # Short budgets: the point is to run every code path once, not to speak.
     gen = GenerationOptions(ignore_eos=True, max_new_tokens=12)
     t0 = time.perf_counter()
@@ -59,4 +55,26 @@ def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_r
         engine.synthesize(reqs, conds, gen)
         rep.buckets_s = time.perf_counter() - t0
         rep.chunks += len(reqs)
+    if s3 is not None and getattr(s3, "fused", None) is not None and s3.fused.r.compiled:
+        c = dynamo_utils.counters
+        rep.compiled = dict(
+            graphs=c["stats"].get("unique_graphs", 0), graph_breaks=sum(c["graph_break"].values()),
+            cache_hits=c["inductor"].get("fxgraph_cache_hit", 0), cache_misses=c["inductor"].get("fxgraph_cache_miss", 0),
+        )
     return rep
+
+
+def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_root: Path) -> WarmupReport:
+    from .config import GenerationOptions
+    from .engine.model import describe
+    from .engine.select import load_for_run
+    from .engine.voice import VoiceCache
+
+    t0 = time.perf_counter()
+    run = load_for_run(model_dir, device, engine_name, None, max_vram_gb, cache_root)
+    model, engine = run.model, run.engine
+    rep = WarmupReport(model.device, engine.name, describe(model), load_s=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    conds = VoiceCache(model, cache_root).get(voice, GenerationOptions().exaggeration)
+    rep.voice_s = time.perf_counter() - t0
+    return warm_engine(engine, conds, rep)

@@ -54,6 +54,7 @@ class FastEngine:
         s3gen_batch: int | None = None,
         t3_share: float = 0.5,
         compile_s3gen: bool = False,
+        compile_estimator: bool | None = None,
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
     ):
@@ -63,7 +64,9 @@ class FastEngine:
         S3Gen's largest batch (None: 64 on CUDA, 8 on CPU); ``s3gen_collect``: finished
         chunks collected before S3Gen runs, after a first collection of one batch (None: 4
         batches, so that its length buckets fill); ``compile_s3gen``: torch.compile S3Gen's
-        stages and capture its CFM loop (CUDA); ``overlap``: T3 on a thread and CUDA stream
+        stages and capture its CFM loop per shape (CUDA, experimental); ``compile_estimator``:
+        torch.compile the CFM estimator's regions, one dynamic-shape graph each (None: on CUDA;
+        ``ttsbatch warmup`` persists the compiled code); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
         import torch
 
@@ -97,7 +100,8 @@ class FastEngine:
             # 6 s chunks, 10 s prompt): cap that tensor so S3Gen stays in the rest, with margin
             attn_gib = max(0.25, min(4.0, spare * (1 - t3_share) / 10))
         self.s3 = BatchedS3Gen(
-            model, max_batch=self.s3gen_batch, max_attn_gib=attn_gib, compile=compile_s3gen, cuda_graphs=compile_s3gen
+            model, max_batch=self.s3gen_batch, max_attn_gib=attn_gib, compile=compile_s3gen, cuda_graphs=compile_s3gen,
+            compile_regions=cuda if compile_estimator is None else compile_estimator,
         )
         self._voice_key = None
         self._voice = None

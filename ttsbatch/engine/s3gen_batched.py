@@ -36,10 +36,12 @@ staged once per batch (pinned, non-blocking), audio comes back once per batch in
 memory, and the host waits once per :meth:`synthesize` call.
 
 GPU options: ``dtype`` (default bf16 on CUDA, fp32 on CPU) runs the encoder and the CFM
-estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. In bf16 on
-CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
-row's key count given by ``seqused_k``: the key-padding mask without a mask tensor), with
-its transformer blocks called submodule by submodule (``_block``). ``compile=True``
+estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. The CFM
+estimator runs as the pure functions of ``cfm_estimator`` (weights prepared once, q/k/v as
+one GEMM); ``compile_regions=True`` compiles those regions, one dynamic-shape graph each for
+every bucket and batch size (the default of the fast engine on CUDA). In bf16 on CUDA the
+estimator's attention runs as varlen flash attention over the padded batch (each row's key
+count given by ``seqused_k``: the key-padding mask without a mask tensor). ``compile=True``
 runs the encoder, the CFM step and HiFiGAN through ``torch.compile`` (one graph per bucket
 and batch size: batches are padded to a power of two), and ``cuda_graphs=True`` captures the
 whole CFM loop of a bucket into one CUDA graph. Both are CUDA-only and off by default.
@@ -56,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import capture_lock
+from . import capture_lock, cfm_estimator
 
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
@@ -155,6 +157,8 @@ class BatchedS3Gen:
         cuda_graphs: bool = False,
         compile_mode: str | None = None,
         compile_dynamic: bool | None = False,
+        compile_regions: bool = False,
+        regions_backend: str = "inductor",
         profile: bool = False,
         vocoder_rows: int | None = None,
     ):
@@ -204,7 +208,15 @@ class BatchedS3Gen:
         self._graphs: dict = {}
         self._graph_pool = None
 
-        self.flash = self._flash_usable(est)
+        # the estimator as pure functions of prepared weights (cfm_estimator), when the
+        # checkpoint has the configuration they mirror; else the stock modules, called in order
+        self.fused = None
+        if cfm_estimator.supported(est):
+            regions = cfm_estimator.Regions(compile=compile_regions, backend=regions_backend)
+            self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
+        elif compile_regions:
+            raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
+        self.flash = self.fused is not None and self._flash_usable()
 
         self._enc_fn = self._encode
         self._step_fn = self._cfm_step
@@ -543,7 +555,7 @@ class BatchedS3Gen:
         not change over the steps (mu, speaker, prompt condition, masks) are packed once.
         ``lengths`` (B,): valid frames per row (else read off ``mask``, on the device).
         With flash attention the attention argument passed down is not a bias but the int32
-        (2, 2B + 1) pair [row starts, valid keys per row] (see ``_block``)."""
+        (2, 2B + 1) pair [row starts, valid keys per row] (see ``_estimator``)."""
         B, _, T = mu.shape
         zeros = torch.zeros_like(mu)
         spk = spks.view(1, -1, 1).expand(B, -1, T)
@@ -560,7 +572,7 @@ class BatchedS3Gen:
             # mask without a mask tensor, so the fast kernel applies.
             cu = torch.arange(0, (2 * B + 1) * T, T, device=mu.device, dtype=torch.int32)
             used = torch.cat([lengths, lengths]).to(torch.int32)
-            bias = torch.stack([cu[:-1], used])  # (2, 2B) int32, unpacked in _block
+            bias = torch.stack([cu[:-1], used])  # (2, 2B) int32, unpacked in _estimator
             bias = torch.cat([bias, cu[-1:].expand(2, 1)], dim=1)  # keep cu's end: (2, 2B + 1)
         else:
             bias = attention_bias(mask_in, self.heads)
@@ -622,7 +634,15 @@ class BatchedS3Gen:
     def _estimator(self, x, mask, t, bias):
         """``ConditionalDecoder.forward`` (chatterbox 0.1.7) on an already packed input
         [x | mu | spks | cond], with the attention bias given: stock derives it through
-        ``add_optional_chunk_mask``, whose check calls ``.item()`` every block."""
+        ``add_optional_chunk_mask``, whose check calls ``.item()`` every block. The fused
+        estimator when the configuration allows (``self.fused``), else the stock modules."""
+        if self.fused is not None:
+            B, _, T = x.shape
+            if self.flash:
+                attend = cfm_estimator.flash_attend(self._flash, bias[0], bias[1, :-1], T)
+            else:
+                attend = cfm_estimator.sdpa_attend(bias, B, T)
+            return self.fused(x, mask, t, attend)
         est = self.flow.decoder.estimator
         t = est.time_embeddings(t).to(t.dtype)
         t = est.time_mlp(t)
@@ -664,21 +684,11 @@ class BatchedS3Gen:
         out = est.final_proj(x * mask_up)
         return out * mask
 
-    def _flash_usable(self, est) -> bool:
-        """Whether the estimator's attention can run as varlen flash attention: CUDA, a 16-bit
-        dtype, one time resolution (chatterbox's estimator has no downsampling), blocks in the
-        plain configuration our ``_block`` mirrors, and the kernel present (tried once)."""
-        if not self.is_cuda or self.dtype not in (torch.bfloat16, torch.float16) or len(est.down_blocks) != 1:
+    def _flash_usable(self) -> bool:
+        """Whether the fused estimator's attention can run as varlen flash attention: CUDA,
+        a 16-bit dtype, and the kernel present (tried once)."""
+        if not self.is_cuda or self.dtype not in (torch.bfloat16, torch.float16):
             return False
-        blocks = [b for _, tbs, *_ in list(est.down_blocks) + list(est.mid_blocks) + list(est.up_blocks) for b in tbs]
-        for b in blocks:
-            a = b.attn1
-            if (
-                b.use_ada_layer_norm or b.use_ada_layer_norm_zero or b.attn2 is not None or b.only_cross_attention
-                or b._chunk_size is not None or a.residual_connection or a.rescale_output_factor != 1.0
-                or a.group_norm is not None or a.spatial_norm is not None
-            ):
-                return False
         try:
             H, D, T = 2, 64, 24
             g = torch.Generator(device=self.device).manual_seed(0)
@@ -701,24 +711,9 @@ class BatchedS3Gen:
         )[0]
 
     def _block(self, block, x, bias, t):
-        """A transformer block of the estimator. With flash attention: chatterbox's
-        ``BasicTransformerBlock.forward`` in its plain configuration (norm1, self-attention,
-        norm3, feed-forward; checked in ``_flash_usable``), its submodules called; else the
-        stock block with the additive attention bias."""
-        if not self.flash:
-            return block(hidden_states=x, attention_mask=bias, timestep=t)
-        attn = block.attn1
-        B, T, _ = x.shape
-        h = block.norm1(x)
-        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-        H = attn.heads
-        D = q.shape[-1] // H
-        cu = bias[0]  # (2B + 1,) row starts, see _cfm
-        used = bias[1, :-1]  # (2B,) valid keys per row
-        o = self._flash(q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D), cu, used, T, 1.0 / math.sqrt(D))
-        o = attn.to_out[1](attn.to_out[0](o.reshape(B, T, H * D).to(q.dtype)))
-        x = o + x
-        return block.ff(block.norm3(x)) + x
+        """A transformer block of an estimator the fused path does not cover: the stock block
+        with the additive attention bias."""
+        return block(hidden_states=x, attention_mask=bias, timestep=t)
 
     # ---- HiFiGAN ---------------------------------------------------------------------------------
 

@@ -58,6 +58,9 @@ CPU_ROWS = 8  # default rows on the CPU
 RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
 PREFILL_TOKENS = 24576  # most (sequences x padded length) per prefill forward on CUDA (its activations fit the reserve)
 PREFILL_TOKENS_CPU = 8192
+# ... and under --max-vram, whose margin for transients is 1 GiB (pick_rows): at 24k tokens
+# the prefill's activations overshot a cap by 0.22 GiB on an H100 (50 rows, tests/gpu)
+PREFILL_TOKENS_CAPPED = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
 
 
@@ -660,6 +663,7 @@ class FastT3:
         st.done.fill_(True)
         buckets = row_buckets(rows)
         refill_min = max(1, rows // 16) if refill_min is None else max(1, int(refill_min))
+        prefill_tokens = PREFILL_TOKENS_CAPPED if max_vram_gb is not None and self.device.type == "cuda" else None
         kv_cap = st.max_len
         kv_step = LEN_BUCKET if self.device.type == "cuda" else 64
 
@@ -676,7 +680,7 @@ class FastT3:
                 take = free[: len(queue)]
                 reqs = [queue.popleft() for _ in take]
                 inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
-                prefill(self.w, st, take, inputs)
+                prefill(self.w, st, take, inputs, prefill_tokens)
                 self.stats["prefills"] += 1
                 for s, i in zip(take, reqs):
                     slot_req[s] = i

@@ -1,0 +1,308 @@
+"""S3Gen's CFM estimator (chatterbox's ``ConditionalDecoder``) as a few pure functions.
+
+The estimator is 14 causal resnet blocks and 56 transformer blocks over a 256-channel
+stream: narrow GEMMs between long chains of small elementwise ops (LayerNorm, Mish, GELU,
+masks, fp32 residuals, autocast's casts). Eager, each op is a kernel and a trip through
+memory; that, not the GEMMs, is where most of the estimator's time went (~14% of bf16 peak).
+
+Here the repeated parts are functions of tensors (weights are arguments, prepared once in
+the compute dtype, q/k/v as one GEMM) so that ``torch.compile`` can fuse each one into a
+few kernels and reuse **one** compiled graph for every block, every bucket and every batch
+size: the row dimensions are marked dynamic, and each region has its own code object, so a
+new length bucket neither recompiles nor breaks a graph (``bench`` prints dynamo's
+counters). The attention between the regions stays outside them (varlen flash attention on
+CUDA, SDPA with the key-padding bias elsewhere).
+
+Numerics mirror stock under autocast (what ``BatchedS3Gen`` ran before): GEMMs and convs in
+the compute dtype, LayerNorm in fp32 with fp32 output, the residual stream in fp32. In fp32
+the functions are stock's math; the CPU tests compare them with the stock modules.
+
+Only the configuration chatterbox-tts 0.1.7 ships is handled (:func:`supported` checks it);
+anything else runs the stock modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# The regions: pure functions of tensors (compiled as they are on CUDA)
+
+
+def _conv_block(x, mask, w, b, nw, nb, eps: float):
+    """``CausalBlock1D``: causal conv (k=3) -> LayerNorm over channels -> Mish, masked.
+    x (B, C, T) fp32 or compute dtype, mask (B, 1, T) fp32; returns (B, Cout, T) fp32."""
+    y = F.conv1d(F.pad((x * mask).to(w.dtype), (w.shape[-1] - 1, 0)), w, b)
+    y = F.layer_norm(y.float().transpose(1, 2), y.shape[1:2], nw, nb, eps).transpose(1, 2)
+    return F.mish(y) * mask
+
+
+def _resnet(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, rb, eps: float):
+    """``CausalResnetBlock1D`` (channels first): x (B, Cin, T), temb (B, E) fp32."""
+    h = _conv_block(x, mask, c1w, c1b, n1w, n1b, eps)
+    h = h + F.linear(F.mish(temb).to(mw.dtype), mw, mb).unsqueeze(-1)
+    h = _conv_block(h, mask, c2w, c2b, n2w, n2b, eps)
+    return h + F.conv1d((x * mask).to(rw.dtype), rw, rb)
+
+
+# The stream between regions is kept in rows layout (B, T, C), the transformer blocks'
+# layout; the convs' channels-first view is taken inside the regions, where a compiler fuses
+# the transposes into the elementwise kernels instead of copying. One function (one code
+# object, one compiled graph) per resnet site: their inputs differ in channels and layout.
+def resnet_down(x, mask, temb, *w, eps: float):
+    """The first resnet: the packed input (B, Cin, T) channels first -> (B, T, C) rows."""
+    return _resnet(x, mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
+
+
+def resnet_mid(x, mask, temb, *w, eps: float):
+    """A mid-block resnet: (B, T, C) -> (B, T, C)."""
+    return _resnet(x.transpose(1, 2), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
+
+
+def resnet_up(x, mask, temb, *w, eps: float):
+    """The up-block resnet: (B, T, 2C) (stream + skip) -> (B, T, C)."""
+    return _resnet(x.transpose(1, 2), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
+
+
+def block_in(x, nw, nb, w_qkv, b_qkv, eps: float):
+    """norm1 and the q, k, v projections as one GEMM: x (N, C) fp32 -> (N, 3 * inner)."""
+    h = F.layer_norm(x, x.shape[-1:], nw, nb, eps)
+    return F.linear(h.to(w_qkv.dtype), w_qkv, b_qkv)
+
+
+def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, approximate: str):
+    """attention output projection + residual, norm3, feed-forward (GELU) + residual:
+    o (N, inner) compute dtype, x (N, C) fp32 -> (N, C) fp32."""
+    x = F.linear(o, wo, bo).float() + x
+    h = F.layer_norm(x, x.shape[-1:], nw, nb, eps).to(w1.dtype)
+    h = F.gelu(F.linear(h, w1, b1), approximate=approximate)
+    return F.linear(h, w2, b2).float() + x
+
+
+def causal_conv(x, mask, w, b):
+    """``CausalConv1d(x * mask)`` (the down/up-sampling convs): (B, T, C) -> (B, T, C) fp32
+    (the conv's output is in the compute dtype, as stock's under autocast; fp32 so that every
+    input of the next region has one dtype: the next op casts it back, exactly)."""
+    y = F.conv1d(F.pad((x.transpose(1, 2) * mask).to(w.dtype), (w.shape[-1] - 1, 0)), w, b)
+    return y.float().transpose(1, 2).contiguous()
+
+
+def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
+    """``final_block`` then ``final_proj``, masked as stock: (B, T, C) -> (B, 80, T) fp32."""
+    h = _conv_block(x.transpose(1, 2), mask, cw, cb, nw, nb, eps)
+    return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
+
+
+REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "causal_conv", "final")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights, prepared once
+
+
+def _w(t, dtype):
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _ln(norm):
+    return norm.weight.detach().float().contiguous(), norm.bias.detach().float().contiguous(), float(norm.eps)
+
+
+@dataclass(frozen=True)
+class _Resnet:
+    args: tuple  # the weight arguments of _resnet after (x, mask, temb), in order
+    eps: float
+
+
+@dataclass(frozen=True)
+class _Block:
+    nw1: torch.Tensor
+    nb1: torch.Tensor
+    w_qkv: torch.Tensor  # to_q, to_k, to_v stacked: one GEMM
+    b_qkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    nw3: torch.Tensor
+    nb3: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor
+    b2: torch.Tensor | None
+    eps1: float
+    eps3: float
+    approximate: str
+    heads: int
+    scale: float
+
+
+def _resnet_weights(r, dtype) -> _Resnet:
+    c1, n1 = r.block1.block[0], r.block1.block[2]
+    c2, n2 = r.block2.block[0], r.block2.block[2]
+    lin = r.mlp[1]
+    n1w, n1b, eps = _ln(n1)
+    n2w, n2b, _ = _ln(n2)
+    args = (
+        _w(c1.weight, dtype), _w(c1.bias, dtype), n1w, n1b, _w(lin.weight, dtype), _w(lin.bias, dtype),
+        _w(c2.weight, dtype), _w(c2.bias, dtype), n2w, n2b, _w(r.res_conv.weight, dtype), _w(r.res_conv.bias, dtype),
+    )
+    return _Resnet(args, eps)
+
+
+def _block_weights(b, dtype) -> _Block:
+    a = b.attn1
+    qkv = [a.to_q, a.to_k, a.to_v]
+    biases = [m.bias for m in qkv]
+    b_qkv = None if all(x is None for x in biases) else torch.cat(
+        [x if x is not None else torch.zeros(m.out_features, device=m.weight.device) for x, m in zip(biases, qkv)]
+    )
+    nw1, nb1, eps1 = _ln(b.norm1)
+    nw3, nb3, eps3 = _ln(b.norm3)
+    act, out = b.ff.net[0], b.ff.net[2]
+    return _Block(
+        nw1, nb1, _w(torch.cat([m.weight for m in qkv]), dtype), _w(b_qkv, dtype),
+        _w(a.to_out[0].weight, dtype), _w(a.to_out[0].bias, dtype), nw3, nb3,
+        _w(act.proj.weight, dtype), _w(act.proj.bias, dtype), _w(out.weight, dtype), _w(out.bias, dtype),
+        eps1, eps3, act.approximate, int(a.heads), float(a.scale),
+    )
+
+
+def supported(est) -> bool:
+    """Whether ``est`` is the ``ConditionalDecoder`` configuration these functions mirror:
+    causal, one time resolution, plain transformer blocks (norm1, self-attention, norm3,
+    GELU feed-forward), non-meanflow."""
+    try:
+        from chatterbox.models.s3gen.decoder import CausalBlock1D, CausalConv1d, CausalResnetBlock1D
+        from diffusers.models.activations import GELU
+    except ImportError:  # pragma: no cover - chatterbox always brings both
+        return False
+    if getattr(est, "meanflow", False) or len(est.down_blocks) != 1 or len(est.up_blocks) != 1:
+        return False
+    levels = [(r, tbs, s) for r, tbs, s in est.down_blocks] + [(r, tbs, None) for r, tbs in est.mid_blocks]
+    levels += [(r, tbs, s) for r, tbs, s in est.up_blocks]
+    for resnet, tbs, conv in levels:
+        if type(resnet) is not CausalResnetBlock1D or (conv is not None and type(conv) is not CausalConv1d):
+            return False
+        for blk in (resnet.block1, resnet.block2):
+            if type(blk) is not CausalBlock1D or not isinstance(blk.block[2], torch.nn.LayerNorm):
+                return False
+        for b in tbs:
+            a = b.attn1
+            if (
+                b.use_ada_layer_norm or b.use_ada_layer_norm_zero or b.attn2 is not None or b.only_cross_attention
+                or b._chunk_size is not None or a.residual_connection or a.rescale_output_factor != 1.0
+                or a.group_norm is not None or a.spatial_norm is not None or a.norm_q is not None
+                or a.norm_k is not None or not isinstance(b.norm1, torch.nn.LayerNorm)
+                or not isinstance(b.norm3, torch.nn.LayerNorm) or type(b.ff.net[0]) is not GELU
+                or len(b.ff.net) != 3
+            ):
+                return False
+    return type(est.final_block) is CausalBlock1D
+
+
+class Regions:
+    """The region functions, eager or compiled. Compiled: one ``torch.compile`` per region,
+    whole graph (``fullgraph``: a graph break is an error, not a slow path), the row
+    dimensions marked dynamic at each call so one graph serves every shape."""
+
+    def __init__(self, compile: bool = False, backend: str = "inductor"):
+        import sys
+
+        mod = sys.modules[__name__]
+        self.compiled = compile
+        for name in REGIONS:
+            fn = getattr(mod, name)
+            setattr(self, name, torch.compile(fn, fullgraph=True, backend=backend) if compile else fn)
+
+    def dyn(self, *tensors_dims):
+        """Mark (tensor, dims...) dynamic before a compiled call (no-op eager)."""
+        if self.compiled:
+            for t, *dims in tensors_dims:
+                for d in dims:
+                    torch._dynamo.mark_dynamic(t, d)
+
+
+class FusedEstimator:
+    """``ConditionalDecoder.forward`` over the packed input [x | mu | spks | cond] (B, 320, T),
+    with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
+    per call by the caller (it knows the rows' layout and valid lengths)."""
+
+    def __init__(self, est, dtype: torch.dtype, regions: Regions):
+        self.est = est
+        self.r = regions
+        (r0, tbs0, down), = est.down_blocks
+        (r1, tbs1, up), = est.up_blocks
+        self.down = (_resnet_weights(r0, dtype), [_block_weights(b, dtype) for b in tbs0], (_w(down.weight, dtype), _w(down.bias, dtype)))
+        self.mid = [(_resnet_weights(r, dtype), [_block_weights(b, dtype) for b in tbs]) for r, tbs in est.mid_blocks]
+        self.up = (_resnet_weights(r1, dtype), [_block_weights(b, dtype) for b in tbs1], (_w(up.weight, dtype), _w(up.bias, dtype)))
+        fb = est.final_block.block
+        nw, nb, eps = _ln(fb[2])
+        self.final = (_w(fb[0].weight, dtype), _w(fb[0].bias, dtype), nw, nb, _w(est.final_proj.weight, dtype), _w(est.final_proj.bias, dtype))
+        self.final_eps = eps
+
+    def _blocks(self, blocks, x, attend):
+        """Transformer blocks over the (B, T, C) stream, as (B * T, C) rows."""
+        B, T, C = x.shape
+        h = x.reshape(B * T, C)
+        for b in blocks:
+            self.r.dyn((h, 0))
+            qkv = self.r.block_in(h, b.nw1, b.nb1, b.w_qkv, b.b_qkv, eps=b.eps1)
+            o = attend(qkv, b.heads, b.scale)
+            self.r.dyn((o, 0), (h, 0))
+            h = self.r.block_out(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3, approximate=b.approximate)
+        return h.view(B, T, C)
+
+    def __call__(self, x, mask, t, attend):
+        """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32."""
+        est, r = self.est, self.r
+        temb = est.time_mlp(est.time_embeddings(t).to(t.dtype))  # (B, 1024), tiny: stock modules
+        rw, blocks, conv = self.down
+        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0))
+        x = r.resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
+        skip = self._blocks(blocks, x, attend)
+        r.dyn((skip, 0, 1))
+        x = r.causal_conv(skip, mask, *conv)
+        for rw, blocks in self.mid:
+            r.dyn((x, 0, 1))
+            x = r.resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
+            x = self._blocks(blocks, x, attend)
+        rw, blocks, conv = self.up
+        x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
+        r.dyn((x, 0, 1))
+        x = r.resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
+        x = self._blocks(blocks, x, attend)
+        r.dyn((x, 0, 1))
+        x = r.causal_conv(x, mask, *conv)
+        r.dyn((x, 0, 1))
+        return r.final(x, mask, *self.final, eps=self.final_eps)
+
+
+def sdpa_attend(bias_bh1t: torch.Tensor, B: int, T: int):
+    """Attention over (B * T) rows with an additive key bias (B * heads, 1, T) (stock's mask):
+    the portable path (CPU, or no flash kernel)."""
+
+    def attend(qkv, heads, scale):
+        inner = qkv.shape[-1] // 3
+        D = inner // heads
+        q, k, v = (t.reshape(B, T, heads, D).transpose(1, 2) for t in qkv.split(inner, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_bh1t.view(B, heads, 1, T).to(q.dtype), scale=scale)
+        return o.transpose(1, 2).reshape(B * T, inner)
+
+    return attend
+
+
+def flash_attend(flash, cu: torch.Tensor, used: torch.Tensor, T: int):
+    """Varlen flash attention over the padded layout (row i's keys start at i * T; only its
+    first ``used[i]`` are valid): the key-padding mask without a mask tensor."""
+
+    def attend(qkv, heads, scale):
+        N = qkv.shape[0]
+        inner = qkv.shape[-1] // 3
+        q, k, v = (t.reshape(N, heads, inner // heads) for t in qkv.split(inner, dim=-1))
+        return flash(q, k, v, cu, used, T, scale).reshape(N, inner)
+
+    return attend
+
+
