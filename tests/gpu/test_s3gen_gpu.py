@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +23,6 @@ def cuda_model(tiny_checkpoint):
 
 
 def test_compiled_regions_match_eager_and_compile_once(cuda_model):
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from ttsbatch.engine import cfm_estimator
