@@ -111,3 +111,26 @@ def test_missing_weights_raise(monkeypatch):
     monkeypatch.setattr(pw, "PerthImplicitWatermarker", no_weights)
     with pytest.raises(WatermarkError, match=r"FileNotFoundError: perth_net_250000"):
         Watermarker("cpu")
+
+
+def test_warm_in_background_runs_perth_once_off_the_caller(wm, monkeypatch):
+    """The warm-up marks a short signal on its own thread (Perth's first call imports and
+    JIT-compiles its resampler), and a failure there is left to the real calls."""
+    import threading
+
+    seen = []
+    real = wm._perth.apply_watermark
+
+    def spy(x, sample_rate):
+        seen.append((threading.current_thread().name, len(x), sample_rate))
+        return real(x, sample_rate=sample_rate)
+
+    monkeypatch.setattr(wm._perth, "apply_watermark", spy)
+    wm.warm_in_background(24000).join(timeout=60)
+    assert seen == [("perth-warm", 12000, 24000)]
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)  # an uncaught error in a thread lands here
+    monkeypatch.setattr(wm._perth, "apply_watermark", lambda x, sample_rate: 1 / 0)
+    t = wm.warm_in_background(24000)
+    t.join(timeout=60)
+    assert not t.is_alive() and escaped == []

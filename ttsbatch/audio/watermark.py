@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import statistics
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,22 @@ class Watermarker:
             ) from None
         self._torch = torch
         self.device = device
+
+    def warm_in_background(self, sr: int = 24000) -> threading.Thread:
+        """Mark a fraction of a second of noise on a thread of its own. Perth's first call
+        imports librosa and JIT-compiles its resampler (numba): ~10-20 s, measured in a book
+        run on the GPU machine, that otherwise land on the first chunk and hold the other
+        store worker on the import lock. Started beside the model load, it costs nothing.
+        Errors are left to the real calls, which report them."""
+
+        def warm():
+            noise = np.random.default_rng(0).normal(0, 0.1, sr // 2).astype(np.float32)
+            with contextlib.suppress(Exception), self._torch.inference_mode():
+                self._perth.apply_watermark(noise, sample_rate=sr)
+
+        t = threading.Thread(target=warm, name="perth-warm", daemon=True)
+        t.start()
+        return t
 
     def apply(self, wav: np.ndarray, sr: int) -> np.ndarray:
         """The watermarked copy of mono ``wav``: float32, same length."""

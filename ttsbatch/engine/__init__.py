@@ -10,8 +10,10 @@ import threading
 class CaptureGuard:
     """Keeps other threads' GPU work out of CUDA graph captures, and nothing else apart.
 
-    A CUDA call from another thread during a capture (an allocation, a sync) invalidates the
-    capture ("operation not permitted when stream is capturing"). Captures are exclusive
+    A CUDA call from another thread during a capture in CUDA's "global" mode (an allocation,
+    a sync) invalidates the capture ("operation not permitted when stream is capturing").
+    T3 captures its decode steps in "thread_local" mode and does not need this; S3Gen's
+    whole-loop CFM graphs (``cuda_graphs=True``) do. Captures are exclusive
     (:meth:`capturing`); threads doing GPU work beside the engine (S3Gen while T3 decodes on
     its own thread, Perth in the store workers) share (:meth:`using`), so they run together
     and only wait while a graph is being captured. Both are reentrant per thread, and a

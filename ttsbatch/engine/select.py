@@ -84,6 +84,7 @@ def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, ma
     where = pick_device(device)
     choice = choose_engine(engine, where, batch_size, max_vram_gb)
     watermarker = Watermarker(where)
+    watermarker.warm_in_background(24000)  # beside the model load, not on the first chunk
     model = load_model(model_dir, where)
     logging.getLogger("ttsbatch").info("model: %s; engine: %s", describe(model), choice.name)
     return Ready(watermarker, model, make_engine(model, choice, max_vram_gb), choice.batch_size)

@@ -47,7 +47,6 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import capture_lock
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
 log = logging.getLogger("ttsbatch")
@@ -593,7 +592,11 @@ class FastT3:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with capture_lock.capturing(), torch.cuda.graph(graph, pool=self._graph_pool):
+                # thread_local: the capture forbids unsafe calls (allocations, syncs) in this
+                # thread only, so S3Gen and Perth keep running beside it on their own streams
+                # (the default "global" mode made every capture wait for them: 14.5 s of a
+                # 2-hour book, py-spy on an H100)
+                with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                     run()
                 replay = graph.replay
             except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
