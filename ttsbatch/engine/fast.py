@@ -86,7 +86,12 @@ class FastEngine:
         self.overlap = cuda if overlap is None else overlap
         self._t3_stream = torch.cuda.Stream(self.t3.device) if cuda and self.overlap else None
         self.t3_vram_gb = None
-        attn_gib = 4.0
+        # made before the memory is measured: its prepared weights (bf16 copies of the CFM
+        # estimator's) are held like the models' own
+        self.s3 = BatchedS3Gen(
+            model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen,
+            compile_regions=cuda if compile_estimator is None else compile_estimator,
+        )
         if cuda:
             gib = 1 << 30
             free, _ = torch.cuda.mem_get_info(self.t3.device)
@@ -99,10 +104,7 @@ class FastEngine:
             # S3Gen's peak is ~5.5x its largest attention tensor (measured on an H100, batch 64,
             # 6 s chunks, 10 s prompt): cap that tensor so S3Gen stays in the rest, with margin
             attn_gib = max(0.25, min(4.0, spare * (1 - t3_share) / 10))
-        self.s3 = BatchedS3Gen(
-            model, max_batch=self.s3gen_batch, max_attn_gib=attn_gib, compile=compile_s3gen, cuda_graphs=compile_s3gen,
-            compile_regions=cuda if compile_estimator is None else compile_estimator,
-        )
+            self.s3.max_attn_bytes = int(attn_gib * (1 << 30))
         self._voice_key = None
         self._voice = None
 
