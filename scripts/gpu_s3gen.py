@@ -174,19 +174,24 @@ def main() -> int:
     T_mel = 2 * tokens.shape[1]
     S = (T_mel - voice.n_prompt_frames) * 480
     z, ph, sn = b16._stage_noise(list(range(8)), toks, voice, T_mel, S, None, None, list(range(8)))
-    sync_free = True
-    with torch.inference_mode():
-        b16.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
-        sync()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            b16.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
-        except RuntimeError as e:
-            sync_free = False
-            res["notes"].append(f"sync in per-bucket work: {str(e).splitlines()[0][:200]}")
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    sync()
+
+    def runs_sync_free(bs, what):
+        """One warm run of the staged bucket, then one under CUDA sync-debug "error"."""
+        with torch.inference_mode():
+            bs.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
+            sync()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                bs.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
+                return True
+            except RuntimeError as e:
+                res["notes"].append(f"sync in {what}: {str(e).splitlines()[0][:200]}")
+                return False
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                sync()
+
+    sync_free = runs_sync_free(b16, "per-bucket work")
     res["sync_free"] = sync_free
     res["flash_attention_bf16"] = b16.flash
     log(f"per-bucket work sync-free: {sync_free}")
@@ -271,18 +276,7 @@ def main() -> int:
         mr = br.synthesize_mels(acc_chunks, voice, steps, noise=noise)
         res["accuracy"]["mel_max_abs_regions_vs_stock"] = max(float((a - b).abs().max()) for a, b in zip(ref_mels, mr))
         res["accuracy"]["mel_max_abs_regions_vs_eager_bf16"] = max(float((a - b).abs().max()) for a, b in zip(mel16, mr))
-        with torch.inference_mode():
-            br.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
-            sync()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                br.run_bucket(tokens, lengths, z, ph, sn, voice, steps)
-                res["regions_sync_free"] = True
-            except RuntimeError as e:
-                res["regions_sync_free"] = False
-                res["notes"].append(f"sync in compiled regions: {str(e).splitlines()[0][:200]}")
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+        res["regions_sync_free"] = runs_sync_free(br, "compiled regions")
         from torch._dynamo.utils import counters
 
         res["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "inductor")}
