@@ -3,7 +3,8 @@
 The estimator is 14 causal resnet blocks and 56 transformer blocks over a 256-channel
 stream: narrow GEMMs between long chains of small elementwise ops (LayerNorm, Mish, GELU,
 masks, fp32 residuals, autocast's casts). Eager, each op is a kernel and a trip through
-memory; that, not the GEMMs, is where most of the estimator's time went (~14% of bf16 peak).
+memory; that, not the GEMMs, is where most of the estimator's time went (~14% of bf16 peak;
+compiled as below, 21%: 209 against 135 TFLOP/s on an H100, BENCHMARKS.md).
 
 Here the repeated parts are functions of tensors (weights are arguments, prepared once in
 the compute dtype, q/k/v as one GEMM) so that ``torch.compile`` can fuse each one into a
@@ -41,7 +42,8 @@ def _conv_block(x, mask, w, b, nw, nb, eps: float):
 
 
 def _resnet(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, rb, eps: float):
-    """``CausalResnetBlock1D`` (channels first): x (B, Cin, T), temb (B, E) fp32."""
+    """``CausalResnetBlock1D`` (channels first): x (B, Cin, T), temb (B, E) the time
+    embedding (the compute dtype under autocast, as stock's)."""
     h = _conv_block(x, mask, c1w, c1b, n1w, n1b, eps)
     h = h + F.linear(F.mish(temb).to(mw.dtype), mw, mb).unsqueeze(-1)
     h = _conv_block(h, mask, c2w, c2b, n2w, n2b, eps)
@@ -208,12 +210,9 @@ class Regions:
     dimensions marked dynamic at each call so one graph serves every shape."""
 
     def __init__(self, compile: bool = False, backend: str = "inductor"):
-        import sys
-
-        mod = sys.modules[__name__]
         self.compiled = compile
         for name in REGIONS:
-            fn = getattr(mod, name)
+            fn = globals()[name]
             setattr(self, name, torch.compile(fn, fullgraph=True, backend=backend) if compile else fn)
 
     def dyn(self, *tensors_dims):
@@ -250,7 +249,7 @@ class FusedEstimator:
             self.r.dyn((h, 0))
             qkv = self.r.block_in(h, b.nw1, b.nb1, b.w_qkv, b.b_qkv, eps=b.eps1)
             o = attend(qkv, b.heads, b.scale)
-            self.r.dyn((o, 0), (h, 0))
+            self.r.dyn((o, 0))
             h = self.r.block_out(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3, approximate=b.approximate)
         return h.view(B, T, C)
 
