@@ -106,19 +106,103 @@ def test_track_mp3_has_chapters_and_the_whole_length(tmp_path):
     assert [t for t, _ in chapters] == ["One", "Two"]
 
 
-def test_track_left_without_finish_removes_the_partial_file(tmp_path):
+@pytest.mark.parametrize("ext", [".mp3", ".ogg"])
+def test_track_left_without_finish_removes_the_partial_file(tmp_path, ext):
     doc, plan = book(6)
     store = ChunkStore(tmp_path / "work")
     encoded = tmp_path / "enc.tmp"
     with pytest.raises(RuntimeError, match="engine failed"):
-        with BookTrack(plan, doc, store, Options(), encoded, ".mp3") as track:
+        with BookTrack(plan, doc, store, Options(), encoded, ext) as track:
             store.put(plan[0].id, chunk_audio(0), SR)
             track.stored(plan[0])
             assert track.stitched == 1
-            proc = track._encoder._proc
-            assert proc.poll() is None  # ffmpeg is encoding
+            enc = track._encoder
+            if ext == ".mp3":  # spooled into its parts directory, encoded in segments
+                assert list(enc.dir.iterdir())
+            else:
+                assert enc._proc.poll() is None  # ffmpeg is encoding
             raise RuntimeError("engine failed")
-    assert proc.returncode is not None and not encoded.exists()
+    if ext == ".mp3":
+        assert not enc.dir.exists()
+    else:
+        assert enc._proc.returncode is not None
+    assert not encoded.exists()
+
+
+def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch):
+    """An MP3 track of several segments (cut after paragraph and chapter pauses, encoded by
+    separate ffmpeg processes, joined frame by frame): every segment's audio sits where
+    ``output_time`` says (within 1 sample, found by cross-correlation against the offline
+    stitch), the length is what ``finish`` reports, and the chapter mark is a segment start."""
+    from ttsbatch.audio import segments
+    from ttsbatch.audio.ffmpeg import ffmpeg_exe
+    import subprocess
+
+    monkeypatch.setattr(segments, "SEGMENT_S", 0.5)  # a cut at every paragraph end past 0.5 s
+    doc = Document("book", (Chapter("One", ("p",)), Chapter("Two", ("q",))))
+    n = 10
+    chunks = [
+        Chunk(index=i, text=f"s {i}", source=f"s {i}", chapter=0 if i < 5 else 1, paragraph=i // 2,
+              boundary="chapter" if i == 4 else ("end" if i == n - 1 else ("paragraph" if i % 2 else "sentence")))
+        for i in range(n)
+    ]
+    plan = make_plan(chunks, "voice", GenerationOptions(), "model")
+    store = ChunkStore(tmp_path / "work")
+    for i, p in enumerate(plan):
+        store.put(p.id, chunk_audio(i), SR)
+    with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3") as track:
+        chapters, seconds = track.finish()
+    enc = track._encoder
+    assert len(enc.segments) >= 4 and not enc.dir.exists()
+    out = tmp_path / "book.mp3"
+    finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title="book", total_s=seconds)
+    got, _ = decode_audio(out, sr=SR)
+    assert abs(len(got) - round(seconds * SR)) <= 2
+    offline_track(plan, doc, store, tmp_path / "ref.wav")
+    ref, _ = sf.read(tmp_path / "ref.wav", dtype="float32")
+    for seg in enc.segments:
+        want = ref[seg.written_start : seg.written_start + seg.samples]
+        at = round(seg.out_start_s * SR)  # = output_time(its start), but for the first (its mark stays at 0)
+        lags = range(-40, 41)
+        window = got[at - 40 : at + len(want) + 40]
+        corr = [float(np.dot(window[40 + d : 40 + d + len(want)], want)) for d in lags]
+        best = lags[int(np.argmax(corr))]
+        assert abs(best) <= 1, f"segment at {seg.written_start}: off by {best} samples"
+        assert max(corr) > 0.9 * float(np.dot(want, want))  # the same audio, through MP3
+    two = next(s for s in enc.segments if s.written_start == track._writer.chunk_starts[5])  # chapter Two's first chunk
+    assert chapters == [("One", 0.0), ("Two", two.out_start_s)]
+    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    assert f"start {two.out_start_s:.3f}" in banner
+
+
+def test_segments_cut_only_when_long_enough_and_a_cut_at_the_end_is_harmless(tmp_path):
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    enc = SegmentedEncoder(tmp_path / "enc.tmp", SR, ExportOptions(), segment_s=1.0)
+    a = chunk_audio(2)  # 0.5 s
+    for _ in range(5):
+        enc.write(a)
+        enc.cut()  # cuts after 1.0 s: after the 2nd and the 4th block, and once more at the end
+    enc.close()
+    assert [s.samples for s in enc.segments] == [2 * len(a), 2 * len(a), len(a)]
+    finish_stream(tmp_path / "enc.tmp", tmp_path / "out.mp3", total_s=enc.duration_s)
+    got, _ = decode_audio(tmp_path / "out.mp3", sr=SR)
+    assert abs(len(got) - round(enc.duration_s * SR)) <= 1
+    assert enc.duration_s > 5 * len(a) / SR  # each segment brings LAME's delay and padding
+
+
+def test_segment_encode_failure_is_one_line_and_leaves_nothing(tmp_path):
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    path = tmp_path / "enc.tmp"
+    enc = SegmentedEncoder(path, SR, ExportOptions(mp3_bitrate="no-such-rate"), segment_s=0.1)
+    for _ in range(3):
+        enc.write(chunk_audio(1))
+        enc.cut()
+    with pytest.raises(FFmpegError) as e:
+        enc.close()
+    assert "encoding part" in str(e.value) and "\n" not in str(e.value)
+    assert not path.exists() and not enc.dir.exists()
 
 
 def test_track_finish_with_a_chunk_missing_names_it(tmp_path):

@@ -6,6 +6,9 @@ stored it is told so (:meth:`stored`), and it appends every chunk from the curso
 now in the store (trimmed, faded, paused, as :class:`~ttsbatch.audio.stitch.TrackWriter`
 does) to a :class:`~ttsbatch.audio.export.StreamEncoder`, so ffmpeg encodes beside the GPU
 instead of after it. A 2-hour book's MP3 encode alone took 45 s on the GPU machine's CPU.
+MP3 (LAME is single-threaded and slower than the engine on speech) goes to a
+:class:`~ttsbatch.audio.segments.SegmentedEncoder` instead, cut after paragraph and chapter
+pauses into segments that several ffmpeg processes encode at once.
 
 ``background=True`` (the GPU case) does the stitching on a thread of its own; otherwise it
 happens inline in :meth:`stored` (on the CPU a second busy thread would slow the engine).
@@ -18,7 +21,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from .audio import segments
 from .audio.export import StreamEncoder
+from .audio.segments import SegmentedEncoder
 from .audio.stitch import TrackWriter
 from .config import Options
 from .plan import PlannedChunk
@@ -96,7 +101,11 @@ class BookTrack:
             raise StoreError(f"chunk {missing.chunk.index + 1} ({missing.id}) is not in the store; run again to render it")
         self._writer.close()  # closes the encoder: waits for ffmpeg
         self._finished = True
-        return list(self._writer.chapters), self._writer.duration_s
+        chapters, seconds = list(self._writer.chapters), self._writer.duration_s
+        if isinstance(self._encoder, SegmentedEncoder):  # the joined segments' own timeline
+            chapters = [(title, self._encoder.output_time(t)) for title, t in chapters]
+            seconds = self._encoder.duration_s
+        return chapters, seconds
 
     def abort(self) -> None:
         with self._cond:
@@ -144,11 +153,16 @@ class BookTrack:
                 p = self.plan[self._next]
             wav, sr = self.store.get(p.id)
             if self._writer is None:
-                self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
+                if self.ext == ".mp3":
+                    self._encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
+                else:
+                    self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)
             if p.chunk.chapter != self._chapter:
                 self._chapter = p.chunk.chapter
                 ch = self.doc.chapters[p.chunk.chapter]
                 self._writer.start_chapter(ch.title or (self.doc.name if p.chunk.chapter == 0 else f"Part {p.chunk.chapter + 1}"))
             self._writer.add(wav, p.chunk.boundary)
+            if p.chunk.boundary in ("paragraph", "chapter") and isinstance(self._encoder, SegmentedEncoder):
+                self._encoder.cut()  # after the pause: a silent place for a segment to end
             self._next += 1
