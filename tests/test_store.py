@@ -164,6 +164,10 @@ def test_kill_9_mid_write_leaves_no_chunk(tmp_path):
     assert not store.has(ID1) and store.ids() == set()
     assert len(temp_files(tmp_path)) == 1  # the orphan is there but invisible ...
     assert store.remove_temp_files() == 1 and temp_files(tmp_path) == []  # ... and can be swept
+    parts = tmp_path / ".track-1.parts.tmp"  # a killed run's MP3 parts (audio.segments)
+    parts.mkdir()
+    (parts / "00000.f32").write_bytes(b"pcm")
+    assert store.remove_temp_files() == 1 and not parts.exists()
 
 
 def test_disk_full_gives_one_line_store_error(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -279,7 +280,10 @@ class ChunkStore:
         if self.root.is_dir():
             for tmp in [*self.root.glob(f".*{TEMP_SUFFIX}"), *self.chunks_dir.glob(f"*/.*{TEMP_SUFFIX}")]:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    if tmp.is_dir():  # an MP3 track's parts (audio.segments)
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.unlink()
                     n += 1
         return n
 

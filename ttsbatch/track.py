@@ -154,7 +154,11 @@ class BookTrack:
             wav, sr = self.store.get(p.id)
             if self._writer is None:
                 if self.ext == ".mp3":
-                    self._encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
+                    # the parts directory carries the temporary suffix too: a killed run's is swept
+                    parts = self.encoded.with_name(f"{self.encoded.stem}.parts{self.encoded.suffix}")
+                    self._encoder = SegmentedEncoder(
+                        self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S, parts_dir=parts
+                    )
                 else:
                     self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)

@@ -66,8 +66,8 @@ class _Segment:
 
 class SegmentedEncoder:
     """Mono float PCM in, one MP3 ``path`` out, encoded by up to ``workers`` ffmpeg
-    processes (see the module docstring). Spool and segment files live in a directory
-    beside ``path`` named ``path`` + ``.parts``; ``close`` and ``abort`` remove it."""
+    processes (see the module docstring). Spool and segment files live in ``parts_dir``
+    (default: ``path`` + ``.parts``), which ``close`` and ``abort`` remove."""
 
     def __init__(
         self,
@@ -76,12 +76,13 @@ class SegmentedEncoder:
         opts: ExportOptions = ExportOptions(),
         workers: int | None = None,
         segment_s: float = SEGMENT_S,
+        parts_dir: Path | None = None,
     ):
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.opts = opts
         self.min_samples = round(segment_s * sample_rate)
-        self.dir = self.path.with_name(self.path.name + ".parts")
+        self.dir = Path(parts_dir) if parts_dir is not None else self.path.with_name(self.path.name + ".parts")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ttsbatch-mp3")
