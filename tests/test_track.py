@@ -85,17 +85,23 @@ def test_track_streams_in_document_order_and_equals_the_offline_stitch(tmp_path,
     np.testing.assert_array_equal(got, ref)  # the same 16-bit samples
 
 
-def test_track_mp3_has_chapters_and_the_whole_length(tmp_path):
+@pytest.mark.parametrize("cores", ["few", "many"])
+def test_track_mp3_has_chapters_and_the_whole_length(tmp_path, monkeypatch, cores):
+    """A short book is one segment even with many cores: gapless, as one streaming encoder."""
     from ttsbatch.audio.export import probe_duration
     from ttsbatch.audio.ffmpeg import ffmpeg_exe
     import subprocess
 
+    from ttsbatch.audio import segments
+
+    monkeypatch.setattr(segments, "default_workers", lambda: 1 if cores == "few" else 2)
     doc, plan = book(8)
     store = ChunkStore(tmp_path / "work")
     for i, p in enumerate(plan):
         store.put(p.id, chunk_audio(i), SR)
     with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", background=True) as track:
         chapters, seconds = track.finish()  # everything was stored before: finish stitches it all
+    assert type(track._encoder).__name__ == ("StreamEncoder" if cores == "few" else "SegmentedEncoder")
     out = tmp_path / "book.mp3"
     finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title="My Book", total_s=seconds)
     assert probe_duration(out) == pytest.approx(seconds, abs=0.06)
@@ -106,8 +112,16 @@ def test_track_mp3_has_chapters_and_the_whole_length(tmp_path):
     assert [t for t, _ in chapters] == ["One", "Two"]
 
 
+@pytest.fixture
+def many_cores(monkeypatch):
+    """BookTrack segments an MP3 only where several encoders can run at once."""
+    from ttsbatch.audio import segments
+
+    monkeypatch.setattr(segments, "default_workers", lambda: 2)
+
+
 @pytest.mark.parametrize("ext", [".mp3", ".ogg"])
-def test_track_left_without_finish_removes_the_partial_file(tmp_path, ext):
+def test_track_left_without_finish_removes_the_partial_file(tmp_path, ext, many_cores):
     doc, plan = book(6)
     store = ChunkStore(tmp_path / "work")
     encoded = tmp_path / "enc.tmp"
@@ -129,7 +143,7 @@ def test_track_left_without_finish_removes_the_partial_file(tmp_path, ext):
     assert not encoded.exists()
 
 
-def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch):
+def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch, many_cores):
     """An MP3 track of several segments (cut after paragraph and chapter pauses, encoded by
     separate ffmpeg processes, joined frame by frame): every segment's audio sits where
     ``output_time`` says (within 1 sample, found by cross-correlation against the offline

@@ -6,9 +6,10 @@ stored it is told so (:meth:`stored`), and it appends every chunk from the curso
 now in the store (trimmed, faded, paused, as :class:`~ttsbatch.audio.stitch.TrackWriter`
 does) to a :class:`~ttsbatch.audio.export.StreamEncoder`, so ffmpeg encodes beside the GPU
 instead of after it. A 2-hour book's MP3 encode alone took 45 s on the GPU machine's CPU.
-MP3 (LAME is single-threaded and slower than the engine on speech) goes to a
-:class:`~ttsbatch.audio.segments.SegmentedEncoder` instead, cut after paragraph and chapter
-pauses into segments that several ffmpeg processes encode at once.
+On a machine with cores to spare (8 or more), MP3 (LAME is single-threaded, and on the GPU
+machine slower than the engine) goes to a :class:`~ttsbatch.audio.segments.SegmentedEncoder`
+instead, cut after paragraph and chapter pauses into segments that several ffmpeg processes
+encode at once; with fewer cores one streaming encoder is as fast, and gapless throughout.
 
 ``background=True`` (the GPU case) does the stitching on a thread of its own; otherwise it
 happens inline in :meth:`stored` (on the CPU a second busy thread would slow the engine).
@@ -153,7 +154,7 @@ class BookTrack:
                 p = self.plan[self._next]
             wav, sr = self.store.get(p.id)
             if self._writer is None:
-                if self.ext == ".mp3":
+                if self.ext == ".mp3" and segments.default_workers() > 1:
                     # the parts directory carries the temporary suffix too: a killed run's is swept
                     parts = self.encoded.with_name(f"{self.encoded.stem}.parts{self.encoded.suffix}")
                     self._encoder = SegmentedEncoder(

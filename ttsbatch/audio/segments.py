@@ -49,7 +49,8 @@ DECODER_DELAY = 529
 
 
 def default_workers() -> int:
-    """Encoders at once: a quarter of the cores (the rest run the engine and the store)."""
+    """Encoders at once: a quarter of the cores (the rest run the engine and the store).
+    One means no gain over a single streaming encoder (``BookTrack`` then uses that)."""
     return max(1, min(8, (os.cpu_count() or 2) // 4))
 
 
