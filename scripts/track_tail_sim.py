@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The track side of a book run without a model: chunks of speech arrive at RATE x real time.
+
+    python scripts/track_tail_sim.py RATE CHUNKS SPEECH.f32
+    WORKERS=2 python scripts/track_tail_sim.py 300 400 speech.f32   # force 2 segment encoders
+
+Each chunk is 4.6 s cut from SPEECH.f32 (mono float32 at 24 kHz, e.g. samples/voice.wav
+tiled to 10 minutes), in 6 chapters with paragraph pauses, stored up front; ``BookTrack``
+is told of them at RATE x real time, as the engine would. Prints how long the track needs
+after the last one (finish: the encoder's backlog and the join) and for the final remux
+with chapters. BENCHMARKS.md, "MP3 encoding". To compare with an older commit, run it with
+that commit's checkout first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ttsbatch.audio import segments
+from ttsbatch.audio.export import finish_stream
+from ttsbatch.config import GenerationOptions, Options
+from ttsbatch.plan import make_plan
+from ttsbatch.store import ChunkStore
+from ttsbatch.text.document import Chapter, Chunk, Document
+from ttsbatch.track import BookTrack
+
+SR = 24000
+CHUNK_S = 4.6  # the mean chunk of bench/book.txt
+
+
+def main() -> None:
+    rate, n, speech = float(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    if os.environ.get("WORKERS"):
+        segments.default_workers = lambda: int(os.environ["WORKERS"])
+    x = np.fromfile(speech, dtype=np.float32)
+    per = n // 6
+    doc = Document("book", tuple(Chapter(f"C{k}", ("p",)) for k in range(6)))
+
+    def boundary(i):
+        if i == n - 1:
+            return "end"
+        return "chapter" if (i + 1) % per == 0 else ("paragraph" if i % 3 == 2 else "sentence")
+
+    chunks = [Chunk(index=i, text=f"s{i}", source=f"s{i}", chapter=min(5, i // per), paragraph=i // 3, boundary=boundary(i))
+              for i in range(n)]
+    plan = make_plan(chunks, "voice", GenerationOptions(), "model")
+    work = Path(tempfile.mkdtemp())
+    store = ChunkStore(work / "work")
+    L = int(CHUNK_S * SR)
+    for i, p in enumerate(plan):
+        off = (i * 7919) % (len(x) - L)
+        store.put(p.id, x[off : off + L], SR)
+    track = BookTrack(plan, doc, store, Options(), work / "enc.tmp", ".mp3", background=True)
+    t0 = time.time()
+    for i, p in enumerate(plan):
+        time.sleep(max(0.0, t0 + (i + 1) * CHUNK_S / rate - time.time()))
+        track.stored(p)
+    t_last = time.time()
+    chapters, seconds = track.finish()
+    t_fin = time.time()
+    finish_stream(work / "enc.tmp", work / "out.mp3", chapters=chapters, title="book", total_s=seconds)
+    t_out = time.time()
+    kind = type(getattr(track, "_encoder", None)).__name__
+    print(f"{kind}: {n * CHUNK_S:.0f} s of audio at {rate:g}x: stored in {t_last - t0:.1f} s; "
+          f"finish {t_fin - t_last:.1f} s; remux {t_out - t_fin:.1f} s; {len(chapters)} chapters")
+
+
+if __name__ == "__main__":
+    main()
