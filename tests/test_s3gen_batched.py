@@ -281,6 +281,34 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model):
     torch._dynamo.reset()
 
 
+def test_a_failing_compiler_falls_back_to_the_eager_regions(model, caplog):
+    """Where torch.compile cannot work (no Triton, a backend error), the estimator runs its
+    regions eagerly with one warning, and the book goes on."""
+    import logging
+
+    import torch._dynamo
+
+    from ttsbatch.engine.s3gen_batched import attention_bias
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working Triton here")
+
+    torch._dynamo.reset()
+    eager = BatchedS3Gen(model)
+    bs = BatchedS3Gen(model, compile_regions=True, regions_backend=broken_backend)
+    args, packed = _estimator_case(torch.Generator().manual_seed(2), 2, 32)
+    mask, t = args[1], args[3]
+    with caplog.at_level(logging.WARNING, logger="ttsbatch"), torch.inference_mode():
+        got = bs._estimator(packed, mask, t, attention_bias(mask, bs.heads))
+        again = bs._estimator(packed, mask, t, attention_bias(mask, bs.heads))
+        ref = eager._estimator(packed, mask, t, attention_bias(mask, bs.heads))
+    assert torch.equal(got, ref) and torch.equal(again, ref)
+    assert not bs.fused.r.compiled and "no working Triton" in bs.fused.r.error
+    warnings = [r for r in caplog.records if "uncompiled" in r.getMessage()]
+    assert len(warnings) == 1
+    torch._dynamo.reset()
+
+
 def test_unsupported_estimator_runs_the_stock_modules(model, gen, monkeypatch):
     """A checkpoint whose estimator differs from what cfm_estimator mirrors gets the stock
     modules (and refuses to compile regions it cannot build)."""
