@@ -146,6 +146,7 @@ class SegmentedEncoder:
                     t += seg.frames_s
                     with open(seg.mp3, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 20)
+                    seg.mp3.unlink()  # the disk holds the book's MP3 about once, not twice
         except BaseException:
             self.abort()
             raise
