@@ -241,3 +241,23 @@ def test_stream_encoder_reports_ffmpeg_failure_in_one_line(tmp_path):
     assert "encoding x.mp3 failed" in str(e.value) and "\n" not in str(e.value)
     enc.abort()
     assert not (tmp_path / "x.mp3").exists()
+
+
+def test_segment_spool_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    from ttsbatch.audio.segments import SegmentedEncoder
+    from ttsbatch.store import StoreError
+
+    enc = SegmentedEncoder(tmp_path / "enc.tmp", SR, ExportOptions(), segment_s=0.1)
+
+    class Full:
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    enc._file = Full()
+    with pytest.raises(StoreError, match="No space left on device"):
+        enc.write(chunk_audio(0))
+    enc.abort()
+    assert not enc.dir.exists()

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ExportOptions
+from ..store import StoreError
 from .ffmpeg import FFmpegError, ff_path, run_ffmpeg
 
 SEGMENT_S = 120.0  # a segment is cut at the first silent point past this length
@@ -97,11 +98,17 @@ class SegmentedEncoder:
         k = len(self.segments)
         seg = _Segment(self.samples, 0, self.dir / f"{k:05d}.f32", self.dir / f"{k:05d}.mp3")
         self.segments.append(seg)
-        self._file = open(seg.pcm, "wb")
+        try:
+            self._file = open(seg.pcm, "wb")
+        except OSError as e:
+            raise StoreError(f"cannot write the track's parts in {self.dir}: {e.strerror or e}") from None
 
     def write(self, wav: np.ndarray) -> None:
         data = np.ascontiguousarray(wav, dtype="<f4")
-        self._file.write(data.tobytes())
+        try:
+            self._file.write(data.tobytes())
+        except OSError as e:  # a full disk, most likely
+            raise StoreError(f"cannot write the track's parts in {self.dir}: {e.strerror or e}") from None
         self.segments[-1].samples += len(data)
         self.samples += len(data)
 
