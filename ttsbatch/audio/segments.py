@@ -154,6 +154,9 @@ class SegmentedEncoder:
                     with open(seg.mp3, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 20)
                     seg.mp3.unlink()  # the disk holds the book's MP3 about once, not twice
+        except OSError as e:  # joining: a full disk, most likely
+            self.abort()
+            raise StoreError(f"cannot write the track {self.path}: {e.strerror or e}") from None
         except BaseException:
             self.abort()
             raise
