@@ -92,7 +92,6 @@ class SegmentedEncoder:
         self.samples = 0
         self._file = None
         self._new_segment()
-        self._closed = False
 
     def _new_segment(self) -> None:
         k = len(self.segments)
@@ -160,7 +159,6 @@ class SegmentedEncoder:
         except BaseException:
             self.abort()
             raise
-        self._closed = True
         self._pool.shutdown()
         shutil.rmtree(self.dir, ignore_errors=True)
 
