@@ -156,6 +156,22 @@ def test_output_is_not_written_when_perth_cannot_load(tiny_checkpoint, tmp_path,
     assert not out.exists()
 
 
+def test_no_ffmpeg_is_one_line_and_exit_3_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    from ttsbatch.audio import ffmpeg
+    from ttsbatch.engine import model
+    from ttsbatch.errors import ModelError
+
+    def missing():
+        raise ModelError("cannot find ffmpeg (no binary); reinstall with `uv sync`")
+
+    monkeypatch.setattr(ffmpeg, "ffmpeg_exe", missing)
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("loaded the model without ffmpeg"))
+    r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 3
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot find ffmpeg" in lines[0]
+
+
 def test_no_weights_is_one_line_and_exit_3(tmp_path):
     r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
     assert r.exit_code == 3

@@ -116,6 +116,9 @@ def run_book_bench(
     from .store import cache_dir
 
     use_compile_cache(cache_dir())  # the compiled code `ttsbatch warmup` left, and leaves it for the next run
+    from .audio.ffmpeg import ffmpeg_exe
+
+    ffmpeg_exe()  # the run ends in an MP3: fail now, not after the stock run and the warm-up
     device = pick_device(device)
     cuda = device.startswith("cuda")
     options = load_options(None, {"generation": {"tokens_per_char": tokens_per_char, "ignore_eos": True}})

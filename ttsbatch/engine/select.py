@@ -72,7 +72,7 @@ class Ready:
 def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, max_vram_gb: float | None, cache_root) -> Ready:
     """The shared start of every command that speaks (book, srt, warmup).
 
-    Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked
+    ffmpeg and Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked
     audio). It runs where the model runs: it marks every chunk.
     """
     import logging
@@ -80,6 +80,9 @@ def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, ma
     from ..audio.watermark import Watermarker
     from .model import describe, load_model, pick_device
 
+    from ..audio.ffmpeg import ffmpeg_exe
+
+    ffmpeg_exe()  # no ffmpeg, no output: say so before minutes of loading and rendering
     use_compile_cache(cache_root)  # compiled kernels shared with `ttsbatch warmup`
     where = pick_device(device)
     choice = choose_engine(engine, where, batch_size, max_vram_gb)
