@@ -52,7 +52,11 @@ DECODER_DELAY = 529
 def default_workers() -> int:
     """Encoders at once: a quarter of the cores (the rest run the engine and the store).
     One means no gain over a single streaming encoder (``BookTrack`` then uses that)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 4))
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cpusets)
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores // 4))
 
 
 @dataclass
