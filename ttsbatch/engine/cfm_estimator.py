@@ -24,13 +24,12 @@ anything else runs the stock modules.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("ttsbatch")
+from .regions import Regions
 
 # ---------------------------------------------------------------------------------------------
 # The regions: pure functions of tensors (compiled as they are on CUDA)
@@ -207,61 +206,9 @@ def supported(est) -> bool:
     return type(est.final_block) is CausalBlock1D
 
 
-class Regions:
-    """The region functions, eager or compiled. Compiled: one ``torch.compile`` per region,
-    whole graph (``fullgraph``: a graph break is an error, not a slow path), the row
-    dimensions marked dynamic at each call so one graph serves every shape.
-
-    If compiling fails (no working Triton, say: common on Windows), every region falls back
-    to its eager function, with one warning: slower, never a failed book."""
-
-    def __init__(self, compile: bool = False, backend: str = "inductor"):
-        self.compiled = compile
-        self.error: str | None = None  # why compiling failed, if it did
-        for name in REGIONS:
-            fn = globals()[name]
-            setattr(self, name, _Guarded(self, fn, torch.compile(fn, fullgraph=True, backend=backend)) if compile else fn)
-
-    def fall_back(self, e: BaseException) -> None:
-        """Compiling failed: every region eager from now on."""
-        root = e  # dynamo wraps the compiler's own error (BackendCompilerFailed): name that one
-        for _ in range(8):
-            inner = getattr(root, "inner_exception", None) or root.__cause__
-            if inner is None:
-                break
-            root = inner
-        self.error = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0][:300]}"
-        log.warning("compiling S3Gen's CFM estimator failed (%s); running it uncompiled (slower)", self.error)
-        self.compiled = False
-        for name in REGIONS:
-            setattr(self, name, globals()[name])
-
-    def dyn(self, *tensors_dims):
-        """Mark (tensor, dims...) dynamic before a compiled call (no-op eager)."""
-        if self.compiled:
-            for t, *dims in tensors_dims:
-                for d in dims:
-                    torch._dynamo.mark_dynamic(t, d)
-
-
-class _Guarded:
-    """A compiled region whose first call may fall back (``Regions.fall_back``): until it has
-    once run compiled, an exception from it is taken for a compiler failure and the call is
-    run eagerly instead. Later exceptions are the region's own and propagate."""
-
-    def __init__(self, regions: Regions, eager, compiled):
-        self.regions, self.eager, self.compiled, self.proven = regions, eager, compiled, False
-
-    def __call__(self, *args, **kwargs):
-        if self.proven:
-            return self.compiled(*args, **kwargs)
-        try:
-            out = self.compiled(*args, **kwargs)
-        except Exception as e:  # a compiler failure (Triton missing, a backend error, ...)
-            self.regions.fall_back(e)
-            return self.eager(*args, **kwargs)
-        self.proven = True
-        return out
+def regions(compile: bool = False, backend="inductor") -> Regions:
+    """The estimator's regions (:data:`REGIONS`), eager or compiled (see ``engine.regions``)."""
+    return Regions({name: globals()[name] for name in REGIONS}, "S3Gen's CFM estimator", compile, backend)
 
 
 class FusedEstimator:

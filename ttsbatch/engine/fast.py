@@ -55,6 +55,7 @@ class FastEngine:
         t3_share: float = 0.5,
         compile_s3gen: bool = False,
         compile_estimator: bool | None = None,
+        compile_t3: bool = False,
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
     ):
@@ -66,7 +67,8 @@ class FastEngine:
         batches, so that its length buckets fill); ``compile_s3gen``: torch.compile S3Gen's
         stages and capture its CFM loop per shape (CUDA, experimental); ``compile_estimator``:
         torch.compile the CFM estimator's regions, one dynamic-shape graph each (None: on CUDA;
-        ``ttsbatch warmup`` persists the compiled code); ``overlap``: T3 on a thread and CUDA stream
+        ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
+        layers the same way (off: not yet measured on a GPU); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
         import torch
 
@@ -79,7 +81,7 @@ class FastEngine:
         self.max_rows = max_rows
         self.max_vram_gb = max_vram_gb
         self.check_every = check_every
-        self.t3 = FastT3(model, use_graphs=use_graphs)
+        self.t3 = FastT3(model, use_graphs=use_graphs, compile_layers=compile_t3)
         cuda = self.t3.device.type == "cuda"
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
         self.collect = s3gen_collect or 4 * self.s3gen_batch

@@ -212,7 +212,7 @@ class BatchedS3Gen:
         # checkpoint has the configuration they mirror; else the stock modules, called in order
         self.fused = None
         if cfm_estimator.supported(est):
-            regions = cfm_estimator.Regions(compile=compile_regions, backend=regions_backend)
+            regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend)
             self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")

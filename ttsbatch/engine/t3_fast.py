@@ -47,6 +47,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .regions import Regions
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
 log = logging.getLogger("ttsbatch")
@@ -147,6 +148,7 @@ class T3Weights:
             self.speech_head_bias = cast(t3.speech_head.bias, f32) if t3.speech_head.bias is not None else None
         self.vocab = self.speech_head.shape[0]
         self.n_layers = len(self.layers)
+        self.regions = layer_regions()  # eager; FastT3(compile_layers=True) compiles them
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +183,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def layer_in(x, ln1, wqkv, cos, sin, eps: float, n_heads: int, head_dim: int):
+    """input_layernorm, the q/k/v projections (one GEMM) and RoPE: x (N, T, D) fp32,
+    cos/sin (N, T, hd) -> q, k, v (N, H, T, hd) in the weights' dtype."""
+    n, t, _ = x.shape
+    dt = wqkv.dtype
+    h = rms_norm(x, ln1, eps).to(dt)
+    qkv = F.linear(h, wqkv).view(n, t, 3, n_heads, head_dim)
+    q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, T, hd)
+    q, k = q.float(), k.float()
+    q = (q * cos + _rotate_half(q) * sin).to(dt)
+    k = (k * cos + _rotate_half(k) * sin).to(dt)
+    return q, k, v
+
+
+def layer_out(o, x, wo, ln2, wgu, wdown, eps: float):
+    """o_proj + residual, post_attention_layernorm, SwiGLU MLP + residual: o (N, H, T, hd),
+    x (N, T, D) fp32 -> x (N, T, D) fp32."""
+    n, t, _ = x.shape
+    o = o.transpose(1, 2).reshape(n, t, -1)
+    x = x + F.linear(o, wo).float()
+    h = rms_norm(x, ln2, eps).to(wo.dtype)
+    gate, up = F.linear(h, wgu).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, wdown).float()
+
+
+def layer_regions(compile: bool = False, backend="inductor") -> Regions:
+    """A layer's two halves around the attention, eager or compiled (``engine.regions``):
+    one graph each for all 30 layers, every row count and (prefill) every length."""
+    return Regions({"layer_in": layer_in, "layer_out": layer_out}, "T3's layers", compile, backend)
+
+
 def _layer(w: T3Weights, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) -> torch.Tensor:
     """One Llama decoder layer on x (N, T, D); ``attend(q, k, v)`` (N, H, T, hd) does the attention.
 
@@ -188,21 +222,15 @@ def _layer(w: T3Weights, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) ->
     q/k/v and the KV cache are ``w.dtype`` (bf16 on CUDA). In fp32 every cast is a no-op and
     this is HF's LlamaDecoderLayer operation for operation. (A bf16 residual stream would
     round the layers' small updates away; keeping it fp32 costs nothing measurable.)
+    The halves around the attention are ``w.regions`` (compiled with ``FastT3(compile_layers=True)``).
     """
-    n, t, _ = x.shape
-    dt = w.dtype
-    h = rms_norm(x, lw.ln1, w.eps).to(dt)
-    qkv = F.linear(h, lw.wqkv).view(n, t, 3, w.n_heads, w.head_dim)
-    q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
-    cos, sin = cos[:, None], sin[:, None]  # (N, 1, T, hd)
-    q, k = q.float(), k.float()
-    q = (q * cos + _rotate_half(q) * sin).to(dt)
-    k = (k * cos + _rotate_half(k) * sin).to(dt)
-    o = attend(q, k, v).transpose(1, 2).reshape(n, t, w.n_heads * w.head_dim)
-    x = x + F.linear(o, lw.wo).float()
-    h = rms_norm(x, lw.ln2, w.eps).to(dt)
-    gate, up = F.linear(h, lw.wgu).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, lw.wdown).float()
+    r = w.regions
+    rows = (0, 1) if x.shape[1] > 1 else (0,)  # a length of 1 (decode) stays static
+    r.dyn((x, *rows), (cos, *rows), (sin, *rows))
+    q, k, v = r.layer_in(x, lw.ln1, lw.wqkv, cos, sin, eps=w.eps, n_heads=w.n_heads, head_dim=w.head_dim)
+    o = attend(q, k, v)
+    r.dyn((o, 0, 2) if x.shape[1] > 1 else (o, 0), (x, *rows))
+    return r.layer_out(o, x, lw.wo, lw.ln2, lw.wgu, lw.wdown, eps=w.eps)
 
 
 def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -392,7 +420,9 @@ def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torc
     s = n * P
     spos = st.step[:n].clamp(max=w.speech_pos.shape[0] - 1)
     x = w.speech_emb[tok] + w.speech_pos[spos]  # (n, D)
-    x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim)  # both sequences of a pair
+    # both sequences of a pair; contiguous also for one row (a view with stride 0 there would
+    # be a new input layout for the compiled layers)
+    x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim).contiguous()
     pos = st.pos[:s].clamp(max=st.max_len - 1)
     cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (s, 1, hd)
     seq = torch.arange(s, device=x.device)
@@ -465,12 +495,24 @@ def _tokens_without_eos(tokens: list[int], eos: int, ignore_eos: bool) -> list[i
 class FastT3:
     """The batched, graph-captured T3 of one loaded model. Reuse one per model (see :func:`fast_t3`)."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None, use_graphs: bool | str | None = None):
+    def __init__(
+        self,
+        model,
+        dtype: torch.dtype | None = None,
+        use_graphs: bool | str | None = None,
+        compile_layers: bool = False,
+        layers_backend="inductor",
+    ):
         """``use_graphs``: None = on CUDA only; ``"emulate"`` runs the capture bookkeeping
-        (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests."""
+        (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests.
+        ``compile_layers``: torch.compile each layer's two halves around the attention (one
+        graph each for every layer and shape; the decode step's graph captures the compiled
+        kernels). Off by default: not yet measured on a GPU."""
         self.model = model
         with torch.inference_mode(False), torch.no_grad():
             self.w = T3Weights(model.t3, dtype)
+        if compile_layers:
+            self.w.regions = layer_regions(compile=True, backend=layers_backend)
         self.device = self.w.device
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
