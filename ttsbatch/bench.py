@@ -85,9 +85,12 @@ def run_bench(
     check_every: int = 8,
     profile: bool = True,
     stock: bool = True,
+    compiled_layers: bool | None = None,
     out=sys.stdout,
 ) -> dict:
-    """Run the benchmark and return its numbers (also printed to ``out``)."""
+    """Run the benchmark and return its numbers (also printed to ``out``). ``compiled_layers``
+    (None: on CUDA): also time T3 with its layers compiled (``FastT3(compile_layers=True)``),
+    batch 1 and at scale, beside the default path."""
     import torch
 
     from .config import GenerationOptions
@@ -137,7 +140,7 @@ def run_bench(
     # -- fast -------------------------------------------------------------------------------------
     fast = FastT3(model)
 
-    def timed(rs, max_rows=None, label=""):
+    def timed(rs, max_rows=None, label="", fast=fast):
         list(fast.generate(conds, rs, gen, max_rows=max_rows, check_every=check_every, max_vram_gb=max_vram_gb))  # warm-up: graphs
         before = dict(fast.stats)
         _reset_peak(device)
@@ -158,6 +161,13 @@ def run_bench(
     result["fast_same"] = timed(same, label="same sentences")
     result["fast_scale"] = timed(reqs[:n_fast], label=f"{n_fast} sentences")
     result["fast_batch1"] = timed(same[:4], max_rows=1, label="batch 1")
+    if compiled_layers is None:
+        compiled_layers = device.startswith("cuda")
+    if compiled_layers:  # the compiling happens in timed()'s warm-up run, outside the timing
+        fast_c = FastT3(model, compile_layers=True)
+        result["fast_compiled_batch1"] = timed(same[:4], max_rows=1, label="compiled layers, batch 1", fast=fast_c)
+        result["fast_compiled_scale"] = timed(reqs[:n_fast], label=f"compiled layers, {n_fast} sentences", fast=fast_c)
+        result["compiled_layers_error"] = fast_c.w.regions.error
     result["graphs_captured"] = fast.stats["graphs_captured"]
     result["graph_error"] = fast.graph_error
     if fast.graph_error:
@@ -231,6 +241,8 @@ def summary_table(r: dict) -> str:
     row(f"fast T3, same {r['sentences']}", r.get("fast_same"))
     row(f"fast T3, {r['fast_sentences']} sentences", r.get("fast_scale"))
     row("fast T3, batch 1", r.get("fast_batch1"))
+    row("  compiled layers, batch 1", r.get("fast_compiled_batch1"))
+    row(f"  compiled layers, {r['fast_sentences']}", r.get("fast_compiled_scale"))
     if "speedup_same" in r:
         lines.append(f"speed-up vs stock: {r['speedup_same']}x on the same sentences, {r['speedup_scale']}x at scale, {r['speedup_batch1']}x at batch 1")
     return "\n".join(lines)
