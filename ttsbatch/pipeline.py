@@ -119,10 +119,8 @@ class _ChunkSink:
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
 
     def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
-        from .engine import capture_lock
-
         sr = self._sr
-        with capture_lock.using(), self._gpu_stream():  # never while the engine captures a graph
+        with self._gpu_stream():
             marked = self._watermarker.apply(wav, sr) if len(wav) else wav
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
         self._store.put(planned.id, marked, sr, meta)

@@ -170,14 +170,9 @@ class FastEngine:
         return results  # type: ignore[return-value]
 
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
-        from . import capture_lock
-
-        # Held while S3Gen allocates and waits: T3 (on its thread) must not capture a graph
-        # meanwhile (a capture fails if another thread allocates or syncs).
-        with capture_lock.using():
-            wavs = self.s3.synthesize(
-                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-            )
+        wavs = self.s3.synthesize(
+            [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
+        )
         for (i, kept), wav in zip(items, wavs):
             yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import capture_lock, cfm_estimator
+from . import cfm_estimator
 
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
@@ -607,7 +607,9 @@ class BatchedS3Gen:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with capture_lock.capturing(), torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: only this thread is barred from unsafe calls while capturing, so
+            # T3's thread and the store workers keep running (as T3's own captures do)
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 out = loop()
             g = self._graphs[key] = (graph, ins, out)
         graph, ins, out = g
