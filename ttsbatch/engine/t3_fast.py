@@ -56,11 +56,10 @@ LEN_BUCKET = 256  # KV length granularity of captured graphs (and of the cache's
 MAX_ROWS = 256  # never more rows than this, whatever the memory
 CPU_ROWS = 8  # default rows on the CPU
 RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
-PREFILL_TOKENS = 24576  # most (sequences x padded length) per prefill forward on CUDA (its activations fit the reserve)
-PREFILL_TOKENS_CPU = 8192
-# ... and under --max-vram, whose margin for transients is 1 GiB (pick_rows): at 24k tokens
-# the prefill's activations overshot a cap by 0.22 GiB on an H100 (50 rows, tests/gpu)
-PREFILL_TOKENS_CAPPED = 8192
+# Most (sequences x padded length) per prefill forward: its activations must fit the margin
+# pick_rows leaves (1 GiB under --max-vram; at 24k tokens they overshot a cap by 0.22 GiB on
+# an H100). Refills are a few thousand tokens anyway; only a first fill is split more.
+PREFILL_TOKENS = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
 
 
@@ -299,7 +298,7 @@ def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence
         return
     dev = w.device
     if max_tokens is None:
-        max_tokens = PREFILL_TOKENS if dev.type == "cuda" else PREFILL_TOKENS_CPU
+        max_tokens = PREFILL_TOKENS
     # Chunks of rows whose padded size (as _prefill_group pads) stays under max_tokens.
     step = PREFILL_LEN_STEP if dev.type == "cuda" else 1
     group: list[int] = []
@@ -708,7 +707,6 @@ class FastT3:
         st.done.fill_(True)
         buckets = row_buckets(rows)
         refill_min = max(1, rows // 16) if refill_min is None else max(1, int(refill_min))
-        prefill_tokens = PREFILL_TOKENS_CAPPED if max_vram_gb is not None and self.device.type == "cuda" else None
         kv_cap = st.max_len
         kv_step = LEN_BUCKET if self.device.type == "cuda" else 64
 
@@ -725,7 +723,7 @@ class FastT3:
                 take = free[: len(queue)]
                 reqs = [queue.popleft() for _ in take]
                 inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
-                prefill(self.w, st, take, inputs, prefill_tokens)
+                prefill(self.w, st, take, inputs)
                 self.stats["prefills"] += 1
                 for s, i in zip(take, reqs):
                     slot_req[s] = i
