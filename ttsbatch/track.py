@@ -102,11 +102,8 @@ class BookTrack:
             raise StoreError(f"chunk {missing.chunk.index + 1} ({missing.id}) is not in the store; run again to render it")
         self._writer.close()  # closes the encoder: waits for ffmpeg
         self._finished = True
-        chapters, seconds = list(self._writer.chapters), self._writer.duration_s
-        if isinstance(self._encoder, SegmentedEncoder):  # the joined segments' own timeline
-            chapters = [(title, self._encoder.output_time(t)) for title, t in chapters]
-            seconds = self._encoder.duration_s
-        return chapters, seconds
+        enc = self._encoder  # times in the encoded file (segments add their encoder delays)
+        return [(title, enc.output_time(t)) for title, t in self._writer.chapters], enc.duration_s
 
     def abort(self) -> None:
         with self._cond:
@@ -155,11 +152,7 @@ class BookTrack:
             wav, sr = self.store.get(p.id)
             if self._writer is None:
                 if self.ext == ".mp3" and segments.default_workers() > 1:
-                    # the parts directory carries the temporary suffix too: a killed run's is swept
-                    parts = self.encoded.with_name(f"{self.encoded.stem}.parts{self.encoded.suffix}")
-                    self._encoder = SegmentedEncoder(
-                        self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S, parts_dir=parts
-                    )
+                    self._encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
                 else:
                     self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)
@@ -168,6 +161,6 @@ class BookTrack:
                 ch = self.doc.chapters[p.chunk.chapter]
                 self._writer.start_chapter(ch.title or (self.doc.name if p.chunk.chapter == 0 else f"Part {p.chunk.chapter + 1}"))
             self._writer.add(wav, p.chunk.boundary)
-            if p.chunk.boundary in ("paragraph", "chapter") and isinstance(self._encoder, SegmentedEncoder):
+            if p.chunk.boundary in ("paragraph", "chapter"):
                 self._encoder.cut()  # after the pause: a silent place for a segment to end
             self._next += 1

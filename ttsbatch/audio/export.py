@@ -56,6 +56,11 @@ def _codec_args(ext: str, opts: ExportOptions) -> list[str]:
     return ["-c:a", "libvorbis", "-q:a", "5"]  # .ogg: ExportOptions has no Vorbis bitrate
 
 
+def encode_args(ext: str, opts: ExportOptions) -> list[str]:
+    """ffmpeg's output arguments for audio in ``ext``'s format: codec, then the output rate."""
+    return [*_codec_args(ext, opts), *(["-ar", str(opts.sample_rate)] if opts.sample_rate else [])]
+
+
 def _mux_args(ext: str) -> list[str]:
     if ext == ".wav":
         return ["-rf64", "auto"]
@@ -135,8 +140,7 @@ def encode(
     ext = _extension(Path(out))
     if not track_wav.is_file():
         raise InputError(f"{track_wav}: stitched track not found")
-    resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
-    _ffmpeg_into(track_wav, Path(out), [*_codec_args(ext, opts), *resample], chapters, title,
+    _ffmpeg_into(track_wav, Path(out), encode_args(ext, opts), chapters, title,
                  lambda: sf.info(str(track_wav)).duration, what="encoding")
 
 
@@ -180,21 +184,25 @@ class StreamEncoder:
 
     ``write`` raises FFmpegError (with ffmpeg's complaint) if ffmpeg has died, e.g. of a full
     disk; ``close`` waits for ffmpeg and raises likewise; ``abort`` kills it and removes ``path``.
+    ``cut``, ``output_time`` and ``duration_s`` are the track's side of the sink interface it
+    shares with :class:`~ttsbatch.audio.segments.SegmentedEncoder`: one gapless stream has
+    nothing to cut, and its times are the written track's.
     """
 
     def __init__(self, path: Path, ext: str, sample_rate: int, opts: ExportOptions = ExportOptions()):
         import tempfile
 
         self.path = Path(path)
+        self.sample_rate = sample_rate
+        self.samples = 0
         ext = _extension(Path("x" + ext))
-        resample = ["-ar", str(opts.sample_rate)] if opts.sample_rate else []
         # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
         # deadlock both processes
         self._stderr = tempfile.TemporaryFile()
         cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y",
                "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0",
                # faststart is left to finish_stream (it rewrites the file anyway)
-               *_codec_args(ext, opts), *resample, *([] if ext in (".m4a", ".m4b") else _mux_args(ext)),
+               *encode_args(ext, opts), *([] if ext in (".m4a", ".m4b") else _mux_args(ext)),
                "-f", _MUXERS[ext], ff_path(self.path)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
@@ -208,14 +216,25 @@ class StreamEncoder:
         data = np.ascontiguousarray(wav, dtype="<f4")
         try:
             self._proc.stdin.write(data.tobytes())
-        except (BrokenPipeError, OSError):
+        except OSError:  # a broken pipe: ffmpeg is gone
             raise self._failed("encoding") from None
+        self.samples += len(data)
+
+    def cut(self) -> None:
+        """A silent point: nothing to do for one stream."""
+
+    def output_time(self, written_s: float) -> float:
+        return written_s
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / self.sample_rate
 
     def close(self) -> None:
         """Finish the file; raises FFmpegError if ffmpeg failed."""
         try:
             self._proc.stdin.close()
-        except (BrokenPipeError, OSError):
+        except OSError:
             raise self._failed("encoding") from None
         if self._proc.wait() != 0:
             raise self._failed("encoding")

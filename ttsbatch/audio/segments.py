@@ -37,6 +37,7 @@ import numpy as np
 
 from ..config import ExportOptions
 from ..store import StoreError
+from .export import encode_args
 from .ffmpeg import FFmpegError, ff_path, run_ffmpeg
 
 SEGMENT_S = 120.0  # a segment is cut at the first silent point past this length
@@ -72,8 +73,8 @@ class _Segment:
 
 class SegmentedEncoder:
     """Mono float PCM in, one MP3 ``path`` out, encoded by up to ``workers`` ffmpeg
-    processes (see the module docstring). Spool and segment files live in ``parts_dir``
-    (default: ``path`` + ``.parts``), which ``close`` and ``abort`` remove."""
+    processes (see the module docstring). Spool and segment files live in a directory beside
+    ``path`` (``x.parts.tmp`` for ``x.tmp``), which ``close`` and ``abort`` remove."""
 
     def __init__(
         self,
@@ -82,13 +83,14 @@ class SegmentedEncoder:
         opts: ExportOptions = ExportOptions(),
         workers: int | None = None,
         segment_s: float = SEGMENT_S,
-        parts_dir: Path | None = None,
     ):
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.opts = opts
         self.min_samples = round(segment_s * sample_rate)
-        self.dir = Path(parts_dir) if parts_dir is not None else self.path.with_name(self.path.name + ".parts")
+        # beside path, its suffix kept last (".track-1.tmp" -> ".track-1.parts.tmp"): a killed
+        # run's parts are swept with its other temporary files
+        self.dir = self.path.with_name(f"{self.path.stem}.parts{self.path.suffix}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ttsbatch-mp3")
@@ -116,7 +118,8 @@ class SegmentedEncoder:
         self.samples += len(data)
 
     def cut(self) -> None:
-        """A silent point: a new segment begins here if the current one is long enough."""
+        """A silent point: a new segment begins here if the current one is long enough.
+        (``StreamEncoder`` has the same ``cut``/``output_time``/``duration_s``, trivially.)"""
         if self.segments[-1].samples >= self.min_samples:
             self._submit(gapless=False)
             self._new_segment()
@@ -129,11 +132,10 @@ class SegmentedEncoder:
     def _encode(self, seg: _Segment, gapless: bool) -> None:
         """One segment. ``gapless`` (the book is this one segment): with LAME's header, as
         a single stream would be; else pure frames, counted."""
-        resample = ["-ar", str(self.opts.sample_rate)] if self.opts.sample_rate else []
         frames_only = [] if gapless else ["-write_xing", "0", "-id3v2_version", "0"]
         run_ffmpeg(
             ["-v", "error", "-y", "-f", "f32le", "-ar", str(self.sample_rate), "-ac", "1", "-i", ff_path(seg.pcm),
-             "-c:a", "libmp3lame", "-b:a", self.opts.mp3_bitrate, *resample, *frames_only, "-f", "mp3", ff_path(seg.mp3)],
+             *encode_args(".mp3", self.opts), *frames_only, "-f", "mp3", ff_path(seg.mp3)],
             what=f"encoding part {seg.mp3.stem} of {self.path.name}",
         )
         seg.pcm.unlink()
