@@ -99,7 +99,6 @@ def run_book_bench(
 ) -> dict:
     import torch
 
-    from .audio.watermark import Watermarker
     from .config import load_options
     from .engine.fast import FastEngine
     from .engine.model import describe, load_model, pick_device
@@ -112,15 +111,14 @@ def run_book_bench(
     def say(msg: str) -> None:
         print(msg, file=out, flush=True)
 
-    from .engine.select import use_compile_cache
+    from .engine.select import preflight
     from .store import cache_dir
 
-    use_compile_cache(cache_dir())  # the compiled code `ttsbatch warmup` left, and leaves it for the next run
-    from .audio.ffmpeg import ffmpeg_exe
-
-    ffmpeg_exe()  # the run ends in an MP3: fail now, not after the stock run and the warm-up
     device = pick_device(device)
     cuda = device.startswith("cuda")
+    # as a book run starts: ffmpeg checked (the run ends in an MP3: fail now, not after the
+    # stock run), the compile cache `ttsbatch warmup` fills, Perth loaded and warming up
+    watermarker = preflight(device, cache_dir())
     options = load_options(None, {"generation": {"tokens_per_char": tokens_per_char, "ignore_eos": True}})
     gen = options.generation
     t_text = time.perf_counter()
@@ -149,8 +147,6 @@ def run_book_bench(
         max_vram_gb=max_vram_gb, date=time.strftime("%Y-%m-%d"),
     )
     say(f"book bench: {book.name}: {len(chunks)} chunks, {chars} characters, {r['device_name']}")
-    watermarker = Watermarker(device)
-    watermarker.warm_in_background(24000)  # as load_for_run does
     conds = VoiceCache(model).get(BUILTIN, gen.exaggeration)
 
     # -- stock Chatterbox on the first chunks of the book, end to end (T3 + S3Gen) ----------------

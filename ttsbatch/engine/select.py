@@ -69,25 +69,33 @@ class Ready:
     batch_size: int
 
 
+def preflight(where: str, cache_root):
+    """What every run that speaks checks and starts before the model loads: ffmpeg is there
+    (no output without it), the compiler cache is shared with `ttsbatch warmup`, and Perth
+    loads (never unmarked audio) and warms up beside the model load. Returns the watermarker."""
+    from ..audio.ffmpeg import ffmpeg_exe
+    from ..audio.watermark import Watermarker
+
+    ffmpeg_exe()
+    use_compile_cache(cache_root)
+    watermarker = Watermarker(where)
+    watermarker.warm_in_background(24000)  # beside the model load, not on the first chunk
+    return watermarker
+
+
 def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, max_vram_gb: float | None, cache_root) -> Ready:
     """The shared start of every command that speaks (book, srt, warmup).
 
-    ffmpeg and Perth first: if it cannot load, stop before any GPU time is spent (never write unmarked
-    audio). It runs where the model runs: it marks every chunk.
+    :func:`preflight` first: stop before any GPU time is spent if ffmpeg or Perth cannot
+    work. Perth runs where the model runs: it marks every chunk.
     """
     import logging
 
-    from ..audio.watermark import Watermarker
     from .model import describe, load_model, pick_device
 
-    from ..audio.ffmpeg import ffmpeg_exe
-
-    ffmpeg_exe()  # no ffmpeg, no output: say so before minutes of loading and rendering
-    use_compile_cache(cache_root)  # compiled kernels shared with `ttsbatch warmup`
     where = pick_device(device)
     choice = choose_engine(engine, where, batch_size, max_vram_gb)
-    watermarker = Watermarker(where)
-    watermarker.warm_in_background(24000)  # beside the model load, not on the first chunk
+    watermarker = preflight(where, cache_root)
     model = load_model(model_dir, where)
     logging.getLogger("ttsbatch").info("model: %s; engine: %s", describe(model), choice.name)
     return Ready(watermarker, model, make_engine(model, choice, max_vram_gb), choice.batch_size)
