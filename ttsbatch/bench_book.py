@@ -200,7 +200,7 @@ def run_book_bench(
         synth_x_realtime=round(report.audio_seconds / synth, 1), after_synth_s=round(wall - synth, 2),  # the rest of the stitch and encode, chapters, verify
         first_chunk_s=round(first, 2) if first is not None else None, watermark_score=report.watermark_score,
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
-        s3gen_compile_error=engine.s3.fused.r.error if engine.s3.fused is not None else None, s3gen_items=engine.s3.times.items,
+        compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,

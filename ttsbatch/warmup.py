@@ -55,7 +55,8 @@ def warm_engine(engine, conds, rep: WarmupReport) -> WarmupReport:
         engine.synthesize(reqs, conds, gen)
         rep.buckets_s = time.perf_counter() - t0
         rep.chunks += len(reqs)
-    if s3 is not None and getattr(s3, "fused", None) is not None and s3.fused.r.compiled:
+    regions = engine.regions() if hasattr(engine, "regions") else {}
+    if any(r.compiled for r in regions.values()):
         c = dynamo_utils.counters
         rep.compiled = dict(
             graphs=c["stats"].get("unique_graphs", 0), graph_breaks=sum(c["graph_break"].values()),

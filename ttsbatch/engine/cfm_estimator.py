@@ -206,9 +206,9 @@ def supported(est) -> bool:
     return type(est.final_block) is CausalBlock1D
 
 
-def regions(compile: bool = False, backend="inductor") -> Regions:
+def regions(compile: bool = False, backend="inductor", mode: str | None = None) -> Regions:
     """The estimator's regions (:data:`REGIONS`), eager or compiled (see ``engine.regions``)."""
-    return Regions({name: globals()[name] for name in REGIONS}, "S3Gen's CFM estimator", compile, backend)
+    return Regions({name: globals()[name] for name in REGIONS}, "S3Gen's CFM estimator", compile, backend, mode)
 
 
 class FusedEstimator:

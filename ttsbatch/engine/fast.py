@@ -55,7 +55,7 @@ class FastEngine:
         t3_share: float = 0.5,
         compile_s3gen: bool = False,
         compile_estimator: bool | None = None,
-        compile_t3: bool = False,
+        compile_t3: bool | None = None,
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
     ):
@@ -68,7 +68,7 @@ class FastEngine:
         stages and capture its CFM loop per shape (CUDA, experimental); ``compile_estimator``:
         torch.compile the CFM estimator's regions, one dynamic-shape graph each (None: on CUDA;
         ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
-        layers the same way (off: not yet measured on a GPU); ``overlap``: T3 on a thread and CUDA stream
+        layers the same way (None: on CUDA); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
         import torch
 
@@ -109,6 +109,14 @@ class FastEngine:
             self.s3.max_attn_bytes = int(attn_gib * (1 << 30))
         self._voice_key = None
         self._voice = None
+
+    def regions(self) -> dict:
+        """The engine's compiled-region sets by name (``engine.regions.Regions``): what warm-up
+        compiles and what the benchmark reports failures of."""
+        out = {"t3_layers": self.t3.w.regions}
+        if self.s3.fused is not None:
+            out["cfm_estimator"] = self.s3.fused.r
+        return out
 
     def voice_ref(self, conds):
         """S3Gen's per-voice tensors, computed once per voice (``conds`` object)."""

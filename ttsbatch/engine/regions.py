@@ -24,13 +24,17 @@ class Regions:
     """``functions`` (name -> function) as attributes, eager or compiled; ``what`` names
     them in the fallback warning."""
 
-    def __init__(self, functions: dict, what: str, compile: bool = False, backend="inductor"):
+    def __init__(self, functions: dict, what: str, compile: bool = False, backend="inductor", mode: str | None = None):
+        """``mode``: torch.compile's (e.g. "max-autotune-no-cudagraphs": Triton GEMM templates
+        with the elementwise work fused into their epilogues, minutes of autotuning per region
+        the first time). Never a CUDA-graph mode: the callers capture graphs themselves."""
         self._functions = dict(functions)
         self.what = what
         self.compiled = compile
         self.error: str | None = None  # why compiling failed, if it did
         for name, fn in self._functions.items():
-            setattr(self, name, _Guarded(self, fn, torch.compile(fn, fullgraph=True, backend=backend)) if compile else fn)
+            compiled = torch.compile(fn, fullgraph=True, backend=backend, mode=mode) if compile else None
+            setattr(self, name, _Guarded(self, fn, compiled) if compile else fn)
 
     def fall_back(self, e: BaseException) -> None:
         """Compiling failed: every region eager from now on."""
