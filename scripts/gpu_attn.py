@@ -11,6 +11,8 @@
 2. One batch of S3Gen (``BatchedS3Gen``, bf16, estimator regions compiled) under
    torch.profiler: GPU time per kernel class (attention, GEMM, convolution, Triton-fused,
    other) and the top kernels.
+3. T3's decode attention (one query per sequence, KV cache padded to the longest row)
+   as the engine runs it, against kernels that read only each sequence's live keys.
 
 Prints both; writes $OUT/attn.json when OUT is set.
 """
@@ -101,6 +103,61 @@ def attention_table(rows: int, heads: int, T: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def decode_attention_table(seqs: int, kv_len: int, max_len: int = 1024, heads: int = 16, seed: int = 0) -> list[dict]:
+    """T3's decode attention (one query per sequence over its KV cache), as the engine runs it
+    (SDPA over the cache padded to ``kv_len`` with an additive mask) and alternatives that read
+    only each sequence's live keys. GB/s counts the live K/V bytes only."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt, D = "cuda", torch.bfloat16, 64
+    g = torch.Generator(device=dev).manual_seed(seed)
+    live = torch.randint(kv_len // 3, kv_len + 1, (seqs,), device=dev, generator=g, dtype=torch.int32)
+    q = torch.randn(seqs, heads, 1, D, device=dev, dtype=dt, generator=g)
+    k_hl = torch.randn(seqs, heads, max_len, D, device=dev, dtype=dt, generator=g)  # the engine's layout
+    v_hl = torch.randn(seqs, heads, max_len, D, device=dev, dtype=dt, generator=g)
+    k_lh, v_lh = (t.transpose(1, 2).contiguous() for t in (k_hl, v_hl))  # (seqs, max_len, heads, D)
+    valid = (torch.arange(kv_len, device=dev)[None, :] < live[:, None])[:, None, None, :]
+    mask = torch.zeros(valid.shape, dtype=dt, device=dev).masked_fill(~valid, float("-inf"))
+    scale = D**-0.5
+    live_bytes = float(live.sum()) * heads * D * 2 * 2
+    cu_q = torch.arange(seqs + 1, device=dev, dtype=torch.int32)
+    cu_k = cu_q * max_len
+
+    def engine():
+        return F.scaled_dot_product_attention(q, k_hl[:, :, :kv_len], v_hl[:, :, :kv_len], attn_mask=mask, scale=scale)
+
+    ref = engine().float()
+    out: list[dict] = []
+
+    def add(name, fn):
+        try:
+            ms = cuda_ms(fn, 50)
+            err = (fn().float().reshape(ref.shape) - ref).abs().max().item()
+            out.append(dict(kernel=name, us=round(ms * 1000, 1), live_gb_s=round(live_bytes / ms / 1e6, 1), max_err=err))
+        except Exception as e:
+            out.append(dict(kernel=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        print(f"  decode seqs={seqs} kv={kv_len} {out[-1]}", flush=True)
+
+    add("sdpa default, padded + mask (engine)", engine)
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+        def forced(be=be):
+            with sdpa_kernel([be]):
+                return engine()
+
+        add(f"sdpa {name}, padded + mask", forced)
+
+    def varlen():
+        return torch.ops.aten._flash_attention_forward(
+            q.view(seqs, heads, D), k_lh.view(seqs * max_len, heads, D), v_lh.view(seqs * max_len, heads, D),
+            cu_q, cu_k, 1, kv_len, 0.0, False, False, scale=scale, seqused_k=live,
+        )[0]
+
+    add("varlen flash, live keys only, (seqs, len, heads, D) cache", varlen)
+    return out
+
+
 def classify(name: str) -> str:
     n = name.lower()
     if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
@@ -180,6 +237,9 @@ def main() -> int:
     print(f"{res['device']}, torch {res['torch']}, cuDNN {res['cudnn']}", flush=True)
     for T in (int(x) for x in args.lengths.split(",") if x):
         res["attention"][T] = attention_table(2 * args.batch, 8, T)
+    res["decode_attention"] = {}
+    for seqs, kv in ((2, 256), (128, 384), (512, 512)):
+        res["decode_attention"][f"{seqs}x{kv}"] = decode_attention_table(seqs, kv)
     if not args.no_profile:
         p = s3gen_profile(args.ckpt, args.batch, args.tokens)
         res["s3gen_profile"] = p
