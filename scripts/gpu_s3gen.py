@@ -7,7 +7,8 @@ Writes a full random checkpoint (``write_random_checkpoint(dir, "full")``) unles
 or ``TTSBATCH_FULL_CKPT`` names one that exists. Measures stock ``s3gen.inference`` per chunk
 (16 chunks of ~150 tokens = 6 s each) and batched S3Gen (fp32 and bf16, eager; bf16 with
 torch.compile + a CUDA graph of the CFM loop for --compile-batches, default 64): audio seconds per second,
-per-stage times (encoder, CFM, HiFiGAN), the CFM estimator's achieved TFLOP/s (FLOPs of one
+per-stage times (encoder, CFM, HiFiGAN; with the CFM estimator's regions compiled, and
+HiFiGAN's too for --vocoder-dtypes), the CFM estimator's achieved TFLOP/s (FLOPs of one
 Euler step counted with FlopCounterMode, divided by the measured CFM time per step), peak
 memory, max abs diff batched-vs-stock (mel, fp32 and bf16; waveform fp32) with stock's noise
 injected, and whether the per-bucket work runs under CUDA sync-debug "error". Prints a table;
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--compile-batches", default="64", help="bf16 batch sizes to also run compiled ('' = none); ~100 s of compiling each")
     ap.add_argument("--dtypes", default="fp32,bf16", help="eager configs to run")
     ap.add_argument("--regions-batches", default="64", help="bf16 batch sizes to run with the CFM estimator's regions compiled (the fast engine's default on CUDA; '' = none)")
+    ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -167,6 +169,18 @@ def main() -> int:
     res["accuracy"] = acc
     log(f"accuracy (strict fp32, cuDNN TF32 off): {acc}")
 
+    def vocoder_diff(bs):
+        """max |wav| of bs's HiFiGAN against eager fp32's (b32) on the fp32 mels above, with
+        the same source noise, over each item's own samples."""
+        n = torch.tensor([m.shape[1] for m in mel32], device=dev)
+        T = int(n.max())
+        mel = torch.stack([torch.nn.functional.pad(m, (0, T - m.shape[1])) for m in mel32])
+        ph = torch.stack(phases)
+        sn = torch.stack([torch.nn.functional.pad(s[0], (0, T * 480 - s.shape[-1])) for s in sines])
+        with torch.inference_mode():
+            a, b = b32._vocode(mel, n, ph, sn), bs._vocode(mel, n, ph, sn)
+        return max(float((a[i, : f * 480] - b[i, : f * 480]).abs().max()) for i, f in enumerate(n.tolist()))
+
     # ---------------------------------------------------------------- sync-free per-bucket work
     toks = [t.tolist() for t in stock_chunks[:8]]
     n_tok = b16.bucket_for(max(len(t) for t in toks)) // 2
@@ -238,7 +252,7 @@ def main() -> int:
             name=name, batch=batch, dtype=str(bs.dtype).replace("torch.", ""), compiled=compiled,
             wall_s=best, warmup_s=warm, audio_s=audio, rate=audio / best, speedup_vs_stock=(audio / best) / stock["rate"],
             encoder_s=st.encoder, cfm_s=st.cfm, hifigan_s=st.hifigan, peak_gib=peak,
-            buckets=sorted(bs.plan([t.numel() for t in chunk_list])),
+            buckets=sorted({b for b, _ in bs.batches([t.numel() for t in chunk_list], voice)}),
         )
         if not bs.compile:  # FLOPs counted on the eager twin (same math) when the regions are compiled
             flops = cfm_flops(bs if not compiled else b16, chunk_list)
@@ -277,6 +291,15 @@ def main() -> int:
         res["accuracy"]["mel_max_abs_regions_vs_stock"] = max(float((a - b).abs().max()) for a, b in zip(ref_mels, mr))
         res["accuracy"]["mel_max_abs_regions_vs_eager_bf16"] = max(float((a - b).abs().max()) for a, b in zip(mel16, mr))
         res["regions_sync_free"] = runs_sync_free(br, "compiled regions")
+        for name in [d for d in args.vocoder_dtypes.split(",") if d]:
+            bv = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True,
+                              vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+            for batch in reg_batches:
+                if time.time() - t_start > args.budget_s:
+                    res["notes"].append(f"skipped compiled vocoder {name} B={batch}: time budget")
+                    continue
+                run_config(f"bf16 regions+vocoder {name}", bv, batch, True)
+            res["accuracy"][f"wav_max_abs_vocoder_{name}_vs_eager_fp32"] = vocoder_diff(bv)
         from torch._dynamo.utils import counters
 
         res["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "inductor")}
@@ -321,6 +344,8 @@ def main() -> int:
           f"(mean {a['mel_mean_abs_bf16']:.2e}; |mel| up to {a['mel_max_abs_value']:.1f})"
           + (f", compiled bf16 {a['mel_max_abs_compiled_vs_stock']:.2e}" if "mel_max_abs_compiled_vs_stock" in a else ""))
     print(f"wav max |batched - stock| fp32: {a['wav_max_abs_fp32']:.2e} (|wav| up to {a['wav_max_abs_value']:.2f}); lengths match: {a['lengths_match']}")
+    for k in sorted(k for k in a if k.startswith("wav_max_abs_vocoder_")):
+        print(f"wav max |compiled HiFiGAN ({k.split('_')[4]} convs) - eager fp32| (same mel and noise, TF32 convs): {a[k]:.2e}")
     print(f"per-bucket work sync-free under cuda sync-debug 'error': {res['sync_free']}; bf16 estimator attention: "
           + ("varlen flash (seqused_k)" if res["flash_attention_bf16"] else "SDPA with additive mask"))
     for n in res["notes"]:

@@ -123,10 +123,12 @@ def test_wav_matches_stock(bs, voice, case, stock):
 
 
 def test_buckets_and_lengths(model, voice):
-    bs = BatchedS3Gen(model, buckets=(32, 64, 128))
+    bs = BatchedS3Gen(model, buckets=(32, 64, 128), max_batch=3)
     lengths = [7, 16, 17, 33, 64, 65, 100, 0]
     assert [bs.bucket_for(n) for n in lengths[:-1]] == [32, 32, 64, 128, 128, 256, 256]
-    assert bs.plan(lengths) == {32: [0, 1], 64: [2], 128: [3, 4], 256: [5, 6]}  # the empty item is skipped
+    # longest first, neighbours by length together, sizes evened out (7 items at 3 a batch:
+    # 3, 2, 2), each batch padded to its longest item's bucket; the empty item is skipped
+    assert bs.batches(lengths, voice) == [(256, [6, 5, 4]), (128, [3, 2]), (32, [1, 0])]
     assert voice.n_prompt_frames == 2 * voice.n_prompt_tokens  # so items get exactly 2 frames per token
     g = torch.Generator().manual_seed(7)
     toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in lengths]
@@ -135,6 +137,21 @@ def test_buckets_and_lengths(model, voice):
     mels = bs.synthesize_mels(toks[:3], voice, n_timesteps=2)
     assert [m.shape for m in mels] == [(80, 2 * n) for n in lengths[:3]]
     assert all(np.isfinite(w).all() for w in wavs)
+
+
+def test_batches_are_full_and_cover_every_item(model, voice):
+    bs = BatchedS3Gen(model, max_batch=64)
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 300, (300,), generator=g).tolist()
+    got = bs.batches(lengths, voice)
+    items = [i for _, idxs in got for i in idxs]
+    assert sorted(items) == [i for i, n in enumerate(lengths) if n > 0]  # each non-empty item once
+    n = len(items)
+    k = -(-n // 64)
+    assert len(got) == k and {len(idxs) for _, idxs in got} <= {n // k, -(-n // k)}  # as few batches as fit, even
+    for bucket, idxs in got:
+        assert all(bs.bucket_for(lengths[i]) <= bucket for i in idxs)  # every item fits its batch's padding
+        assert bucket == bs.bucket_for(lengths[idxs[0]]) == bs.bucket_for(max(lengths[i] for i in idxs))
 
 
 def test_item_independent_of_neighbours_and_bucket(model, bs, voice):

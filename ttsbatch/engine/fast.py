@@ -56,6 +56,7 @@ class FastEngine:
         compile_s3gen: bool = False,
         compile_estimator: bool | None = None,
         compile_t3: bool | None = None,
+        compile_vocoder: bool | None = None,
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
     ):
@@ -68,7 +69,8 @@ class FastEngine:
         stages and capture its CFM loop per shape (CUDA, experimental); ``compile_estimator``:
         torch.compile the CFM estimator's regions, one dynamic-shape graph each (None: on CUDA;
         ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
-        layers the same way (None: on CUDA); ``overlap``: T3 on a thread and CUDA stream
+        layers the same way (None: on CUDA); ``compile_vocoder``: HiFiGAN's upsampling stages
+        the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
         import torch
 
@@ -93,6 +95,7 @@ class FastEngine:
         self.s3 = BatchedS3Gen(
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
+            compile_vocoder=cuda if compile_vocoder is None else compile_vocoder,
         )
         if cuda:
             gib = 1 << 30
@@ -116,6 +119,7 @@ class FastEngine:
         out = {"t3_layers": self.t3.w.regions}
         if self.s3.fused is not None:
             out["cfm_estimator"] = self.s3.fused.r
+        out["vocoder"] = self.s3.vocoder.r
         return out
 
     def voice_ref(self, conds):

@@ -2,8 +2,8 @@
 
 Stock ``S3Gen.inference`` handles one chunk at a time and re-derives everything each call.
 Here the voice is prepared once (:meth:`BatchedS3Gen.prepare_voice`) and chunks are grouped
-into a few mel-length buckets; each bucket runs as one padded batch with per-item masks, and
-every item's output is trimmed back to its own length.
+by length into batches (:meth:`BatchedS3Gen.batches`), each padded to a mel-length bucket
+and run with per-item masks; every item's output is trimmed back to its own length.
 
 Semantics are stock's, per chunk (chatterbox-tts 0.1.7): the voice's prompt tokens go in front
 of the item's tokens, the encoder runs over both, the prompt mel is the CFM condition for the
@@ -36,15 +36,20 @@ staged once per batch (pinned, non-blocking), audio comes back once per batch in
 memory, and the host waits once per :meth:`synthesize` call.
 
 GPU options: ``dtype`` (default bf16 on CUDA, fp32 on CPU) runs the encoder and the CFM
-estimator under autocast; the Euler state, HiFiGAN and the (i)STFT stay fp32. The CFM
-estimator runs as the pure functions of ``cfm_estimator`` (weights prepared once, q/k/v as
-one GEMM); ``compile_regions=True`` compiles those regions, one dynamic-shape graph each for
-every bucket and batch size (the default of the fast engine on CUDA). In bf16 on CUDA the
-estimator's attention runs as varlen flash attention over the padded batch (each row's key
-count given by ``seqused_k``: the key-padding mask without a mask tensor). ``compile=True``
-runs the encoder, the CFM step and HiFiGAN through ``torch.compile`` (one graph per bucket
-and batch size: batches are padded to a power of two), and ``cuda_graphs=True`` captures the
-whole CFM loop of a bucket into one CUDA graph. Both are CUDA-only and off by default.
+estimator under autocast; the Euler state, HiFiGAN (unless ``vocoder_dtype``) and the
+(i)STFT stay fp32. The CFM estimator runs as the pure functions of ``cfm_estimator``
+(weights prepared once, q/k/v as one GEMM); ``compile_regions=True`` compiles those regions,
+one dynamic-shape graph each for every bucket and batch size (the default of the fast engine
+on CUDA). In bf16 on CUDA the estimator's attention runs as varlen flash attention over the
+padded batch (each row's key count given by ``seqused_k``: the key-padding mask without a
+mask tensor). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
+region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
+``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
+runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
+(i)STFT stay fp32). ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
+``torch.compile`` (one graph per bucket and batch size: batches are padded to a power of
+two), and ``cuda_graphs=True`` captures the whole CFM loop of a bucket into one CUDA graph.
+Both are CUDA-only and off by default.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cfm_estimator
+from . import cfm_estimator, vocoder
 
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
@@ -161,6 +166,8 @@ class BatchedS3Gen:
         regions_backend: str = "inductor",
         profile: bool = False,
         vocoder_rows: int | None = None,
+        compile_vocoder: bool = False,
+        vocoder_dtype: torch.dtype = torch.float32,
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -200,7 +207,6 @@ class BatchedS3Gen:
         self.hop = int(h.istft_params["hop_len"])
         self.samples_per_frame = int(np.prod(self.up_rates)) * self.hop  # 480 at 24 kHz
         self.harmonics = h.m_source.l_sin_gen.harmonic_num + 1
-        self._src_geom = [(int(c.stride[0]), int(c.padding[0])) for c in h.source_downs]
         self.window = h.stft_window.to(self.device, torch.float32)  # stock moves it per call
         self.trim_fade = s3.trim_fade.to(self.device, torch.float32)
         self._pe_cache: dict = {}
@@ -217,6 +223,11 @@ class BatchedS3Gen:
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
         self.flash = self.fused is not None and self._flash_usable()
+        # HiFiGAN after conv_pre as pure functions of prepared weights (vocoder), one region per
+        # upsampling stage; compile_vocoder compiles them as compile_regions does the estimator's
+        self.vocoder = vocoder.FusedVocoder(
+            h, vocoder_dtype, vocoder.regions(len(h.ups), compile=compile_vocoder, backend=regions_backend)
+        )
 
         self._enc_fn = self._encode
         self._step_fn = self._cfm_step
@@ -264,13 +275,24 @@ class BatchedS3Gen:
                 return b
         return -(-frames // OVERFLOW_STEP) * OVERFLOW_STEP
 
-    def plan(self, lengths: Sequence[int]) -> dict[int, list[int]]:
-        """Bucket -> indices of the items (token counts ``lengths``) in it; empty items skipped."""
-        out: dict[int, list[int]] = {}
-        for i, n in enumerate(lengths):
-            if n > 0:
-                out.setdefault(self.bucket_for(n), []).append(i)
-        return dict(sorted(out.items()))
+    def batches(self, lengths: Sequence[int], voice: VoiceRef) -> list[tuple[int, list[int]]]:
+        """The items (token counts ``lengths``) as padded batches ``(bucket, indices)``, empty
+        items skipped: longest first, each batch as many neighbours by length as its bucket
+        allows, the sizes evened out (300 items at 64 a batch: 5 of 60, not 4 of 64 and one
+        of 44). A batch is padded to its longest item's bucket, so shorter items pay for a few
+        padded frames; that is cheap beside the voice prompt every item carries (~500
+        frames), while batches of one bucket each would be small (a collection of 256
+        chunks spreads over ~15 buckets) and a small batch uses the GPU poorly (H100: 169
+        audio-s/s at batch 16, 247 at 64)."""
+        order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+        out = []
+        while order:
+            bucket = self.bucket_for(lengths[order[0]])
+            limit = self.batch_limit(bucket, voice)
+            size = -(-len(order) // -(-len(order) // limit))  # even sizes: ceil(n / ceil(n / limit))
+            out.append((bucket, order[:size]))
+            order = order[size:]
+        return out
 
     def batch_limit(self, bucket: int, voice: VoiceRef) -> int:
         frames = 2 * (voice.n_prompt_tokens + bucket // 2)
@@ -402,14 +424,10 @@ class BatchedS3Gen:
             np.zeros(0, dtype=np.float32) if want_wav else torch.zeros(80, 0, device=self.device) for _ in toks
         ]
         pending = []
-        for bucket, idxs in self.plan([len(t) for t in toks]).items():
+        for bucket, sub in self.batches([len(t) for t in toks], voice):
             limit = self.batch_limit(bucket, voice)
-            for k in range(0, len(idxs), limit):
-                sub = idxs[k : k + limit]
-                res = self._run_batch(
-                    sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav
-                )
-                pending.append(res)
+            res = self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav)
+            pending.append(res)
         return out, pending
 
     def _run_batch(self, idxs, toks, voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav):
@@ -721,7 +739,9 @@ class BatchedS3Gen:
 
     def _vocode(self, mel, n_frames, phase, sine):
         """Stock ``HiFTGenerator.inference`` + trim/fade, batched and exact per item: mel
-        (B, 80, T) fp32 with zeros past each item's ``n_frames``; returns (B, T * 480)."""
+        (B, 80, T) fp32 with zeros past each item's ``n_frames``; returns (B, T * 480). The f0
+        predictor and the sine source as stock's modules, fp32; the rest in ``self.vocoder``'s
+        regions between the (i)STFT."""
         h = self.hift
         B, _, T = mel.shape
         m0 = length_mask_f(n_frames, T)
@@ -737,51 +757,17 @@ class BatchedS3Gen:
         sine_waves = self._sine_gen(f0_up, phase, sine)  # (B, 9, S)
         ms = h.m_source
         s = ms.l_tanh(ms.l_linear(sine_waves.transpose(1, 2))).transpose(1, 2)  # (B, 1, S)
-        # decode (HiFTGenerator.decode with masks)
+        # decode (HiFTGenerator.decode with masks): the vocoder's regions up to the spectrum
         n_samples = n_frames * self.samples_per_frame
-        real, imag = self._stft(s.squeeze(1), n_samples)
+        s_real, s_imag = self._stft(s.squeeze(1), n_samples)
         n_stft = n_frames * (self.samples_per_frame // self.hop) + 1  # stft frames of the item
-        fmask = length_mask_f(n_stft, real.shape[-1])
-        s_stft = torch.cat([real, imag], dim=1) * fmask
-        x = h.conv_pre(mel) * m0
-        length = n_frames
-        for i in range(h.num_upsamples):
-            x = F.leaky_relu(x, h.lrelu_slope)
-            x = h.ups[i](x)
-            length = length * self.up_rates[i]
-            if i == h.num_upsamples - 1:
-                x = h.reflection_pad(x)
-                length = length + 1
-            mi = length_mask_f(length, x.shape[-1])
-            x = x * mi
-            conv = h.source_downs[i]
-            stride, padding = self._src_geom[i]  # Python ints (the module holds numpy ints, which torch.compile reads back)
-            si = F.conv1d(s_stft, conv.weight, conv.bias, stride, padding) * mi
-            si = self._resblock(h.source_resblocks[i], si, mi)
-            x = x + si
-            xs = None
-            for j in range(h.num_kernels):
-                y = self._resblock(h.resblocks[i * h.num_kernels + j], x, mi)
-                xs = y if xs is None else xs + y
-            x = xs / h.num_kernels
-        x = F.leaky_relu(x)
-        x = h.conv_post(x)
-        nb = self.n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :nb, :])
-        phase_spec = torch.sin(x[:, nb:, :])
-        wav = self._istft(magnitude, phase_spec, fmask)
+        fmask = length_mask_f(n_stft, s_real.shape[-1])
+        s_stft = torch.cat([s_real, s_imag], dim=1) * fmask
+        real, imag = self.vocoder(mel, m0, s_stft, n_frames)
+        wav = self._istft(real, imag, fmask)
         wav = torch.clamp(wav, -h.audio_limit, h.audio_limit)
         n = self.trim_fade.numel()
         return torch.cat([wav[:, :n] * self.trim_fade, wav[:, n:]], dim=1)
-
-    @staticmethod
-    def _resblock(rb, x, m):
-        """HiFiGAN ``ResBlock.forward`` with every conv's output masked (Snake(0) = 0)."""
-        for c1, c2, a1, a2 in zip(rb.convs1, rb.convs2, rb.activations1, rb.activations2):
-            xt = c1(a1(x)) * m
-            xt = c2(a2(xt)) * m
-            x = xt + x
-        return x
 
     def _sine_gen(self, f0, phase, noise):
         """Stock ``SineGen.forward`` with the random phase and noise given (stock builds
@@ -810,12 +796,10 @@ class BatchedS3Gen:
         spec = torch.fft.rfft(frames, dim=-1)
         return spec.real.transpose(1, 2), spec.imag.transpose(1, 2)
 
-    def _istft(self, magnitude, phase, fmask):
-        """``torch.istft(center=True)`` per item, without its envelope check (a host sync): the
-        window envelope counts only each item's own frames (``fmask``, (B, 1, F))."""
-        magnitude = torch.clip(magnitude, max=1e2)
-        real = magnitude * torch.cos(phase)
-        imag = magnitude * torch.sin(phase)
+    def _istft(self, real, imag, fmask):
+        """``torch.istft(center=True)`` per item of the spectrum (real, imag) (B, n_fft/2+1, F),
+        without its envelope check (a host sync): the window envelope counts only each item's
+        own frames (``fmask``, (B, 1, F)). Stock's clip and polar form are in ``vocoder.post``."""
         frames = torch.fft.irfft(torch.complex(real, imag).transpose(1, 2), n=self.n_fft, dim=-1)  # (B, F, n_fft)
         fm = fmask.transpose(1, 2)  # (B, F, 1)
         y = self._overlap_add(frames * self.window * fm)
