@@ -248,18 +248,12 @@ def _head(w: T3Weights, x: torch.Tensor) -> torch.Tensor:
 class DecodeState:
     """Everything one decode step reads and writes, allocated once (shapes never change)."""
 
-    def __init__(self, w: T3Weights, rows: int, max_len: int, max_new: int, pairs: int, eos: int, flash: bool = False):
+    def __init__(self, w: T3Weights, rows: int, max_len: int, max_new: int, pairs: int, eos: int):
         dev = w.device
         self.rows, self.max_len, self.max_new, self.pairs, self.eos = rows, max_len, max_new, pairs, eos
         seqs = rows * pairs
         self.seqs = seqs
-        # decode attention as varlen flash over each sequence's live keys (see decode_attention)
-        self.flash = flash
-        self.cu_q = torch.arange(seqs + 1, dtype=torch.int32, device=dev)  # one query per sequence
-        self.cu_k = self.cu_q * max_len  # sequence i's keys start at row i * max_len of a layer's cache
-        # (layers, sequences, positions, heads, head_dim): a layer's cache is the packed
-        # (sequences * positions, heads, head_dim) layout varlen attention reads
-        shape = (w.n_layers, seqs, max_len, w.n_kv_heads, w.head_dim)
+        shape = (w.n_layers, seqs, w.n_kv_heads, max_len, w.head_dim)
         self.k = torch.zeros(shape, dtype=w.dtype, device=dev)
         self.v = torch.zeros(shape, dtype=w.dtype, device=dev)
         self.cos, self.sin = w.rope(max_len)
@@ -352,8 +346,8 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
 
     def attend(q, k, v, li):
-        st.k[li, seq_idx, :Lmax] = k.transpose(1, 2)
-        st.v[li, seq_idx, :Lmax] = v.transpose(1, 2)
+        st.k[li, seq_idx, :, :Lmax] = k
+        st.v[li, seq_idx, :, :Lmax] = v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
 
     with _prefill_attention(dev):  # once for all layers
@@ -431,67 +425,21 @@ def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torc
     pos = st.pos[:s].clamp(max=st.max_len - 1)
     cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (s, 1, hd)
     seq = torch.arange(s, device=x.device)
-    if st.flash:
-        used = (pos + 1).to(torch.int32)  # keys 0..pos of each sequence
-    else:
-        valid = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
-        mask = _additive(valid, w.dtype)  # built once per step, not once per layer
+    valid = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
+    mask = _additive(valid, w.dtype)  # built once per step, not once per layer
     for li, lw in enumerate(w.layers):
 
         def attend(q, k, v, li=li):
-            st.k[li, seq, pos] = k[:, :, 0]
-            st.v[li, seq, pos] = v[:, :, 0]
-            if st.flash:
-                return decode_attention(q, st.k[li], st.v[li], st.cu_q[: s + 1], st.cu_k[: s + 1], used, kv_len, w.scale)
-            kc = st.k[li, :s, :kv_len].transpose(1, 2)
-            vc = st.v[li, :s, :kv_len].transpose(1, 2)
+            st.k[li, seq, :, pos] = k[:, :, 0]
+            st.v[li, seq, :, pos] = v[:, :, 0]
+            kc = st.k[li, :s, :, :kv_len]
+            vc = st.v[li, :s, :, :kv_len]
             return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=w.scale)
 
         x = _layer(w, lw, x, cos, sin, attend)
     st.logits[:s] = _head(w, x[:, 0])
     live = (~st.done[:n])[:, None].expand(n, P).reshape(s)
     st.pos[:s] = st.pos[:s] + live.to(torch.int64)
-
-
-def decode_attention(q, k_cache, v_cache, cu_q, cu_k, used, kv_len: int, scale: float) -> torch.Tensor:
-    """One query per sequence (q (s, H, 1, hd)) over a layer's cache (seqs, max_len, H, hd),
-    reading only the first ``used[i]`` keys of sequence i: varlen flash attention on the
-    packed layout. The padded-SDPA alternative reads every sequence up to ``kv_len`` (the
-    longest row's bucket); T3's decode at scale is bound by reading the KV cache, so reading
-    only live keys is most of its attention time. Returns (s, H, 1, hd)."""
-    s, H, _, hd = q.shape
-    seqs, max_len = k_cache.shape[:2]
-    out = torch.ops.aten._flash_attention_forward(
-        q.view(s, H, hd), k_cache.view(seqs * max_len, H, hd), v_cache.view(seqs * max_len, H, hd),
-        cu_q, cu_k, 1, kv_len, 0.0, False, False, scale=scale, seqused_k=used,
-    )[0]
-    return out.view(s, H, 1, hd)
-
-
-def flash_decode_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`decode_attention` runs here (CUDA, 16-bit, the kernel present) and
-    agrees with masked SDPA; tried once per (device, dtype)."""
-    key = (str(device), dtype)
-    if key not in _FLASH_OK:
-        _FLASH_OK[key] = False
-        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                S, L, H, hd = 3, 32, 2, 64
-                q = torch.randn(S, H, 1, hd, device=device, dtype=dtype, generator=g)
-                k, v = (torch.randn(S, L, H, hd, device=device, dtype=dtype, generator=g) for _ in range(2))
-                used = torch.tensor([5, 32, 17], device=device, dtype=torch.int32)
-                cu_q = torch.arange(S + 1, device=device, dtype=torch.int32)
-                got = decode_attention(q, k, v, cu_q, cu_q * L, used, L, hd**-0.5)
-                valid = (torch.arange(L, device=device)[None, :] < used[:, None])[:, None, None, :]
-                ref = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid, scale=hd**-0.5)
-                _FLASH_OK[key] = bool((got.float() - ref.float()).abs().max() < 0.05)
-            except Exception as e:  # no flash kernel in this build or on this GPU: padded SDPA
-                log.info("flash decode attention unavailable (%s): padded SDPA", e)
-    return _FLASH_OK[key]
-
-
-_FLASH_OK: dict = {}
 
 
 def decode_one_token(w: T3Weights, st: DecodeState, n: int, kv_len: int, use_top_p: bool) -> None:
@@ -553,17 +501,13 @@ class FastT3:
         use_graphs: bool | str | None = None,
         compile_layers: bool | None = None,
         layers_backend="inductor",
-        flash_decode: bool | None = None,
     ):
         """``use_graphs``: None = on CUDA only; ``"emulate"`` runs the capture bookkeeping
         (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests.
         ``compile_layers``: torch.compile each layer's two halves around the attention (one
         graph each for every layer and shape; the decode step's graph captures the compiled
         kernels). None: on CUDA (measured on an H100: 1.6x the tokens/s at batch 1, 1.3x at
-        256 rows); on the CPU the eager functions are as fast and need no compiler.
-        ``flash_decode``: the decode step's attention as varlen flash attention over each
-        sequence's live keys (:func:`decode_attention`); None: where the kernel runs (CUDA,
-        bf16); False: SDPA over the cache padded to the longest row, with a mask."""
+        256 rows); on the CPU the eager functions are as fast and need no compiler."""
         self.model = model
         with torch.inference_mode(False), torch.no_grad():
             self.w = T3Weights(model.t3, dtype)
@@ -572,8 +516,6 @@ class FastT3:
         if compile_layers:
             self.w.regions = layer_regions(compile=True, backend=layers_backend)
         self.device = self.w.device
-        # None: where the kernel runs (CUDA, bf16); False: padded SDPA, the path before it
-        self.flash_decode = flash_decode_usable(self.device, self.w.dtype) if flash_decode is None else flash_decode
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
         if use_graphs is True and self.device.type != "cuda":
@@ -635,7 +577,7 @@ class FastT3:
             torch.cuda.empty_cache()
         max_len = _round_up(max_len, LEN_BUCKET if self.device.type == "cuda" else 64)
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable in and out of inference mode
-            self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos, flash=self.flash_decode)
+            self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
         return self.state
 
     # -- prompts -------------------------------------------------------------------------------
