@@ -55,13 +55,6 @@ def warm_engine(engine, conds, rep: WarmupReport) -> WarmupReport:
         engine.synthesize(reqs, conds, gen)
         rep.buckets_s = time.perf_counter() - t0
         rep.chunks += len(reqs)
-    if s3 is not None and s3.is_cuda:
-        # give back what the warm-up's batches cached (a batch padded to the longest bucket):
-        # the fast T3 sizes its rows from the memory left under its cap when a book starts
-        # (an H100 book run after the warm-up got 102 rows instead of 204 without this)
-        import torch
-
-        torch.cuda.empty_cache()
     regions = engine.regions() if hasattr(engine, "regions") else {}
     if any(r.compiled for r in regions.values()):
         c = dynamo_utils.counters
