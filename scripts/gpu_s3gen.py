@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--compile-batches", default="64", help="bf16 batch sizes to also run compiled ('' = none); ~100 s of compiling each")
     ap.add_argument("--dtypes", default="fp32,bf16", help="eager configs to run")
     ap.add_argument("--regions-batches", default="64", help="bf16 batch sizes to run with the CFM estimator's regions compiled (the fast engine's default on CUDA; '' = none)")
+    ap.add_argument("--regions-mode", default="", help="torch.compile mode of the estimator's regions, e.g. max-autotune-no-cudagraphs (GEMM epilogue fusion, minutes of autotuning cold); '' = default")
     ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
@@ -281,12 +282,12 @@ def main() -> int:
 
     reg_batches = [int(b) for b in args.regions_batches.split(",") if b]
     if reg_batches:
-        br = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True)
+        br = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, regions_mode=args.regions_mode or None)
         for batch in reg_batches:
             if time.time() - t_start > args.budget_s:
                 res["notes"].append(f"skipped compiled regions B={batch}: time budget")
                 continue
-            run_config("batched bf16 compiled regions", br, batch, True)
+            run_config("batched bf16 compiled regions" + (f" ({args.regions_mode})" if args.regions_mode else ""), br, batch, True)
         mr = br.synthesize_mels(acc_chunks, voice, steps, noise=noise)
         res["accuracy"]["mel_max_abs_regions_vs_stock"] = max(float((a - b).abs().max()) for a, b in zip(ref_mels, mr))
         res["accuracy"]["mel_max_abs_regions_vs_eager_bf16"] = max(float((a - b).abs().max()) for a, b in zip(mel16, mr))

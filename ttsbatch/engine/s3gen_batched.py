@@ -40,7 +40,7 @@ estimator under autocast; the Euler state, HiFiGAN (unless ``vocoder_dtype``) an
 (i)STFT stay fp32. The CFM estimator runs as the pure functions of ``cfm_estimator``
 (weights prepared once, q/k/v as one GEMM); ``compile_regions=True`` compiles those regions,
 one dynamic-shape graph each for every bucket and batch size (the default of the fast engine
-on CUDA). In bf16 on CUDA the estimator's attention runs as varlen flash attention over the
+on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16 on CUDA the estimator's attention runs as varlen flash attention over the
 padded batch (each row's key count given by ``seqused_k``: the key-padding mask without a
 mask tensor). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
@@ -164,6 +164,7 @@ class BatchedS3Gen:
         compile_dynamic: bool | None = False,
         compile_regions: bool = False,
         regions_backend: str = "inductor",
+        regions_mode: str | None = None,
         profile: bool = False,
         vocoder_rows: int | None = None,
         compile_vocoder: bool = False,
@@ -218,7 +219,7 @@ class BatchedS3Gen:
         # checkpoint has the configuration they mirror; else the stock modules, called in order
         self.fused = None
         if cfm_estimator.supported(est):
-            regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend)
+            regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend, mode=regions_mode)
             self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
