@@ -5,7 +5,8 @@ voice's conditioning (the voice cache), and PyTorch's compiler caches (Inductor/
 pointed into ttsbatch's cache dir by ``engine.select.use_compile_cache``). What cannot
 outlive a process (CUDA graphs, allocator pools) is exercised once so that failures show up
 here, not an hour into a book: Perth loads, the engine renders one short chunk, and on a GPU
-the fast engine one more per S3Gen length bucket; the timings are reported.
+the fast engine one more per S3Gen length bucket (T3 at several row counts, S3Gen at the
+longest bucket: its compiled regions take every shape after that); the timings are reported.
 """
 
 from __future__ import annotations
