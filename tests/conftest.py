@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,6 +30,24 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ttsbatch.engine.model import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"), "tiny", seed=0)
+
+
+@pytest.fixture
+def no_host_sync():
+    """``with no_host_sync(): ...`` runs the block under CUDA sync-debug "error" (after a
+    device sync): any host sync inside it raises. For the GPU tests of the no-sync paths."""
+    import torch
+
+    @contextlib.contextmanager
+    def guard():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return guard
 
 
 def pytest_collection_modifyitems(config, items):

@@ -206,7 +206,7 @@ def test_per_bucket_work_has_no_host_reads(monkeypatch, bs, voice):
 
 
 @pytest.mark.gpu
-def test_gpu_no_sync_and_bf16_close(tiny_checkpoint):
+def test_gpu_no_sync_and_bf16_close(tiny_checkpoint, no_host_sync):
     """On CUDA: the per-bucket work runs under sync-debug 'error'; bf16 mel is close to fp32."""
     from ttsbatch.engine.model import load_model
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
@@ -223,12 +223,8 @@ def test_gpu_no_sync_and_bf16_close(tiny_checkpoint):
     for bs in (b32, b16):  # fp32 (masked SDPA) and bf16 (varlen flash attention where available)
         with torch.inference_mode():
             bs.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)  # warm-up (lazy inits)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            with no_host_sync():
                 wav = bs.run_bucket(tokens, lengths, z, phase, sine, v, n_timesteps=2)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(wav).all()
     noise = [z[i, :, : 2 * (v.n_prompt_tokens + len(t))] for i, t in enumerate(toks)]
     ref = b32.synthesize_mels(toks, v, 10, noise=noise)

@@ -23,7 +23,7 @@ def cuda_model(tiny_checkpoint):
     return load_model(tiny_checkpoint, "cuda")
 
 
-def test_compiled_regions_match_eager_and_compile_once(cuda_model):
+def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync):
     from torch._dynamo.utils import counters
 
     from ttsbatch.engine import cfm_estimator
@@ -59,17 +59,13 @@ def test_compiled_regions_match_eager_and_compile_once(cuda_model):
     z, phase, sine = comp._stage_noise([0, 1], toks, v, T_mel, S, None, None, [0, 1])
     with torch.inference_mode():
         comp.run_bucket(tokens, lens, z, phase, sine, v, n_timesteps=2)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             wav = comp.run_bucket(tokens, lens, z, phase, sine, v, n_timesteps=2)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(wav).all()
     torch._dynamo.reset()
 
 
-def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model):
+def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model, no_host_sync):
     """HiFiGAN's regions compiled by Inductor against the same regions eager, strict fp32
     (cuDNN's TF32 off on both sides, so the difference is the compiler's; the tiny checkpoint's
     HiFiGAN has the full size): waveform max abs diff <= 1e-4 (amplitude ~0.1), one graph per
@@ -101,13 +97,8 @@ def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model):
                 diff = (got[i, : f * 480] - ref[i, : f * 480]).abs().max().item()
                 assert diff <= 1e-4, f"compiled vs eager, {f} frames: {diff}"
             assert ref.abs().max().item() > 0.01
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                comp._vocode(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
+        with torch.inference_mode(), no_host_sync():
+            comp._vocode(*args)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert comp.vocoder.r.compiled, comp.vocoder.r.error

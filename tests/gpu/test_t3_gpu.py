@@ -222,7 +222,7 @@ def test_batch_invariance_on_gpu_is_close(conds, fast_bf16):
     assert sum(p == 24 for p in prefix) >= 4
 
 
-def test_decode_steps_never_sync_with_the_host(model, conds, fast_bf16):
+def test_decode_steps_never_sync_with_the_host(model, conds, fast_bf16, no_host_sync):
     """Eager decode steps and graph replays run with CUDA sync debug mode set to 'error'."""
     from ttsbatch.engine import t3_fast as tf
 
@@ -234,15 +234,11 @@ def test_decode_steps_never_sync_with_the_host(model, conds, fast_bf16):
         reqs = [SynthesisRequest(t, i, 40) for i, t in enumerate(TEXTS[:4])]
         tf.prefill(f.w, st, [0, 1, 2, 3], [f.row_input(conds, r, gen, 2) for r in reqs])
         f.step(st, 4, 512, True)  # captures (syncs) once, outside the checked region
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             for _ in range(4):
                 tf.decode_one_token(f.w, st, 4, 512, True)
             for _ in range(4):
                 f.step(st, 4, 512, True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     assert int(st.step[:4].min()) == 9
 
 
