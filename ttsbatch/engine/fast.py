@@ -165,14 +165,6 @@ class FastEngine:
         self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions
     ) -> Iterator[tuple[int, SynthesisResult]]:
         """``(request index, result)`` for each request, a batch of S3Gen at a time."""
-        if self.t3.device.type == "cuda":
-            import torch
-
-            # T3 sizes its rows from the memory under its cap when it starts, and what S3Gen
-            # cached in an earlier call (a warm-up's batch padded to the longest bucket, say)
-            # counts against it: on an H100 a book bench after the warm-up ran T3 with 102 rows,
-            # where runs before the warm-up's batches were merged had 204
-            torch.cuda.empty_cache()
         voice = self.voice_ref(conds)
         groups = self._s3gen_batches(requests, conds, gen)
         if self.overlap:

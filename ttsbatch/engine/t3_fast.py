@@ -537,6 +537,10 @@ class FastT3:
         if self.device.type != "cuda":
             return min(CPU_ROWS, limit)
         per_row = self.bytes_per_row(_round_up(max_len, LEN_BUCKET), pairs)
+        # blocks PyTorch holds cached but unused (S3Gen's activations from an earlier call, a
+        # warm-up's batch padded to the longest bucket) would count as held under the cap:
+        # give them back first (on an H100 a book after the warm-up got 102 rows, not 204)
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_reserved(self.device)
         if self.state is not None:  # the buffers of a previous call will be freed first
