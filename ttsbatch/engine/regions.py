@@ -33,8 +33,9 @@ class Regions:
         self.compiled = compile
         self.error: str | None = None  # why compiling failed, if it did
         for name, fn in self._functions.items():
-            compiled = torch.compile(fn, fullgraph=True, backend=backend, mode=mode) if compile else None
-            setattr(self, name, _Guarded(self, fn, compiled) if compile else fn)
+            if compile:
+                fn = _Guarded(self, fn, torch.compile(fn, fullgraph=True, backend=backend, mode=mode))
+            setattr(self, name, fn)
 
     def fall_back(self, e: BaseException) -> None:
         """Compiling failed: every region eager from now on."""
@@ -56,6 +57,14 @@ class Regions:
             for t, *dims in tensors_dims:
                 for d in dims:
                     torch._dynamo.mark_dynamic(t, d)
+
+    def unbacked(self, dim: int, *tensors, shape_id: str):
+        """Mark ``dim`` of each tensor as one unbacked size ``shape_id`` before a compiled call
+        (no-op eager): unlike :meth:`dyn`, a size of 1 shares the graph too (dynamo gives a
+        merely dynamic size of 1 a graph of its own)."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.decorators.mark_unbacked(t, dim, shape_id=shape_id)
 
 
 class _Guarded:

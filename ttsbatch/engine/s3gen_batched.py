@@ -40,9 +40,9 @@ estimator under autocast; the Euler state, HiFiGAN (unless ``vocoder_dtype``) an
 (i)STFT stay fp32. The CFM estimator runs as the pure functions of ``cfm_estimator``
 (weights prepared once, q/k/v as one GEMM); ``compile_regions=True`` compiles those regions,
 one dynamic-shape graph each for every bucket and batch size (the default of the fast engine
-on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16 on CUDA the estimator's attention runs as varlen flash attention over the
-padded batch (each row's key count given by ``seqused_k``: the key-padding mask without a
-mask tensor). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
+on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16
+on CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
+row's key count given by ``seqused_k``: the key-padding mask without a mask tensor). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.decorators import mark_unbacked
 
 from .regions import Regions
 
@@ -202,9 +201,7 @@ class FusedVocoder:
         """Before a compiled call: the rows (dim 0) of every tensor one unbacked size, so that a
         batch of one row shares the graph (dynamo gives a size of 1 a graph of its own when the
         size is merely dynamic), and time (the last dim) dynamic. No-op eager."""
-        if self.r.compiled:
-            for t in tensors:
-                mark_unbacked(t, 0, shape_id="rows")
+        self.r.unbacked(0, *tensors, shape_id="rows")
         self.r.dyn(*((t, t.dim() - 1) for t in tensors if t.dim() > 1))
 
 
