@@ -199,7 +199,27 @@ def decode_attention_table(seqs: int, kv_len: int, max_len: int = 1024, heads: i
             return flex(q, k_hl, v_hl, block_mask=bm, scale=scale)
 
         add(f"flex decoding, live blocks of {block} only, whole cache", live_blocks)
+
+    # the engine's Triton kernel (ttsbatch/engine/decode_attention.py): also writes this
+    # step's K/V at the last live position
+    from ttsbatch.engine.decode_attention import attend_and_cache
+
+    kc, vc = k_hl.clone(), v_hl.clone()
+    pos = (live - 1).to(torch.int64)
+    at = torch.arange(seqs, device=dev)
+    kn, vn = k_hl[at, :, pos][:, :, None], v_hl[at, :, pos][:, :, None]  # rewriting what is there: same result as the reference
+    add("triton attend_and_cache (live keys, K/V write included)", lambda: attend_and_cache(q, kn, vn, kc, vc, pos, kv_len, scale))
     return out
+
+
+def copy_bandwidth_gb_s() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written per second (the issue's yardstick)."""
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = cuda_ms(lambda: y.copy_(x), 10)
+    return 2 * x.numel() / ms / 1e6
 
 
 def classify(name: str) -> str:
@@ -281,6 +301,8 @@ def main() -> int:
     print(f"{res['device']}, torch {res['torch']}, cuDNN {res['cudnn']}", flush=True)
     for T in (int(x) for x in args.lengths.split(",") if x):
         res["attention"][T] = attention_table(2 * args.batch, 8, T)
+    res["copy_gb_s"] = round(copy_bandwidth_gb_s(), 1)
+    print(f"device-to-device copy: {res['copy_gb_s']} GB/s (read + write)", flush=True)
     res["decode_attention"] = {}
     for seqs, kv in ((2, 256), (2, 768), (128, 384), (256, 640), (512, 512)):
         res["decode_attention"][f"{seqs}x{kv}"] = decode_attention_table(seqs, kv)

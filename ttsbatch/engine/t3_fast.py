@@ -148,6 +148,9 @@ class T3Weights:
         self.vocab = self.speech_head.shape[0]
         self.n_layers = len(self.layers)
         self.regions = layer_regions()  # eager; FastT3(compile_layers=True) compiles them
+        # decode attention: SDPA over the padded cache, or (CUDA) the Triton kernel that
+        # writes this step's K/V and reads only live keys (FastT3(decode_kernel=...))
+        self.decode_kernel = False
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,19 +427,28 @@ def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torc
     x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim).contiguous()
     pos = st.pos[:s].clamp(max=st.max_len - 1)
     cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (s, 1, hd)
-    seq = torch.arange(s, device=x.device)
-    valid = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
-    mask = _additive(valid, w.dtype)  # built once per step, not once per layer
+    if w.decode_kernel:
+        from .decode_attention import attend_and_cache
+
+        def attend_at(li):
+            return lambda q, k, v: attend_and_cache(q, k, v, st.k[li], st.v[li], pos, kv_len, w.scale)
+    else:
+        seq = torch.arange(s, device=x.device)
+        valid = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # (s,1,1,kv)
+        mask = _additive(valid, w.dtype)  # built once per step, not once per layer
+
+        def attend_at(li):
+            def attend(q, k, v):
+                st.k[li, seq, :, pos] = k[:, :, 0]
+                st.v[li, seq, :, pos] = v[:, :, 0]
+                kc = st.k[li, :s, :, :kv_len]
+                vc = st.v[li, :s, :, :kv_len]
+                return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=w.scale)
+
+            return attend
+
     for li, lw in enumerate(w.layers):
-
-        def attend(q, k, v, li=li):
-            st.k[li, seq, :, pos] = k[:, :, 0]
-            st.v[li, seq, :, pos] = v[:, :, 0]
-            kc = st.k[li, :s, :, :kv_len]
-            vc = st.v[li, :s, :, :kv_len]
-            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=w.scale)
-
-        x = _layer(w, lw, x, cos, sin, attend)
+        x = _layer(w, lw, x, cos, sin, attend_at(li))
     st.logits[:s] = _head(w, x[:, 0])
     live = (~st.done[:n])[:, None].expand(n, P).reshape(s)
     st.pos[:s] = st.pos[:s] + live.to(torch.int64)
@@ -501,13 +513,17 @@ class FastT3:
         use_graphs: bool | str | None = None,
         compile_layers: bool | None = None,
         layers_backend="inductor",
+        decode_kernel: bool | None = None,
     ):
         """``use_graphs``: None = on CUDA only; ``"emulate"`` runs the capture bookkeeping
         (warm-up steps on a snapshot, then restore) but replays eagerly: for CPU tests.
         ``compile_layers``: torch.compile each layer's two halves around the attention (one
         graph each for every layer and shape; the decode step's graph captures the compiled
         kernels). None: on CUDA (measured on an H100: 1.6x the tokens/s at batch 1, 1.3x at
-        256 rows); on the CPU the eager functions are as fast and need no compiler."""
+        256 rows); on the CPU the eager functions are as fast and need no compiler.
+        ``decode_kernel``: the decode step's attention as one Triton kernel that also writes
+        the new K/V and reads only each sequence's live keys (``decode_attention``), instead
+        of two ``index_put`` and SDPA over the padded cache. None: on CUDA, if it compiles."""
         self.model = model
         with torch.inference_mode(False), torch.no_grad():
             self.w = T3Weights(model.t3, dtype)
@@ -516,6 +532,14 @@ class FastT3:
         if compile_layers:
             self.w.regions = layer_regions(compile=True, backend=layers_backend)
         self.device = self.w.device
+        self.decode_kernel_error: str | None = None  # why the Triton decode kernel is off, if it failed
+        if decode_kernel is None:
+            decode_kernel = self.device.type == "cuda"
+        if decode_kernel:
+            self.decode_kernel_error = _check_decode_kernel(self.w)
+            if self.decode_kernel_error is not None:
+                log.warning("the Triton decode attention failed (%s); T3 decodes with SDPA (slower)", self.decode_kernel_error)
+        self.w.decode_kernel = bool(decode_kernel) and self.decode_kernel_error is None
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
         if use_graphs is True and self.device.type != "cuda":
@@ -785,6 +809,31 @@ class FastT3:
             slot_pos[dst], slot_left[dst] = slot_pos[src], slot_left[src]
             self.trace.append(("move", slot_req[dst], src, dst))
         self.stats["compactions"] += 1
+
+
+def _check_decode_kernel(w: T3Weights) -> str | None:
+    """Compile and run the Triton decode attention once on a tiny problem, against SDPA:
+    None if it works, else why not (no Triton compiler, say: the engine then uses SDPA)."""
+    try:
+        from .decode_attention import attend_and_cache
+
+        g = torch.Generator(device=w.device).manual_seed(0)
+        H, D, L = w.n_heads, w.head_dim, 128
+        q, k, v = (torch.randn(2, H, 1, D, device=w.device, dtype=w.dtype, generator=g) for _ in range(3))
+        kc, vc = (torch.randn(2, H, L, D, device=w.device, dtype=w.dtype, generator=g) for _ in range(2))
+        pos = torch.tensor([5, L - 1], device=w.device)
+        kr, vr = kc.clone(), vc.clone()
+        kr[[0, 1], :, pos] = k[:, :, 0]
+        vr[[0, 1], :, pos] = v[:, :, 0]
+        valid = (torch.arange(L, device=w.device)[None, :] <= pos[:, None])[:, None, None, :]
+        ref = F.scaled_dot_product_attention(q.float(), kr.float(), vr.float(), attn_mask=valid, scale=w.scale)
+        out = attend_and_cache(q, k, v, kc, vc, pos, L, w.scale)
+        err = (out.float() - ref).abs().max().item()
+        if not (err < 0.05 and torch.equal(kc, kr) and torch.equal(vc, vr)):
+            return f"wrong result (max |diff| {err:.3g})"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def move_row(st: DecodeState, src: int, dst: int) -> None:

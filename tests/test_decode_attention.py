@@ -1,0 +1,162 @@
+"""T3's Triton decode attention (ttsbatch.engine.decode_attention), run on the CPU by Triton's
+interpreter: against SDPA over the padded cache (the engine's other path), with and without
+split keys; the cache write; and the fast engine with the kernel against stock T3 (teacher
+forcing, fp32, max abs logit diff <= 1e-4) and against itself without the kernel (tokens).
+The compiled kernel on a GPU: tests/gpu/test_t3_gpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttsbatch.config import GenerationOptions
+from ttsbatch.engine.stock import SynthesisRequest
+
+from .test_t3_fast import TEXTS, _stock_logits
+
+MODULE = "ttsbatch.engine.decode_attention"
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The module, imported afresh with TRITON_INTERPRET=1 (its kernels run on CPU tensors)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    mod = importlib.import_module(MODULE)
+    yield mod
+    sys.modules.pop(MODULE, None)  # not left behind interpreted (monkeypatch puts back an earlier import)
+
+
+def _reference(q, k_new, v_new, k_cache, v_cache, pos):
+    """The engine's SDPA path: write at pos, attend over positions <= pos, in fp32."""
+    S = q.shape[0]
+    kr, vr = k_cache.clone(), v_cache.clone()
+    kr[torch.arange(S), :, pos] = k_new[:, :, 0]
+    vr[torch.arange(S), :, pos] = v_new[:, :, 0]
+    L = k_cache.shape[2]
+    valid = (torch.arange(L)[None, :] <= pos[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.float(), kr[:S].float(), vr[:S].float(), attn_mask=valid, scale=q.shape[-1] ** -0.5)
+    return out, kr, vr
+
+
+@pytest.mark.parametrize("target", [2048, 1], ids=["split-keys", "one-split"])
+@pytest.mark.parametrize("seqs,kv_len", [(2, 256), (5, 448), (3, 64)])
+def test_kernel_equals_sdpa_and_writes_only_the_new_position(kernel, monkeypatch, target, seqs, kv_len):
+    monkeypatch.setattr(kernel, "TARGET_PROGRAMS", target)
+    g = torch.Generator().manual_seed(seqs)
+    H, D, L = 4, 64, 512
+    k_cache, v_cache = (torch.randn(seqs + 2, H, L, D, generator=g) for _ in range(2))  # rows past seqs untouched
+    # q as layer_in returns it (a transposed view), k contiguous, v a strided view
+    qkv = torch.randn(seqs, 1, 3, H, D, generator=g)
+    q, k_new, v_new = (z.transpose(1, 2) for z in qkv.unbind(2))
+    k_new = k_new.contiguous()
+    pos = torch.randint(0, kv_len, (seqs,), generator=g)
+    pos[0], pos[-1] = kv_len - 1, 0  # the last live position of the bound, and the first
+    splits = kernel.splits_for(seqs, H, kv_len)
+    assert (splits > 1) == (target > 1 and kv_len > kernel.BLOCK_N)
+    ref, kr, vr = _reference(q, k_new, v_new, k_cache, v_cache, pos)
+    out = kernel.attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len, D**-0.5)
+    assert out.shape == (seqs, H, 1, D)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
+
+
+def test_kernel_in_bf16_within_rounding(kernel):
+    g = torch.Generator().manual_seed(1)
+    S, H, D, L = 3, 4, 64, 256
+    k_cache, v_cache = (torch.randn(S, H, L, D, generator=g).bfloat16() for _ in range(2))
+    q, k_new, v_new = (torch.randn(S, H, 1, D, generator=g).bfloat16() for _ in range(3))
+    pos = torch.tensor([0, 100, 255])
+    ref, kr, vr = _reference(q, k_new, v_new, k_cache, v_cache, pos)
+    out = kernel.attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, L, D**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() <= 1e-2  # the output's bf16 rounding (|out| < 2)
+    assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
+
+
+def test_splits_spread_few_sequences_over_the_keys(kernel):
+    assert kernel.splits_for(2, 16, 768) == 8  # batch 1 (a CFG pair): 8 programs per head
+    assert kernel.splits_for(2, 16, 64) == 1  # one block of keys: nothing to split
+    assert kernel.splits_for(512, 16, 768) == 1  # 8,192 programs already
+    assert kernel.splits_for(2, 16, 4096) == kernel.MAX_SPLITS
+
+
+def test_bad_layout_is_refused(kernel):
+    q = k = v = torch.zeros(1, 2, 1, 64)
+    cache = torch.zeros(1, 2, 64, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.attend_and_cache(q, k, v, cache, cache.transpose(2, 3), torch.zeros(1, dtype=torch.long), 64, 0.125)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    from ttsbatch.engine.model import load_model
+
+    return load_model(tiny_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def conds(model):
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    return VoiceCache(model).get(BUILTIN, 0.5)
+
+
+def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds):
+    """Two sentences of one batch, CFG pairs, forced tokens: every step's logits as stock's."""
+    from ttsbatch.engine import t3_fast as tf
+
+    fast = tf.FastT3(model, decode_kernel=True)
+    assert fast.w.decode_kernel and fast.decode_kernel_error is None
+    gen = GenerationOptions(cfg_weight=0.5)
+    texts, rows, steps = [TEXTS[1], TEXTS[3]], [1, 0], 4
+    forced = torch.randint(0, 6561, (2, steps), generator=torch.Generator().manual_seed(0))
+    ref = [_stock_logits(model, conds, t, forced[i].tolist(), 0.5) for i, t in enumerate(texts)]
+    reqs = [SynthesisRequest(t, i, steps + 1) for i, t in enumerate(texts)]
+    st = fast.new_state(rows=2, max_len=300, max_new=steps + 1, pairs=2)
+    st.done.fill_(True)
+    with torch.inference_mode():
+        tf.prefill(fast.w, st, rows, [fast.row_input(conds, r, gen, 2) for r in reqs])
+        for step in range(steps + 1):
+            for i in range(2):
+                diff = (st.logits[rows[i] * 2 : rows[i] * 2 + 2] - ref[i][step]).abs().max().item()
+                assert diff <= 1e-4, f"sentence {i} step {step}: {diff}"
+            if step == steps:
+                break
+            tok = torch.zeros(2, dtype=torch.long)
+            for i in range(2):
+                tok[rows[i]] = forced[i, step]
+            tf.record_tokens(st, 2, tok)
+            tf.forward_tokens(fast.w, st, 2, st.max_len, tok)
+
+
+def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds):
+    """A batch of 4 mixed-length sentences in 2 rows (refills): the same tokens with and without the kernel."""
+    from ttsbatch.engine.t3_fast import FastT3
+
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 500 + i, b) for i, (t, b) in enumerate(zip(TEXTS[:4], (5, 8, 3, 6)))]
+    plain = dict(FastT3(model, decode_kernel=False).generate(conds, reqs, gen, max_rows=2, check_every=3))
+    with_kernel = FastT3(model, decode_kernel=True)
+    assert dict(with_kernel.generate(conds, reqs, gen, max_rows=2, check_every=3)) == plain
+    assert len(plain) == 4 and with_kernel.stats["prefills"] >= 2
+
+
+def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog):
+    from ttsbatch.engine.t3_fast import FastT3
+
+    def broken(*a, **k):
+        raise RuntimeError("no Triton compiler here")
+
+    monkeypatch.setattr(kernel, "attend_and_cache", broken)
+    with caplog.at_level(logging.WARNING, logger="ttsbatch"):
+        fast = FastT3(model, decode_kernel=True)
+    assert not fast.w.decode_kernel
+    assert fast.decode_kernel_error == "RuntimeError: no Triton compiler here"
+    assert "Triton decode attention failed" in caplog.text
