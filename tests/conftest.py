@@ -12,6 +12,15 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# Triton decides at import whether its kernels (and its own jit'd helpers such as tl.zeros) are
+# compiled or interpreted, and torch._dynamo imports it: so without a GPU, turn the interpreter
+# on before anything does, and the decode-attention kernels run on CPU tensors
+# (tests/test_decode_attention.py). With a GPU the kernels compile as in production.
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 
