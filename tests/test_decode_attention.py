@@ -107,10 +107,15 @@ def conds(model):
     return VoiceCache(model).get(BUILTIN, 0.5)
 
 
-def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds):
-    """Two sentences of one batch, CFG pairs, forced tokens: every step's logits as stock's."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-gemv-layers", "layer-halves"])
+def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds, monkeypatch, fused):
+    """Two sentences of one batch, CFG pairs, forced tokens: every step's logits as stock's.
+    Four sequences take the fused GEMV layers (decode_gemv) unless they are turned off."""
     from ttsbatch.engine import t3_fast as tf
 
+    assert tf.FUSED_MAX_SEQS >= 4
+    if not fused:
+        monkeypatch.setattr(tf, "FUSED_MAX_SEQS", 0)
     fast = tf.FastT3(model, decode_kernel=True)
     assert fast.w.decode_kernel and fast.decode_kernel_error is None
     gen = GenerationOptions(cfg_weight=0.5)
@@ -140,7 +145,7 @@ def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds):
     from ttsbatch.engine.t3_fast import FastT3
 
     gen = GenerationOptions(ignore_eos=True)
-    reqs = [SynthesisRequest(t, 500 + i, b) for i, (t, b) in enumerate(zip(TEXTS[:4], (5, 8, 3, 6)))]
+    reqs = [SynthesisRequest(t, 500 + i, b) for i, (t, b) in enumerate(zip(TEXTS[:4], (4, 6, 2, 5)))]
     plain = dict(FastT3(model, decode_kernel=False).generate(conds, reqs, gen, max_rows=2, check_every=3))
     with_kernel = FastT3(model, decode_kernel=True)
     assert dict(with_kernel.generate(conds, reqs, gen, max_rows=2, check_every=3)) == plain

@@ -396,8 +396,8 @@ def test_s3gen_collections_start_small_then_grow(model, conds):
 
 def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fast):
     """``compile_layers=True``: each layer's halves around the attention are compiled regions
-    (one graph each for all layers; prefill and decode are the two shapes they see) and the
-    tokens are the eager path's. Dynamo's "eager" backend traces and guards as Inductor's
+    (one graph each for all layers; prefill and decode are the two shapes they see), so is
+    the sampling, and the tokens are the eager path's. Dynamo's "eager" backend traces and guards as Inductor's
     would; after the first call, more rows, other lengths and refills add no graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -408,11 +408,13 @@ def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fas
     counters.clear()
     gen = GenerationOptions(ignore_eos=True, top_p=0.95)
     reqs = _reqs()
-    comp = FastT3(model, compile_layers=True, layers_backend="eager", use_graphs="emulate")
+    comp = FastT3(model, compile_layers=True, layers_backend="aot_eager", use_graphs="emulate")
     first = dict(comp.generate(conds, reqs[:3], gen, max_rows=3))
     assert first == dict(fast.generate(conds, reqs[:3], gen, max_rows=3))
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 4  # layer_in and layer_out, each for prefill (length dynamic) and decode (length 1)
+    # layer_in and layer_out, each for prefill (length dynamic) and decode (length 1); the
+    # sampling region for one row and for any number of rows above one
+    assert graphs == 6
     more = dict(comp.generate(conds, reqs, gen, max_rows=5, check_every=3))  # other rows, lengths, refills
     assert more == dict(fast.generate(conds, reqs, gen, max_rows=5, check_every=3))
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]

@@ -30,10 +30,10 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _attend_split(
-    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP,
+    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN,
     sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h,
     scale, H,
-    CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * H + head
     split = tl.program_id(1)
@@ -41,8 +41,18 @@ def _attend_split(
     h = pid % H
     d = tl.arange(0, D)
     pos = tl.load(Pos + s).to(tl.int32)
-    q = tl.load(Q + s * sq_s + h * sq_h + d).to(tl.float32) * scale
+    q = tl.load(Q + s * sq_s + h * sq_h + d)
     kn = tl.load(KN + s * sk_s + h * sk_h + d)
+    if ROPE:  # rotary embedding of q and the new k at pos, in fp32, rounded as the layer rounds it
+        rot = (d + D // 2) % D  # rotate_half: (-x2, x1)
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        c = tl.load(COS + pos * D + d)
+        sn = tl.load(SIN + pos * D + d)
+        qr = tl.load(Q + s * sq_s + h * sq_h + rot).to(tl.float32)
+        kr = tl.load(KN + s * sk_s + h * sk_h + rot).to(tl.float32)
+        q = (q.to(tl.float32) * c + sign * qr * sn).to(Q.dtype.element_ty)
+        kn = (kn.to(tl.float32) * c + sign * kr * sn).to(KN.dtype.element_ty)
+    q = q.to(tl.float32) * scale
     vn = tl.load(VN + s * sv_s + h * sv_h + d)
     kc = KC + s * sc_s + h * sc_h
     vc = VC + s * sc_s + h * sc_h
@@ -106,13 +116,15 @@ def splits_for(seqs: int, heads: int, kv_len: int) -> int:
     return n
 
 
-def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float) -> torch.Tensor:
+def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float, rope=None) -> torch.Tensor:
     """Write ``k_new``/``v_new`` into the caches at ``pos`` and attend: out (S, H, 1, D).
 
     q, k_new, v_new: (S, H, 1, D); k_cache, v_cache: (>= S, H, L, D), the last dim
     contiguous; pos: (S,) int, each sequence's position this step (keys ``0..pos`` are
     read, ``pos`` from ``k_new``/``v_new``); kv_len: a bound on ``pos + 1`` for every
-    sequence (static per captured graph: it sizes the split).
+    sequence (static per captured graph: it sizes the split). ``rope``: None, or the (cos,
+    sin) tables (>= L, D) fp32 contiguous, to apply the rotary embedding at ``pos`` to
+    ``q`` and ``k_new`` first (they come unrotated; the cache gets the rotated k).
     """
     S, H, _, D = q.shape
     if any(t.stride(-1) != 1 for t in (q, k_new, v_new, k_cache)) or k_cache.stride() != v_cache.stride():
@@ -127,11 +139,17 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
         lp = torch.empty_like(mp)
     else:
         op = mp = lp = out  # unused
+    if rope is not None:
+        cos, sin = rope
+        if cos.shape[-1] != D or not (cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("attend_and_cache: the rope tables must be contiguous (L, head_dim)")
+    else:
+        cos = sin = q  # unused
     _attend_split[(S * H, nsplit)](
-        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp,
+        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        scale, H, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, num_warps=4,
+        scale, H, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None, num_warps=4,
     )
     if nsplit > 1:
         _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, num_warps=1)
