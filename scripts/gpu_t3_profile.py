@@ -27,9 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def kernel_class(name: str) -> str:
     n = name.lower()
-    if "flash" in n or "fmha" in n or "attention" in n or "flex" in n or "sdpa" in n:
+    if "flash" in n or "fmha" in n or "attention" in n or "flex" in n or "sdpa" in n or "_attend_split" in n or "_merge_splits" in n:
         return "attention"
-    if "gemm" in n or "nvjet" in n or "cutlass" in n or "sm90_xmma" in n or "gemv" in n:
+    if "gemm" in n or "nvjet" in n or "cutlass" in n or "sm90_xmma" in n or "gemv" in n:  # decode_gemv's _gemv too
         return "gemm"
     if n.startswith("triton"):
         return "triton (fused)"
@@ -83,7 +83,9 @@ def main() -> int:
     ap.add_argument("--rows", default="1,0", help="row counts to profile (0: as many as fit)")
     ap.add_argument("--tokens", type=int, default=64, help="steps per sentence")
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
-    ap.add_argument("--attention", default="kernel,sdpa", help="decode attentions to profile: kernel (Triton, live keys), sdpa (padded)")
+    ap.add_argument("--attention", default="fused,kernel,sdpa",
+                    help="decode paths to profile: fused (the engine's: Triton attention, and for <= 8 sequences the fused "
+                    "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache)")
     args = ap.parse_args()
     import torch
 
@@ -91,6 +93,7 @@ def main() -> int:
     from ttsbatch.config import GenerationOptions
     from ttsbatch.engine.model import load_model
     from ttsbatch.engine.stock import SynthesisRequest
+    from ttsbatch.engine import t3_fast
     from ttsbatch.engine.t3_fast import FastT3
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
@@ -101,9 +104,11 @@ def main() -> int:
     conds = VoiceCache(model).get(BUILTIN, 0.5)
     gen = GenerationOptions(ignore_eos=True, max_new_tokens=args.tokens)
     res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=args.tokens, runs=[])
+    fused_max = t3_fast.FUSED_MAX_SEQS
     for attention in args.attention.split(","):
-        fast = FastT3(model, decode_kernel=attention == "kernel")
-        assert fast.w.decode_kernel == (attention == "kernel"), fast.decode_kernel_error
+        t3_fast.FUSED_MAX_SEQS = fused_max if attention == "fused" else 0
+        fast = FastT3(model, decode_kernel=attention != "sdpa")
+        assert fast.w.decode_kernel == (attention != "sdpa"), fast.decode_kernel_error
         for rows in (int(x) for x in args.rows.split(",") if x):
             n = 2 * rows if rows else 512
             texts = book_sentences(Path(args.book), n)

@@ -324,3 +324,57 @@ def test_decode_kernel_equals_padded_sdpa_in_a_graph(seqs, kv_len):
     print(f"\n[gpu] decode kernel, {seqs} seqs x {kv_len} ({splits_for(seqs, H, kv_len)} splits): max |diff| vs fp32 SDPA {err:.2e}")
     assert err <= 2e-2  # bf16 output rounding (|out| < 2)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+def test_fused_gemvs_round_as_the_eager_layer_on_gpu():
+    """decode_gemv's kernels compiled (round to nearest, unlike the interpreter) against the
+    eager bf16 layer they replace: outputs equal but for last-bit flips of the final rounding."""
+    import torch.nn.functional as F
+
+    from ttsbatch.engine import decode_gemv as g
+    from ttsbatch.engine.t3_fast import layer_out, rms_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt, eps = "cuda", torch.bfloat16, 1e-5
+    x = torch.randn(2, 1024, device=dev, generator=gen) * 3
+    ln1, ln2 = (torch.rand(1024, device=dev, generator=gen) + 0.5 for _ in range(2))
+    wqkv, wo = (torch.randn(n, 1024, device=dev, generator=gen).mul(0.03).to(dt) for n in (3072, 1024))
+    wgu, wdown = torch.randn(8192, 1024, device=dev, generator=gen).mul(0.03).to(dt), torch.randn(1024, 4096, device=dev, generator=gen).mul(0.03).to(dt)
+    qkv = g.norm_linear(x, ln1, wqkv, eps)
+    ref = F.linear(rms_norm(x, ln1, eps).to(dt), wqkv)
+    ulp_flips = ((qkv.float() - ref.float()).abs() > 0).float().mean().item()
+    o = torch.randn(2, 16, 1, 64, device=dev, generator=gen).to(dt)
+    h = g.linear_residual(o.reshape(2, 1024), wo, x)
+    out = g.swiglu_linear_residual(g.norm_linear(h, ln2, wgu, eps), wdown, h)
+    ref_out = layer_out(o, x[:, None], wo, ln2, wgu, wdown, eps)[:, 0]
+    rel = ((out - ref_out).abs().max() / (ref_out - x).abs().max()).item()
+    print(f"\n[gpu] fused GEMVs vs eager bf16: q/k/v outputs differing {ulp_flips:.2%}; layer_out max |diff| {rel:.2%} of the update")
+    assert ulp_flips <= 0.05  # fp32 sums in another order: a few outputs round the other way
+    assert rel <= 0.02
+
+
+def test_fused_small_batch_path_on_gpu(monkeypatch, conds, fast_fp32, fast_bf16):
+    """Batch 1-2 (at most FUSED_MAX_SEQS sequences) decode through decode_gemv's fused layers:
+    teacher-forced against fp32 with the bf16 agreement test's criterion, and against the
+    compiled layer halves (the path of bigger batches)."""
+    from ttsbatch.engine import t3_fast as tf
+
+    assert fast_bf16.w.decode_kernel, fast_bf16.decode_kernel_error
+    texts, steps, gen = TEXTS[:2], 48, GenerationOptions()  # 2 rows x CFG pair = 4 sequences
+    forced = _sampled_histories(fast_bf16, conds, texts, steps)
+    ref = _teacher_forced(fast_fp32, conds, texts, forced, gen)
+    fused = _teacher_forced(fast_bf16, conds, texts, forced, gen)
+    monkeypatch.setattr(tf, "FUSED_MAX_SEQS", 0)
+    halves = _teacher_forced(fast_bf16, conds, texts, forced, gen)
+    top2 = ref[:, :, 0].topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) >= 0.05
+    agree = ref[:, :, 0].argmax(-1) == fused[:, :, 0].argmax(-1)
+    vs_halves = (fused - halves).abs()
+    vs_fp32 = (fused - ref).abs().mean().item()
+    print(
+        f"\n[gpu] fused small-batch path: top-1 vs fp32 {agree.float().mean().item():.4f}, on decisive steps "
+        f"{agree[decisive].float().mean().item():.4f}; logit diff vs fp32 mean {vs_fp32:.4f}; vs the layer halves "
+        f"mean {vs_halves.mean().item():.4f} max {vs_halves.max().item():.3f}"
+    )
+    assert agree[decisive].float().mean().item() >= 0.99
+    assert vs_halves.mean().item() <= 2 * (halves - ref).abs().mean().item() + 1e-3  # no further from fp32 than bf16 is
