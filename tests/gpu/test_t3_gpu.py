@@ -90,12 +90,12 @@ def _teacher_forced(fast, conds, texts, forced, gen):
     out = []
     with torch.inference_mode():
         tf.prefill(fast.w, st, list(range(n)), [fast.row_input(conds, r, gen, pairs) for r in reqs])
-        out.append(st.logits.view(n, pairs, -1).clone())
+        out.append(st.logits[: n * pairs].view(n, pairs, -1).clone())  # the buffers may hold more rows
         forced = forced.to(fast.device)
         for k in range(steps):
             tf.record_tokens(st, n, forced[:, k])
             tf.forward_tokens(fast.w, st, n, st.max_len, forced[:, k])
-            out.append(st.logits.view(n, pairs, -1).clone())
+            out.append(st.logits[: n * pairs].view(n, pairs, -1).clone())
     return torch.stack(out)
 
 
@@ -326,9 +326,11 @@ def test_decode_kernel_equals_padded_sdpa_in_a_graph(seqs, kv_len):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
-def test_fused_gemvs_round_as_the_eager_layer_on_gpu():
+def test_fused_gemvs_are_as_accurate_as_the_eager_layer_on_gpu():
     """decode_gemv's kernels compiled (round to nearest, unlike the interpreter) against the
-    eager bf16 layer they replace: outputs equal but for last-bit flips of the final rounding."""
+    eager bf16 layer they replace: q/k/v no further from the exact fp32 product than eager's
+    (the fused norm is not rounded to bf16, eager's is), and the layer's output equal to
+    eager's within 2% of its update."""
     import torch.nn.functional as F
 
     from ttsbatch.engine import decode_gemv as g
@@ -340,16 +342,16 @@ def test_fused_gemvs_round_as_the_eager_layer_on_gpu():
     ln1, ln2 = (torch.rand(1024, device=dev, generator=gen) + 0.5 for _ in range(2))
     wqkv, wo = (torch.randn(n, 1024, device=dev, generator=gen).mul(0.03).to(dt) for n in (3072, 1024))
     wgu, wdown = torch.randn(8192, 1024, device=dev, generator=gen).mul(0.03).to(dt), torch.randn(1024, 4096, device=dev, generator=gen).mul(0.03).to(dt)
-    qkv = g.norm_linear(x, ln1, wqkv, eps)
-    ref = F.linear(rms_norm(x, ln1, eps).to(dt), wqkv)
-    ulp_flips = ((qkv.float() - ref.float()).abs() > 0).float().mean().item()
+    exact = F.linear(rms_norm(x, ln1, eps), wqkv.float())
+    fused_err = (g.norm_linear(x, ln1, wqkv, eps).float() - exact).abs().max().item()
+    eager_err = (F.linear(rms_norm(x, ln1, eps).to(dt), wqkv).float() - exact).abs().max().item()
     o = torch.randn(2, 16, 1, 64, device=dev, generator=gen).to(dt)
     h = g.linear_residual(o.reshape(2, 1024), wo, x)
     out = g.swiglu_linear_residual(g.norm_linear(h, ln2, wgu, eps), wdown, h)
     ref_out = layer_out(o, x[:, None], wo, ln2, wgu, wdown, eps)[:, 0]
     rel = ((out - ref_out).abs().max() / (ref_out - x).abs().max()).item()
-    print(f"\n[gpu] fused GEMVs vs eager bf16: q/k/v outputs differing {ulp_flips:.2%}; layer_out max |diff| {rel:.2%} of the update")
-    assert ulp_flips <= 0.05  # fp32 sums in another order: a few outputs round the other way
+    print(f"\n[gpu] fused GEMVs: q/k/v max |err| vs exact {fused_err:.2e} (eager bf16 {eager_err:.2e}); layer_out vs eager {rel:.2%} of the update")
+    assert fused_err <= eager_err * 1.01
     assert rel <= 0.02
 
 

@@ -7,18 +7,21 @@ adds) costs a launch and a trip through memory. Profiled on an H100 (scripts/gpu
 rows 1) the compiled layers ran ~13 kernels per layer, ~490 per step, and cuBLAS moved the
 weights at ~1.45 TB/s. Here a layer is four GEMVs, each reading its weight once:
 
-- ``norm_linear``: RMSNorm of the fp32 residual stream (each program recomputes the rows'
-  norms; a row is 4 KB) as the prologue of the q/k/v or gate/up projection;
+- ``norm_linear``: RMSNorm of the fp32 residual stream folded into the q/k/v or gate/up
+  projection: the product runs over ``ln * x`` while the same pass sums the squares of x,
+  and each row's sum is scaled by its 1/rms at the end;
 - ``linear_residual``: the o-projection plus the residual add;
 - ``swiglu_linear_residual``: SiLU(gate) * up as the prologue of the down projection, plus
   the residual add;
 
 and RoPE moves into the attention kernel (``decode_attention.attend_and_cache(rope=...)``).
 
-Numerics follow the eager layer (``t3_fast.layer_in``/``layer_out``) cast for cast: the norm
-in fp32 cast to the weights' dtype, products accumulated in fp32 and rounded to the weights'
-dtype before the fp32 residual add, SiLU and the gate product rounded as eager bf16 rounds
-them. In fp32 every cast is a no-op and the result is the eager layer's up to summation order.
+Numerics follow the eager layer (``t3_fast.layer_in``/``layer_out``) cast for cast, with one
+exception: products accumulate in fp32 and are rounded to the weights' dtype before the fp32
+residual add; SiLU and the gate product are rounded as eager bf16 rounds them; but the
+norm's output is not rounded to bf16 before its GEMV (eager rounds it because cuBLAS takes
+bf16): that is closer to the fp32 model, not further. In fp32 every cast is a no-op and the
+result is the eager layer's up to summation order.
 On the CPU tests run these kernels under Triton's interpreter.
 """
 
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 PLAIN, NORM, SWIGLU = 0, 1, 2  # prologues
-MAX_SEQS = 8  # sequences (rows x pairs) up to which the engine decodes through these kernels
+MAX_SEQS = 4  # most sequences per call (rows x pairs): products of four rows already fill the registers
 
 
 @triton.jit
@@ -46,24 +49,18 @@ def _gemv(
     rows = tl.arange(0, SB)
     rmask = rows < S
     wdt = W.dtype.element_ty
-    if PRO == 1:  # the rows' inverse RMS over all K (re-read per program: S x 4 KB from L2)
-        ss = tl.zeros((SB,), tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            xv = tl.load(X + rows[:, None] * sx + kk[None, :], mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, 1)
-        inv = 1.0 / tl.sqrt(ss / K + eps)
-    acc = tl.zeros((SB, BN), tl.float32)
+    acc = tl.zeros((SB, BN, BK), tl.float32)  # reduced over k once, after the loop
+    ss = tl.zeros((SB, BK), tl.float32)  # NORM: the rows' sums of squares, in the same pass
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         xm = rmask[:, None] & kmask[None, :]
         xp = X + rows[:, None] * sx + kk[None, :]
-        if PRO == 1:  # rms_norm(x, ln).to(dtype)
+        if PRO == 1:  # ln * x now; the row's 1/rms (a scalar per row) scales the sum at the end
             g = tl.load(LN + kk, mask=kmask, other=0.0)
             xv = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-            h = (g[None, :] * (xv * inv[:, None])).to(wdt).to(tl.float32)
+            ss += xv * xv
+            h = g[None, :] * xv
         elif PRO == 2:  # silu(gate) * up, each rounded to the dtype as eager rounds them
             gt = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
             up = tl.load(xp + K, mask=xm, other=0.0).to(tl.float32)
@@ -72,8 +69,11 @@ def _gemv(
         else:
             h = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
         w = tl.load(W + n[:, None] * sw + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc += tl.sum(h[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-    y = acc.to(wdt)
+        acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, 2)
+    if PRO == 1:
+        y = y / tl.sqrt(tl.sum(ss, 1) / K + eps)[:, None]
+    y = y.to(wdt)
     om = rmask[:, None] & nmask[None, :]
     if RES:
         r = tl.load(R + rows[:, None] * sr + n[None, :], mask=om, other=0.0)
@@ -92,16 +92,26 @@ def _seq_block(s: int) -> int:
 def block_sizes(s: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
     """(SB, BN, BK, num_warps) for S sequences through an (n, k) weight.
 
-    On a GPU: few output features per program, so that there are several programs per SM
-    (each streams BN rows of the weight), and a K tile that keeps SB x BN x BK products in
-    registers. Under the interpreter (CPU): big blocks, as few Python-level programs as possible.
+    On a GPU, from a sweep on an H200 (scripts/gpu_gemv.py, two sequences, 30 layers'
+    weights): a whole K=1024 row in one tile, and few output features per program, so that
+    each SM runs several programs (each streams BN rows of the weight); for the down
+    projection (K=4096) two features per program and 8 warps. Four sequences take half the
+    features per program (the products held in registers double). Under the interpreter
+    (CPU): big blocks, as few Python-level programs as possible.
     """
     sb = _seq_block(s)
     if device.type != "cuda":
         return sb, 64, min(k, 256), 4
-    bn = 8 if n >= 2048 else 4
-    bk = min(k, max(64, 8192 // (sb * bn)))
-    return sb, bn, bk, 4
+    bk = min(k, 1024)
+    if k > 1024:
+        bn, warps = 2, 8
+        if sb > 2:
+            bk = 512
+    else:
+        bn, warps = (8 if n >= 4096 else 4), 4
+        if sb > 2:
+            bn, warps = bn // 2, 8
+    return sb, bn, bk, warps
 
 
 def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None) -> torch.Tensor:

@@ -116,7 +116,7 @@ class FastEngine:
     def regions(self) -> dict:
         """The engine's compiled-region sets by name (``engine.regions.Regions``): what warm-up
         compiles and what the benchmark reports failures of."""
-        out = {"t3_layers": self.t3.w.regions}
+        out = {"t3_layers": self.t3.w.regions, "t3_sampling": self.t3.w.sampling}
         if self.s3.fused is not None:
             out["cfm_estimator"] = self.s3.fused.r
         out["vocoder"] = self.s3.vocoder.r

@@ -61,9 +61,10 @@ RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and th
 # an H100). Refills are a few thousand tokens anyway; only a first fill is split more.
 PREFILL_TOKENS = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
-# With the Triton decode kernels on, steps of at most this many sequences (batch 1 to 4 with
-# CFG) run the fused GEMV layers of decode_gemv; more sequences, the compiled layers.
-FUSED_MAX_SEQS = 8
+# With the Triton decode kernels on, steps of at most this many sequences (batch 1 and 2 with
+# CFG) run the fused GEMV layers of decode_gemv; more sequences, the compiled layers (at 8
+# sequences the GEMVs fell to a fifth of cuBLAS's bandwidth on an H200: scripts/gpu_gemv.py).
+FUSED_MAX_SEQS = 4
 
 
 def _round_up(x: int, m: int) -> int:
@@ -151,6 +152,7 @@ class T3Weights:
         self.vocab = self.speech_head.shape[0]
         self.n_layers = len(self.layers)
         self.regions = layer_regions()  # eager; FastT3(compile_layers=True) compiles them
+        self.sampling = sampling_regions()  # the same
         # decode attention: SDPA over the padded cache, or (CUDA) the Triton kernel that
         # writes this step's K/V and reads only live keys (FastT3(decode_kernel=...))
         self.decode_kernel = False
@@ -216,9 +218,14 @@ def layer_out(o, x, wo, ln2, wgu, wdown, eps: float):
 
 def layer_regions(compile: bool = False, backend="inductor") -> Regions:
     """A layer's two halves around the attention, eager or compiled (``engine.regions``):
-    one graph each for all 30 layers, every row count and (prefill) every length; and the
-    decode step's sampling (:func:`sample_rows`)."""
-    return Regions({"layer_in": layer_in, "layer_out": layer_out, "sample": _sample_and_record}, "T3's layers", compile, backend)
+    one graph each for all 30 layers, every row count and (prefill) every length."""
+    return Regions({"layer_in": layer_in, "layer_out": layer_out}, "T3's layers", compile, backend)
+
+
+def sampling_regions(compile: bool = False, backend="inductor") -> Regions:
+    """The decode step's sampling (:func:`sample_rows`), eager or compiled. A set of its own:
+    if it fails to compile, the layers stay compiled."""
+    return Regions({"sample": _sample_and_record}, "T3's sampling", compile, backend)
 
 
 def _layer(w: T3Weights, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) -> torch.Tensor:
@@ -400,12 +407,17 @@ def record_tokens(st: DecodeState, n: int, tok: torch.Tensor) -> None:
 
 
 def sample_rows(w: T3Weights, st: DecodeState, n: int, use_top_p: bool) -> torch.Tensor:
-    """:func:`draw_tokens` + :func:`record_tokens` as one region (``w.regions.sample``,
+    """:func:`draw_tokens` + :func:`record_tokens` as one region (``w.sampling.sample``,
     compiled with the layers: eagerly it is ~70 small kernels a step, ~0.2 ms at batch 1 on an
-    H100). The rows' dimension is dynamic: one graph for one row, one for any count above."""
-    r = w.regions
+    H100). The rows' dimension is dynamic: one graph for one row, one for any count above.
+
+    With top-p on, eagerly: Inductor (torch 2.11) failed to generate code for the top-p
+    filter's cumsum over a dynamic number of rows (a SplitScan) on an H200."""
     rec = _record_state(st, n)
     args = (st.logits[: n * st.pairs], st.seed_lo[:n], st.seed_hi[:n], *_params(st, n), *rec)
+    if use_top_p:
+        return _sample_and_record(*args, eos=st.eos, use_top_p=True)
+    r = w.sampling
     if n > 1:
         r.dyn(*((t, 0) for t in args))
     r.dyn((rec[0], 1))  # the output's length: a call with other budgets gets other buffers
@@ -596,6 +608,7 @@ class FastT3:
             compile_layers = self.w.device.type == "cuda"
         if compile_layers:
             self.w.regions = layer_regions(compile=True, backend=layers_backend)
+            self.w.sampling = sampling_regions(compile=True, backend=layers_backend)
         self.device = self.w.device
         self.decode_kernel_error: str | None = None  # why the Triton decode kernel is off, if it failed
         if decode_kernel is None:
