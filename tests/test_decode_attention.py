@@ -108,40 +108,41 @@ def conds(model):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-gemv-layers", "layer-halves"])
-def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds, monkeypatch, fused):
-    """Two sentences of one batch, CFG pairs, forced tokens: every step's logits as stock's.
-    Four sequences take the fused GEMV layers (decode_gemv) unless they are turned off."""
+def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds, fused):
+    """Forced tokens, CFG pairs: every step's logits as stock's. One sentence (one pair: the
+    fused GEMV layers of decode_gemv), or two sentences of one batch in swapped rows (four
+    sequences: the layer halves around the kernel)."""
     from ttsbatch.engine import t3_fast as tf
 
-    assert tf.FUSED_MAX_SEQS >= 4
-    if not fused:
-        monkeypatch.setattr(tf, "FUSED_MAX_SEQS", 0)
     fast = tf.FastT3(model, decode_kernel=True)
     assert fast.w.decode_kernel and fast.decode_kernel_error is None
     gen = GenerationOptions(cfg_weight=0.5)
-    texts, rows, steps = [TEXTS[1], TEXTS[3]], [1, 0], 4
-    forced = torch.randint(0, 6561, (2, steps), generator=torch.Generator().manual_seed(0))
+    texts, rows, steps = ([TEXTS[1]], [0], 4) if fused else ([TEXTS[1], TEXTS[3]], [1, 0], 4)
+    n = len(texts)
+    assert (2 * n <= tf.FUSED_MAX_SEQS) == fused
+    forced = torch.randint(0, 6561, (n, steps), generator=torch.Generator().manual_seed(0))
     ref = [_stock_logits(model, conds, t, forced[i].tolist(), 0.5) for i, t in enumerate(texts)]
     reqs = [SynthesisRequest(t, i, steps + 1) for i, t in enumerate(texts)]
-    st = fast.new_state(rows=2, max_len=300, max_new=steps + 1, pairs=2)
+    st = fast.new_state(rows=n, max_len=300, max_new=steps + 1, pairs=2)
     st.done.fill_(True)
     with torch.inference_mode():
         tf.prefill(fast.w, st, rows, [fast.row_input(conds, r, gen, 2) for r in reqs])
         for step in range(steps + 1):
-            for i in range(2):
+            for i in range(n):
                 diff = (st.logits[rows[i] * 2 : rows[i] * 2 + 2] - ref[i][step]).abs().max().item()
                 assert diff <= 1e-4, f"sentence {i} step {step}: {diff}"
             if step == steps:
                 break
-            tok = torch.zeros(2, dtype=torch.long)
-            for i in range(2):
+            tok = torch.zeros(n, dtype=torch.long)
+            for i in range(n):
                 tok[rows[i]] = forced[i, step]
-            tf.record_tokens(st, 2, tok)
-            tf.forward_tokens(fast.w, st, 2, st.max_len, tok)
+            tf.record_tokens(st, n, tok)
+            tf.forward_tokens(fast.w, st, n, st.max_len, tok)
 
 
 def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds):
-    """A batch of 4 mixed-length sentences in 2 rows (refills): the same tokens with and without the kernel."""
+    """A batch of 4 mixed-length sentences in 2 rows (refills; the last one alone in one row,
+    through the fused GEMV layers): the same tokens with and without the kernels."""
     from ttsbatch.engine.t3_fast import FastT3
 
     gen = GenerationOptions(ignore_eos=True)

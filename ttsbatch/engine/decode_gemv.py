@@ -4,21 +4,21 @@ elementwise work fused in.
 With two sequences a decode step is a chain of matrix-vector products over 1 GB of bf16
 weights, and every small elementwise kernel between them (norms, casts, SiLU, residual
 adds) costs a launch and a trip through memory. Profiled on an H100 (scripts/gpu_t3_profile.py,
-rows 1) the compiled layers ran ~13 kernels per layer, ~490 per step, and cuBLAS moved the
+rows 1) the compiled layers ran ~13 kernels per layer, ~400 per step, and cuBLAS moved the
 weights at ~1.45 TB/s. Here a layer is four GEMVs, each reading its weight once:
 
-- ``norm_linear``: RMSNorm of the fp32 residual stream folded into the q/k/v or gate/up
-  projection: the product runs over ``ln * x`` while the same pass sums the squares of x,
-  and each row's sum is scaled by its 1/rms at the end;
-- ``linear_residual``: the o-projection plus the residual add;
-- ``swiglu_linear_residual``: SiLU(gate) * up as the prologue of the down projection, plus
-  the residual add;
+- ``norm_linear``: RMSNorm of the fp32 residual stream folded into the q/k/v projection:
+  the product runs over ``ln * x`` while the same pass sums the squares of x, and each
+  row's sum is scaled by its 1/rms at the end;
+- ``norm_swiglu``: the same for the gate/up projection, each program taking matching rows
+  of both halves so that SiLU(gate) * up is its epilogue;
+- ``linear_residual``: the o- and the down projection, plus the residual add;
 
 and RoPE moves into the attention kernel (``decode_attention.attend_and_cache(rope=...)``).
 
 Numerics follow the eager layer (``t3_fast.layer_in``/``layer_out``) cast for cast, with one
-exception: products accumulate in fp32 and are rounded to the weights' dtype before the fp32
-residual add; SiLU and the gate product are rounded as eager bf16 rounds them; but the
+exception: products accumulate in fp32 and are rounded to the weights' dtype (before the fp32
+residual add); SiLU and the gate product are rounded as eager bf16 rounds them; but the
 norm's output is not rounded to bf16 before its GEMV (eager rounds it because cuBLAS takes
 bf16): that is closer to the fp32 model, not further. In fp32 every cast is a no-op and the
 result is the eager layer's up to summation order.
@@ -31,18 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-PLAIN, NORM, SWIGLU = 0, 1, 2  # prologues
-MAX_SEQS = 4  # most sequences per call (rows x pairs): products of four rows already fill the registers
+PLAIN, NORM = 0, 1  # prologues
+MAX_SEQS = 2  # most sequences per call (rows x pairs): batch 1 with CFG; at four the GEMVs fell behind cuBLAS
 
 
 @triton.jit
 def _gemv(
     X, LN, W, R, Y,
     S, N, sx, sw, sr, sy, eps,
-    K: tl.constexpr, PRO: tl.constexpr, RES: tl.constexpr,
+    K: tl.constexpr, PRO: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr,
     SB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Y[s, n] = (sum_k f(X)[s, k] * W[n, k]) rounded to W's dtype (+ R[s, n] in fp32)."""
+    """Y[s, n] = (sum_k f(X)[s, k] * W[n, k]) rounded to W's dtype (+ R[s, n] in fp32).
+
+    GLU: W holds 2N rows (gate, then up); Y[s, n] = silu(gate[s, n]) * up[s, n], each
+    product rounded to W's dtype first, as eager rounds F.linear's output, F.silu and the
+    product."""
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     nmask = n < N
@@ -50,30 +54,34 @@ def _gemv(
     rmask = rows < S
     wdt = W.dtype.element_ty
     acc = tl.zeros((SB, BN, BK), tl.float32)  # reduced over k once, after the loop
+    acc_up = tl.zeros((SB, BN, BK), tl.float32)  # GLU only
     ss = tl.zeros((SB, BK), tl.float32)  # NORM: the rows' sums of squares, in the same pass
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         xm = rmask[:, None] & kmask[None, :]
-        xp = X + rows[:, None] * sx + kk[None, :]
+        xv = tl.load(X + rows[:, None] * sx + kk[None, :], mask=xm, other=0.0).to(tl.float32)
         if PRO == 1:  # ln * x now; the row's 1/rms (a scalar per row) scales the sum at the end
-            g = tl.load(LN + kk, mask=kmask, other=0.0)
-            xv = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
             ss += xv * xv
-            h = g[None, :] * xv
-        elif PRO == 2:  # silu(gate) * up, each rounded to the dtype as eager rounds them
-            gt = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-            up = tl.load(xp + K, mask=xm, other=0.0).to(tl.float32)
-            a = (gt / (1.0 + tl.exp(-gt))).to(wdt).to(tl.float32)
-            h = (a * up).to(wdt).to(tl.float32)
-        else:
-            h = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-        w = tl.load(W + n[:, None] * sw + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc += h[:, None, :] * w.to(tl.float32)[None, :, :]
+            xv = tl.load(LN + kk, mask=kmask, other=0.0)[None, :] * xv
+        wm = nmask[:, None] & kmask[None, :]
+        w = tl.load(W + n[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+        acc += xv[:, None, :] * w.to(tl.float32)[None, :, :]
+        if GLU:
+            w = tl.load(W + (n + N)[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+            acc_up += xv[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, 2)
     if PRO == 1:
-        y = y / tl.sqrt(tl.sum(ss, 1) / K + eps)[:, None]
+        inv = 1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps)
+        y = y * inv[:, None]
     y = y.to(wdt)
+    if GLU:
+        up = tl.sum(acc_up, 2)
+        if PRO == 1:
+            up = up * inv[:, None]
+        gate = y.to(tl.float32)
+        a = (gate / (1.0 + tl.exp(-gate))).to(wdt).to(tl.float32)
+        y = (a * up.to(wdt).to(tl.float32)).to(wdt)
     om = rmask[:, None] & nmask[None, :]
     if RES:
         r = tl.load(R + rows[:, None] * sr + n[None, :], mask=om, other=0.0)
@@ -89,33 +97,28 @@ def _seq_block(s: int) -> int:
     return max(b, 2)
 
 
-def block_sizes(s: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(SB, BN, BK, num_warps) for S sequences through an (n, k) weight.
+def block_sizes(s: int, n: int, k: int, device: torch.device, glu: bool = False) -> tuple[int, int, int, int]:
+    """(SB, BN, BK, num_warps) for S sequences through an (n, k) weight (n outputs; with
+    ``glu``, 2n weight rows).
 
-    On a GPU, from a sweep on an H200 (scripts/gpu_gemv.py, two sequences, 30 layers'
-    weights): a whole K=1024 row in one tile, and few output features per program, so that
-    each SM runs several programs (each streams BN rows of the weight); for the down
-    projection (K=4096) two features per program and 8 warps. Four sequences take half the
-    features per program (the products held in registers double). Under the interpreter
-    (CPU): big blocks, as few Python-level programs as possible.
+    On a GPU, from a sweep on an H200 (scripts/gpu_gemv.py --configs, two sequences, 30
+    layers' weights): a whole row of K=1024 in one tile, and few output features per
+    program, so that each SM runs several programs (each streams BN rows of the weight).
+    Under the interpreter (CPU): big blocks, as few Python-level programs as possible.
     """
     sb = _seq_block(s)
     if device.type != "cuda":
         return sb, 64, min(k, 256), 4
-    bk = min(k, 1024)
+    if glu:
+        return sb, 4, min(k, 1024), 4
     if k > 1024:
-        bn, warps = 2, 8
-        if sb > 2:
-            bk = 512
-    else:
-        bn, warps = (8 if n >= 4096 else 4), 4
-        if sb > 2:
-            bn, warps = bn // 2, 8
-    return sb, bn, bk, warps
+        return sb, 2, 1024, 8
+    return sb, 4, min(k, 1024), 4
 
 
-def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None) -> torch.Tensor:
-    s, n = x.shape[0], w.shape[0]
+def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None, glu: bool = False, blocks=None) -> torch.Tensor:
+    """One GEMV; ``blocks`` = (BN, BK, num_warps) overrides :func:`block_sizes` (for sweeps)."""
+    s, n = x.shape[0], w.shape[0] // (2 if glu else 1)
     if s > MAX_SEQS:
         raise ValueError(f"decode GEMV: at most {MAX_SEQS} sequences, got {s}")
     if w.shape[1] != k:
@@ -124,10 +127,12 @@ def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None) -> torc
         raise ValueError("decode GEMV: the last dimension of every operand must be contiguous")
     y = torch.empty((s, n), dtype=torch.float32 if res is not None else w.dtype, device=x.device)
     r = res if res is not None else y  # unused pointers still need a tensor
-    sb, bn, bk, warps = block_sizes(s, n, k, x.device)
+    sb, bn, bk, warps = block_sizes(s, n, k, x.device, glu)
+    if blocks is not None:
+        bn, bk, warps = blocks
     _gemv[(triton.cdiv(n, bn),)](
         x, ln if ln is not None else w, w, r, y, s, n, x.stride(0), w.stride(0), r.stride(0), y.stride(0), eps,
-        K=k, PRO=pro, RES=res is not None, SB=sb, BN=bn, BK=bk, num_warps=warps,
+        K=k, PRO=pro, RES=res is not None, GLU=glu, SB=sb, BN=bn, BK=bk, num_warps=warps,
     )
     return y
 
@@ -137,12 +142,13 @@ def norm_linear(x: torch.Tensor, ln: torch.Tensor, w: torch.Tensor, eps: float) 
     return _launch(x, w, NORM, x.shape[1], ln=ln, eps=eps)
 
 
+def norm_swiglu(x: torch.Tensor, ln: torch.Tensor, wgu: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.silu(gate) * up`` with ``gate, up = F.linear(rms_norm(x, ln, eps).to(dt), wgu).chunk(2, -1)``:
+    x (S, K) fp32, wgu (2M, K) -> (S, M) in wgu's dtype. Each program takes the same rows of
+    the gate and the up halves, so the product happens in its epilogue."""
+    return _launch(x, wgu, NORM, x.shape[1], ln=ln, eps=eps, glu=True)
+
+
 def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """``res + F.linear(x, w).float()``: x (S, K) in w's dtype, res (S, N) fp32 -> (S, N) fp32."""
     return _launch(x, w, PLAIN, x.shape[1], res=res)
-
-
-def swiglu_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-    """``res + F.linear(F.silu(gate) * up, w).float()`` with ``gate, up = gu.chunk(2, -1)``:
-    gu (S, 2K) in w's dtype, res (S, N) fp32 -> (S, N) fp32."""
-    return _launch(gu, w, SWIGLU, gu.shape[1] // 2, res=res)

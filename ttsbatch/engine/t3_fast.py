@@ -61,10 +61,10 @@ RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and th
 # an H100). Refills are a few thousand tokens anyway; only a first fill is split more.
 PREFILL_TOKENS = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
-# With the Triton decode kernels on, steps of at most this many sequences (batch 1 and 2 with
-# CFG) run the fused GEMV layers of decode_gemv; more sequences, the compiled layers (at 8
-# sequences the GEMVs fell to a fifth of cuBLAS's bandwidth on an H200: scripts/gpu_gemv.py).
-FUSED_MAX_SEQS = 4
+# With the Triton decode kernels on, steps of at most this many sequences (batch 1 with CFG)
+# run the fused GEMV layers of decode_gemv; more sequences, the compiled layers (on an H200 at
+# 4 sequences the fused path was slower than the compiled one: scripts/gpu_t3_profile.py).
+FUSED_MAX_SEQS = 2
 
 
 def _round_up(x: int, m: int) -> int:
@@ -517,18 +517,18 @@ def _layers(w: T3Weights, st: DecodeState, x: torch.Tensor, pos: torch.Tensor, k
 
 
 def _fused_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """The decode step's layers for a few sequences, x (s, D) fp32: five Triton kernels a
-    layer (``decode_gemv``: the norms, SwiGLU and residual adds inside the GEMVs; RoPE and the
-    cache write inside the attention), against ~13 for the compiled layers."""
+    """The decode step's layers for a few sequences, x (s, D) fp32: five or six Triton kernels
+    a layer (``decode_gemv``: the norms, SwiGLU and residual adds inside the GEMVs; RoPE and
+    the cache write inside the attention), against ~13 for the compiled layers."""
     from .decode_attention import attend_and_cache
-    from .decode_gemv import linear_residual, norm_linear, swiglu_linear_residual
+    from .decode_gemv import linear_residual, norm_linear, norm_swiglu
 
     s, H, hd = x.shape[0], w.n_heads, w.head_dim
     for li, lw in enumerate(w.layers):
         qkv = norm_linear(x, lw.ln1, lw.wqkv, w.eps).view(s, 3, H, 1, hd)
         o = attend_and_cache(qkv[:, 0], qkv[:, 1], qkv[:, 2], st.k[li], st.v[li], pos, kv_len, w.scale, rope=(st.cos, st.sin))
         x = linear_residual(o.view(s, H * hd), lw.wo, x)
-        x = swiglu_linear_residual(norm_linear(x, lw.ln2, lw.wgu, w.eps), lw.wdown, x)
+        x = linear_residual(norm_swiglu(x, lw.ln2, lw.wgu, w.eps), lw.wdown, x)
     return x
 
 
