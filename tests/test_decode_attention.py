@@ -164,4 +164,16 @@ def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog)
         fast = FastT3(model, decode_kernel=True)
     assert not fast.w.decode_kernel
     assert fast.decode_kernel_error == "RuntimeError: no Triton compiler here"
-    assert "Triton decode attention failed" in caplog.text
+    assert "Triton decode kernels failed" in caplog.text
+
+
+def test_a_wrong_fused_gemv_is_caught_at_start(kernel, monkeypatch, model):
+    """The start-up check runs the fused batch-1 layer too: a GEMV that drops its product
+    (the residual alone) turns the kernels off instead of producing noise."""
+    from ttsbatch.engine import decode_gemv
+    from ttsbatch.engine.t3_fast import FastT3
+
+    monkeypatch.setattr(decode_gemv, "linear_residual", lambda x, w, res: res.clone())
+    fast = FastT3(model, decode_kernel=True)
+    assert not fast.w.decode_kernel
+    assert fast.decode_kernel_error.startswith("wrong fused layer result")

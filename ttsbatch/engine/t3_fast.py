@@ -616,7 +616,7 @@ class FastT3:
         if decode_kernel:
             self.decode_kernel_error = _check_decode_kernel(self.w)
             if self.decode_kernel_error is not None:
-                log.warning("the Triton decode attention failed (%s); T3 decodes with SDPA (slower)", self.decode_kernel_error)
+                log.warning("the Triton decode kernels failed (%s); T3 decodes with SDPA (slower)", self.decode_kernel_error)
         self.w.decode_kernel = bool(decode_kernel) and self.decode_kernel_error is None
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
@@ -910,18 +910,29 @@ def _check_decode_kernel(w: T3Weights) -> str | None:
         err = (out.float() - ref).abs().max().item()
         if not (err < 0.05 and torch.equal(kc, kr) and torch.equal(vc, vr)):
             return f"wrong result (max |diff| {err:.3g})"
-        # and the fused GEMVs of the few-sequence path (decode_gemv)
-        from .decode_gemv import norm_linear
-
-        lw = w.layers[0]
-        x = torch.randn(2, w.dim, device=w.device, generator=g)
-        ref = F.linear(rms_norm(x, lw.ln1, w.eps).to(w.dtype), lw.wqkv).float()
-        err = (norm_linear(x, lw.ln1, lw.wqkv, w.eps).float() - ref).abs().max().item()
-        if not err <= 0.05 * max(ref.abs().max().item(), 1.0):
-            return f"wrong GEMV result (max |diff| {err:.3g})"
+        # and the fused layer of the batch-1 path (decode_gemv, RoPE in the attention), on layer 0
+        x = torch.randn(2, 1, w.dim, device=w.device, generator=g)
+        st = DecodeState(w, 1, 128, 1, 2, 0)
+        pos = torch.tensor([5, 6], device=w.device)
+        ref = _layers_probe(w, st, x, pos, fused=False)
+        err = (_layers_probe(w, st, x, pos, fused=True) - ref).abs().max().item()
+        if not err <= 0.05 * max((ref - x).abs().max().item(), 1e-3):
+            return f"wrong fused layer result (max |diff| {err:.3g})"
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _layers_probe(w: T3Weights, st: DecodeState, x: torch.Tensor, pos: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Layer 0 on x (2, 1, D) at positions ``pos``: the fused kernels or the (eager) layer
+    halves with the Triton attention, each on a zeroed cache."""
+    st.k.zero_()
+    st.v.zero_()
+    one = copy.copy(w)
+    one.layers, one.regions, one.decode_kernel = w.layers[:1], layer_regions(), True
+    if fused:
+        return _fused_layers(one, st, x[:, 0], pos, 128)[:, None]
+    return _layers(one, st, x, pos, 128)
 
 
 def move_row(st: DecodeState, src: int, dst: int) -> None:
