@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="steps per sentence")
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
     ap.add_argument("--attention", default="fused,kernel,sdpa",
-                    help="decode paths to profile: fused (the engine's: Triton attention, and for <= 8 sequences the fused "
+                    help="decode paths to profile: fused (the engine's: Triton attention, and at batch 1 the fused "
                     "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache)")
     args = ap.parse_args()
     import torch

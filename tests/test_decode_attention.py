@@ -140,17 +140,23 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, con
             tf.forward_tokens(fast.w, st, n, st.max_len, tok)
 
 
-def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds):
+def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, monkeypatch):
     """A batch of 4 mixed-length sentences in 2 rows (refills; the last one alone in one row,
     through the fused GEMV layers): the same tokens with and without the kernels."""
-    from ttsbatch.engine.t3_fast import FastT3
+    from ttsbatch.engine import t3_fast as tf
 
+    fused_steps = []
+    real = tf._fused_layers
+    monkeypatch.setattr(tf, "_fused_layers", lambda *a: fused_steps.append(1) or real(*a))
     gen = GenerationOptions(ignore_eos=True)
     reqs = [SynthesisRequest(t, 500 + i, b) for i, (t, b) in enumerate(zip(TEXTS[:4], (4, 6, 2, 5)))]
-    plain = dict(FastT3(model, decode_kernel=False).generate(conds, reqs, gen, max_rows=2, check_every=3))
-    with_kernel = FastT3(model, decode_kernel=True)
+    plain = dict(tf.FastT3(model, decode_kernel=False).generate(conds, reqs, gen, max_rows=2, check_every=3))
+    assert not fused_steps
+    with_kernel = tf.FastT3(model, decode_kernel=True)
+    fused_steps.clear()  # the start-up check runs one
     assert dict(with_kernel.generate(conds, reqs, gen, max_rows=2, check_every=3)) == plain
     assert len(plain) == 4 and with_kernel.stats["prefills"] >= 2
+    assert fused_steps  # the tail, one row alone, went through the fused layers
 
 
 def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog):

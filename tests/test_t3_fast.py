@@ -418,5 +418,9 @@ def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fas
     more = dict(comp.generate(conds, reqs, gen, max_rows=5, check_every=3))  # other rows, lengths, refills
     assert more == dict(fast.generate(conds, reqs, gen, max_rows=5, check_every=3))
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    # top-p: the compiled layers with the eager sampling, the same tokens and no new graph
+    top_p = GenerationOptions(ignore_eos=True, top_p=0.95)
+    assert dict(comp.generate(conds, reqs, top_p, max_rows=5)) == dict(fast.generate(conds, reqs, top_p, max_rows=5))
+    assert counters["stats"]["unique_graphs"] == graphs
     assert comp.w.regions.compiled and comp.w.sampling.compiled and not fast.w.regions.compiled
     torch._dynamo.reset()

@@ -14,7 +14,7 @@ The model classes and weights come from chatterbox-tts; only the decode loop is 
   (``2*row`` conditional, ``2*row+1`` unconditional), as stock's batch of two.
 - :func:`prefill` embeds many sentences at once (right-padded, causal mask per length) and
   writes their KV into their rows' slots; the other rows are not touched.
-- :func:`decode_one_token` = :func:`draw_tokens` + :func:`record_tokens` + :func:`forward_tokens`:
+- :func:`decode_one_token` = :func:`sample_rows` (draw and record) + :func:`forward_tokens`:
   a pure function of the buffers (the first ``n`` rows, the first ``kv_len`` cache
   positions), so it can be captured in a CUDA graph per (rows bucket, kv-length bucket).
 - :class:`FastT3` runs continuous batching: requests are length-sorted (longest first),
@@ -396,18 +396,14 @@ def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequ
     st.done[idx] = False
 
 
-def draw_tokens(st: DecodeState, n: int, use_top_p: bool) -> torch.Tensor:
-    """One token per row for the first ``n`` rows, from ``st.logits`` (CFG mix, filters, draw)."""
-    return _draw(st.logits[: n * st.pairs], st.seen[:n], st.seed_lo[:n], st.seed_hi[:n], st.step[:n], *_params(st, n), use_top_p=use_top_p)
-
-
 def record_tokens(st: DecodeState, n: int, tok: torch.Tensor) -> None:
     """Append ``tok`` (n,) to the live rows among the first ``n``: output, seen mask, step, done."""
     _record(tok, *_record_state(st, n), eos=st.eos)
 
 
 def sample_rows(w: T3Weights, st: DecodeState, n: int, use_top_p: bool) -> torch.Tensor:
-    """:func:`draw_tokens` + :func:`record_tokens` as one region (``w.sampling.sample``,
+    """One token per row for the first ``n`` rows, from ``st.logits`` (CFG mix, filters,
+    draw), appended as :func:`record_tokens` does; one region (``w.sampling.sample``,
     compiled with the layers: eagerly it is ~70 small kernels a step, ~0.2 ms at batch 1 on an
     H100). The rows' dimension is dynamic: one graph for one row, one for any count above.
 
