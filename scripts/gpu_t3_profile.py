@@ -85,7 +85,9 @@ def main() -> int:
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
     ap.add_argument("--attention", default="fused,kernel,sdpa",
                     help="decode paths to profile: fused (the engine's: Triton attention, and at batch 1 the fused "
-                    "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache)")
+                    "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache); "
+                    "each may carry knobs: fused:pdl=0 (no programmatic dependent launch), :merge=kernel (split keys "
+                    "merged by a kernel of their own), :target=N (decode_attention.TARGET_PROGRAMS)")
     args = ap.parse_args()
     import torch
 
@@ -93,6 +95,7 @@ def main() -> int:
     from ttsbatch.config import GenerationOptions
     from ttsbatch.engine.model import load_model
     from ttsbatch.engine.stock import SynthesisRequest
+    from ttsbatch.engine import decode_attention as da
     from ttsbatch.engine import t3_fast
     from ttsbatch.engine.t3_fast import FastT3
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
@@ -105,10 +108,17 @@ def main() -> int:
     gen = GenerationOptions(ignore_eos=True, max_new_tokens=args.tokens)
     res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=args.tokens, runs=[])
     fused_max = t3_fast.FUSED_MAX_SEQS
-    for attention in args.attention.split(","):
+    defaults = dict(target=da.TARGET_PROGRAMS, merge=da.MERGE_LAST)
+    for variant in args.attention.split(","):
+        attention, *knobs = variant.split(":")
+        knob = dict(k.split("=", 1) for k in knobs)
+        os.environ["TTSBATCH_PDL"] = knob.get("pdl", "1")
+        da.TARGET_PROGRAMS = int(knob.get("target", defaults["target"]))
+        da.MERGE_LAST = knob["merge"] != "kernel" if "merge" in knob else defaults["merge"]
         t3_fast.FUSED_MAX_SEQS = fused_max if attention == "fused" else 0
         fast = FastT3(model, decode_kernel=attention != "sdpa")
         assert fast.w.decode_kernel == (attention != "sdpa"), fast.decode_kernel_error
+        attention = variant
         for rows in (int(x) for x in args.rows.split(",") if x):
             n = 2 * rows if rows else 512
             texts = book_sentences(Path(args.book), n)

@@ -113,3 +113,36 @@ def test_rope_inside_the_attention_kernel_equals_layer_in(gemv):
     out = da.attend_and_cache(qkv[:, 0], qkv[:, 1], qkv[:, 2], kc2, vc2, pos, L, D**-0.5, rope=(cos, sin))
     assert (out - ref).abs().max().item() <= 1e-5
     assert (kc2 - kc).abs().max().item() <= 1e-5 and (vc2 - vc).abs().max().item() <= 1e-5  # v: summation order
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_head_kernel_equals_the_eager_norm_and_head(gemv, with_bias):
+    """The batch-1 path's last kernel: T3's final RMSNorm and the fp32 speech head (+ bias),
+    written into the logits buffer, against t3_fast._head's eager F.linear."""
+    from types import SimpleNamespace
+
+    from ttsbatch.engine.t3_fast import _head
+
+    g = torch.Generator().manual_seed(5)
+    vocab = 700  # not a multiple of the block: the last program is masked
+    w = SimpleNamespace(norm=torch.rand(1024, generator=g) + 0.5, speech_head=torch.randn(vocab, 1024, generator=g) * 0.03,
+                        speech_head_bias=torch.randn(vocab, generator=g) if with_bias else None, eps=1e-5)
+    x = torch.randn(2, 1024, generator=g) * 3
+    logits = torch.full((4, vocab), 7.0)  # the decode state's buffer, bigger than the rows written
+    gemv.norm_linear_bias(x, w.norm, w.speech_head, w.speech_head_bias, w.eps, out=logits[:2])
+    ref = _head(w, x)
+    assert (logits[:2] - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert torch.equal(logits[2:], torch.full((2, vocab), 7.0))
+    with pytest.raises(ValueError, match="fp32"):
+        gemv.norm_linear_bias(x, w.norm, w.speech_head.bfloat16(), None, w.eps)
+
+
+def test_embedding_kernel_repeats_each_rows_token_for_its_pair(gemv):
+    """emb[tok] + pos_emb[step] (step past the table clamps to its last row), once per
+    sequence of a CFG pair."""
+    g = torch.Generator().manual_seed(6)
+    emb, pos_emb = torch.randn(50, 256, generator=g), torch.randn(20, 256, generator=g)
+    tok, step = torch.tensor([4, 49]), torch.tensor([3, 25])
+    x = gemv.embed_tokens(tok, step, emb, pos_emb, 2)
+    ref = (emb[tok] + pos_emb[step.clamp(max=19)]).repeat_interleave(2, 0)
+    assert x.shape == (4, 256) and torch.equal(x, ref)

@@ -30,6 +30,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from . import pdl
 
 PLAIN, NORM = 0, 1  # prologues
 MAX_SEQS = 2  # most sequences per call (rows x pairs): batch 1 with CFG; at four the GEMVs fell behind cuBLAS
@@ -40,13 +43,18 @@ def _gemv(
     X, LN, W, R, Y,
     S, N, sx, sw, sr, sy, eps,
     K: tl.constexpr, PRO: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr,
-    SB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Y[s, n] = (sum_k f(X)[s, k] * W[n, k]) rounded to W's dtype (+ R[s, n] in fp32).
 
     GLU: W holds 2N rows (gate, then up); Y[s, n] = silu(gate[s, n]) * up[s, n], each
     product rounded to W's dtype first, as eager rounds F.linear's output, F.silu and the
-    product."""
+    product.
+
+    PDL (see ``pdl``): the first weight tile is requested before waiting for the previous
+    kernel, whose output X (and R) is read only after the wait."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     n = pid * BN + tl.arange(0, BN)
     nmask = n < N
@@ -59,17 +67,21 @@ def _gemv(
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
+        wm = nmask[:, None] & kmask[None, :]
+        w = tl.load(W + n[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+        if GLU:
+            wu = tl.load(W + (n + N)[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+        if PDL:
+            if k0 == 0:
+                gdc_wait()
         xm = rmask[:, None] & kmask[None, :]
         xv = tl.load(X + rows[:, None] * sx + kk[None, :], mask=xm, other=0.0).to(tl.float32)
         if PRO == 1:  # ln * x now; the row's 1/rms (a scalar per row) scales the sum at the end
             ss += xv * xv
             xv = tl.load(LN + kk, mask=kmask, other=0.0)[None, :] * xv
-        wm = nmask[:, None] & kmask[None, :]
-        w = tl.load(W + n[:, None] * sw + kk[None, :], mask=wm, other=0.0)
         acc += xv[:, None, :] * w.to(tl.float32)[None, :, :]
         if GLU:
-            w = tl.load(W + (n + N)[:, None] * sw + kk[None, :], mask=wm, other=0.0)
-            acc_up += xv[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc_up += xv[:, None, :] * wu.to(tl.float32)[None, :, :]
     y = tl.sum(acc, 2)
     if PRO == 1:
         inv = 1.0 / tl.sqrt(tl.sum(ss, 1) / K + eps)
@@ -118,8 +130,9 @@ def block_sizes(s: int, n: int, k: int, device: torch.device, glu: bool = False)
     return sb, 4, min(k, 1024), 4
 
 
-def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None, glu: bool = False, blocks=None) -> torch.Tensor:
-    """One GEMV; ``blocks`` = (BN, BK, num_warps) overrides :func:`block_sizes` (for sweeps)."""
+def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None, glu: bool = False, blocks=None, out=None) -> torch.Tensor:
+    """One GEMV; ``blocks`` = (BN, BK, num_warps) overrides :func:`block_sizes` (for sweeps);
+    ``out``: where to write (else a new tensor)."""
     s, n = x.shape[0], w.shape[0] // (2 if glu else 1)
     if s > MAX_SEQS:
         raise ValueError(f"decode GEMV: at most {MAX_SEQS} sequences, got {s}")
@@ -127,14 +140,19 @@ def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None, glu: bo
         raise ValueError(f"decode GEMV: the input has {k} features, the weight takes {w.shape[1]}")
     if x.stride(-1) != 1 or w.stride(-1) != 1 or (res is not None and res.stride(-1) != 1):
         raise ValueError("decode GEMV: the last dimension of every operand must be contiguous")
-    y = torch.empty((s, n), dtype=torch.float32 if res is not None else w.dtype, device=x.device)
+    dt = torch.float32 if res is not None else w.dtype
+    if out is not None and (out.shape != (s, n) or out.dtype != dt or out.stride(-1) != 1):
+        raise ValueError(f"decode GEMV: out must be ({s}, {n}) {dt} with contiguous rows")
+    y = out if out is not None else torch.empty((s, n), dtype=dt, device=x.device)
     r = res if res is not None else y  # unused pointers still need a tensor
     sb, bn, bk, warps = block_sizes(s, n, k, x.device, glu)
     if blocks is not None:
         bn, bk, warps = blocks
+    on = pdl.enabled(x.device)
     _gemv[(triton.cdiv(n, bn),)](
         x, ln if ln is not None else w, w, r, y, s, n, x.stride(0), w.stride(0), r.stride(0), y.stride(0), eps,
-        K=k, PRO=pro, RES=res is not None, GLU=glu, SB=sb, BN=bn, BK=bk, num_warps=warps,
+        K=k, PRO=pro, RES=res is not None, GLU=glu, SB=sb, BN=bn, BK=bk, PDL=on, num_warps=warps,
+        **({"launch_pdl": True} if on else {}),
     )
     return y
 
@@ -149,6 +167,47 @@ def norm_swiglu(x: torch.Tensor, ln: torch.Tensor, wgu: torch.Tensor, eps: float
     x (S, K) fp32, wgu (2M, K) -> (S, M) in wgu's dtype. Each program takes the same rows of
     the gate and the up halves, so the product happens in its epilogue."""
     return _launch(x, wgu, NORM, x.shape[1], ln=ln, eps=eps, glu=True)
+
+
+def norm_linear_bias(x: torch.Tensor, ln: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(rms_norm(x, ln, eps), w, bias).float()`` for an fp32 ``w`` (T3's final norm and
+    speech head): x (S, K) fp32 -> (S, N) fp32, into ``out`` if given. The bias goes in as a
+    residual with row stride 0."""
+    if w.dtype != torch.float32:
+        raise ValueError("norm_linear_bias: for fp32 weights (the output is not rounded)")
+    if bias is None:
+        bias = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    return _launch(x, w, NORM, x.shape[1], ln=ln, eps=eps, res=bias.expand(x.shape[0], -1), out=out)
+
+
+@triton.jit
+def _embed(TOK, STEP, EMB, PEMB, X, P, last_pos, sx, D: tl.constexpr, PDL: tl.constexpr):
+    """X[s] = EMB[TOK[s // P]] + PEMB[min(STEP[s // P], last_pos)]: one program per sequence."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    s = tl.program_id(0)
+    r = s // P
+    tok = tl.load(TOK + r)
+    sp = tl.minimum(tl.load(STEP + r), last_pos)
+    d = tl.arange(0, D)
+    x = tl.load(EMB + tok * D + d) + tl.load(PEMB + sp * D + d)
+    tl.store(X + s * sx + d, x)
+
+
+def embed_tokens(tok: torch.Tensor, step: torch.Tensor, emb: torch.Tensor, pos_emb: torch.Tensor, pairs: int) -> torch.Tensor:
+    """``emb[tok] + pos_emb[step.clamp(max=len(pos_emb) - 1)]`` repeated for each sequence of a
+    row: tok, step (n,) -> (n * pairs, D) fp32, one kernel (eager: gather, gather, clamp, add,
+    and the copy for the pairs)."""
+    n, D = tok.shape[0], emb.shape[1]
+    if not (emb.is_contiguous() and pos_emb.is_contiguous()) or emb.dtype != torch.float32 or D & (D - 1):
+        raise ValueError("embed_tokens: contiguous fp32 tables with a power-of-two width")
+    x = torch.empty((n * pairs, D), dtype=torch.float32, device=emb.device)
+    on = pdl.enabled(emb.device)
+    _embed[(n * pairs,)](tok, step, emb, pos_emb, x, pairs, pos_emb.shape[0] - 1, x.stride(0), D=D, PDL=on,
+                         num_warps=4, **({"launch_pdl": True} if on else {}))
+    return x
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor) -> torch.Tensor:

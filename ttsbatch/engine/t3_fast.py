@@ -467,17 +467,22 @@ def forward_tokens(w: T3Weights, st: DecodeState, n: int, kv_len: int, tok: torc
     """
     P = st.pairs
     s = n * P
-    spos = st.step[:n].clamp(max=w.speech_pos.shape[0] - 1)
-    x = w.speech_emb[tok] + w.speech_pos[spos]  # (n, D)
-    # both sequences of a pair; contiguous also for one row (a view with stride 0 there would
-    # be a new input layout for the compiled layers)
-    x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim).contiguous()
     pos = st.pos[:s].clamp(max=st.max_len - 1)
     if w.decode_kernel and s <= FUSED_MAX_SEQS:
-        x = _fused_layers(w, st, x[:, 0], pos, kv_len)[:, None]
+        # batch 1: Triton kernels from the embedding to the logits (decode_gemv)
+        from .decode_gemv import embed_tokens, norm_linear_bias
+
+        x = embed_tokens(tok, st.step[:n], w.speech_emb, w.speech_pos, P)
+        x = _fused_layers(w, st, x, pos, kv_len)
+        norm_linear_bias(x, w.norm, w.speech_head, w.speech_head_bias, w.eps, out=st.logits[:s])
     else:
+        spos = st.step[:n].clamp(max=w.speech_pos.shape[0] - 1)
+        x = w.speech_emb[tok] + w.speech_pos[spos]  # (n, D)
+        # both sequences of a pair; contiguous also for one row (a view with stride 0 there would
+        # be a new input layout for the compiled layers)
+        x = x[:, None, :].expand(n, P, w.dim).reshape(s, 1, w.dim).contiguous()
         x = _layers(w, st, x, pos, kv_len)
-    st.logits[:s] = _head(w, x[:, 0])
+        st.logits[:s] = _head(w, x[:, 0])
     live = (~st.done[:n])[:, None].expand(n, P).reshape(s)
     st.pos[:s] = st.pos[:s] + live.to(torch.int64)
 
@@ -914,6 +919,17 @@ def _check_decode_kernel(w: T3Weights) -> str | None:
         err = (_layers_probe(w, st, x, pos, fused=True) - ref).abs().max().item()
         if not err <= 0.05 * max((ref - x).abs().max().item(), 1e-3):
             return f"wrong fused layer result (max |diff| {err:.3g})"
+        # and the batch-1 path's embedding and head kernels
+        from .decode_gemv import embed_tokens, norm_linear_bias
+
+        tok, step = torch.tensor([3], device=w.device), torch.tensor([w.speech_pos.shape[0] + 5], device=w.device)
+        emb = embed_tokens(tok, step, w.speech_emb, w.speech_pos, 2)
+        if not torch.equal(emb, (w.speech_emb[3] + w.speech_pos[-1]).expand(2, -1)):
+            return "wrong embedding kernel result"
+        ref = _head(w, x[:, 0])
+        err = (norm_linear_bias(x[:, 0], w.norm, w.speech_head, w.speech_head_bias, w.eps) - ref).abs().max().item()
+        if not err <= 1e-3 * max(ref.abs().max().item(), 1.0):
+            return f"wrong head kernel result (max |diff| {err:.3g})"
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
