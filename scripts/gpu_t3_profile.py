@@ -86,8 +86,8 @@ def main() -> int:
     ap.add_argument("--attention", default="fused,kernel,sdpa",
                     help="decode paths to profile: fused (the engine's: Triton attention, and at batch 1 the fused "
                     "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache); "
-                    "each may carry knobs: fused:pdl=0 (no programmatic dependent launch), :merge=kernel (split keys "
-                    "merged by a kernel of their own), :target=N (decode_attention.TARGET_PROGRAMS)")
+                    "each may carry knobs: fused:pdl=0 (no programmatic dependent launch), :prefetch=0 (no early "
+                    "read of the first key block), :target=N (decode_attention.TARGET_PROGRAMS)")
     args = ap.parse_args()
     import torch
 
@@ -108,13 +108,13 @@ def main() -> int:
     gen = GenerationOptions(ignore_eos=True, max_new_tokens=args.tokens)
     res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=args.tokens, runs=[])
     fused_max = t3_fast.FUSED_MAX_SEQS
-    defaults = dict(target=da.TARGET_PROGRAMS, merge=da.MERGE_LAST)
+    defaults = dict(target=da.TARGET_PROGRAMS, prefetch=da.PREFETCH)
     for variant in args.attention.split(","):
         attention, *knobs = variant.split(":")
         knob = dict(k.split("=", 1) for k in knobs)
         os.environ["TTSBATCH_PDL"] = knob.get("pdl", "1")
         da.TARGET_PROGRAMS = int(knob.get("target", defaults["target"]))
-        da.MERGE_LAST = knob["merge"] != "kernel" if "merge" in knob else defaults["merge"]
+        da.PREFETCH = knob["prefetch"] != "0" if "prefetch" in knob else defaults["prefetch"]
         t3_fast.FUSED_MAX_SEQS = fused_max if attention == "fused" else 0
         fast = FastT3(model, decode_kernel=attention != "sdpa")
         assert fast.w.decode_kernel == (attention != "sdpa"), fast.decode_kernel_error

@@ -9,10 +9,14 @@ each sequence's live keys only and does the cache write for the new position (tw
 
 Split-KV ("flash decoding"): each program takes one (sequence, head) and a ``chunk`` of key
 positions; with few sequences (batch 1) the keys are split over many programs so the GPU
-has work, and the splits are merged by their log-sum-exp: by the last program of each
-(sequence, head) to finish (``MERGE_LAST``: a counter per (sequence, head), taken with an
-atomic add and reset by that program) or by a second small kernel. With many sequences
-there is one split and the first kernel writes the output itself.
+has work, and a second small kernel merges the splits by their log-sum-exp. With many
+sequences there is one split and the first kernel writes the output itself. (Merging in the
+attention kernel instead, by the last program of each (sequence, head) to finish, counted
+with an atomic add, saved 30 launches per batch-1 step but was slower once the launches
+overlapped: 1.036 ms per step against 0.977 on an H200, scripts/gpu_t3_profile.py.)
+
+With programmatic dependent launch (``pdl``) a program requests its first block of cached
+keys and values before waiting for the q/k/v projection: they were written by earlier steps.
 
 Numerics: q.k, the softmax and the weighted sum of V accumulate in fp32 (as FlashAttention
 does); the output is cast to the cache's dtype. On the CPU the engine keeps SDPA; tests run
@@ -31,27 +35,36 @@ from . import pdl
 BLOCK_N = 64  # key positions per loop iteration (a 64 x 64 tile of bf16: 8 KB)
 TARGET_PROGRAMS = 2048  # split the keys until about this many programs run (an H100 has 132 SMs)
 MAX_SPLITS = 16
-# merge the splits in the attention kernel (its last program per (sequence, head)) rather than
-# in a kernel of its own: at batch 1 that is 30 launches fewer per decode step
-MERGE_LAST = True
+PREFETCH = None  # request each split's first key block before the q/k/v: None = with PDL (tests force it)
 
 
 @triton.jit
 def _attend_split(
-    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, CNT, COS, SIN,
+    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN,
     sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h,
-    scale, H,
+    scale, H, kv_len,
     CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
-    MERGE: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # launched early (see ``pdl``); everything read here may come from the previous kernel
-        gdc_launch_dependents()
-        gdc_wait()
     pid = tl.program_id(0)  # sequence * H + head
     split = tl.program_id(1)
     s = pid // H
     h = pid % H
     d = tl.arange(0, D)
+    kc = KC + s * sc_s + h * sc_h
+    vc = VC + s * sc_s + h * sc_h
+    start = split * CHUNK
+    first = start + tl.arange(0, BLOCK)
+    in_first = (first < kv_len)[:, None]
+    if PDL:  # launched early (see ``pdl``)
+        gdc_launch_dependents()
+    if PREFETCH:
+        # the split's first block of cached keys, requested before waiting: positions written
+        # by earlier decode steps (the new one, ``pos``, is replaced below; past it is masked)
+        k_first = tl.load(kc + first[:, None] * sc_l + d[None, :], mask=in_first, other=0.0)
+        v_first = tl.load(vc + first[:, None] * sc_l + d[None, :], mask=in_first, other=0.0)
+    if PDL:
+        gdc_wait()  # everything below may come from the previous kernel
     pos = tl.load(Pos + s).to(tl.int32)
     q = tl.load(Q + s * sq_s + h * sq_h + d)
     kn = tl.load(KN + s * sk_s + h * sk_h + d)
@@ -66,9 +79,6 @@ def _attend_split(
         kn = (kn.to(tl.float32) * c + sign * kr * sn).to(KN.dtype.element_ty)
     q = q.to(tl.float32) * scale
     vn = tl.load(VN + s * sv_s + h * sv_h + d)
-    kc = KC + s * sc_s + h * sc_h
-    vc = VC + s * sc_s + h * sc_h
-    start = split * CHUNK
     if (pos >= start) & (pos < start + CHUNK):  # this split owns the new position: cache it
         tl.store(kc + pos * sc_l + d, kn)
         tl.store(vc + pos * sc_l + d, vn)
@@ -80,15 +90,20 @@ def _attend_split(
         n0 = start + i * BLOCK
         if n0 < end:  # past a row's live keys nothing is read or computed
             offs = n0 + tl.arange(0, BLOCK)
-            live = offs < end
+            live = (offs < end)[:, None]
             at_pos = (offs == pos)[:, None]
-            ptr = offs[:, None] * sc_l + d[None, :]
-            # the new position is taken from the inputs, not read back from the cache
-            k = tl.load(kc + ptr, mask=live[:, None] & ~at_pos, other=0.0)
-            k = tl.where(at_pos, kn[None, :], k).to(tl.float32)
-            v = tl.load(vc + ptr, mask=live[:, None] & ~at_pos, other=0.0)
-            v = tl.where(at_pos, vn[None, :], v).to(tl.float32)
-            qk = tl.where(live, tl.sum(k * q[None, :], 1), float("-inf"))
+            if PREFETCH and i == 0:
+                k = k_first
+                v = v_first
+            else:
+                ptr = offs[:, None] * sc_l + d[None, :]
+                k = tl.load(kc + ptr, mask=live & ~at_pos, other=0.0)
+                v = tl.load(vc + ptr, mask=live & ~at_pos, other=0.0)
+            # the new position is taken from the inputs, not read back from the cache; past it
+            # nothing counts (zeros, whatever the prefetch read there)
+            k = tl.where(at_pos, kn[None, :], tl.where(live, k, 0.0)).to(tl.float32)
+            v = tl.where(at_pos, vn[None, :], tl.where(live, v, 0.0)).to(tl.float32)
+            qk = tl.where(offs < end, tl.sum(k * q[None, :], 1), float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, 0))
             alpha = tl.exp(m - m_new)
             p = tl.exp(qk - m_new)
@@ -101,31 +116,6 @@ def _attend_split(
         tl.store(OP + (pid * NSPLIT + split) * D + d, acc)
         tl.store(MP + pid * NSPLIT + split, m)
         tl.store(LP + pid * NSPLIT + split, l)
-        if MERGE:
-            # every thread's partials are written (barrier) and released at GPU scope (the
-            # atomic) before the count; the program that counts last acquires them all
-            tl.debug_barrier()
-            arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == NSPLIT - 1:
-                _merge(O, OP, MP, LP, s * so_s + h * so_h, pid, NSPLIT, D, True)
-                tl.store(CNT + pid, 0)  # ready for the next launch (ordered after this one)
-
-
-@triton.jit
-def _merge(O, OP, MP, LP, o_off, pid, NSPLIT: tl.constexpr, D: tl.constexpr, FRESH: tl.constexpr):
-    sp = tl.arange(0, NSPLIT)
-    d = tl.arange(0, D)
-    if FRESH:  # written by other programs of this launch: read through L2, not a stale L1 line
-        m = tl.load(MP + pid * NSPLIT + sp, cache_modifier=".cg")
-        l = tl.load(LP + pid * NSPLIT + sp, cache_modifier=".cg")
-        o = tl.load(OP + (pid * NSPLIT + sp)[:, None] * D + d[None, :], cache_modifier=".cg")
-    else:
-        m = tl.load(MP + pid * NSPLIT + sp)
-        l = tl.load(LP + pid * NSPLIT + sp)
-        o = tl.load(OP + (pid * NSPLIT + sp)[:, None] * D + d[None, :])
-    w = tl.exp(m - tl.max(m, 0))  # an empty split (m = -inf) weighs 0; split 0 is never empty
-    out = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(O + o_off + d, out.to(O.dtype.element_ty))
 
 
 @triton.jit
@@ -134,7 +124,16 @@ def _merge_splits(O, OP, MP, LP, so_s, so_h, H, NSPLIT: tl.constexpr, D: tl.cons
         gdc_launch_dependents()
         gdc_wait()
     pid = tl.program_id(0)
-    _merge(O, OP, MP, LP, (pid // H) * so_s + (pid % H) * so_h, pid, NSPLIT, D, False)
+    s = pid // H
+    h = pid % H
+    sp = tl.arange(0, NSPLIT)
+    d = tl.arange(0, D)
+    m = tl.load(MP + pid * NSPLIT + sp)
+    l = tl.load(LP + pid * NSPLIT + sp)
+    w = tl.exp(m - tl.max(m, 0))  # an empty split (m = -inf) weighs 0; split 0 is never empty
+    o = tl.load(OP + (pid * NSPLIT + sp)[:, None] * D + d[None, :])
+    out = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(O + s * so_s + h * so_h + d, out.to(O.dtype.element_ty))
 
 
 def splits_for(seqs: int, heads: int, kv_len: int) -> int:
@@ -145,21 +144,6 @@ def splits_for(seqs: int, heads: int, kv_len: int) -> int:
     while n < want and n < MAX_SPLITS and (2 * n) * BLOCK_N <= kv_len:
         n *= 2
     return n
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The persistent split counters of ``device`` (zero between launches): allocated once,
-    outside any CUDA graph capture, so a captured launch keeps its address."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("attend_and_cache: run it once before capturing a CUDA graph (split counters)")
-        c = torch.zeros(max(n, TARGET_PROGRAMS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = c
-    return c
 
 
 def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float, rope=None) -> torch.Tensor:
@@ -185,8 +169,6 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
         lp = torch.empty_like(mp)
     else:
         op = mp = lp = out  # unused
-    merge_last = nsplit > 1 and MERGE_LAST
-    cnt = _counters(q.device, S * H) if merge_last else pos  # unused without
     if rope is not None:
         cos, sin = rope
         if cos.shape[-1] != D or not (cos.is_contiguous() and sin.is_contiguous()):
@@ -196,12 +178,13 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
     on = pdl.enabled(q.device)
     launch = {"launch_pdl": True} if on else {}
     _attend_split[(S * H, nsplit)](
-        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cnt, cos, sin,
+        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        scale, H, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
-        MERGE=merge_last, PDL=on, num_warps=4, **launch,
+        scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
+        PREFETCH=on if PREFETCH is None else PREFETCH, PDL=on,
+        num_warps=4, **launch,
     )
-    if nsplit > 1 and not merge_last:
+    if nsplit > 1:
         _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, PDL=on, num_warps=1, **launch)
     return out

@@ -9,11 +9,13 @@ scheduled as soon as every block of this one is, load what does not depend on th
 predecessor (their weights), and block in ``gdc_wait`` until the predecessor has completed
 and its writes are visible.
 
-The rule every kernel here keeps: before ``gdc_wait`` it reads only weights (never another
-kernel's output, never a buffer the allocator may hand back) and writes nothing. Since each
-kernel waits for its predecessor, which waited for its own, the chain orders everything
-after it. A kernel launched without PDL (cuBLAS, Inductor) is ordered as usual. CUDA graphs
-keep the programmatic edges (CUDA >= 12.3).
+The rule every kernel here keeps: before ``gdc_wait`` it writes nothing and reads only what
+no kernel of the running decode step writes: weights, and (the attention) KV-cache entries
+of earlier steps. Those are safe because every step starts with kernels launched the usual
+way (the sampling, compiled by Inductor), which start only once everything before them has
+completed. Never another kernel's output, never a buffer the allocator may hand back. Since
+each kernel waits for its predecessor, which waited for its own, the chain orders everything
+after it. CUDA graphs keep the programmatic edges (CUDA >= 12.3).
 
 ``TTSBATCH_PDL=0`` turns it off (for comparisons); it is off below compute capability 9.0
 and on the CPU (Triton's interpreter runs programs one by one).
