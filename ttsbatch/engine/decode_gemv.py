@@ -114,10 +114,10 @@ def block_sizes(s: int, n: int, k: int, device: torch.device, glu: bool = False)
     ``glu``, 2n weight rows).
 
     On a GPU, from a sweep on an H200 (scripts/gpu_gemv.py --configs, two sequences, 30
-    layers' weights): a whole row of K=1024 in one tile, and few output features per
-    program, so that each SM runs several programs (each streams BN rows of the weight).
-    Per call there: q/k/v 4.9 us (cuBLAS 5.0), o 3.2 (7.6), gate/up 8.2 (6.7, without the
-    norm and SwiGLU), down 6.2 (7.6).
+    layers' weights, programmatic dependent launch on): a whole row of K=1024 in one tile
+    (down, K=4096: half a row), and few output features per program, so that each SM runs
+    several programs (each streams BN rows of the weight). Per call there: q/k/v 4.0 us
+    (cuBLAS 5.1), o 2.3 (7.6), gate/up 7.9 (6.7, without the norm and SwiGLU), down 4.4 (6.9).
     Under the interpreter (CPU): big blocks, as few Python-level programs as possible.
     """
     sb = _seq_block(s)
@@ -126,7 +126,9 @@ def block_sizes(s: int, n: int, k: int, device: torch.device, glu: bool = False)
     if glu:  # two tiles of BN rows (gate and up) per program
         return sb, 8, min(k, 1024), 4
     if k > 1024:
-        return sb, 2, 1024, 8
+        return sb, 4, 2048, 4
+    if n <= 1024:
+        return sb, 8, min(k, 1024), 4
     return sb, 4, min(k, 1024), 4
 
 
