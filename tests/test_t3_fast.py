@@ -164,6 +164,10 @@ def test_batch_invariance_and_budgets(model, conds, fast):
     emulated = FastT3(model, use_graphs="emulate")
     assert dict(emulated.generate(conds, reqs, gen, max_rows=3, check_every=3)) == batch
     assert emulated.stats["graphs_captured"] >= 3
+    # batch 1: every prefill is one row's, from the (emulated) graph of its padded length,
+    # its buffers refilled sentence after sentence
+    assert dict(emulated.generate(conds, reqs, gen, max_rows=1)) == batch
+    assert any(k[0] == "prefill" for k in emulated.state.graphs)
 
 
 def test_end_of_speech_stops_a_row_and_is_not_returned(conds, fast):

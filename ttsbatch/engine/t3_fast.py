@@ -283,7 +283,9 @@ class DecodeState:
         self.out = torch.zeros(rows, max_new, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)  # last token drawn
         self.params = SamplingParams(rows, dev)
-        self.graphs: dict[tuple, object] = {}  # (rows bucket, kv bucket, use_top_p) -> replay()
+        # (rows bucket, kv bucket, use_top_p) -> a decode step's replay(); ("prefill", padded length) ->
+        # [x, seq_idx, length, replay()] of a one-row prefill (FastT3.prefill)
+        self.graphs: dict[tuple, object] = {}
 
     def fits(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int) -> bool:
         """Whether these buffers serve a call needing this much (a call may use fewer rows)."""
@@ -354,6 +356,15 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
         x[i * P : (i + 1) * P, : inp.embeds.shape[1]] = inp.embeds
     seq_idx = torch.tensor([r * P + j for r in rows for j in range(P)], dtype=torch.int64, device=dev)
     length = torch.tensor(lens, dtype=torch.int64, device=dev)
+    prefill_layers(w, st, x, seq_idx, length)
+
+
+def prefill_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, seq_idx: torch.Tensor, length: torch.Tensor) -> None:
+    """The prefill's device work, a pure function of tensors (so one row's can be a CUDA
+    graph): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
+    cache of sequences ``seq_idx`` (n,); their logits at position ``length - 1``; their
+    positions set to ``length``."""
+    dev, n, Lmax = x.device, x.shape[0], x.shape[1]
     ar = torch.arange(Lmax, device=dev)
     mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
     mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, Lmax)
@@ -727,41 +738,87 @@ class FastT3:
         def run():
             decode_one_token(self.w, st, n, kv_len, use_top_p)
 
+        try:
+            replay = self._graph_of(run)
+        except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
+            self._graphs_failed(e, f"rows={n}, kv_len={kv_len}")
+            replay = run
+        for k, v in saved.items():
+            getattr(st, k).copy_(v)
+        return replay
+
+    def _graph_of(self, run):
+        """``run`` (no arguments) run twice on a side stream (compiling, allocating), then
+        captured: the replay. ``use_graphs="emulate"``: the two runs, then ``run`` itself."""
         if self.use_graphs == "emulate":
             for _ in range(2):
                 run()
-            replay = run
-        else:
-            cur = torch.cuda.current_stream(self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(cur)
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            cur.wait_stream(stream)
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: the capture forbids unsafe calls (allocations, syncs) in this
-                # thread only, so S3Gen and Perth keep running beside it on their own streams
-                # (the default "global" mode made every capture wait for them: 14.5 s of a
-                # 2-hour book, py-spy on an H100)
-                with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                    run()
-                replay = graph.replay
-            except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
-                torch.cuda.synchronize(self.device)
-                self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("CUDA graph capture failed (rows=%d, kv_len=%d): %s; decoding without graphs", n, kv_len, self.graph_error)
-                self.use_graphs = False
-                for k, v in saved.items():
-                    getattr(st, k).copy_(v)
-                return run
-        for k, v in saved.items():
-            getattr(st, k).copy_(v)
+            self.stats["graphs_captured"] += 1
+            return run
+        cur = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(cur)
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        cur.wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the capture forbids unsafe calls (allocations, syncs) in this
+        # thread only, so S3Gen and Perth keep running beside it on their own streams
+        # (the default "global" mode made every capture wait for them: 14.5 s of a
+        # 2-hour book, py-spy on an H100)
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            run()
         self.stats["graphs_captured"] += 1
-        return replay
+        return graph.replay
+
+    def _graphs_failed(self, e: Exception, what: str) -> None:
+        torch.cuda.synchronize(self.device)
+        self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("CUDA graph capture failed (%s): %s; decoding without graphs", what, self.graph_error)
+        self.use_graphs = False
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def prefill(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
+        """:func:`prefill`; one row's from a CUDA graph per padded prompt length (with graphs on).
+
+        A prefill is ~150 kernels, and for one row (batch 1, or a refill of one row) the
+        host launching them is the bottleneck: profiled on an H200 (scripts/gpu_batch1.py),
+        13.9 ms per sentence, a quarter of batch 1's time with the bench's sentences."""
+        if not (self.use_graphs and len(rows) == 1):
+            prefill(self.w, st, rows, inputs)
+            return
+        row, inp = rows[0], inputs[0]
+        P, L = st.pairs, inp.embeds.shape[1]
+        if L > st.max_len:
+            raise ValueError(f"prompt of {L} positions does not fit a cache of {st.max_len}")
+        Lmax = min(_round_up(L, PREFILL_LEN_STEP), st.max_len)
+        bufs = st.graphs.get(("prefill", Lmax))
+        fresh = bufs is None
+        if fresh:
+            dev = self.device
+            bufs = [torch.zeros(P, Lmax, self.w.dim, device=dev), torch.zeros(P, dtype=torch.int64, device=dev),
+                    torch.zeros(P, dtype=torch.int64, device=dev), None]
+        x, seq_idx, length, _ = bufs
+        x.zero_()
+        x[:, :L] = inp.embeds
+        torch.arange(P, out=seq_idx)  # no host-to-device copy
+        seq_idx.add_(row * P)
+        length.fill_(L)
+        if fresh:
+            run = functools.partial(prefill_layers, self.w, st, x, seq_idx, length)
+            try:
+                bufs[3] = self._graph_of(run)
+            except Exception as e:  # prefill and decode without graphs
+                self._graphs_failed(e, f"prefill of {Lmax} positions")
+                prefill(self.w, st, rows, inputs)
+                return
+            st.graphs[("prefill", Lmax)] = bufs
+        bufs[3]()
+        _start_rows(self.w, st, rows, inputs)
 
     # -- continuous batching -------------------------------------------------------------------
 
@@ -833,7 +890,7 @@ class FastT3:
                 take = free[: len(queue)]
                 reqs = [queue.popleft() for _ in take]
                 inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
-                prefill(self.w, st, take, inputs)
+                self.prefill(st, take, inputs)
                 self.stats["prefills"] += 1
                 for s, i in zip(take, reqs):
                     slot_req[s] = i
