@@ -35,3 +35,15 @@ def test_bench_rejects_unknown_parts():
     r = runner.invoke(app, ["bench", "--parts", "t3,gpu"])
     assert r.exit_code == 2
     assert "--parts t3,gpu: expected t3, book or both" in r.stderr
+
+
+def test_t3_bench_runs_the_fast_engine_on_the_asked_number_of_sentences(tiny_checkpoint, tmp_path):
+    """--fast-sentences sets the fast engine's at-scale run (more sentences than rows: refills)."""
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--parts", "t3", "--sentences", "2",
+                            "--fast-sentences", "6", "--tokens-per-char", "0.1", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    t3 = json.loads(out.read_text())["t3"]
+    assert t3["fast_sentences"] == 6
+    assert t3["fast_scale"]["tokens"] > t3["fast_same"]["tokens"] > 0  # 6 sentences against the same 2
+    assert t3["stock"]["tokens"] == t3["fast_same"]["tokens"]  # the same budget on both sides

@@ -396,6 +396,7 @@ def bench(
     device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
     max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on the fast engine's GPU memory."),
     sentences: int = typer.Option(16, "--sentences", min=1, help="Chunks of the book rendered by stock Chatterbox for the comparison."),
+    fast_sentences: Optional[int] = typer.Option(None, "--fast-sentences", min=1, help="Chunks for the fast T3 at scale (default: 256 on a GPU, one wave of rows; more keeps the rows refilled, as a book does)."),
     tokens_per_char: float = typer.Option(1.0, "--tokens-per-char", help="Speech-token budget per character, the same for stock and fast."),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Use only the first N characters of the book (a shorter book)."),
     parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
@@ -411,8 +412,8 @@ def bench(
         raise InputError(f"--parts {parts}: expected t3, book or both")
     results: dict = {}
     if "t3" in wanted:
-        results["t3"] = run_bench(model_dir, device.value, n_sentences=sentences, tokens_per_char=tokens_per_char,
-                                  max_vram_gb=max_vram, book=book)
+        results["t3"] = run_bench(model_dir, device.value, n_sentences=sentences, n_fast=fast_sentences,
+                                  tokens_per_char=tokens_per_char, max_vram_gb=max_vram, book=book)
     if "book" in wanted:
         from .bench import SAMPLE
 
