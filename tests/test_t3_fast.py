@@ -428,3 +428,43 @@ def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fas
     assert counters["stats"]["unique_graphs"] == graphs
     assert comp.w.regions.compiled and comp.w.sampling.compiled and not fast.w.regions.compiled
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("max_rows,buckets", [(6, {6}), (3, {3, 2})], ids=["one-padded-group", "two-groups"])
+def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_prefill(model, conds, monkeypatch, max_rows, buckets):
+    """FastT3.prefill with graphs (emulated here): rows padded to a bucket with copies of the
+    last row, prompts to a multiple of PREFILL_LEN_STEP, groups cut at PREFILL_TOKENS; the
+    cache, logits and positions of every real row are the plain prefill's, and other rows
+    are untouched."""
+    from ttsbatch.engine import t3_fast as tf
+
+    assert [tf.prefill_row_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
+    gen = GenerationOptions()
+    plain, graphed = tf.FastT3(model), tf.FastT3(model, use_graphs="emulate")
+    inputs = [plain.row_input(conds, SynthesisRequest(t, 5, 20), gen, 2) for t in TEXTS[:5]]
+    rows = [6, 0, 3, 1, 5]  # five rows: a bucket of 6 has one padding row (a copy of row 5's sentence)
+    L = max(x.embeds.shape[1] for x in inputs)
+    padded = -(-L // tf.PREFILL_LEN_STEP) * tf.PREFILL_LEN_STEP
+    monkeypatch.setattr(tf, "PREFILL_TOKENS", max_rows * 2 * padded)  # groups of at most max_rows rows
+    states = []
+    for f in (plain, graphed):
+        st = tf.DecodeState(f.w, 8, L + 64, 20, 2, 0)
+        st.k.fill_(7.0)
+        st.v.fill_(7.0)
+        if f is plain:
+            tf.prefill(f.w, st, rows, inputs)
+        else:
+            f.prefill(st, rows, inputs)
+        states.append(st)
+    a, b = states
+    assert {k[1] for k in b.graphs if k[0] == "prefill"} == buckets
+    seqs = [r * 2 + j for r in rows for j in range(2)]
+    assert torch.equal(a.pos, b.pos) and (a.logits[seqs] - b.logits[seqs]).abs().max().item() <= 1e-4
+    for r, x in zip(rows, inputs):
+        n = x.embeds.shape[1]
+        for c in ("k", "v"):
+            live = slice(r * 2, r * 2 + 2)
+            assert (getattr(a, c)[:, live, :, :n] - getattr(b, c)[:, live, :, :n]).abs().max().item() <= 1e-4
+    for c in ("k", "v"):  # rows 2, 4 and 7 were not prefilled
+        for r in (2, 4, 7):
+            assert (getattr(b, c)[:, r * 2 : r * 2 + 2] == 7.0).all()

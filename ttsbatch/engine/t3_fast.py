@@ -80,6 +80,17 @@ def row_buckets(max_rows: int) -> list[int]:
     return out + [max_rows]
 
 
+def prefill_row_bucket(n: int) -> int:
+    """Rows a graphed prefill of ``n`` rows runs (the rest repeat its last row): 1, 2, 3, 4, 6,
+    8, 12, 16, 24, ... (at most a third of the work padding, few graphs)."""
+    b = 1
+    while True:
+        for c in (b, b + b // 2):
+            if c >= n:
+                return c
+        b *= 2
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if b >= n:
@@ -283,9 +294,10 @@ class DecodeState:
         self.out = torch.zeros(rows, max_new, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)  # last token drawn
         self.params = SamplingParams(rows, dev)
-        # (rows bucket, kv bucket, use_top_p) -> a decode step's replay(); ("prefill", padded length) ->
-        # [x, seq_idx, length, replay()] of a one-row prefill (FastT3.prefill)
+        # (rows bucket, kv bucket, use_top_p) -> a decode step's replay(); ("prefill", rows bucket,
+        # padded length) -> (meta, replay()) of a prefill (FastT3.prefill)
         self.graphs: dict[tuple, object] = {}
+        self.prefill_x: torch.Tensor | None = None  # the graphed prefills' input buffer (FastT3.prefill)
 
     def fits(self, rows: int, max_len: int, max_new: int, pairs: int, eos: int) -> bool:
         """Whether these buffers serve a call needing this much (a call may use fewer rows)."""
@@ -783,42 +795,63 @@ class FastT3:
     # -- prefill -------------------------------------------------------------------------------
 
     def prefill(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
-        """:func:`prefill`; one row's from a CUDA graph per padded prompt length (with graphs on).
+        """:func:`prefill`, from CUDA graphs when graphs are on: one per (rows bucket, padded
+        prompt length), the rows padded to :func:`prefill_row_bucket` by repeating the last.
 
-        A prefill is ~150 kernels, and for one row (batch 1, or a refill of one row) the
-        host launching them is the bottleneck: profiled on an H200 (scripts/gpu_batch1.py),
-        13.9 ms per sentence, a quarter of batch 1's time with the bench's sentences."""
-        if not (self.use_graphs and len(rows) == 1):
+        A prefill is ~150 kernels and the host launching them was the bottleneck: profiled on
+        an H200 (scripts/gpu_batch1.py), 13.9 ms per sentence at batch 1 (a quarter of its
+        time with the bench's sentences), and as much per refill of a full batch."""
+        if not self.use_graphs:
             prefill(self.w, st, rows, inputs)
             return
-        row, inp = rows[0], inputs[0]
-        P, L = st.pairs, inp.embeds.shape[1]
-        if L > st.max_len:
-            raise ValueError(f"prompt of {L} positions does not fit a cache of {st.max_len}")
-        Lmax = min(_round_up(L, PREFILL_LEN_STEP), st.max_len)
-        bufs = st.graphs.get(("prefill", Lmax))
-        fresh = bufs is None
-        if fresh:
-            dev = self.device
-            bufs = [torch.zeros(P, Lmax, self.w.dim, device=dev), torch.zeros(P, dtype=torch.int64, device=dev),
-                    torch.zeros(P, dtype=torch.int64, device=dev), None]
-        x, seq_idx, length, _ = bufs
-        x.zero_()
-        x[:, :L] = inp.embeds
-        torch.arange(P, out=seq_idx)  # no host-to-device copy
-        seq_idx.add_(row * P)
-        length.fill_(L)
-        if fresh:
-            run = functools.partial(prefill_layers, self.w, st, x, seq_idx, length)
-            try:
-                bufs[3] = self._graph_of(run)
-            except Exception as e:  # prefill and decode without graphs
-                self._graphs_failed(e, f"prefill of {Lmax} positions")
-                prefill(self.w, st, rows, inputs)
-                return
-            st.graphs[("prefill", Lmax)] = bufs
-        bufs[3]()
+        P, cap = st.pairs, max(PREFILL_TOKENS, st.pairs * st.max_len)
+        group: list[int] = []
+        for i, inp in enumerate(inputs):
+            if inp.embeds.shape[1] > st.max_len:
+                raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
+            grown = group + [i]
+            if group and prefill_row_bucket(len(grown)) * P * self._prefill_len(st, [inputs[j] for j in grown]) > cap:
+                self._prefill_graphed(st, [rows[j] for j in group], [inputs[j] for j in group])
+                grown = [i]
+            group = grown
+        self._prefill_graphed(st, [rows[j] for j in group], [inputs[j] for j in group])
         _start_rows(self.w, st, rows, inputs)
+
+    @staticmethod
+    def _prefill_len(st: DecodeState, inputs: Sequence[RowInput]) -> int:
+        return min(_round_up(max(x.embeds.shape[1] for x in inputs), PREFILL_LEN_STEP), st.max_len)
+
+    def _prefill_graphed(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
+        P, n = st.pairs, len(rows)
+        b, Lmax = prefill_row_bucket(n), self._prefill_len(st, inputs)
+        if st.prefill_x is None:  # one buffer for every (rows, length) graph: views of its start
+            st.prefill_x = torch.zeros(max(PREFILL_TOKENS, P * st.max_len), self.w.dim, device=self.device)
+        x = st.prefill_x[: b * P * Lmax].view(b * P, Lmax, self.w.dim)
+        key = ("prefill", b, Lmax)
+        entry = st.graphs.get(key)
+        meta = entry[0] if entry else torch.zeros(2, b * P, dtype=torch.int64, device=self.device)
+        x.zero_()
+        for j, inp in enumerate(inputs):
+            x[j * P : (j + 1) * P, : inp.embeds.shape[1]] = inp.embeds
+        if b > n:  # padding rows: copies of the last row, written to the same sequences
+            x[n * P :].view(b - n, P, Lmax, -1).copy_(x[(n - 1) * P : n * P][None].expand(b - n, -1, -1, -1))
+        pad = [rows[-1]] * (b - n)
+        lens = [x_.embeds.shape[1] for x_ in inputs] + [inputs[-1].embeds.shape[1]] * (b - n)
+        meta.copy_(torch.tensor([[r * P + j for r in list(rows) + pad for j in range(P)],
+                                 [L for L in lens for _ in range(P)]], dtype=torch.int64))
+        if entry is None and not self.use_graphs:  # a capture failed earlier in this call
+            prefill_layers(self.w, st, x, meta[0], meta[1])
+            return
+        if entry is None:
+            run = functools.partial(prefill_layers, self.w, st, x, meta[0], meta[1])
+            try:
+                replay = self._graph_of(run)
+            except Exception as e:  # prefill and decode without graphs
+                self._graphs_failed(e, f"prefill of {b} rows x {Lmax} positions")
+                prefill_layers(self.w, st, x, meta[0], meta[1])
+                return
+            st.graphs[key] = entry = (meta, replay)
+        entry[1]()
 
     # -- continuous batching -------------------------------------------------------------------
 
