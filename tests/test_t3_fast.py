@@ -430,10 +430,11 @@ def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fas
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("max_rows,buckets", [(6, {6}), (3, {3, 2})], ids=["one-padded-group", "two-groups"])
-def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_prefill(model, conds, monkeypatch, max_rows, buckets):
-    """FastT3.prefill with graphs (emulated here): rows padded to a bucket with copies of the
-    last row, prompts to a multiple of PREFILL_LEN_STEP, groups cut at PREFILL_TOKENS; the
+@pytest.mark.parametrize("graphed_rows", [6, 5], ids=["graphed", "too-big-eager"])
+def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_prefill(model, conds, monkeypatch, graphed_rows):
+    """FastT3.prefill with graphs (emulated here): a small prefill runs from a graph, its rows
+    padded to a bucket with copies of the last row, its prompts to a multiple of
+    PREFILL_LEN_STEP; a bigger one (over GRAPHED_PREFILL_TOKENS) runs eagerly. Either way the
     cache, logits and positions of every real row are the plain prefill's, and other rows
     are untouched."""
     from ttsbatch.engine import t3_fast as tf
@@ -442,10 +443,10 @@ def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_pr
     gen = GenerationOptions()
     plain, graphed = tf.FastT3(model), tf.FastT3(model, use_graphs="emulate")
     inputs = [plain.row_input(conds, SynthesisRequest(t, 5, 20), gen, 2) for t in TEXTS[:5]]
-    rows = [6, 0, 3, 1, 5]  # five rows: a bucket of 6 has one padding row (a copy of row 5's sentence)
+    rows = [6, 0, 3, 1, 5]  # five rows: a bucket of 6, one padding row (a copy of row 5's sentence)
     L = max(x.embeds.shape[1] for x in inputs)
     padded = -(-L // tf.PREFILL_LEN_STEP) * tf.PREFILL_LEN_STEP
-    monkeypatch.setattr(tf, "PREFILL_TOKENS", max_rows * 2 * padded)  # groups of at most max_rows rows
+    monkeypatch.setattr(tf, "GRAPHED_PREFILL_TOKENS", graphed_rows * 2 * padded)
     states = []
     for f in (plain, graphed):
         st = tf.DecodeState(f.w, 8, L + 64, 20, 2, 0)
@@ -457,7 +458,7 @@ def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_pr
             f.prefill(st, rows, inputs)
         states.append(st)
     a, b = states
-    assert {k[1] for k in b.graphs if k[0] == "prefill"} == buckets
+    assert [k for k in b.graphs if k[0] == "prefill"] == ([("prefill", 6, padded)] if graphed_rows == 6 else [])
     seqs = [r * 2 + j for r in rows for j in range(2)]
     assert torch.equal(a.pos, b.pos) and (a.logits[seqs] - b.logits[seqs]).abs().max().item() <= 1e-4
     for r, x in zip(rows, inputs):

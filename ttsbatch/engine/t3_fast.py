@@ -61,6 +61,9 @@ RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and th
 # an H100). Refills are a few thousand tokens anyway; only a first fill is split more.
 PREFILL_TOKENS = 8192
 PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
+# Prefills of at most this many (padded rows x pairs x padded length) positions run from CUDA
+# graphs (FastT3.prefill): batch 1 (prompts up to 1,024 positions) and small refills
+GRAPHED_PREFILL_TOKENS = 2048
 # With the Triton decode kernels on, steps of at most this many sequences (batch 1 with CFG)
 # run the fused GEMV layers of decode_gemv; more sequences, the compiled layers (on an H200 at
 # 4 sequences the fused path was slower than the compiled one: scripts/gpu_t3_profile.py).
@@ -795,27 +798,26 @@ class FastT3:
     # -- prefill -------------------------------------------------------------------------------
 
     def prefill(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
-        """:func:`prefill`, from CUDA graphs when graphs are on: one per (rows bucket, padded
-        prompt length), the rows padded to :func:`prefill_row_bucket` by repeating the last.
+        """:func:`prefill`; a small one (at most GRAPHED_PREFILL_TOKENS, padded) from a CUDA
+        graph when graphs are on: one graph per (rows bucket, padded prompt length), the rows
+        padded to :func:`prefill_row_bucket` by repeating the last.
 
-        A prefill is ~150 kernels and the host launching them was the bottleneck: profiled on
-        an H200 (scripts/gpu_batch1.py), 13.9 ms per sentence at batch 1 (a quarter of its
-        time with the bench's sentences), and as much per refill of a full batch."""
-        if not self.use_graphs:
-            prefill(self.w, st, rows, inputs)
-            return
-        P, cap = st.pairs, max(PREFILL_TOKENS, st.pairs * st.max_len)
-        group: list[int] = []
-        for i, inp in enumerate(inputs):
-            if inp.embeds.shape[1] > st.max_len:
-                raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
-            grown = group + [i]
-            if group and prefill_row_bucket(len(grown)) * P * self._prefill_len(st, [inputs[j] for j in grown]) > cap:
-                self._prefill_graphed(st, [rows[j] for j in group], [inputs[j] for j in group])
-                grown = [i]
-            group = grown
-        self._prefill_graphed(st, [rows[j] for j in group], [inputs[j] for j in group])
-        _start_rows(self.w, st, rows, inputs)
+        A prefill is ~150 kernels, and for one row the host launching them was the
+        bottleneck: 13.9 ms per sentence at batch 1 on an H200 (scripts/gpu_batch1.py), a
+        quarter of its time with the bench's sentences; from a graph, 2.7 ms. Big refills
+        keep the eager prefill: their GPU work covers the launches (the full-batch rate did
+        not change with them graphed), and a graph's activations stay reserved (they broke
+        a --max-vram cap by 0.4 GiB on an H100)."""
+        if self.use_graphs:
+            Lmax = self._prefill_len(st, inputs)
+            if prefill_row_bucket(len(rows)) * st.pairs * Lmax <= GRAPHED_PREFILL_TOKENS:
+                for inp in inputs:
+                    if inp.embeds.shape[1] > st.max_len:
+                        raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
+                self._prefill_graphed(st, rows, inputs)
+                _start_rows(self.w, st, rows, inputs)
+                return
+        prefill(self.w, st, rows, inputs)
 
     @staticmethod
     def _prefill_len(st: DecodeState, inputs: Sequence[RowInput]) -> int:
@@ -825,7 +827,7 @@ class FastT3:
         P, n = st.pairs, len(rows)
         b, Lmax = prefill_row_bucket(n), self._prefill_len(st, inputs)
         if st.prefill_x is None:  # one buffer for every (rows, length) graph: views of its start
-            st.prefill_x = torch.zeros(max(PREFILL_TOKENS, P * st.max_len), self.w.dim, device=self.device)
+            st.prefill_x = torch.zeros(GRAPHED_PREFILL_TOKENS, self.w.dim, device=self.device)
         x = st.prefill_x[: b * P * Lmax].view(b * P, Lmax, self.w.dim)
         key = ("prefill", b, Lmax)
         entry = st.graphs.get(key)
