@@ -86,7 +86,7 @@ def run_bench(
     profile: bool = True,
     stock: bool = True,
     eager_layers: bool | None = None,
-    out=sys.stdout,
+    out=None,
 ) -> dict:
     """Run the benchmark and return its numbers (also printed to ``out``). ``eager_layers``
     (None: on CUDA): also time T3 with its layers uncompiled (``FastT3(compile_layers=False)``),
@@ -100,7 +100,7 @@ def run_bench(
     from .engine.voice import BUILTIN, VoiceCache
 
     def say(msg: str) -> None:
-        print(msg, file=out, flush=True)
+        print(msg, file=out or sys.stdout, flush=True)  # stdout as it is now, not at import
 
     model = load_model(model_dir, device)
     device = model.device

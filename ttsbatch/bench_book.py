@@ -95,7 +95,7 @@ def run_book_bench(
     tokens_per_char: float = 1.0,
     stock_sentences: int = 16,
     max_chars: int | None = None,
-    out=sys.stdout,
+    out=None,
 ) -> dict:
     import torch
 
@@ -109,7 +109,7 @@ def run_book_bench(
     from .text import chunk_document, read_document
 
     def say(msg: str) -> None:
-        print(msg, file=out, flush=True)
+        print(msg, file=out or sys.stdout, flush=True)  # stdout as it is now, not at import
 
     from .engine.select import preflight
     from .store import cache_dir

@@ -375,8 +375,8 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
 
 
 def prefill_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, seq_idx: torch.Tensor, length: torch.Tensor) -> None:
-    """The prefill's device work, a pure function of tensors (so one row's can be a CUDA
-    graph): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
+    """The prefill's device work, a pure function of tensors (so a small one can be a CUDA
+    graph, FastT3.prefill): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
     cache of sequences ``seq_idx`` (n,); their logits at position ``length - 1``; their
     positions set to ``length``."""
     dev, n, Lmax = x.device, x.shape[0], x.shape[1]
@@ -838,12 +838,9 @@ class FastT3:
         if b > n:  # padding rows: copies of the last row, written to the same sequences
             x[n * P :].view(b - n, P, Lmax, -1).copy_(x[(n - 1) * P : n * P][None].expand(b - n, -1, -1, -1))
         pad = [rows[-1]] * (b - n)
-        lens = [x_.embeds.shape[1] for x_ in inputs] + [inputs[-1].embeds.shape[1]] * (b - n)
+        lens = [inp.embeds.shape[1] for inp in inputs] + [inputs[-1].embeds.shape[1]] * (b - n)
         meta.copy_(torch.tensor([[r * P + j for r in list(rows) + pad for j in range(P)],
                                  [L for L in lens for _ in range(P)]], dtype=torch.int64))
-        if entry is None and not self.use_graphs:  # a capture failed earlier in this call
-            prefill_layers(self.w, st, x, meta[0], meta[1])
-            return
         if entry is None:
             run = functools.partial(prefill_layers, self.w, st, x, meta[0], meta[1])
             try:
