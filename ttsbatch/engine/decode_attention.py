@@ -175,16 +175,14 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
             raise ValueError("attend_and_cache: the rope tables must be contiguous (L, head_dim)")
     else:
         cos = sin = q  # unused
-    on = pdl.enabled(q.device)
-    launch = {"launch_pdl": True} if on else {}
+    launch = pdl.launch_options(q.device)
     _attend_split[(S * H, nsplit)](
         q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
-        PREFETCH=on if PREFETCH is None else PREFETCH, PDL=on,
-        num_warps=4, **launch,
+        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, num_warps=4, **launch,
     )
     if nsplit > 1:
-        _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, PDL=on, num_warps=1, **launch)
+        _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, num_warps=1, **launch)
     return out

@@ -150,11 +150,9 @@ def _launch(x, w, pro: int, k: int, ln=None, eps: float = 0.0, res=None, glu: bo
     sb, bn, bk, warps = block_sizes(s, n, k, x.device, glu)
     if blocks is not None:
         bn, bk, warps = blocks
-    on = pdl.enabled(x.device)
     _gemv[(triton.cdiv(n, bn),)](
         x, ln if ln is not None else w, w, r, y, s, n, x.stride(0), w.stride(0), r.stride(0), y.stride(0), eps,
-        K=k, PRO=pro, RES=res is not None, GLU=glu, SB=sb, BN=bn, BK=bk, PDL=on, num_warps=warps,
-        **({"launch_pdl": True} if on else {}),
+        K=k, PRO=pro, RES=res is not None, GLU=glu, SB=sb, BN=bn, BK=bk, num_warps=warps, **pdl.launch_options(x.device),
     )
     return y
 
@@ -174,13 +172,12 @@ def norm_swiglu(x: torch.Tensor, ln: torch.Tensor, wgu: torch.Tensor, eps: float
 def norm_linear_bias(x: torch.Tensor, ln: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, eps: float,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(rms_norm(x, ln, eps), w, bias).float()`` for an fp32 ``w`` (T3's final norm and
-    speech head): x (S, K) fp32 -> (S, N) fp32, into ``out`` if given. The bias goes in as a
+    speech head): x (S, K) fp32 -> (S, N) fp32, into ``out`` if given. A bias goes in as a
     residual with row stride 0."""
     if w.dtype != torch.float32:
         raise ValueError("norm_linear_bias: for fp32 weights (the output is not rounded)")
-    if bias is None:
-        bias = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-    return _launch(x, w, NORM, x.shape[1], ln=ln, eps=eps, res=bias.expand(x.shape[0], -1), out=out)
+    res = bias.expand(x.shape[0], -1) if bias is not None else None
+    return _launch(x, w, NORM, x.shape[1], ln=ln, eps=eps, res=res, out=out)
 
 
 @triton.jit
@@ -206,9 +203,8 @@ def embed_tokens(tok: torch.Tensor, step: torch.Tensor, emb: torch.Tensor, pos_e
     if not (emb.is_contiguous() and pos_emb.is_contiguous()) or emb.dtype != torch.float32 or D & (D - 1):
         raise ValueError("embed_tokens: contiguous fp32 tables with a power-of-two width")
     x = torch.empty((n * pairs, D), dtype=torch.float32, device=emb.device)
-    on = pdl.enabled(emb.device)
-    _embed[(n * pairs,)](tok, step, emb, pos_emb, x, pairs, pos_emb.shape[0] - 1, x.stride(0), D=D, PDL=on,
-                         num_warps=4, **({"launch_pdl": True} if on else {}))
+    _embed[(n * pairs,)](tok, step, emb, pos_emb, x, pairs, pos_emb.shape[0] - 1, x.stride(0), D=D, num_warps=4,
+                         **pdl.launch_options(emb.device))
     return x
 
 

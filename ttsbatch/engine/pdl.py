@@ -39,3 +39,10 @@ def enabled(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("TTSBATCH_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for launching one of the decode kernels on ``device``: its ``PDL``
+    constexpr (whether it signals and waits) and, when on, Triton's ``launch_pdl``."""
+    on = enabled(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
