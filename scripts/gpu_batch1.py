@@ -35,11 +35,10 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from ttsbatch.bench import book_sentences
+    from ttsbatch.bench import book_requests
     from ttsbatch.config import GenerationOptions
     from ttsbatch.engine import t3_fast
     from ttsbatch.engine.model import load_model
-    from ttsbatch.engine.stock import SynthesisRequest
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
     if not torch.cuda.is_available():
@@ -48,8 +47,7 @@ def main() -> int:
     model = load_model(Path(args.ckpt), "cuda")
     conds = VoiceCache(model).get(BUILTIN, 0.5)
     gen = GenerationOptions(tokens_per_char=args.tokens_per_char, ignore_eos=True)
-    texts = book_sentences(Path(args.book), args.sentences)
-    reqs = [SynthesisRequest(t, 1000 + i, gen.token_budget(len(t))) for i, t in enumerate(texts)]
+    reqs = book_requests(Path(args.book), args.sentences, gen)  # the bench's batch-1 sentences
     tokens = sum(r.budget for r in reqs)
     fast = t3_fast.FastT3(model)
     if args.eager_prefill:

@@ -50,6 +50,14 @@ def book_sentences(book: Path | None, n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
+def book_requests(book: Path | None, n: int, gen) -> list:
+    """The benchmark's T3 requests: ``n`` chunks of the book (:func:`book_sentences`), each
+    with the per-character budget of ``gen`` and a seed of its own."""
+    from .engine.stock import SynthesisRequest
+
+    return [SynthesisRequest(t, 1000 + i, gen.token_budget(len(t))) for i, t in enumerate(book_sentences(book, n))]
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -109,8 +117,7 @@ def run_bench(
     if n_fast is None:
         n_fast = 256 if device.startswith("cuda") else 16
     n_all = max(n_sentences, n_fast)
-    texts = book_sentences(book, n_all)
-    reqs = [SynthesisRequest(t, 1000 + i, gen.token_budget(len(t))) for i, t in enumerate(texts)]
+    reqs = book_requests(book, n_all, gen)
     same = reqs[:n_sentences]
     tokens_same = sum(r.budget for r in same)
     result: dict = dict(
