@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Where batch 1's time goes besides the decode steps (CUDA GPU): the per-sentence costs.
+"""Where T3's time goes besides the decode steps (CUDA GPU): the per-sentence costs.
 
     python scripts/gpu_batch1.py [--ckpt DIR] [--sentences 4] [--tokens-per-char 1.0]
+    python scripts/gpu_batch1.py --sentences 2048 --rows 256,384 [--refill-min 8] [--check-every 8]
 
 The bench's batch-1 case (``ttsbatch bench``: the book's first sentences, one at a time, a
-token budget per character) run three times: to compile and capture, timed, and with every
+token budget per character), or with ``--rows`` its full batch (``--fast-sentences``: rows
+refilled as they finish; ``row_use`` is the share of row-steps that decoded a live row) run three times: to compile and capture, timed, and with every
 phase synchronized before and after and timed on the host: the sentence's prompt embedding
 (``row_input``), the prefill (``FastT3.prefill``; its ``_start_rows`` also apart), each decode step (``step``); the rest of the wall
 time is the host's loop (the done checks, harvesting). Writes $OUT/batch1.json when OUT is set.
@@ -32,6 +34,9 @@ def main() -> int:
     ap.add_argument("--tokens-per-char", type=float, default=1.0)
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
     ap.add_argument("--eager-prefill", action="store_true", help="every prefill eager (no one-row prefill graphs)")
+    ap.add_argument("--rows", default="1", help="comma-separated batch sizes (sentences decoded at once), each timed")
+    ap.add_argument("--refill-min", type=int, default=None, help="FastT3.generate's refill_min (None: rows/16)")
+    ap.add_argument("--check-every", type=int, default=8)
     args = ap.parse_args()
     import torch
 
@@ -52,18 +57,39 @@ def main() -> int:
     fast = t3_fast.FastT3(model)
     if args.eager_prefill:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
+    for rows in [int(x) for x in args.rows.split(",")]:
+        try:
+            res = measure(args, fast, conds, reqs, gen, tokens, rows)
+        except torch.OutOfMemoryError as e:
+            res = dict(rows=rows, error=f"out of memory: {str(e).splitlines()[0]}")
+            fast.state = None
+            torch.cuda.empty_cache()
+        print(json.dumps(res, indent=1), flush=True)
+        if os.environ.get("OUT"):
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill_min}" if args.refill_min else "")
+            Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
+    import torch
+
+    from ttsbatch.engine import t3_fast
 
     def run():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        list(fast.generate(conds, reqs, gen, max_rows=1))
+        list(fast.generate(conds, reqs, gen, max_rows=rows, check_every=args.check_every, refill_min=args.refill_min))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     run()
-    steps0 = fast.stats["steps"]
+    before = dict(fast.stats)
+    torch.cuda.reset_peak_memory_stats()
     wall = run()
-    steps = fast.stats["steps"] - steps0
+    delta = {k: fast.stats[k] - before[k] for k in ("steps", "row_steps", "prefills", "host_checks")}
+    steps = delta["steps"]
+    peak = torch.cuda.max_memory_allocated() / (1 << 30)
 
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -92,13 +118,12 @@ def main() -> int:
         fast.prefill = orig_prefill
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
-    res = dict(device=torch.cuda.get_device_name(), eager_prefill=args.eager_prefill, sentences=len(reqs), tokens=tokens, steps=steps,
-               wall_ms=round(wall * 1e3, 2), tokens_per_s=round(tokens / wall, 1), wall_ms_per_step=round(wall * 1e3 / steps, 3),
-               synced_ms=round(synced * 1e3, 2), phases=phases, rest_ms=round(rest * 1e3, 2))
-    print(json.dumps(res, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "batch1" + ("_eager_prefill" if args.eager_prefill else "") + ".json").write_text(json.dumps(res, indent=1))
-    return 0
+    return dict(device=torch.cuda.get_device_name(), rows=rows, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
+                refill_min=args.refill_min, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
+                row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
+                host_checks=delta["host_checks"], peak_gib=round(peak, 2),
+                wall_ms=round(wall * 1e3, 2), tokens_per_s=round(tokens / wall, 1), wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                synced_ms=round(synced * 1e3, 2), phases=phases, rest_ms=round(rest * 1e3, 2))
 
 
 if __name__ == "__main__":
