@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--rows", default="1", help="comma-separated batch sizes (sentences decoded at once), each timed")
     ap.add_argument("--refill-min", type=int, default=None, help="FastT3.generate's refill_min (None: rows/16)")
     ap.add_argument("--check-every", type=int, default=8)
+    ap.add_argument("--no-templates", action="store_true", help="big prefills compute whole prompts (FastT3.prompt_templates off)")
     args = ap.parse_args()
     import torch
 
@@ -55,6 +56,7 @@ def main() -> int:
     reqs = book_requests(Path(args.book), args.sentences, gen)  # the bench's batch-1 sentences
     tokens = sum(r.budget for r in reqs)
     fast = t3_fast.FastT3(model)
+    fast.prompt_templates = not args.no_templates
     if args.eager_prefill:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
     for rows in [int(x) for x in args.rows.split(",")]:
@@ -66,7 +68,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(json.dumps(res, indent=1), flush=True)
         if os.environ.get("OUT"):
-            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill_min}" if args.refill_min else "")
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill_min}" if args.refill_min else "") + ("_no_templates" if args.no_templates else "")
             Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
     return 0
 
@@ -118,7 +120,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
         fast.prefill = orig_prefill
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
-    return dict(device=torch.cuda.get_device_name(), rows=rows, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
+    return dict(device=torch.cuda.get_device_name(), rows=rows, templates=fast.prompt_templates, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
                 refill_min=args.refill_min, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
                 row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),

@@ -387,6 +387,31 @@ def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, f
         queue_left -= len(g)
 
 
+def test_refill_prompts_are_embedded_while_the_previous_steps_run(model, conds):
+    """The host embeds the next requests' prompts right after launching a check's steps, so
+    that the GPU is not idle while it does: a refill's prompts were embedded before the host
+    harvested the rows it refills (its "finish" events), each prompt once."""
+    from ttsbatch.engine.t3_fast import FastT3
+
+    f = FastT3(model)
+    row_input, prefill = f.row_input, f.prefill
+    # logged into f.trace, beside its ("start"/"finish", request, row) events, in order
+    f.row_input = lambda conds, req, *a: f.trace.append(("input", req.seed)) or row_input(conds, req, *a)
+    f.prefill = lambda st, rows, inputs: f.trace.append(("prefill", [x.seed for x in inputs])) or prefill(st, rows, inputs)
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(f"Sentence number {i} here.", 300 + i, 3 + i % 4) for i in range(9)]
+    got = dict(f.generate(conds, reqs, gen, max_rows=2, check_every=2, sort=False, refill_min=1))
+    assert got == dict(FastT3(model).generate(conds, reqs, gen, max_rows=2, check_every=2, sort=False, refill_min=1))
+    ev = f.trace
+    assert sorted(e[1] for e in ev if e[0] == "input") == [r.seed for r in reqs]  # each prompt embedded once
+    refills = [i for i, e in enumerate(ev) if e[0] == "prefill"]
+    assert len(refills) >= 4
+    for at in refills[1:]:
+        for seed in ev[at][1]:
+            made = ev.index(("input", seed))
+            assert any(e[0] == "finish" for e in ev[made:at]), (seed, ev)
+
+
 def test_s3gen_collections_start_small_then_grow(model, conds):
     """The first S3Gen collection is one S3Gen batch (early first audio), later ones ``collect``."""
     from ttsbatch.engine.fast import FastEngine
@@ -469,3 +494,73 @@ def test_graphed_prefill_pads_rows_by_repeating_the_last_and_equals_the_plain_pr
     for c in ("k", "v"):  # rows 2, 4 and 7 were not prefilled
         for r in (2, 4, 7):
             assert (getattr(b, c)[:, r * 2 : r * 2 + 2] == 7.0).all()
+
+
+@pytest.mark.parametrize("cfg_weight", [0.5, 0.0], ids=["cfg", "no-cfg"])
+def test_prefill_from_the_voice_template_equals_the_plain_prefill(model, conds, cfg_weight):
+    """A prefill that copies the voice's prompt template (the KV of the conditioning, and of
+    the unconditional row's text positions, whose text embedding is zeroed) and computes only
+    the rest gives every row the plain prefill's cache, logits and positions; other rows are
+    untouched. The template is built from the longest shared prefix, reused while shorter
+    ones come, and rebuilt for a longer one or another voice."""
+    from ttsbatch.engine import t3_fast as tf
+
+    gen = GenerationOptions(cfg_weight=cfg_weight)
+    P = 2 if cfg_weight > 0 else 1
+    f = tf.FastT3(model)
+    assert f.prompt_templates and not f.use_graphs
+    by_len = sorted(TEXTS, key=len)
+
+    def check(rows, texts, voice):
+        inputs = [f.row_input(voice, SynthesisRequest(t, 5, 20), gen, P) for t in texts]
+        L = max(x.embeds.shape[1] for x in inputs)
+        states = []
+        for templated in (False, True):
+            st = tf.DecodeState(f.w, 8, L + 32, 20, P, 0)
+            st.k.fill_(7.0)
+            st.v.fill_(7.0)
+            if templated:
+                f.prefill(st, rows, inputs)
+            else:
+                tf.prefill(f.w, st, rows, inputs)
+            states.append(st)
+        a, b = states
+        seqs = [r * P + j for r in rows for j in range(P)]
+        assert torch.equal(a.pos, b.pos)
+        assert (a.logits[seqs] - b.logits[seqs]).abs().max().item() <= 1e-5
+        for r, x in zip(rows, inputs):
+            n = x.embeds.shape[1]
+            for c in ("k", "v"):
+                live = slice(r * P, (r + 1) * P)
+                assert (getattr(a, c)[:, live, :, :n] - getattr(b, c)[:, live, :, :n]).abs().max().item() <= 1e-5
+        for r in set(range(8)) - set(rows):
+            assert (b.k[:, r * P : (r + 1) * P] == 7.0).all() and (b.v[:, r * P : (r + 1) * P] == 7.0).all()
+        return inputs
+
+    inputs = check([6, 0, 3], by_len[3:6], conds)
+    longest = max(x.shared[-1] for x in inputs)
+    voice, tk, _ = f._prompt_template
+    assert voice is inputs[0].voice and tk.shape[2] == longest
+    check([1, 2], by_len[:2], conds)  # shorter: the same template
+    assert f._prompt_template[1] is tk
+    inputs = check([4, 5, 7], by_len[5:], conds)  # longer (with CFG: the uncond text): rebuilt
+    if P == 2:
+        assert f._prompt_template[1].shape[2] == max(x.shared[-1] for x in inputs) > longest
+    else:  # without CFG only the conditioning is shared
+        assert f._prompt_template[1] is tk and longest == f.cond_emb(conds).shape[0]
+    other = _other_voice(model)
+    inputs = check([0, 1], by_len[:2], other)  # another voice: its own template
+    assert f._prompt_template[0] is inputs[0].voice and f._prompt_template[0] is not voice
+
+
+def _other_voice(model):
+    """Conditionals of another voice: the built-in ones with a different speaker embedding."""
+    import copy
+
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    c = VoiceCache(model).get(BUILTIN, 0.5)
+    c = copy.copy(c)
+    c.t3 = copy.copy(c.t3)
+    c.t3.speaker_emb = c.t3.speaker_emb + 0.5
+    return c

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -321,6 +322,12 @@ class RowInput:
     seed: int
     ignore_eos: bool
     gen: object  # GenerationOptions
+    # Per sequence: how many leading positions equal the voice's prompt template (the
+    # conditioning; for the unconditional sequence also its text positions, whose text
+    # embedding is zeroed), so :meth:`FastT3.prefill` may copy their KV instead of computing
+    # it. Every sequence's shared part is a prefix of the longest one. () = nothing shared.
+    shared: tuple[int, ...] = ()
+    voice: object = None  # what the template belongs to (the conditioning embedding tensor)
 
 
 def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput], max_tokens: int | None = None) -> None:
@@ -374,28 +381,56 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     prefill_layers(w, st, x, seq_idx, length)
 
 
-def prefill_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, seq_idx: torch.Tensor, length: torch.Tensor) -> None:
+def prefill_layers(
+    w: T3Weights,
+    st: DecodeState,
+    x: torch.Tensor,
+    seq_idx: torch.Tensor,
+    length: torch.Tensor,
+    start: torch.Tensor | None = None,
+    kv_len: int | None = None,
+) -> None:
     """The prefill's device work, a pure function of tensors (so a small one can be a CUDA
     graph, FastT3.prefill): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
-    cache of sequences ``seq_idx`` (n,); their logits at position ``length - 1``; their
-    positions set to ``length``."""
+    cache of sequences ``seq_idx`` (n,); their logits at their last valid position; their
+    positions set to ``start + length``.
+
+    ``start`` (n,), with ``kv_len`` (static, >= every ``start + Lmax`` that matters): each
+    sequence's first ``start`` cache positions are already filled (a shared prompt prefix
+    copied in, :meth:`FastT3.prefill`), ``x`` holds positions ``start .. start+Lmax-1``, and
+    the attention reads the cache's first ``kv_len`` keys. None: ``x`` starts at position 0."""
     dev, n, Lmax = x.device, x.shape[0], x.shape[1]
     ar = torch.arange(Lmax, device=dev)
-    mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
-    mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, Lmax)
-    cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
+    if start is None:
+        mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
+        cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
+        qpos = None
+    else:
+        # padded queries past the cache end write their (unused) K/V to its last position:
+        # a live prompt ends before it (every row keeps room for at least one new token)
+        qpos = (start[:, None] + ar[None, :]).clamp(max=st.max_len - 1)  # (n, Lmax)
+        kar = torch.arange(kv_len, device=dev)
+        mask = (kar[None, None, :] <= qpos[:, :, None]) & (kar[None, None, :] < (start + length)[:, None, None])
+        cos, sin = st.cos[qpos], st.sin[qpos]
+    mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, keys)
 
     def attend(q, k, v, li):
-        st.k[li, seq_idx, :, :Lmax] = k
-        st.v[li, seq_idx, :, :Lmax] = v
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+        if qpos is None:
+            st.k[li, seq_idx, :, :Lmax] = k
+            st.v[li, seq_idx, :, :Lmax] = v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+        kl, vl = st.k[li], st.v[li]
+        kl[seq_idx[:, None], :, qpos] = k.transpose(1, 2)
+        vl[seq_idx[:, None], :, qpos] = v.transpose(1, 2)
+        kk, vv = kl[seq_idx, :, :kv_len], vl[seq_idx, :, :kv_len]
+        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=w.scale)
 
     with _prefill_attention(dev):  # once for all layers
         for li, lw in enumerate(w.layers):
             x = _layer(w, lw, x, cos, sin, functools.partial(attend, li=li))
     last = x[torch.arange(n, device=dev), length - 1]  # (n, D)
     st.logits[seq_idx] = _head(w, last)
-    st.pos[seq_idx] = length
+    st.pos[seq_idx] = length if start is None else start + length
 
 
 def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
@@ -655,6 +690,8 @@ class FastT3:
         self.rows_used = 0  # rows of the last generate call (the buffers may hold more)
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
+        self.prompt_templates = True  # big prefills copy the voice's shared prompt KV (see prefill)
+        self._prompt_template: tuple[object, torch.Tensor, torch.Tensor] | None = None  # (voice, k, v)
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
         self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, prefills=0, compactions=0)
 
@@ -725,8 +762,11 @@ class FastT3:
 
     def row_input(self, conds, req, gen, pairs: int, text_ids: torch.Tensor | None = None) -> RowInput:
         ids = text_token_ids(self.model, req.text) if text_ids is None else text_ids
-        emb = prompt_embeds(self.model.t3, self.cond_emb(conds), ids, pairs)
-        return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen)
+        cond = self.cond_emb(conds)
+        emb = prompt_embeds(self.model.t3, cond, ids, pairs)
+        # prompt_embeds' layout: [cond, text (zeroed in the uncond row) + text positions, BOS, BOS]
+        shared = (cond.shape[0], emb.shape[1] - 2)[:pairs]
+        return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen, shared, cond)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -798,16 +838,22 @@ class FastT3:
     # -- prefill -------------------------------------------------------------------------------
 
     def prefill(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
-        """:func:`prefill`; a small one (at most GRAPHED_PREFILL_TOKENS, padded) from a CUDA
-        graph when graphs are on: one graph per (rows bucket, padded prompt length), the rows
-        padded to :func:`prefill_row_bucket` by repeating the last.
+        """:func:`prefill`, two ways faster, each equal to it (tests/test_t3_fast.py).
 
-        A prefill is ~150 kernels, and for one row the host launching them was the
-        bottleneck: 13.9 ms per sentence at batch 1 on an H200 (scripts/gpu_batch1.py), a
-        quarter of its time with the bench's sentences; from a graph, 2.7 ms. Big refills
-        keep the eager prefill: their GPU work covers the launches (the full-batch rate did
-        not change with them graphed), and a graph's activations stay reserved (they broke
-        a --max-vram cap by 0.4 GiB on an H100)."""
+        A small one (at most GRAPHED_PREFILL_TOKENS, padded) replays a CUDA graph when graphs
+        are on: one graph per (rows bucket, padded prompt length), the rows padded to
+        :func:`prefill_row_bucket` by repeating the last. A prefill is ~150 kernels, and for
+        one row the host launching them was the bottleneck: 13.9 ms per sentence at batch 1
+        on an H200 (scripts/gpu_batch1.py), a quarter of its time with the bench's
+        sentences; from a graph, 2.7 ms.
+
+        A bigger one copies the voice's prompt template into the rows' caches and computes
+        only what differs (:meth:`_prefill_from_template`): the conditional sequence's text
+        and BOS, the unconditional one's two BOS positions. That is a third of the positions
+        (the refills of a full batch took 20% of its time on an H100: 38 ms each, 2.9 s of
+        14.3 s for 2,048 of the book's sentences). Big refills are not graphed: their GPU
+        work covers the launches, and a graph's activations stay reserved (they broke a
+        --max-vram cap by 0.4 GiB on an H100)."""
         if self.use_graphs:
             Lmax = self._prefill_len(st, inputs)
             if prefill_row_bucket(len(rows)) * st.pairs * Lmax <= GRAPHED_PREFILL_TOKENS:
@@ -817,7 +863,62 @@ class FastT3:
                 self._prefill_graphed(st, rows, inputs)
                 _start_rows(self.w, st, rows, inputs)
                 return
+        if self.prompt_templates and inputs and all(len(x.shared) == st.pairs and x.voice is inputs[0].voice for x in inputs):
+            self._prefill_from_template(st, rows, inputs)
+            _start_rows(self.w, st, rows, inputs)
+            return
         prefill(self.w, st, rows, inputs)
+
+    def _template(self, st: DecodeState, inputs: Sequence[RowInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KV (layers, heads, length, head_dim) of the longest shared prefix among
+        ``inputs``, kept per voice and rebuilt only when a longer one comes (requests arrive
+        longest first) or the voice changes."""
+        x, j = max(((x, j) for x in inputs for j in range(st.pairs)), key=lambda t: t[0].shared[t[1]])
+        need = x.shared[j]
+        hit = self._prompt_template
+        if hit is not None and hit[0] is inputs[0].voice and hit[1].shape[2] >= need:
+            return hit[1], hit[2]
+        self._prompt_template = None
+        if need > st.max_len:
+            raise ValueError(f"prompt of {need} positions does not fit a cache of {st.max_len}")
+        step = PREFILL_LEN_STEP if self.device.type == "cuda" else 1
+        with torch.inference_mode(False), torch.no_grad():
+            one = DecodeState(self.w, 1, _round_up(need, step), 1, 1, st.eos)
+        dev = self.device
+        prefill_layers(self.w, one, x.embeds[j, :need][None], torch.zeros(1, dtype=torch.int64, device=dev), torch.tensor([need], device=dev))
+        self._prompt_template = (inputs[0].voice, one.k[:, 0, :, :need], one.v[:, 0, :, :need])
+        return self._prompt_template[1], self._prompt_template[2]
+
+    def _prefill_from_template(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
+        w, P, dev = self.w, st.pairs, self.device
+        for inp in inputs:
+            if inp.embeds.shape[1] > st.max_len:
+                raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
+        tk, tv = self._template(st, inputs)
+        seqs = [(r * P + j, inp.shared[j], inp.embeds[j, inp.shared[j] :]) for r, inp in zip(rows, inputs) for j in range(P)]
+        idx = torch.tensor([s for s, _, _ in seqs], dtype=torch.int64, device=dev)
+        copied = max(n for _, n, _ in seqs)
+        st.k[:, idx, :, :copied] = tk[:, None, :, :copied]  # positions past a sequence's own
+        st.v[:, idx, :, :copied] = tv[:, None, :, :copied]  # prefix: rewritten before read
+        # the rest of every sequence, grouped by length (the uncond rows' two BOS positions
+        # apart from the cond rows' text), padded as the plain prefill pads
+        seqs.sort(key=lambda t: -t[2].shape[0])
+        step = PREFILL_LEN_STEP if dev.type == "cuda" else 1
+        group: list[tuple] = []
+        for item in seqs + [None]:
+            if group and (item is None or (len(group) + 1) * _round_up(group[0][2].shape[0], step) > PREFILL_TOKENS
+                          or 2 * item[2].shape[0] < group[-1][2].shape[0]):
+                Lmax = min(_round_up(group[0][2].shape[0], step), st.max_len)
+                x = torch.zeros(len(group), Lmax, w.dim, dtype=torch.float32, device=dev)
+                for i, (_, _, e) in enumerate(group):
+                    x[i, : e.shape[0]] = e
+                meta = torch.tensor([[s for s, _, _ in group], [n for _, n, _ in group], [e.shape[0] for _, _, e in group]],
+                                    dtype=torch.int64).to(dev)
+                kv_len = min(st.max_len, _round_up(max(n for _, n, _ in group) + Lmax, step))
+                prefill_layers(w, st, x, meta[0], meta[2], start=meta[1], kv_len=kv_len)
+                group = []
+            if item is not None:
+                group.append(item)
 
     @staticmethod
     def _prefill_len(st: DecodeState, inputs: Sequence[RowInput]) -> int:
@@ -910,6 +1011,8 @@ class FastT3:
         kv_step = LEN_BUCKET if self.device.type == "cuda" else 64
 
         queue = deque(order)
+        prepared: dict[int, RowInput] = {}  # prompts embedded ahead of their refill
+        lookahead = min(rows, 2 * refill_min)
         slot_req: list[int | None] = [None] * rows
         slot_pos = [0] * rows  # host bound of the highest position a row has written
         slot_left = [0] * rows  # host bound of steps a row has left
@@ -921,7 +1024,7 @@ class FastT3:
             if queue and free and (len(free) >= min(refill_min, len(queue)) or len(free) == rows):
                 take = free[: len(queue)]
                 reqs = [queue.popleft() for _ in take]
-                inputs = [self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
+                inputs = [prepared.pop(i, None) or self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
                 self.prefill(st, take, inputs)
                 self.stats["prefills"] += 1
                 for s, i in zip(take, reqs):
@@ -937,6 +1040,11 @@ class FastT3:
             kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
             for _ in range(k):
                 self.step(st, n, kv_len, use_top_p)
+            # while the GPU runs them, the prompts of the next refill (host work that otherwise
+            # kept the GPU waiting: 0.3 ms a sentence, 4% of a full batch's time on an H100)
+            for i in itertools.islice(queue, lookahead):
+                if i not in prepared:
+                    prepared[i] = self.row_input(conds, requests[i], gen, pairs, ids[i])
             self.stats["steps"] += k
             self.stats["row_steps"] += k * len(live)
             for s in live:
