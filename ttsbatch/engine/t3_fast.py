@@ -71,6 +71,12 @@ GRAPHED_PREFILL_TOKENS = 2048
 FUSED_MAX_SEQS = 2
 
 
+def _prefill_pad(n: int, dev: torch.device) -> int:
+    """The padded length of an eager prefill of ``n`` positions: a multiple of 16 on CUDA
+    (whole tiles; the compiled layers take any length), ``n`` on the CPU."""
+    return _round_up(n, 16) if dev.type == "cuda" else n
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -387,42 +393,59 @@ def prefill_layers(
     x: torch.Tensor,
     seq_idx: torch.Tensor,
     length: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     start: torch.Tensor | None = None,
-    kv_len: int | None = None,
+    same_start: int | None = None,
 ) -> None:
     """The prefill's device work, a pure function of tensors (so a small one can be a CUDA
     graph, FastT3.prefill): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
     cache of sequences ``seq_idx`` (n,); their logits at their last valid position; their
     positions set to ``start + length``.
 
-    ``start`` (n,), with ``kv_len`` (static, >= every ``start + Lmax`` that matters): each
-    sequence's first ``start`` cache positions are already filled (a shared prompt prefix
-    copied in, :meth:`FastT3.prefill`), ``x`` holds positions ``start .. start+Lmax-1``, and
-    the attention reads the cache's first ``kv_len`` keys. None: ``x`` starts at position 0."""
+    ``prefix``: the KV (layers, heads, P, head_dim) of a prompt prefix the sequences share
+    (FastT3's voice template), with ``start`` (n,) <= P: sequence i's first ``start[i]``
+    positions are the prefix's (copied into its cache, attended, not computed), and ``x``
+    holds its positions ``start[i] ..``; ``same_start``: every ``start`` equals it (then x's
+    keys go to the cache as one slice per layer). None: ``x`` starts at position 0."""
     dev, n, Lmax = x.device, x.shape[0], x.shape[1]
     ar = torch.arange(Lmax, device=dev)
-    if start is None:
+    if prefix is None:
         mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
         cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
-        qpos = None
     else:
-        # padded queries past the cache end write their (unused) K/V to its last position:
-        # a live prompt ends before it (every row keeps room for at least one new token)
-        qpos = (start[:, None] + ar[None, :]).clamp(max=st.max_len - 1)  # (n, Lmax)
-        kar = torch.arange(kv_len, device=dev)
-        mask = (kar[None, None, :] <= qpos[:, :, None]) & (kar[None, None, :] < (start + length)[:, None, None])
-        cos, sin = st.cos[qpos], st.sin[qpos]
+        P = prefix[0].shape[2]
+        # keys: the prefix's P positions (each sequence attends its first start[i]), then x's own
+        kar = torch.arange(P + Lmax, device=dev)
+        own = kar[None, None, :] - P
+        mask = torch.where(
+            kar[None, None, :] < P,
+            kar[None, None, :] < start[:, None, None],
+            (own <= ar[None, :, None]) & (own < length[:, None, None]),
+        )
+        qpos = start[:, None] + ar[None, :]
+        cos, sin = st.cos[qpos.clamp(max=st.max_len - 1)], st.sin[qpos.clamp(max=st.max_len - 1)]
+        # padded positions past the cache's end write to its last position (a live prompt
+        # ends before it: every row keeps room for a new token)
+        cache_pos = qpos.clamp(max=st.max_len - 1)
+        if same_start is not None:
+            fit = min(Lmax, st.max_len - same_start)
     mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, keys)
 
     def attend(q, k, v, li):
-        if qpos is None:
+        if prefix is None:
             st.k[li, seq_idx, :, :Lmax] = k
             st.v[li, seq_idx, :, :Lmax] = v
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
-        kl, vl = st.k[li], st.v[li]
-        kl[seq_idx[:, None], :, qpos] = k.transpose(1, 2)
-        vl[seq_idx[:, None], :, qpos] = v.transpose(1, 2)
-        kk, vv = kl[seq_idx, :, :kv_len], vl[seq_idx, :, :kv_len]
+        pk, pv = (t[li][None].expand(n, -1, -1, -1) for t in prefix)
+        st.k[li, seq_idx, :, :P] = pk  # the prefix, then x's own keys over its tail
+        st.v[li, seq_idx, :, :P] = pv
+        if same_start is not None:
+            st.k[li, seq_idx, :, same_start : same_start + fit] = k[:, :, :fit]
+            st.v[li, seq_idx, :, same_start : same_start + fit] = v[:, :, :fit]
+        else:
+            st.k[li][seq_idx[:, None], :, cache_pos] = k.transpose(1, 2)
+            st.v[li][seq_idx[:, None], :, cache_pos] = v.transpose(1, 2)
+        kk, vv = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=w.scale)
 
     with _prefill_attention(dev):  # once for all layers
@@ -895,27 +918,24 @@ class FastT3:
             if inp.embeds.shape[1] > st.max_len:
                 raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
         tk, tv = self._template(st, inputs)
-        seqs = [(r * P + j, inp.shared[j], inp.embeds[j, inp.shared[j] :]) for r, inp in zip(rows, inputs) for j in range(P)]
-        idx = torch.tensor([s for s, _, _ in seqs], dtype=torch.int64, device=dev)
-        copied = max(n for _, n, _ in seqs)
-        st.k[:, idx, :, :copied] = tk[:, None, :, :copied]  # positions past a sequence's own
-        st.v[:, idx, :, :copied] = tv[:, None, :, :copied]  # prefix: rewritten before read
-        # the rest of every sequence, grouped by length (the uncond rows' two BOS positions
-        # apart from the cond rows' text), padded as the plain prefill pads
-        seqs.sort(key=lambda t: -t[2].shape[0])
-        step = PREFILL_LEN_STEP if dev.type == "cuda" else 1
+        # (sequence, shared positions, the rest's embeddings), grouped by the rest's length:
+        # the cond rows' text and BOS (all after the same conditioning), the uncond rows' two
+        # BOS positions (after their own text lengths)
+        seqs = sorted(((r * P + j, inp.shared[j], inp.embeds[j, inp.shared[j] :]) for r, inp in zip(rows, inputs) for j in range(P)),
+                      key=lambda t: (-t[2].shape[0], t[1]))
         group: list[tuple] = []
         for item in seqs + [None]:
-            if group and (item is None or (len(group) + 1) * _round_up(group[0][2].shape[0], step) > PREFILL_TOKENS
+            if group and (item is None or (len(group) + 1) * _prefill_pad(group[0][2].shape[0], dev) > PREFILL_TOKENS
                           or 2 * item[2].shape[0] < group[-1][2].shape[0]):
-                Lmax = min(_round_up(group[0][2].shape[0], step), st.max_len)
+                Lmax = _prefill_pad(group[0][2].shape[0], dev)
                 x = torch.zeros(len(group), Lmax, w.dim, dtype=torch.float32, device=dev)
                 for i, (_, _, e) in enumerate(group):
                     x[i, : e.shape[0]] = e
-                meta = torch.tensor([[s for s, _, _ in group], [n for _, n, _ in group], [e.shape[0] for _, _, e in group]],
-                                    dtype=torch.int64).to(dev)
-                kv_len = min(st.max_len, _round_up(max(n for _, n, _ in group) + Lmax, step))
-                prefill_layers(w, st, x, meta[0], meta[2], start=meta[1], kv_len=kv_len)
+                starts = [n for _, n, _ in group]
+                meta = torch.tensor([[s for s, _, _ in group], starts, [e.shape[0] for _, _, e in group]], dtype=torch.int64).to(dev)
+                same = starts[0] if len(set(starts)) == 1 else None
+                prefix = (tk[:, :, : max(starts)], tv[:, :, : max(starts)])
+                prefill_layers(w, st, x, meta[0], meta[2], prefix=prefix, start=meta[1], same_start=same)
                 group = []
             if item is not None:
                 group.append(item)
