@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--rows", default="1", help="comma-separated batch sizes (sentences decoded at once), each timed")
     ap.add_argument("--refill-min", type=int, default=None, help="FastT3.generate's refill_min (None: rows/16)")
     ap.add_argument("--check-every", type=int, default=8)
+    ap.add_argument("--prefill-profile", type=int, default=0, metavar="N",
+                    help="instead: time one refill of N rows (host launch vs synced, templates on and off) and profile it")
     ap.add_argument("--no-templates", action="store_true", help="big prefills compute whole prompts (FastT3.prompt_templates off)")
     args = ap.parse_args()
     import torch
@@ -59,6 +61,8 @@ def main() -> int:
     fast.prompt_templates = not args.no_templates
     if args.eager_prefill:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
+    if args.prefill_profile:
+        return profile_prefill(fast, conds, reqs[: args.prefill_profile], gen)
     for rows in [int(x) for x in args.rows.split(",")]:
         try:
             res = measure(args, fast, conds, reqs, gen, tokens, rows)
@@ -126,6 +130,43 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),
                 wall_ms=round(wall * 1e3, 2), tokens_per_s=round(tokens / wall, 1), wall_ms_per_step=round(wall * 1e3 / steps, 3),
                 synced_ms=round(synced * 1e3, 2), phases=phases, rest_ms=round(rest * 1e3, 2))
+
+
+def profile_prefill(fast, conds, reqs, gen) -> int:
+    """One refill of len(reqs) rows into a 256-row state: host time to launch it, time to
+    finish it, templates on and off; then the profiler's top kernels and host ops of each."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ttsbatch.engine import t3_fast
+
+    need = max(fast.cond_emb(conds).shape[0] + len(t3_fast.text_token_ids(fast.model, r.text)) + 2 + r.budget for r in reqs)
+    st = fast.new_state(256, need, max(r.budget for r in reqs), 2)
+    rows = list(range(0, 2 * len(reqs), 2))
+    res = {}
+    with torch.inference_mode():
+        inputs = [fast.row_input(conds, r, gen, 2) for r in reqs]
+        for templates in (True, False):
+            fast.prompt_templates = templates
+            for _ in range(3):
+                fast.prefill(st, rows, inputs)
+            torch.cuda.synchronize()
+            launch, total = [], []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fast.prefill(st, rows, inputs)
+                launch.append(time.perf_counter() - t0)
+                torch.cuda.synchronize()
+                total.append(time.perf_counter() - t0)
+            res[f"templates={templates}"] = dict(launch_ms=round(1e3 * min(launch), 2), total_ms=round(1e3 * min(total), 2))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fast.prefill(st, rows, inputs)
+                torch.cuda.synchronize()
+            print(f"--- templates={templates}: {res[f'templates={templates}']}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+    print(json.dumps(dict(rows=len(reqs), **res)))
+    return 0
 
 
 if __name__ == "__main__":
