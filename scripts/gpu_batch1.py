@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
     ap.add_argument("--eager-prefill", action="store_true", help="every prefill eager (no one-row prefill graphs)")
     ap.add_argument("--rows", default="1", help="comma-separated batch sizes (sentences decoded at once), each timed")
-    ap.add_argument("--refill-min", type=int, default=None, help="FastT3.generate's refill_min (None: rows/16)")
+    ap.add_argument("--refill-min", default="", help="comma-separated values of FastT3.generate's refill_min, each timed (default: rows/16)")
     ap.add_argument("--check-every", type=int, default=8)
     ap.add_argument("--prefill-profile", type=int, default=0, metavar="N",
                     help="instead: time one refill of N rows (host launch vs synced, templates on and off) and profile it")
@@ -63,7 +63,8 @@ def main() -> int:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
     if args.prefill_profile:
         return profile_prefill(fast, conds, reqs[: args.prefill_profile], gen)
-    for rows in [int(x) for x in args.rows.split(",")]:
+    for rows, refill in [(r, m) for r in args.rows.split(",") for m in (args.refill_min.split(",") if args.refill_min else [""])]:
+        rows, args.refill = int(rows), int(refill) if refill else None
         try:
             res = measure(args, fast, conds, reqs, gen, tokens, rows)
         except torch.OutOfMemoryError as e:
@@ -72,7 +73,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(json.dumps(res, indent=1), flush=True)
         if os.environ.get("OUT"):
-            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill_min}" if args.refill_min else "") + ("_no_templates" if args.no_templates else "")
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill}" if args.refill else "") + ("_no_templates" if args.no_templates else "")
             Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
     return 0
 
@@ -85,7 +86,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
     def run():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        list(fast.generate(conds, reqs, gen, max_rows=rows, check_every=args.check_every, refill_min=args.refill_min))
+        list(fast.generate(conds, reqs, gen, max_rows=rows, check_every=args.check_every, refill_min=args.refill))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -125,7 +126,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
     return dict(device=torch.cuda.get_device_name(), rows=rows, templates=fast.prompt_templates, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
-                refill_min=args.refill_min, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
+                refill_min=args.refill, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
                 row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),
                 wall_ms=round(wall * 1e3, 2), tokens_per_s=round(tokens / wall, 1), wall_ms_per_step=round(wall * 1e3 / steps, 3),

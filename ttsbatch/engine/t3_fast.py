@@ -61,7 +61,7 @@ RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and th
 # pick_rows leaves (1 GiB under --max-vram; at 24k tokens they overshot a cap by 0.22 GiB on
 # an H100). Refills are a few thousand tokens anyway; only a first fill is split more.
 PREFILL_TOKENS = 8192
-PREFILL_LEN_STEP = 64  # prefill lengths on CUDA are padded to a multiple of this
+PREFILL_LEN_STEP = 64  # graphed prefill lengths are padded to a multiple of this (eager ones: _prefill_pad)
 # Prefills of at most this many (padded rows x pairs x padded length) positions run from CUDA
 # graphs (FastT3.prefill): batch 1 (prompts up to 1,024 positions) and small refills
 GRAPHED_PREFILL_TOKENS = 2048
@@ -344,11 +344,10 @@ def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence
     if max_tokens is None:
         max_tokens = PREFILL_TOKENS
     # Chunks of rows whose padded size (as _prefill_group pads) stays under max_tokens.
-    step = PREFILL_LEN_STEP if dev.type == "cuda" else 1
     group: list[int] = []
     longest = 0
     for i in range(len(rows)):
-        L = _round_up(inputs[i].embeds.shape[1], step)
+        L = _prefill_pad(inputs[i].embeds.shape[1], dev)
         if group and (len(group) + 1) * st.pairs * max(longest, L) > max_tokens:
             _prefill_group(w, st, [rows[j] for j in group], [inputs[j] for j in group])
             group, longest = [], 0
@@ -362,12 +361,13 @@ def _prefill_attention(dev: torch.device):
     """SDPA backends for the prefill. On CUDA, not cuDNN: PyTorch builds a cuDNN graph for
     every new (sequences, length) shape, and refills come in ever new shapes; profiled on an
     H100 that cost ~2.6 ms of host time per layer call, 16 s of a 2-hour book. The
-    memory-efficient kernel takes the same additive mask with no per-shape set-up."""
+    memory-efficient kernel takes the same additive mask with no per-shape set-up, and
+    FlashAttention (bf16, no mask) the plain causal prefill."""
     if dev.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
@@ -376,8 +376,7 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     Lmax = max(lens)
     if Lmax > st.max_len:
         raise ValueError(f"prompt of {Lmax} positions does not fit a cache of {st.max_len}")
-    if dev.type == "cuda":  # few distinct shapes (padded positions are masked out as keys, ignored as queries)
-        Lmax = min(_round_up(Lmax, PREFILL_LEN_STEP), st.max_len)
+    Lmax = min(_prefill_pad(Lmax, dev), st.max_len)  # padded positions: see prefill_layers
     n = len(lens)
     x = torch.zeros(n, Lmax, w.dim, dtype=torch.float32, device=dev)
     for i, inp in enumerate(inputs):
@@ -410,7 +409,12 @@ def prefill_layers(
     dev, n, Lmax = x.device, x.shape[0], x.shape[1]
     ar = torch.arange(Lmax, device=dev)
     if prefix is None:
-        mask = (ar[None, :, None] >= ar[None, None, :]) & (ar[None, None, :] < length[:, None, None])
+        # right-padded prompts need only the causal mask: a valid query's keys (<= it) are
+        # all valid; padded queries attend padding, and their outputs are never read (their
+        # K/V land past the prompt, rewritten before any step reads them). Without a mask,
+        # SDPA may run FlashAttention (the masked memory-efficient kernel ran at ~15
+        # TFLOP/s, 17% of a refill's GPU time on an H200)
+        mask = None
         cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
     else:
         P = prefix[0].shape[2]
@@ -429,13 +433,13 @@ def prefill_layers(
         cache_pos = qpos.clamp(max=st.max_len - 1)
         if same_start is not None:
             fit = min(Lmax, st.max_len - same_start)
-    mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, keys)
+        mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, keys)
 
     def attend(q, k, v, li):
         if prefix is None:
             st.k[li, seq_idx, :, :Lmax] = k
             st.v[li, seq_idx, :, :Lmax] = v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w.scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
         pk, pv = (t[li][None].expand(n, -1, -1, -1) for t in prefix)
         st.k[li, seq_idx, :, :P] = pk  # the prefix, then x's own keys over its tail
         st.v[li, seq_idx, :, :P] = pv
