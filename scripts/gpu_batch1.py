@@ -38,8 +38,7 @@ def main() -> int:
     ap.add_argument("--refill-min", default="", help="comma-separated values of FastT3.generate's refill_min, each timed (default: rows/16)")
     ap.add_argument("--check-every", type=int, default=8)
     ap.add_argument("--prefill-profile", type=int, default=0, metavar="N",
-                    help="instead: time one refill of N rows (host launch vs synced, templates on and off) and profile it")
-    ap.add_argument("--no-templates", action="store_true", help="big prefills compute whole prompts (FastT3.prompt_templates off)")
+                    help="instead: time one refill of N rows (host launch vs synced) and profile it")
     args = ap.parse_args()
     import torch
 
@@ -58,7 +57,6 @@ def main() -> int:
     reqs = book_requests(Path(args.book), args.sentences, gen)  # the bench's batch-1 sentences
     tokens = sum(r.budget for r in reqs)
     fast = t3_fast.FastT3(model)
-    fast.prompt_templates = not args.no_templates
     if args.eager_prefill:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
     if args.prefill_profile:
@@ -73,7 +71,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(json.dumps(res, indent=1), flush=True)
         if os.environ.get("OUT"):
-            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill}" if args.refill else "") + ("_no_templates" if args.no_templates else "")
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill}" if args.refill else "")
             Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
     return 0
 
@@ -125,7 +123,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
         fast.prefill = orig_prefill
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
-    return dict(device=torch.cuda.get_device_name(), rows=rows, templates=fast.prompt_templates, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
+    return dict(device=torch.cuda.get_device_name(), rows=rows, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
                 refill_min=args.refill, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
                 row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),
@@ -134,8 +132,8 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
 
 
 def profile_prefill(fast, conds, reqs, gen) -> int:
-    """One refill of len(reqs) rows into a 256-row state: host time to launch it, time to
-    finish it, templates on and off; then the profiler's top kernels and host ops of each."""
+    """One refill of len(reqs) rows into a 256-row state: the host's time to launch it and
+    the time to finish it; then the profiler's top kernels and host ops."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -144,31 +142,26 @@ def profile_prefill(fast, conds, reqs, gen) -> int:
     need = max(fast.cond_emb(conds).shape[0] + len(t3_fast.text_token_ids(fast.model, r.text)) + 2 + r.budget for r in reqs)
     st = fast.new_state(256, need, max(r.budget for r in reqs), 2)
     rows = list(range(0, 2 * len(reqs), 2))
-    res = {}
     with torch.inference_mode():
         inputs = [fast.row_input(conds, r, gen, 2) for r in reqs]
-        for templates in (True, False):
-            fast.prompt_templates = templates
-            for _ in range(3):
-                fast.prefill(st, rows, inputs)
+        for _ in range(3):
+            fast.prefill(st, rows, inputs)
+        torch.cuda.synchronize()
+        launch, total = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fast.prefill(st, rows, inputs)
+            launch.append(time.perf_counter() - t0)
             torch.cuda.synchronize()
-            launch, total = [], []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                fast.prefill(st, rows, inputs)
-                launch.append(time.perf_counter() - t0)
-                torch.cuda.synchronize()
-                total.append(time.perf_counter() - t0)
-            res[f"templates={templates}"] = dict(launch_ms=round(1e3 * min(launch), 2), total_ms=round(1e3 * min(total), 2))
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fast.prefill(st, rows, inputs)
-                torch.cuda.synchronize()
-            print(f"--- templates={templates}: {res[f'templates={templates}']}")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
-    print(json.dumps(dict(rows=len(reqs), **res)))
+            total.append(time.perf_counter() - t0)
+        res = dict(rows=len(reqs), launch_ms=round(1e3 * min(launch), 2), total_ms=round(1e3 * min(total), 2))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fast.prefill(st, rows, inputs)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+    print(json.dumps(res))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,6 @@ written into a temporary directory (a few minutes). ``-s`` shows the measured nu
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -381,32 +380,3 @@ def test_fused_small_batch_path_on_gpu(monkeypatch, conds, fast_fp32, fast_bf16)
     )
     assert agree[decisive].float().mean().item() >= 0.99
     assert vs_halves.mean().item() <= 2 * (halves - ref).abs().mean().item() + 1e-3  # no further from fp32 than bf16 is
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_prefill_from_the_voice_template_on_gpu(model, conds, dtype):
-    """A big refill (16 rows: not graphed) copies the voice's prompt template and computes the
-    rest: the plain prefill's logits (fp32 <= 1e-3; bf16: within 2% of the largest logit)
-    and cache."""
-    from ttsbatch.engine import t3_fast as tf
-
-    f = tf.FastT3(model, dtype=dtype)
-    gen = GenerationOptions()
-    reqs = [SynthesisRequest(t, i, 20) for i, t in enumerate((TEXTS * 3)[:16])]
-    with torch.inference_mode():
-        inputs = [f.row_input(conds, r, gen, 2) for r in reqs]
-        rows = list(range(16))
-        states = []
-        for templated in (False, True):
-            st = tf.DecodeState(f.w, 16, 512, 20, 2, 0)
-            (f.prefill if templated else functools.partial(tf.prefill, f.w))(st, rows, inputs)
-            states.append(st)
-    a, b = states
-    assert f._prompt_template is not None and not any(k[0] == "prefill" for k in b.graphs)
-    diff = (a.logits - b.logits).abs().max().item()
-    scale = a.logits.abs().max().item()
-    kv = max((a.k[:, s, :, :n] - b.k[:, s, :, :n]).abs().max().item() for s, n in
-             ((r * 2 + j, x.embeds.shape[1]) for r, x in zip(rows, inputs) for j in range(2)))
-    print(f"\n[gpu] template prefill vs plain, {dtype}: max |logit diff| {diff:.3g} (|logits| up to {scale:.3g}), max |k diff| {kv:.3g}")
-    assert torch.equal(a.pos, b.pos)
-    assert diff <= (1e-3 if dtype == torch.float32 else 0.02 * scale)

@@ -328,12 +328,6 @@ class RowInput:
     seed: int
     ignore_eos: bool
     gen: object  # GenerationOptions
-    # Per sequence: how many leading positions equal the voice's prompt template (the
-    # conditioning; for the unconditional sequence also its text positions, whose text
-    # embedding is zeroed), so :meth:`FastT3.prefill` may copy their KV instead of computing
-    # it. Every sequence's shared part is a prefix of the longest one. () = nothing shared.
-    shared: tuple[int, ...] = ()
-    voice: object = None  # what the template belongs to (the conditioning embedding tensor)
 
 
 def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput], max_tokens: int | None = None) -> None:
@@ -386,78 +380,31 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     prefill_layers(w, st, x, seq_idx, length)
 
 
-def prefill_layers(
-    w: T3Weights,
-    st: DecodeState,
-    x: torch.Tensor,
-    seq_idx: torch.Tensor,
-    length: torch.Tensor,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-    start: torch.Tensor | None = None,
-    same_start: int | None = None,
-) -> None:
+def prefill_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, seq_idx: torch.Tensor, length: torch.Tensor) -> None:
     """The prefill's device work, a pure function of tensors (so a small one can be a CUDA
     graph, FastT3.prefill): the prompts x (n, Lmax, D) fp32, zero-padded, through the layers into the KV
-    cache of sequences ``seq_idx`` (n,); their logits at their last valid position; their
-    positions set to ``start + length``.
+    cache of sequences ``seq_idx`` (n,); their logits at position ``length - 1``; their
+    positions set to ``length``.
 
-    ``prefix``: the KV (layers, heads, P, head_dim) of a prompt prefix the sequences share
-    (FastT3's voice template), with ``start`` (n,) <= P: sequence i's first ``start[i]``
-    positions are the prefix's (copied into its cache, attended, not computed), and ``x``
-    holds its positions ``start[i] ..``; ``same_start``: every ``start`` equals it (then x's
-    keys go to the cache as one slice per layer). None: ``x`` starts at position 0."""
+    Right-padded prompts need only the causal mask: a valid query's keys (at or before it)
+    are all valid; padded queries attend padding, and what they compute is never read (their
+    K/V land past the prompt and are rewritten before a step reads them). Without a mask,
+    SDPA runs FlashAttention in bf16 (the masked memory-efficient kernel ran at ~15 TFLOP/s,
+    17% of a full batch's refill on an H200)."""
     dev, n, Lmax = x.device, x.shape[0], x.shape[1]
-    ar = torch.arange(Lmax, device=dev)
-    if prefix is None:
-        # right-padded prompts need only the causal mask: a valid query's keys (<= it) are
-        # all valid; padded queries attend padding, and their outputs are never read (their
-        # K/V land past the prompt, rewritten before any step reads them). Without a mask,
-        # SDPA may run FlashAttention (the masked memory-efficient kernel ran at ~15
-        # TFLOP/s, 17% of a refill's GPU time on an H200)
-        mask = None
-        cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
-    else:
-        P = prefix[0].shape[2]
-        # keys: the prefix's P positions (each sequence attends its first start[i]), then x's own
-        kar = torch.arange(P + Lmax, device=dev)
-        own = kar[None, None, :] - P
-        mask = torch.where(
-            kar[None, None, :] < P,
-            kar[None, None, :] < start[:, None, None],
-            (own <= ar[None, :, None]) & (own < length[:, None, None]),
-        )
-        qpos = start[:, None] + ar[None, :]
-        cos, sin = st.cos[qpos.clamp(max=st.max_len - 1)], st.sin[qpos.clamp(max=st.max_len - 1)]
-        # padded positions past the cache's end write to its last position (a live prompt
-        # ends before it: every row keeps room for a new token)
-        cache_pos = qpos.clamp(max=st.max_len - 1)
-        if same_start is not None:
-            fit = min(Lmax, st.max_len - same_start)
-        mask = _additive(mask[:, None], w.dtype)  # (n, 1, Lmax, keys)
+    cos, sin = st.cos[:Lmax][None].expand(n, -1, -1), st.sin[:Lmax][None].expand(n, -1, -1)
 
     def attend(q, k, v, li):
-        if prefix is None:
-            st.k[li, seq_idx, :, :Lmax] = k
-            st.v[li, seq_idx, :, :Lmax] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
-        pk, pv = (t[li][None].expand(n, -1, -1, -1) for t in prefix)
-        st.k[li, seq_idx, :, :P] = pk  # the prefix, then x's own keys over its tail
-        st.v[li, seq_idx, :, :P] = pv
-        if same_start is not None:
-            st.k[li, seq_idx, :, same_start : same_start + fit] = k[:, :, :fit]
-            st.v[li, seq_idx, :, same_start : same_start + fit] = v[:, :, :fit]
-        else:
-            st.k[li][seq_idx[:, None], :, cache_pos] = k.transpose(1, 2)
-            st.v[li][seq_idx[:, None], :, cache_pos] = v.transpose(1, 2)
-        kk, vv = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=w.scale)
+        st.k[li, seq_idx, :, :Lmax] = k
+        st.v[li, seq_idx, :, :Lmax] = v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=w.scale)
 
     with _prefill_attention(dev):  # once for all layers
         for li, lw in enumerate(w.layers):
             x = _layer(w, lw, x, cos, sin, functools.partial(attend, li=li))
     last = x[torch.arange(n, device=dev), length - 1]  # (n, D)
     st.logits[seq_idx] = _head(w, last)
-    st.pos[seq_idx] = length if start is None else start + length
+    st.pos[seq_idx] = length
 
 
 def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
@@ -717,8 +664,6 @@ class FastT3:
         self.rows_used = 0  # rows of the last generate call (the buffers may hold more)
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
-        self.prompt_templates = True  # big prefills copy the voice's shared prompt KV (see prefill)
-        self._prompt_template: tuple[object, torch.Tensor, torch.Tensor] | None = None  # (voice, k, v)
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
         self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, prefills=0, compactions=0)
 
@@ -789,11 +734,8 @@ class FastT3:
 
     def row_input(self, conds, req, gen, pairs: int, text_ids: torch.Tensor | None = None) -> RowInput:
         ids = text_token_ids(self.model, req.text) if text_ids is None else text_ids
-        cond = self.cond_emb(conds)
-        emb = prompt_embeds(self.model.t3, cond, ids, pairs)
-        # prompt_embeds' layout: [cond, text (zeroed in the uncond row) + text positions, BOS, BOS]
-        shared = (cond.shape[0], emb.shape[1] - 2)[:pairs]
-        return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen, shared, cond)
+        emb = prompt_embeds(self.model.t3, self.cond_emb(conds), ids, pairs)
+        return RowInput(emb, int(req.budget), int(req.seed), bool(gen.ignore_eos), gen)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -865,22 +807,21 @@ class FastT3:
     # -- prefill -------------------------------------------------------------------------------
 
     def prefill(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
-        """:func:`prefill`, two ways faster, each equal to it (tests/test_t3_fast.py).
+        """:func:`prefill`; a small one (at most GRAPHED_PREFILL_TOKENS, padded) from a CUDA
+        graph when graphs are on: one graph per (rows bucket, padded prompt length), the rows
+        padded to :func:`prefill_row_bucket` by repeating the last.
 
-        A small one (at most GRAPHED_PREFILL_TOKENS, padded) replays a CUDA graph when graphs
-        are on: one graph per (rows bucket, padded prompt length), the rows padded to
-        :func:`prefill_row_bucket` by repeating the last. A prefill is ~150 kernels, and for
-        one row the host launching them was the bottleneck: 13.9 ms per sentence at batch 1
-        on an H200 (scripts/gpu_batch1.py), a quarter of its time with the bench's
-        sentences; from a graph, 2.7 ms.
+        A prefill is ~150 kernels, and for one row the host launching them was the
+        bottleneck: 13.9 ms per sentence at batch 1 on an H200 (scripts/gpu_batch1.py), a
+        quarter of its time with the bench's sentences; from a graph, 2.7 ms. Big refills
+        keep the eager prefill: their GPU work covers the launches (the full-batch rate did
+        not change with them graphed), and a graph's activations stay reserved (they broke
+        a --max-vram cap by 0.4 GiB on an H100).
 
-        A bigger one copies the voice's prompt template into the rows' caches and computes
-        only what differs (:meth:`_prefill_from_template`): the conditional sequence's text
-        and BOS, the unconditional one's two BOS positions. That is a third of the positions
-        (the refills of a full batch took 20% of its time on an H100: 38 ms each, 2.9 s of
-        14.3 s for 2,048 of the book's sentences). Big refills are not graphed: their GPU
-        work covers the launches, and a graph's activations stay reserved (they broke a
-        --max-vram cap by 0.4 GiB on an H100)."""
+        Tried and removed (BENCHMARKS.md, eighth session): copying the voice's shared prompt
+        KV (the conditioning, the uncond row's zeroed text) instead of computing it. It cut
+        the refills' matmul time in half, but the two groups it needs doubled the host's
+        launches, and with its cache gathers a refill took 50-64 ms against 36 on an H200."""
         if self.use_graphs:
             Lmax = self._prefill_len(st, inputs)
             if prefill_row_bucket(len(rows)) * st.pairs * Lmax <= GRAPHED_PREFILL_TOKENS:
@@ -890,59 +831,7 @@ class FastT3:
                 self._prefill_graphed(st, rows, inputs)
                 _start_rows(self.w, st, rows, inputs)
                 return
-        if self.prompt_templates and inputs and all(len(x.shared) == st.pairs and x.voice is inputs[0].voice for x in inputs):
-            self._prefill_from_template(st, rows, inputs)
-            _start_rows(self.w, st, rows, inputs)
-            return
         prefill(self.w, st, rows, inputs)
-
-    def _template(self, st: DecodeState, inputs: Sequence[RowInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KV (layers, heads, length, head_dim) of the longest shared prefix among
-        ``inputs``, kept per voice and rebuilt only when a longer one comes (requests arrive
-        longest first) or the voice changes."""
-        x, j = max(((x, j) for x in inputs for j in range(st.pairs)), key=lambda t: t[0].shared[t[1]])
-        need = x.shared[j]
-        hit = self._prompt_template
-        if hit is not None and hit[0] is inputs[0].voice and hit[1].shape[2] >= need:
-            return hit[1], hit[2]
-        self._prompt_template = None
-        if need > st.max_len:
-            raise ValueError(f"prompt of {need} positions does not fit a cache of {st.max_len}")
-        step = PREFILL_LEN_STEP if self.device.type == "cuda" else 1
-        with torch.inference_mode(False), torch.no_grad():
-            one = DecodeState(self.w, 1, _round_up(need, step), 1, 1, st.eos)
-        dev = self.device
-        prefill_layers(self.w, one, x.embeds[j, :need][None], torch.zeros(1, dtype=torch.int64, device=dev), torch.tensor([need], device=dev))
-        self._prompt_template = (inputs[0].voice, one.k[:, 0, :, :need], one.v[:, 0, :, :need])
-        return self._prompt_template[1], self._prompt_template[2]
-
-    def _prefill_from_template(self, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
-        w, P, dev = self.w, st.pairs, self.device
-        for inp in inputs:
-            if inp.embeds.shape[1] > st.max_len:
-                raise ValueError(f"prompt of {inp.embeds.shape[1]} positions does not fit a cache of {st.max_len}")
-        tk, tv = self._template(st, inputs)
-        # (sequence, shared positions, the rest's embeddings), grouped by the rest's length:
-        # the cond rows' text and BOS (all after the same conditioning), the uncond rows' two
-        # BOS positions (after their own text lengths)
-        seqs = sorted(((r * P + j, inp.shared[j], inp.embeds[j, inp.shared[j] :]) for r, inp in zip(rows, inputs) for j in range(P)),
-                      key=lambda t: (-t[2].shape[0], t[1]))
-        group: list[tuple] = []
-        for item in seqs + [None]:
-            if group and (item is None or (len(group) + 1) * _prefill_pad(group[0][2].shape[0], dev) > PREFILL_TOKENS
-                          or 2 * item[2].shape[0] < group[-1][2].shape[0]):
-                Lmax = _prefill_pad(group[0][2].shape[0], dev)
-                x = torch.zeros(len(group), Lmax, w.dim, dtype=torch.float32, device=dev)
-                for i, (_, _, e) in enumerate(group):
-                    x[i, : e.shape[0]] = e
-                starts = [n for _, n, _ in group]
-                meta = torch.tensor([[s for s, _, _ in group], starts, [e.shape[0] for _, _, e in group]], dtype=torch.int64).to(dev)
-                same = starts[0] if len(set(starts)) == 1 else None
-                prefix = (tk[:, :, : max(starts)], tv[:, :, : max(starts)])
-                prefill_layers(w, st, x, meta[0], meta[2], prefix=prefix, start=meta[1], same_start=same)
-                group = []
-            if item is not None:
-                group.append(item)
 
     @staticmethod
     def _prefill_len(st: DecodeState, inputs: Sequence[RowInput]) -> int:
