@@ -62,21 +62,21 @@ def main() -> int:
     if args.prefill_profile:
         return profile_prefill(fast, conds, reqs[: args.prefill_profile], gen)
     for rows, refill in [(r, m) for r in args.rows.split(",") for m in (args.refill_min.split(",") if args.refill_min else [""])]:
-        rows, args.refill = int(rows), int(refill) if refill else None
+        rows, refill = int(rows), int(refill) if refill else None
         try:
-            res = measure(args, fast, conds, reqs, gen, tokens, rows)
+            res = measure(args, fast, conds, reqs, gen, tokens, rows, refill)
         except torch.OutOfMemoryError as e:
             res = dict(rows=rows, error=f"out of memory: {str(e).splitlines()[0]}")
             fast.state = None
             torch.cuda.empty_cache()
         print(json.dumps(res, indent=1), flush=True)
         if os.environ.get("OUT"):
-            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{args.refill}" if args.refill else "")
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{refill}" if refill else "")
             Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
     return 0
 
 
-def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
+def measure(args, fast, conds, reqs, gen, tokens, rows, refill_min=None) -> dict:
     import torch
 
     from ttsbatch.engine import t3_fast
@@ -84,7 +84,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
     def run():
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        list(fast.generate(conds, reqs, gen, max_rows=rows, check_every=args.check_every, refill_min=args.refill))
+        list(fast.generate(conds, reqs, gen, max_rows=rows, check_every=args.check_every, refill_min=refill_min))
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -124,7 +124,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows) -> dict:
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
     return dict(device=torch.cuda.get_device_name(), rows=rows, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
-                refill_min=args.refill, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
+                refill_min=refill_min, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
                 row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),
                 wall_ms=round(wall * 1e3, 2), tokens_per_s=round(tokens / wall, 1), wall_ms_per_step=round(wall * 1e3 / steps, 3),

@@ -354,9 +354,9 @@ def prefill(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence
 def _prefill_attention(dev: torch.device):
     """SDPA backends for the prefill. On CUDA, not cuDNN: PyTorch builds a cuDNN graph for
     every new (sequences, length) shape, and refills come in ever new shapes; profiled on an
-    H100 that cost ~2.6 ms of host time per layer call, 16 s of a 2-hour book. The
-    memory-efficient kernel takes the same additive mask with no per-shape set-up, and
-    FlashAttention (bf16, no mask) the plain causal prefill."""
+    H100 that cost ~2.6 ms of host time per layer call, 16 s of a 2-hour book. The prefill
+    is causal with no mask (:func:`prefill_layers`): FlashAttention in bf16, the
+    memory-efficient kernel in fp32, neither with a per-shape set-up."""
     if dev.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
