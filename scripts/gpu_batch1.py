@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--rows", default="1", help="comma-separated batch sizes (sentences decoded at once), each timed")
     ap.add_argument("--refill-min", default="", help="comma-separated values of FastT3.generate's refill_min, each timed (default: rows/16)")
     ap.add_argument("--check-every", type=int, default=8)
+    ap.add_argument("--no-template", action="store_true", help="no voice template (every sequence reads its whole prompt from its own cache)")
     ap.add_argument("--prefill-profile", type=int, default=0, metavar="N",
                     help="instead: time one refill of N rows (host launch vs synced) and profile it")
     args = ap.parse_args()
@@ -57,6 +58,8 @@ def main() -> int:
     reqs = book_requests(Path(args.book), args.sentences, gen)  # the bench's batch-1 sentences
     tokens = sum(r.budget for r in reqs)
     fast = t3_fast.FastT3(model)
+    if args.no_template:
+        fast._ensure_template = lambda *a: None
     if args.eager_prefill:
         fast.prefill = lambda st, rows, inputs: t3_fast.prefill(fast.w, st, rows, inputs)
     if args.prefill_profile:
@@ -71,7 +74,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         print(json.dumps(res, indent=1), flush=True)
         if os.environ.get("OUT"):
-            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + (f"_refill{refill}" if refill else "")
+            name = f"batch{rows}" + ("_eager_prefill" if args.eager_prefill else "") + ("_no_template" if args.no_template else "") + (f"_refill{refill}" if refill else "")
             Path(os.environ["OUT"], name + ".json").write_text(json.dumps(res, indent=1))
     return 0
 
@@ -124,6 +127,7 @@ def measure(args, fast, conds, reqs, gen, tokens, rows, refill_min=None) -> dict
     phases = {k: dict(ms=round(v * 1e3, 2), calls=calls[k], ms_per_call=round(v * 1e3 / calls[k], 3)) for k, v in spent.items()}
     rest = synced - sum(v for k, v in spent.items() if "inside" not in k)
     return dict(device=torch.cuda.get_device_name(), rows=rows, rows_used=fast.rows_used, eager_prefill=args.eager_prefill,
+                template=not args.no_template,
                 refill_min=refill_min, check_every=args.check_every, sentences=len(reqs), tokens=tokens, steps=steps,
                 row_use=round(delta["row_steps"] / max(1, steps * fast.rows_used), 4), prefills=delta["prefills"],
                 host_checks=delta["host_checks"], peak_gib=round(peak, 2),

@@ -87,7 +87,7 @@ def main() -> int:
                     help="decode paths to profile: fused (the engine's: Triton attention, and at batch 1 the fused "
                     "GEMV layers), kernel (Triton attention, compiled layer halves at every size), sdpa (padded cache); "
                     "each may carry knobs: fused:pdl=0 (no programmatic dependent launch), :prefetch=0 (no early "
-                    "read of the first key block), :target=N (decode_attention.TARGET_PROGRAMS)")
+                    "read of the first key block), :target=N (decode_attention.TARGET_PROGRAMS), :template=0 (no voice template)")
     args = ap.parse_args()
     import torch
 
@@ -117,6 +117,8 @@ def main() -> int:
         da.PREFETCH = knob["prefetch"] != "0" if "prefetch" in knob else defaults["prefetch"]
         t3_fast.FUSED_MAX_SEQS = fused_max if attention == "fused" else 0
         fast = FastT3(model, decode_kernel=attention != "sdpa")
+        if knob.get("template") == "0":  # no voice template: every prompt read from its own cache
+            fast._ensure_template = lambda *a: None
         assert fast.w.decode_kernel == (attention != "sdpa"), fast.decode_kernel_error
         attention = variant
         for rows in (int(x) for x in args.rows.split(",") if x):

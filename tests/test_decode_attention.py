@@ -76,6 +76,34 @@ def test_kernel_equals_sdpa_and_writes_only_the_new_position(kernel, monkeypatch
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize("target", [2048, 1], ids=["split-keys", "one-split"])
+def test_template_positions_come_from_the_template(kernel, monkeypatch, target, prefetch):
+    """template=(k, v, shared): a sequence's first shared[s] positions are read from the
+    shared table, not its own cache (NaN there must not count), the rest as before; the
+    same output as SDPA over a cache holding the template's keys there."""
+    monkeypatch.setattr(kernel, "TARGET_PROGRAMS", target)
+    monkeypatch.setattr(kernel, "PREFETCH", prefetch)
+    g = torch.Generator().manual_seed(7)
+    S, H, D, L, kv_len = 4, 4, 64, 512, 320
+    k_cache, v_cache = (torch.randn(S, H, L, D, generator=g) for _ in range(2))
+    tk, tv = (torch.randn(H, 300, D, generator=g) for _ in range(2))
+    q, k_new, v_new = (torch.randn(S, H, 1, D, generator=g) for _ in range(3))
+    pos = torch.tensor([319, 200, 70, 5])
+    shared = torch.tensor([34, 199, 70, 0], dtype=torch.int32)  # within a block, at a boundary, up to pos, none
+    assembled_k, assembled_v = k_cache.clone(), v_cache.clone()
+    for s in range(S):
+        n = int(shared[s])
+        assembled_k[s, :, :n], assembled_v[s, :, :n] = tk[:, :n], tv[:, :n]
+        k_cache[s, :, :n], v_cache[s, :, :n] = float("nan"), float("nan")
+    ref, kr, vr = _reference(q, k_new, v_new, assembled_k, assembled_v, pos)
+    out = kernel.attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len, D**-0.5, template=(tk, tv, shared))
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert torch.equal(k_cache[torch.arange(S), :, pos], k_new[:, :, 0])  # the new position still cached
+    plain = kernel.attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len, D**-0.5)
+    assert torch.isnan(plain[:3]).all() and not torch.isnan(plain[3]).any()  # without it, the NaN is read
+
+
 def test_kernel_in_bf16_within_rounding(kernel):
     g = torch.Generator().manual_seed(1)
     S, H, D, L = 3, 4, 64, 256
@@ -121,7 +149,8 @@ def conds(model):
 def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds, fused):
     """Forced tokens, CFG pairs: every step's logits as stock's. One sentence (one pair: the
     fused GEMV layers of decode_gemv), or two sentences of one batch in swapped rows (four
-    sequences: the layer halves around the kernel)."""
+    sequences: the layer halves around the kernel). The shared prompt positions come from
+    the voice template."""
     from ttsbatch.engine import t3_fast as tf
 
     fast = tf.FastT3(model, decode_kernel=True)
@@ -135,8 +164,21 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, con
     reqs = [SynthesisRequest(t, i, steps + 1) for i, t in enumerate(texts)]
     st = fast.new_state(rows=n, max_len=300, max_new=steps + 1, pairs=2)
     st.done.fill_(True)
+    fast._ensure_template(st, conds, 200)
     with torch.inference_mode():
-        tf.prefill(fast.w, st, rows, [fast.row_input(conds, r, gen, 2) for r in reqs])
+        inputs = [fast.row_input(conds, r, gen, 2) for r in reqs]
+        tf.prefill(fast.w, st, rows, inputs)
+        # the voice template stands in for the conditioning (both sequences) and the uncond
+        # sequence's prompt but its BOS pair: their own cached positions are never read
+        n_cond = fast.cond_emb(conds).shape[0]
+        for i, inp in enumerate(inputs):
+            L = inp.embeds.shape[1]
+            assert inp.shared == (n_cond, L - 2)
+            for j, n_sh in enumerate(inp.shared):
+                s = rows[i] * 2 + j
+                assert st.shared[s] == n_sh
+                st.k[:, s, :, :n_sh] = float("nan")
+                st.v[:, s, :, :n_sh] = float("nan")
         for step in range(steps + 1):
             for i in range(n):
                 diff = (st.logits[rows[i] * 2 : rows[i] * 2 + 2] - ref[i][step]).abs().max().item()
@@ -167,6 +209,35 @@ def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, mon
     assert dict(with_kernel.generate(conds, reqs, gen, max_rows=2, check_every=3)) == plain
     assert len(plain) == 4 and with_kernel.stats["prefills"] >= 2
     assert fused_steps  # the tail, one row alone, went through the fused layers
+
+
+def test_the_voice_template_follows_the_voice(kernel, model):
+    """One engine, two voices (a new exaggeration is a new conditioning): the second call's
+    template is rebuilt, so its tokens are a fresh engine's; and longer prompts than the
+    template holds read their own cache."""
+    from ttsbatch.engine import t3_fast as tf
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 700 + i, 3) for i, t in enumerate(TEXTS[:3])]
+    a, b = VoiceCache(model).get(BUILTIN, 0.5), VoiceCache(model).get(BUILTIN, 1.5)
+    fast = tf.FastT3(model, decode_kernel=True)
+    dict(fast.generate(a, reqs, gen, max_rows=2))
+    first = fast.state.template
+    got = dict(fast.generate(b, reqs, gen, max_rows=2))
+    assert fast.state.template[0] is not first[0] and fast.state.template[0] is fast.cond_emb(b)
+    fresh = {}
+    for name, voice in (("a", a), ("b", b)):
+        other = tf.FastT3(model, decode_kernel=True)
+        toks = dict(other.generate(voice, reqs, gen, max_rows=2))
+        fresh[name] = other.state.tk[:, :, : other.state.template[1]]
+    st = fast.state
+    assert got == toks  # voice b's
+    L = st.template[1]
+    assert torch.equal(st.tk[:, :, :L], fresh["b"]) and not torch.allclose(st.tk[:, :, :L], fresh["a"])
+    st.template = (st.template[0], st.template[0].shape[0] + 3)  # as if it held 3 text positions only
+    inp = fast.row_input(b, reqs[0], gen, 2)
+    assert inp.shared == (st.template[0].shape[0],) * 2
 
 
 def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog):

@@ -18,6 +18,13 @@ overlapped: 1.036 ms per step against 0.977 on an H200, scripts/gpu_t3_profile.p
 With programmatic dependent launch (``pdl``) a program requests its first block of cached
 keys and values before waiting for the q/k/v projection: they were written by earlier steps.
 
+Shared prefixes (``template``): sequences may read their first ``shared[s]`` positions from
+one table of keys and values instead of their own cache. T3's prompts share a lot: every
+sentence of a voice starts with the same conditioning, and with CFG the unconditional
+sequence's text embedding is zeroed, so its whole prompt before the speech BOS is a prefix
+of one sequence per voice (``t3_fast``'s voice template). Those positions are read by every
+sequence from one small table that stays in L2, not once per sequence from HBM.
+
 Numerics: q.k, the softmax and the weighted sum of V accumulate in fp32 (as FlashAttention
 does); the output is cast to the cache's dtype. On the CPU the engine keeps SDPA; tests run
 this kernel there under Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -39,12 +46,30 @@ PREFETCH = None  # request each split's first key block before the q/k/v: None =
 
 
 @triton.jit
+def _load_kv(kc, vc, tk, tv, offs, d, mask, shared, sc_l, st_l, SHARED: tl.constexpr):
+    """Keys and values at positions ``offs``: from the sequence's cache, or below ``shared``
+    from the template (each position from one of them: the other load is masked off)."""
+    if SHARED:
+        in_t = (offs < shared)[:, None]
+        own = mask & ~in_t
+        tmp = mask & in_t
+        k = tl.load(kc + offs[:, None] * sc_l + d[None, :], mask=own, other=0.0)
+        v = tl.load(vc + offs[:, None] * sc_l + d[None, :], mask=own, other=0.0)
+        k += tl.load(tk + offs[:, None] * st_l + d[None, :], mask=tmp, other=0.0)
+        v += tl.load(tv + offs[:, None] * st_l + d[None, :], mask=tmp, other=0.0)
+    else:
+        k = tl.load(kc + offs[:, None] * sc_l + d[None, :], mask=mask, other=0.0)
+        v = tl.load(vc + offs[:, None] * sc_l + d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _attend_split(
-    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN,
-    sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h,
+    Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN, TK, TV, Shared,
+    sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h, st_h, st_l,
     scale, H, kv_len,
     CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * H + head
     split = tl.program_id(1)
@@ -53,6 +78,14 @@ def _attend_split(
     d = tl.arange(0, D)
     kc = KC + s * sc_s + h * sc_h
     vc = VC + s * sc_s + h * sc_h
+    tk = TK + h * st_h
+    tv = TV + h * st_h
+    # positions below ``shared`` come from the template (set before the step: no kernel of
+    # it writes the count or the template, so both may be read before the PDL wait)
+    if SHARED:
+        shared = tl.load(Shared + s).to(tl.int32)
+    else:
+        shared = 0
     start = split * CHUNK
     first = start + tl.arange(0, BLOCK)
     in_first = (first < kv_len)[:, None]
@@ -61,8 +94,7 @@ def _attend_split(
     if PREFETCH:
         # the split's first block of cached keys, requested before waiting: positions written
         # by earlier decode steps (the new one, ``pos``, is replaced below; past it is masked)
-        k_first = tl.load(kc + first[:, None] * sc_l + d[None, :], mask=in_first, other=0.0)
-        v_first = tl.load(vc + first[:, None] * sc_l + d[None, :], mask=in_first, other=0.0)
+        k_first, v_first = _load_kv(kc, vc, tk, tv, first, d, in_first, shared, sc_l, st_l, SHARED)
     if PDL:
         gdc_wait()  # everything below may come from the previous kernel
     pos = tl.load(Pos + s).to(tl.int32)
@@ -96,9 +128,7 @@ def _attend_split(
                 k = k_first
                 v = v_first
             else:
-                ptr = offs[:, None] * sc_l + d[None, :]
-                k = tl.load(kc + ptr, mask=live & ~at_pos, other=0.0)
-                v = tl.load(vc + ptr, mask=live & ~at_pos, other=0.0)
+                k, v = _load_kv(kc, vc, tk, tv, offs, d, live & ~at_pos, shared, sc_l, st_l, SHARED)
             # the new position is taken from the inputs, not read back from the cache; past it
             # nothing counts (zeros, whatever the prefetch read there)
             k = tl.where(at_pos, kn[None, :], tl.where(live, k, 0.0)).to(tl.float32)
@@ -146,7 +176,7 @@ def splits_for(seqs: int, heads: int, kv_len: int) -> int:
     return n
 
 
-def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float, rope=None) -> torch.Tensor:
+def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float, rope=None, template=None) -> torch.Tensor:
     """Write ``k_new``/``v_new`` into the caches at ``pos`` and attend: out (S, H, 1, D).
 
     q, k_new, v_new: (S, H, 1, D); k_cache, v_cache: (>= S, H, L, D), the last dim
@@ -155,6 +185,9 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
     sequence (static per captured graph: it sizes the split). ``rope``: None, or the (cos,
     sin) tables (>= L, D) fp32 contiguous, to apply the rotary embedding at ``pos`` to
     ``q`` and ``k_new`` first (they come unrotated; the cache gets the rotated k).
+    ``template``: None, or ``(k_tmpl, v_tmpl, shared)``: keys/values (H, Lt, D) shared by
+    many sequences and ``shared`` (S,) int, how many leading positions each sequence reads
+    from them instead of its own cache (0: none; never past ``pos``).
     """
     S, H, _, D = q.shape
     if any(t.stride(-1) != 1 for t in (q, k_new, v_new, k_cache)) or k_cache.stride() != v_cache.stride():
@@ -175,13 +208,21 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
             raise ValueError("attend_and_cache: the rope tables must be contiguous (L, head_dim)")
     else:
         cos = sin = q  # unused
+    if template is not None:
+        tk, tv, shared = template
+        if tk.shape[0] != H or tk.shape[-1] != D or tk.stride(-1) != 1 or tk.stride() != tv.stride():
+            raise ValueError("attend_and_cache: the template must be (heads, L, head_dim), laid out alike, head dim contiguous")
+        st_h, st_l = tk.stride(0), tk.stride(1)
+    else:
+        tk = tv = shared = q  # unused
+        st_h = st_l = 0
     launch = pdl.launch_options(q.device)
     _attend_split[(S * H, nsplit)](
-        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin,
+        q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin, tk, tv, shared,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), st_h, st_l,
         scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
-        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, num_warps=4, **launch,
+        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None, num_warps=4, **launch,
     )
     if nsplit > 1:
         _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, num_warps=1, **launch)
