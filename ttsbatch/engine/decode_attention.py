@@ -43,6 +43,8 @@ BLOCK_N = 64  # key positions per loop iteration (a 64 x 64 tile of bf16: 8 KB)
 TARGET_PROGRAMS = 2048  # split the keys until about this many programs run (an H100 has 132 SMs)
 MAX_SPLITS = 16
 PREFETCH = None  # request each split's first key block before the q/k/v: None = with PDL (tests force it)
+NUM_WARPS = 4
+STAGES = 0  # 0: a static loop over the chunk's blocks; n: a dynamic loop over the live ones, n-stage pipelined
 
 
 @triton.jit
@@ -64,12 +66,30 @@ def _load_kv(kc, vc, tk, tv, offs, d, mask, shared, sc_l, st_l, SHARED: tl.const
 
 
 @triton.jit
+def _update(k, v, kn, vn, q, offs, end, pos, m, l, acc):
+    """The online softmax over one block of keys at ``offs``: the new position's k/v are taken
+    from the inputs, not read back from the cache; past ``end`` nothing counts (zeros,
+    whatever a prefetch read there)."""
+    live = (offs < end)[:, None]
+    at_pos = (offs == pos)[:, None]
+    k = tl.where(at_pos, kn[None, :], tl.where(live, k, 0.0)).to(tl.float32)
+    v = tl.where(at_pos, vn[None, :], tl.where(live, v, 0.0)).to(tl.float32)
+    qk = tl.where(offs < end, tl.sum(k * q[None, :], 1), float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, 0))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(qk - m_new)
+    l = l * alpha + tl.sum(p, 0)
+    acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+    return m_new, l, acc
+
+
+@triton.jit
 def _attend_split(
     Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN, TK, TV, Shared,
     sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h, st_h, st_l,
     scale, H, kv_len,
     CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * H + head
     split = tl.program_id(1)
@@ -118,28 +138,27 @@ def _attend_split(
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
-    for i in range(0, CHUNK // BLOCK):  # the chunk is static; a row's live length is not
-        n0 = start + i * BLOCK
-        if n0 < end:  # past a row's live keys nothing is read or computed
+    if STAGES == 0:
+        for i in range(0, CHUNK // BLOCK):  # the chunk is static; a row's live length is not
+            n0 = start + i * BLOCK
+            if n0 < end:  # past a row's live keys nothing is read or computed
+                offs = n0 + tl.arange(0, BLOCK)
+                if PREFETCH and i == 0:
+                    k = k_first
+                    v = v_first
+                else:
+                    k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
+                m, l, acc = _update(k, v, kn, vn, q, offs, end, pos, m, l, acc)
+    else:  # a loop over the live blocks only, its loads software-pipelined STAGES deep
+        lo = start
+        if PREFETCH:
+            if start < end:
+                m, l, acc = _update(k_first, v_first, kn, vn, q, first, end, pos, m, l, acc)
+            lo = start + BLOCK
+        for n0 in tl.range(lo, end, BLOCK, num_stages=STAGES):
             offs = n0 + tl.arange(0, BLOCK)
-            live = (offs < end)[:, None]
-            at_pos = (offs == pos)[:, None]
-            if PREFETCH and i == 0:
-                k = k_first
-                v = v_first
-            else:
-                k, v = _load_kv(kc, vc, tk, tv, offs, d, live & ~at_pos, shared, sc_l, st_l, SHARED)
-            # the new position is taken from the inputs, not read back from the cache; past it
-            # nothing counts (zeros, whatever the prefetch read there)
-            k = tl.where(at_pos, kn[None, :], tl.where(live, k, 0.0)).to(tl.float32)
-            v = tl.where(at_pos, vn[None, :], tl.where(live, v, 0.0)).to(tl.float32)
-            qk = tl.where(offs < end, tl.sum(k * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, 0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(qk - m_new)
-            l = l * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m = m_new
+            k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
+            m, l, acc = _update(k, v, kn, vn, q, offs, end, pos, m, l, acc)
     if NSPLIT == 1:
         tl.store(O + s * so_s + h * so_h + d, (acc / l).to(O.dtype.element_ty))
     else:
@@ -222,7 +241,8 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), st_h, st_l,
         scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
-        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None, num_warps=4, **launch,
+        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None, STAGES=STAGES,
+        num_warps=NUM_WARPS, **launch,
     )
     if nsplit > 1:
         _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, num_warps=1, **launch)
