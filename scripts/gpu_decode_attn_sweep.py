@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """T3's decode attention kernel at a full batch's shapes, over its knobs (CUDA GPU).
 
-    python scripts/gpu_decode_attn_sweep.py [--seqs 512] [--layers 8] [--warps 4,8] [--blocks 32,64,128] [--stages 0,2]
+    python scripts/gpu_decode_attn_sweep.py [--seqs 512] [--layers 8] [--warps 1,2,4] [--blocks 32,64]
 
 ``--seqs`` sequences (CFG pairs: even ones conditional, odd ones unconditional) with the book's
 live lengths (prompts of 60-334 positions, 0-128 tokens decoded), ``--layers`` distinct caches
@@ -28,9 +28,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--warps", default="4,8")
-    ap.add_argument("--blocks", default="32,64,128")
-    ap.add_argument("--stages", default="0,2")
+    ap.add_argument("--warps", default="1,2,4")
+    ap.add_argument("--blocks", default="32,64")
     args = ap.parse_args()
     import torch
 
@@ -53,8 +52,8 @@ def main() -> int:
     res = dict(device=torch.cuda.get_device_name(), seqs=S, kv_len=kv_len, live_mb=live_bytes / 1e6, own_mb=own_bytes / 1e6,
                copy_gbs=round(bw / 1e9), runs=[])
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
-    for warps, block, stages, tmpl in itertools.product(*(map(int, x.split(",")) for x in (args.warps, args.blocks, args.stages)), (0, 1)):
-        da.NUM_WARPS, da.BLOCK_N, da.STAGES = warps, block, stages
+    for warps, block, tmpl in itertools.product(*(map(int, x.split(",")) for x in (args.warps, args.blocks)), (0, 1)):
+        da.NUM_WARPS, da.BLOCK_N = warps, block
         template = [(tk, tv, shared) if tmpl else None]
 
         def run():
@@ -76,10 +75,10 @@ def main() -> int:
             b.record()
             torch.cuda.synchronize()
             us = a.elapsed_time(b) * 1e3 / 20 / len(caches)
-            r = dict(warps=warps, block=block, stages=stages, template=bool(tmpl), us_per_layer=round(us, 1),
+            r = dict(warps=warps, block=block, template=bool(tmpl), us_per_layer=round(us, 1),
                      live_tbs=round(live_bytes / us / 1e6, 2), pct_copy=round(100 * live_bytes / (us * 1e-6) / bw, 1))
         except Exception as e:  # noqa: BLE001 - a variant that does not compile
-            r = dict(warps=warps, block=block, stages=stages, template=bool(tmpl), error=f"{type(e).__name__}: {str(e)[:200]}")
+            r = dict(warps=warps, block=block, template=bool(tmpl), error=f"{type(e).__name__}: {str(e)[:200]}")
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
     if os.environ.get("OUT"):

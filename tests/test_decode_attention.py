@@ -47,14 +47,12 @@ def _reference(q, k_new, v_new, k_cache, v_cache, pos):
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("target", [2048, 1], ids=["split-keys", "one-split"])
 @pytest.mark.parametrize("seqs,kv_len", [(2, 256), (5, 448), (3, 64)])
-@pytest.mark.parametrize("stages", [0], ids=["static-loop"])
-def test_kernel_equals_sdpa_and_writes_only_the_new_position(kernel, monkeypatch, target, seqs, kv_len, prefetch, stages):
+def test_kernel_equals_sdpa_and_writes_only_the_new_position(kernel, monkeypatch, target, seqs, kv_len, prefetch):
     """prefetch: each split's first key block is read before the new k/v (as on a GPU with
     programmatic dependent launch); whatever it read past a row's position must not count,
     even NaN."""
     monkeypatch.setattr(kernel, "TARGET_PROGRAMS", target)
     monkeypatch.setattr(kernel, "PREFETCH", prefetch)
-    monkeypatch.setattr(kernel, "STAGES", stages)
     g = torch.Generator().manual_seed(seqs)
     H, D, L = 4, 64, 512
     k_cache, v_cache = (torch.randn(seqs + 2, H, L, D, generator=g) for _ in range(2))  # rows past seqs untouched
@@ -80,14 +78,12 @@ def test_kernel_equals_sdpa_and_writes_only_the_new_position(kernel, monkeypatch
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("target", [2048, 1], ids=["split-keys", "one-split"])
-@pytest.mark.parametrize("stages", [0], ids=["static-loop"])
-def test_template_positions_come_from_the_template(kernel, monkeypatch, target, prefetch, stages):
+def test_template_positions_come_from_the_template(kernel, monkeypatch, target, prefetch):
     """template=(k, v, shared): a sequence's first shared[s] positions are read from the
     shared table, not its own cache (NaN there must not count), the rest as before; the
     same output as SDPA over a cache holding the template's keys there."""
     monkeypatch.setattr(kernel, "TARGET_PROGRAMS", target)
     monkeypatch.setattr(kernel, "PREFETCH", prefetch)
-    monkeypatch.setattr(kernel, "STAGES", stages)
     g = torch.Generator().manual_seed(7)
     S, H, D, L, kv_len = 4, 4, 64, 512, 320
     k_cache, v_cache = (torch.randn(S, H, L, D, generator=g) for _ in range(2))
@@ -122,8 +118,9 @@ def test_kernel_in_bf16_within_rounding(kernel):
 
 
 def test_splits_spread_few_sequences_over_the_keys(kernel):
-    assert kernel.splits_for(2, 16, 768) == 8  # batch 1 (a CFG pair): 8 programs per head
-    assert kernel.splits_for(2, 16, 64) == 1  # one block of keys: nothing to split
+    B = kernel.BLOCK_N
+    assert kernel.splits_for(2, 16, 8 * B) == 8  # batch 1 (a CFG pair): a block of keys per program
+    assert kernel.splits_for(2, 16, B) == 1  # one block of keys: nothing to split
     assert kernel.splits_for(512, 16, 768) == 1  # 8,192 programs already
     assert kernel.splits_for(2, 16, 4096) == kernel.MAX_SPLITS
 

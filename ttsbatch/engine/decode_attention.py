@@ -39,12 +39,16 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import pdl
 
-BLOCK_N = 64  # key positions per loop iteration (a 64 x 64 tile of bf16: 8 KB)
+# Key positions per loop iteration and warps per program: small programs, many resident on
+# an SM, keep the most loads in flight. scripts/gpu_decode_attn_sweep.py on an H100, 512
+# sequences of the book's live lengths, voice template on: 1 warp x 32 positions 166 us a
+# layer, 2 x 32 198, 2 x 64 187, 4 x 64 (before) 238; a software-pipelined loop (tl.range,
+# 2-3 stages) did no better than the best; at batch 1, 4.8 us against 5.4.
+BLOCK_N = 32
 TARGET_PROGRAMS = 2048  # split the keys until about this many programs run (an H100 has 132 SMs)
 MAX_SPLITS = 16
 PREFETCH = None  # request each split's first key block before the q/k/v: None = with PDL (tests force it)
-NUM_WARPS = 4
-STAGES = 0  # 0: a static loop over the chunk's blocks; n: a dynamic loop over the live ones, n-stage pipelined
+NUM_WARPS = 1
 
 
 @triton.jit
@@ -89,7 +93,7 @@ def _attend_split(
     sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h, st_h, st_l,
     scale, H, kv_len,
     CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr, STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * H + head
     split = tl.program_id(1)
@@ -138,26 +142,15 @@ def _attend_split(
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
-    if STAGES == 0:
-        for i in range(0, CHUNK // BLOCK):  # the chunk is static; a row's live length is not
-            n0 = start + i * BLOCK
-            if n0 < end:  # past a row's live keys nothing is read or computed
-                offs = n0 + tl.arange(0, BLOCK)
-                if PREFETCH and i == 0:
-                    k = k_first
-                    v = v_first
-                else:
-                    k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
-                m, l, acc = _update(k, v, kn, vn, q, offs, end, pos, m, l, acc)
-    else:  # a loop over the live blocks only, its loads software-pipelined STAGES deep
-        lo = start
-        if PREFETCH:
-            if start < end:
-                m, l, acc = _update(k_first, v_first, kn, vn, q, first, end, pos, m, l, acc)
-            lo = start + BLOCK
-        for n0 in tl.range(lo, end, BLOCK, num_stages=STAGES):
+    for i in range(0, CHUNK // BLOCK):  # the chunk is static; a row's live length is not
+        n0 = start + i * BLOCK
+        if n0 < end:  # past a row's live keys nothing is read or computed
             offs = n0 + tl.arange(0, BLOCK)
-            k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
+            if PREFETCH and i == 0:
+                k = k_first
+                v = v_first
+            else:
+                k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
             m, l, acc = _update(k, v, kn, vn, q, offs, end, pos, m, l, acc)
     if NSPLIT == 1:
         tl.store(O + s * so_s + h * so_h + d, (acc / l).to(O.dtype.element_ty))
@@ -241,7 +234,7 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), st_h, st_l,
         scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
-        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None, STAGES=STAGES,
+        PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None,
         num_warps=NUM_WARPS, **launch,
     )
     if nsplit > 1:

@@ -710,10 +710,10 @@ class FastT3:
             free += self.state_bytes(self.state)
             held -= self.state_bytes(self.state)
         avail = free - RESERVE_BYTES
-        if self.w.decode_kernel:  # the voice template: one sequence's worth of K/V
-            avail -= self.w.kv_bytes_per_seq(_round_up(max_len, LEN_BUCKET))
         if max_vram_gb is not None:
             avail = min(avail, int(max_vram_gb * (1 << 30)) - held - (1 << 30))
+        if self.w.decode_kernel:  # the voice template: one sequence's worth of K/V
+            avail -= self.w.kv_bytes_per_seq(_round_up(max_len, LEN_BUCKET))
         rows = int(avail // per_row)
         if rows < 1:
             from ..errors import ModelError
