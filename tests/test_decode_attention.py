@@ -213,32 +213,29 @@ def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, mon
 
 
 def test_the_voice_template_follows_the_voice(kernel, model):
-    """One engine, two voices (a new exaggeration is a new conditioning): the second call's
-    template is rebuilt, so its tokens are a fresh engine's; and longer prompts than the
-    template holds read their own cache."""
+    """One engine, two voices (a new exaggeration is a new conditioning): the second call
+    rebuilds the template, to what a fresh state gets for that voice; and a prompt longer
+    than the template holds reads its own cache past the conditioning."""
     from ttsbatch.engine import t3_fast as tf
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
     gen = GenerationOptions(ignore_eos=True)
-    reqs = [SynthesisRequest(t, 700 + i, 3) for i, t in enumerate(TEXTS[:3])]
+    reqs = [SynthesisRequest(TEXTS[1], 700, 1)]
     a, b = VoiceCache(model).get(BUILTIN, 0.5), VoiceCache(model).get(BUILTIN, 1.5)
     fast = tf.FastT3(model, decode_kernel=True)
-    dict(fast.generate(a, reqs, gen, max_rows=2))
-    first = fast.state.template
-    got = dict(fast.generate(b, reqs, gen, max_rows=2))
-    assert fast.state.template[0] is not first[0] and fast.state.template[0] is fast.cond_emb(b)
-    fresh = {}
-    for name, voice in (("a", a), ("b", b)):
-        other = tf.FastT3(model, decode_kernel=True)
-        toks = dict(other.generate(voice, reqs, gen, max_rows=2))
-        fresh[name] = other.state.tk[:, :, : other.state.template[1]]
+    dict(fast.generate(a, reqs, gen, max_rows=1))
     st = fast.state
-    assert got == toks  # voice b's
-    L = st.template[1]
-    assert torch.equal(st.tk[:, :, :L], fresh["b"]) and not torch.allclose(st.tk[:, :, :L], fresh["a"])
-    st.template = (st.template[0], st.template[0].shape[0] + 3)  # as if it held 3 text positions only
-    inp = fast.row_input(b, reqs[0], gen, 2)
-    assert inp.shared == (st.template[0].shape[0],) * 2
+    cond_a, L = st.template[0], st.template[1]
+    tk_a = st.tk[:, :, :L].clone()
+    dict(fast.generate(b, reqs, gen, max_rows=1))
+    assert fast.state is st and st.template[0] is fast.cond_emb(b) is not cond_a
+    fresh = tf.DecodeState(fast.w, 1, st.max_len, 1, 2, st.eos)
+    fast._ensure_template(fresh, b, L - cond_a.shape[0])
+    assert fresh.template[1] == st.template[1] == L
+    assert torch.equal(st.tk[:, :, :L], fresh.tk[:, :, :L]) and not torch.allclose(st.tk[:, :, :L], tk_a)
+    n_cond = cond_a.shape[0]
+    st.template = (st.template[0], n_cond + 3)  # as if it held 3 text positions only
+    assert fast.row_input(b, reqs[0], gen, 2).shared == (n_cond, n_cond)
 
 
 def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog):
