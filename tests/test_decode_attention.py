@@ -212,6 +212,20 @@ def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, mon
     assert fused_steps  # the tail, one row alone, went through the fused layers
 
 
+def test_without_cfg_the_template_holds_the_conditioning(kernel, model, conds):
+    """cfg_weight 0 (one sequence a sentence): only the conditioning is shared, and the tokens
+    are the plain path's."""
+    from ttsbatch.engine import t3_fast as tf
+
+    gen = GenerationOptions(ignore_eos=True, cfg_weight=0.0)
+    reqs = [SynthesisRequest(t, 800 + i, 3) for i, t in enumerate(TEXTS[:2])]
+    plain = dict(tf.FastT3(model, decode_kernel=False).generate(conds, reqs, gen, max_rows=2))
+    fast = tf.FastT3(model, decode_kernel=True)
+    assert dict(fast.generate(conds, reqs, gen, max_rows=2)) == plain
+    n_cond = fast.cond_emb(conds).shape[0]
+    assert fast.state.pairs == 1 and fast.state.shared[:2].tolist() == [n_cond, n_cond]
+
+
 def test_the_voice_template_follows_the_voice(kernel, model):
     """One engine, two voices (a new exaggeration is a new conditioning): the second call
     rebuilds the template, to what a fresh state gets for that voice; and a prompt longer
