@@ -226,6 +226,26 @@ def test_without_cfg_the_template_holds_the_conditioning(kernel, model, conds):
     assert fast.state.pairs == 1 and fast.state.shared[:2].tolist() == [n_cond, n_cond]
 
 
+def test_the_template_adds_no_compiled_graph(kernel, model, conds):
+    """The template's prefill runs the compiled layer halves as the refills do (two rows, a
+    dynamic length): the same 6 graphs as without it (test_t3_fast), no recompile, no break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ttsbatch.engine import t3_fast as tf
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest(t, 900 + i, 2) for i, t in enumerate(TEXTS[:3])]
+    comp = tf.FastT3(model, compile_layers=True, layers_backend="aot_eager", use_graphs="emulate", decode_kernel=True)
+    dict(comp.generate(conds, reqs, gen, max_rows=2))
+    assert comp.state.template is not None and comp.w.regions.compiled
+    assert counters["stats"]["unique_graphs"] == 6
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 def test_the_voice_template_follows_the_voice(kernel, model):
     """One engine, two voices (a new exaggeration is a new conditioning): the second call
     rebuilds the template, to what a fresh state gets for that voice; and a prompt longer

@@ -801,8 +801,10 @@ class FastT3:
             x = torch.cat([cond, tpos.float()])[None]  # (1, L, D)
             L = x.shape[1]
             pad = min(_prefill_pad(L, self.device), st.max_len)
-            x = F.pad(x, (0, 0, 0, pad - L))
-            zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+            # two identical rows written to the one template: a single row would get compiled
+            # layer graphs of its own (dynamo specializes a dimension of size 1)
+            x = F.pad(x, (0, 0, 0, pad - L)).expand(2, -1, -1).contiguous()
+            zero = torch.zeros(2, dtype=torch.int64, device=self.device)
             prefill_layers(self.w, st, x, zero, zero + L, cache=(st.tk[:, None], st.tv[:, None]))
         st.template = (cond, L)
 
