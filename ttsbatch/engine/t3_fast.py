@@ -1036,12 +1036,13 @@ class FastT3:
                 slot_pos[s] += k
                 slot_left[s] -= k
             # One host sync per k steps: which rows are done, and how far they got.
-            flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu()
+            # (as lists: indexing the tensor element by element cost ~0.6 ms a check at 256 rows)
+            done_now, steps_now = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu().tolist()
             self.stats["host_checks"] += 1
-            finished = [s for s in live if bool(flags[0, s])]
+            finished = [s for s in live if done_now[s]]
             if not finished:
                 return []
-            count = {s: int(flags[1, s]) for s in finished}
+            count = {s: steps_now[s] for s in finished}
             width = max(count.values())
             got = st.out[torch.tensor(finished, device=self.device), :width].cpu()
             out = []
