@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
@@ -33,6 +34,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
+    from gpu_attn import copy_bandwidth_gb_s
     from ttsbatch.engine import decode_attention as da
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -48,7 +50,7 @@ def main() -> int:
     q, kn, vn = (torch.randn(S, H, 1, D, device="cuda", dtype=dt, generator=g) for _ in range(3))
     live_bytes = int((pos + 1).sum()) * H * D * 2 * 2  # K and V of every live position, per layer
     own_bytes = int((pos + 1 - shared).sum()) * H * D * 2 * 2
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gb_s() * 1e9  # bytes/s
     res = dict(device=torch.cuda.get_device_name(), seqs=S, kv_len=kv_len, live_mb=live_bytes / 1e6, own_mb=own_bytes / 1e6,
                copy_gbs=round(bw / 1e9), runs=[])
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}))
@@ -84,22 +86,6 @@ def main() -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "decode_attn_sweep.json").write_text(json.dumps(res, indent=1))
     return 0
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate, bytes/s (read + write counted)."""
-    import torch
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        y.copy_(x)
-    b.record()
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (a.elapsed_time(b) * 1e-3)
 
 
 if __name__ == "__main__":
