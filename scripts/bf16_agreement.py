@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """bf16 vs fp32 top-1 agreement, teacher forced, for ttsbatch's T3 and for stock T3 (HF) cast
-to bf16: the measurement of tests/gpu/test_t3_gpu.py's agreement tests, on any device.
+to bf16: the measurement of tests/gpu/test_t3_gpu.py's agreement test, on any device.
 
     python scripts/bf16_agreement.py [--ckpt DIR] [--device cpu] [--texts 16] [--steps 48]
 
@@ -13,12 +13,10 @@ H100). On the CPU ttsbatch runs its plain path (SDPA, no Triton kernels, no voic
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +33,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from tests.gpu.test_t3_gpu import TEXTS, _sampled_histories, _stock_logits, _teacher_forced, _top1_agreement
+    from tests.gpu.test_t3_gpu import TEXTS, _sampled_histories, _stock_bf16_logits, _teacher_forced
     from ttsbatch.config import GenerationOptions
     from ttsbatch.engine.model import load_model
     from ttsbatch.engine.t3_fast import FastT3
@@ -51,10 +49,7 @@ def main() -> int:
     gen = GenerationOptions()
     ref = _teacher_forced(f32, conds, texts, forced, gen)
     ours = _teacher_forced(f16, conds, texts, forced, gen)
-    m16 = types.SimpleNamespace(t3=copy.deepcopy(model.t3).to(torch.bfloat16), tokenizer=model.tokenizer, device=model.device)
-    c16 = copy.copy(conds)
-    c16.t3 = copy.deepcopy(conds.t3).to(dtype=torch.bfloat16)
-    stock = torch.stack([_stock_logits(m16, c16, t, forced[i].tolist()) for i, t in enumerate(texts)], 1)
+    stock = _stock_bf16_logits(model, conds, texts, forced)
     top2 = ref[:, :, 0].topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]
     decisive = margin >= 0.05
@@ -63,7 +58,7 @@ def main() -> int:
         return ref[:, :, 0].argmax(-1) == low[:, :, 0].argmax(-1)
 
     res = dict(device=str(model.device), random_size=model.random_size, positions=int(margin.numel()),
-               ttsbatch_bf16=round(_top1_agreement(ref, ours), 4), stock_bf16=round(_top1_agreement(ref, stock), 4),
+               ttsbatch_bf16=round(agree(ours).float().mean().item(), 4), stock_bf16=round(agree(stock).float().mean().item(), 4),
                decisive_share=round(decisive.float().mean().item(), 3),
                ttsbatch_bf16_decisive=round(agree(ours)[decisive].float().mean().item(), 4),
                stock_bf16_decisive=round(agree(stock)[decisive].float().mean().item(), 4),

@@ -146,21 +146,36 @@ def test_fp32_fast_matches_stock_on_gpu(model, conds, fast_fp32, fast_bf16):
     assert worst <= 2e-3
 
 
-def test_bf16_vs_fp32_top1_agreement(conds, fast_fp32, fast_bf16):
+def _stock_bf16_logits(model, conds, texts, forced):
+    """Stock T3 (HF) cast to bf16, conditioning too, fed ``forced`` (rows, steps): logits
+    (steps+1, rows, 2, V), as :func:`_teacher_forced` returns them."""
+    import copy
+    import types
+
+    m16 = types.SimpleNamespace(t3=copy.deepcopy(model.t3).to(torch.bfloat16), tokenizer=model.tokenizer, device=model.device)
+    c16 = copy.copy(conds)
+    c16.t3 = copy.deepcopy(conds.t3).to(dtype=torch.bfloat16)
+    return torch.stack([_stock_logits(m16, c16, t, forced[i].tolist()) for i, t in enumerate(texts)], 1)
+
+
+def test_bf16_vs_fp32_top1_agreement(model, conds, fast_fp32, fast_bf16):
     """bf16 (the graph dtype) vs fp32, teacher-forced on the full-size model: top-1 agreement.
 
     The spec asks for >= 99%. Random weights have near-flat logits (median top-1 margin ~0.07
     where bf16 weight rounding alone moves logits by ~0.003 on average), so a few near-ties
-    flip whatever the implementation: on a CPU emulation of this test raw agreement was ~97.6%
-    and every flip sat on a margin below 0.03. The assertion therefore is: >= 99% where fp32's
-    top-1 margin is at least 0.05 (most positions), and >= 95% overall; all numbers are printed.
+    flip whatever the implementation. The checkpoint's own floor is measured beside it:
+    stock T3 cast to bf16, fed the same histories (95.8% on the CPU, scripts/bf16_agreement.py).
+    The assertions: >= 99% where fp32's top-1 margin is at least 0.05 (most positions), >= 95%
+    overall, and no more than 1.5 points under stock's bf16; all numbers are printed.
     """
     steps = 48
     forced = _sampled_histories(fast_bf16, conds, TEXTS, steps)
     gen = GenerationOptions()
-    ref = _teacher_forced(fast_fp32, conds, TEXTS, forced, gen)  # (steps+1, n, 2, V)
+    ref = _teacher_forced(fast_fp32, conds, TEXTS, forced, gen)  # (steps+1, n, 2, V); stock's fp32 within 4e-6
     low = _teacher_forced(fast_bf16, conds, TEXTS, forced, gen)
+    stock = _stock_bf16_logits(model, conds, TEXTS, forced)
     agree = ref[:, :, 0].argmax(-1) == low[:, :, 0].argmax(-1)
+    stock_raw = (ref[:, :, 0].argmax(-1) == stock[:, :, 0].argmax(-1)).float().mean().item()
     mix = lambda x: x[:, :, 0] + 0.5 * (x[:, :, 0] - x[:, :, 1])  # noqa: E731
     mix_agree = (mix(ref).argmax(-1) == mix(low).argmax(-1)).float().mean().item()
     top2 = ref[:, :, 0].topk(2, dim=-1).values
@@ -172,42 +187,15 @@ def test_bf16_vs_fp32_top1_agreement(conds, fast_fp32, fast_bf16):
     flips = margin[~agree]
     print(
         f"\n[gpu] bf16 vs fp32 over {agree.numel()} teacher-forced steps: top-1 agreement {raw:.4f} "
-        f"(CFG-mixed {mix_agree:.4f}); on fp32 margin >= 0.05 ({decisive.float().mean().item():.0%} of steps): {dec:.4f}; "
-        f"logit diff mean {diff.mean().item():.4f} max {diff.max().item():.3f}; median margin {margin.median().item():.3f}; "
-        f"margins at flips {[round(x, 4) for x in flips.tolist()[:12]]}"
+        f"(CFG-mixed {mix_agree:.4f}; stock T3 in bf16 {stock_raw:.4f}); on fp32 margin >= 0.05 "
+        f"({decisive.float().mean().item():.0%} of steps): {dec:.4f}; "
+        f"logit diff mean {diff.mean().item():.4f} (stock bf16 {(ref - stock).abs().mean().item():.4f}) max {diff.max().item():.3f}; "
+        f"median margin {margin.median().item():.3f}; margins at flips {[round(x, 4) for x in flips.tolist()[:12]]}"
     )
     assert decisive.float().mean().item() >= 0.5, "too few decisive positions for the test to mean anything"
     assert dec >= 0.99
     assert raw >= 0.95
-
-
-def _top1_agreement(ref, low) -> float:
-    """Share of (step, sentence) positions whose conditional top-1 token agrees."""
-    return (ref[:, :, 0].argmax(-1) == low[:, :, 0].argmax(-1)).float().mean().item()
-
-
-def test_bf16_agreement_is_stock_bf16s(model, conds, fast_fp32, fast_bf16):
-    """The agreement the 99% bar measures, against this checkpoint's own floor: stock T3 (HF)
-    cast to bf16 and fed the same histories, against fp32. Random weights have near-tied
-    logits that bf16 rounding flips in any implementation; ours must flip no more often than
-    stock's own bf16 model does (within 1.5 points)."""
-    import copy
-    import types
-
-    steps = 48
-    forced = _sampled_histories(fast_bf16, conds, TEXTS, steps)
-    gen = GenerationOptions()
-    ref = _teacher_forced(fast_fp32, conds, TEXTS, forced, gen)  # stock's fp32 within 4e-6 (test above)
-    ours = _teacher_forced(fast_bf16, conds, TEXTS, forced, gen)
-    m16 = types.SimpleNamespace(t3=copy.deepcopy(model.t3).to(torch.bfloat16), tokenizer=model.tokenizer, device=model.device)
-    c16 = copy.copy(conds)
-    c16.t3 = copy.deepcopy(conds.t3).to(dtype=torch.bfloat16)
-    stock = torch.stack([_stock_logits(m16, c16, t, forced[i].tolist()) for i, t in enumerate(TEXTS)], 1)
-    del m16
-    a_ours, a_stock = _top1_agreement(ref, ours), _top1_agreement(ref, stock)
-    print(f"\n[gpu] top-1 agreement with fp32 over {ref.shape[0] * ref.shape[1]} teacher-forced steps: "
-          f"ttsbatch bf16 {a_ours:.4f}, stock T3 in bf16 {a_stock:.4f}")
-    assert a_ours >= a_stock - 0.015
+    assert raw >= stock_raw - 0.015
 
 
 def test_graphs_equal_eager_and_refills(model, conds, fast_bf16):
