@@ -892,7 +892,9 @@ class FastT3:
         Tried and removed (BENCHMARKS.md, eighth session): copying the voice's shared prompt
         KV (the conditioning, the uncond row's zeroed text) instead of computing it. It cut
         the refills' matmul time in half, but the two groups it needs doubled the host's
-        launches, and with its cache gathers a refill took 50-64 ms against 36 on an H200."""
+        launches, and with its cache gathers a refill took 50-64 ms against 36 on an H200.
+        (The decode steps do read those positions from one shared table instead of each
+        row's copy: the voice template, :meth:`_ensure_template`.)"""
         if self.use_graphs:
             Lmax = self._prefill_len(st, inputs)
             if prefill_row_bucket(len(rows)) * st.pairs * Lmax <= GRAPHED_PREFILL_TOKENS:
