@@ -247,6 +247,28 @@ def test_host_looks_once_per_k_steps(conds, fast):
         assert steps <= 12
 
 
+def test_steps_between_looks():
+    from ttsbatch.engine.t3_fast import _steps_to_run
+
+    assert _steps_to_run([3, 20, 40], 8, 0, None) == 8  # one row about to finish: no early look
+    assert _steps_to_run([2, 3, 5], 8, 0, None) == 5  # every row done sooner
+    assert _steps_to_run([2, 3, 30], 8, 1, 3) == 3  # the third free row (a refill) after 3 steps
+    assert _steps_to_run([2, 3, 30], 8, 0, 6) == 8  # no refill possible before the rows run out
+    assert _steps_to_run([20, 30], 8, 4, 2) == 8  # enough free rows already: refilled at the next look
+
+
+def test_rows_finishing_one_by_one_do_not_make_the_host_look_every_step(conds, fast):
+    """In document order some row finishes at almost every step; the host still looks only
+    every ``check_every`` steps (a look is a sync), and the tokens do not depend on when it looks."""
+    gen = GenerationOptions(ignore_eos=True)
+    reqs = [SynthesisRequest("Row number %d." % i, 20 + i, 10 + i) for i in range(8)]
+    before = fast.stats["host_checks"]
+    got = dict(fast.generate(conds, reqs, gen, max_rows=8, check_every=8, sort=False))
+    assert fast.stats["host_checks"] - before == 3  # after steps 8, 16, 17 (budgets 10..17)
+    assert got == dict(fast.generate(conds, reqs, gen, max_rows=8, check_every=1, sort=False))
+    assert [len(got[i]) for i in range(8)] == [r.budget for r in reqs]
+
+
 def test_rows_default_on_cpu(fast):
     assert fast.pick_rows(500, 2) == 8
     assert fast.pick_rows(500, 2, n_requests=3) == 3
@@ -438,7 +460,8 @@ def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fas
     gen = GenerationOptions(ignore_eos=True)  # top_p < 1 samples eagerly (see sample_rows)
     reqs = _reqs()
     comp = FastT3(model, compile_layers=True, layers_backend="aot_eager", use_graphs="emulate")
-    first = dict(comp.generate(conds, reqs[:3], gen, max_rows=3))
+    # a look every step: the rows finish one by one, so the tail runs one row (its own graph)
+    first = dict(comp.generate(conds, reqs[:3], gen, max_rows=3, check_every=1))
     assert first == dict(fast.generate(conds, reqs[:3], gen, max_rows=3))
     graphs = counters["stats"]["unique_graphs"]
     # layer_in and layer_out, each for prefill (length dynamic) and decode (length 1); the
