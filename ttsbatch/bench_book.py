@@ -198,6 +198,7 @@ def run_book_bench(
         x_realtime=round(report.audio_seconds / wall, 1), chunk_audio_s=round(chunk_audio, 1),
         chunk_x_realtime=round(chunk_audio / wall, 1), synth_s=round(synth, 2),
         synth_x_realtime=round(report.audio_seconds / synth, 1), after_synth_s=round(wall - synth, 2),  # the rest of the stitch and encode, chapters, verify
+        tail_s={k: round(v, 2) for k, v in report.tail_seconds.items()},
         first_chunk_s=round(first, 2) if first is not None else None, watermark_score=report.watermark_score,
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,

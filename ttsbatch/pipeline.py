@@ -63,6 +63,9 @@ class RunReport:
     chunks_failed: int = 0  # could not be rendered
     audio_seconds: float = 0.0  # length of the output
     synth_seconds: float = 0.0  # wall time spent synthesizing
+    # after synthesis: waiting for the track's encoders and joining (finish), writing the
+    # output with its chapters (publish), checking its watermark (verify)
+    tail_seconds: dict = field(default_factory=dict)
     rendered_ids: list[str] = field(default_factory=list)
     output: Path | None = None
     watermark_score: float | None = None
@@ -400,11 +403,19 @@ def render_book(
                     report=report,
                     on_stored=track.stored,
                 )
+                t0 = time.perf_counter()
                 chapters, seconds = track.finish()
+                report.tail_seconds["finish"] = time.perf_counter() - t0
             marks = chapters if len(chapters) > 1 else ()
-            check = publish_verified(
-                lambda staged: finish_stream(encoded, staged, chapters=marks, title=doc.name, total_s=seconds), output, watermarker
-            )
+
+            def write(staged):
+                t = time.perf_counter()
+                finish_stream(encoded, staged, chapters=marks, title=doc.name, total_s=seconds)
+                report.tail_seconds["publish"] = time.perf_counter() - t
+
+            t0 = time.perf_counter()
+            check = publish_verified(write, output, watermarker)
+            report.tail_seconds["verify"] = time.perf_counter() - t0 - report.tail_seconds["publish"]
         finally:
             encoded.unlink(missing_ok=True)
     report.audio_seconds = seconds
