@@ -82,7 +82,16 @@ def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, approximate: str
     o (N, inner) compute dtype, x (N, C) fp32 -> (N, C) fp32."""
     x = F.linear(o, wo, bo).float() + x
     h = F.layer_norm(x, x.shape[-1:], nw, nb, eps).to(w1.dtype)
-    h = F.gelu(F.linear(h, w1, b1), approximate=approximate)
+    if b1 is not None and approximate == "none":
+        # bias + GELU in the GEMM's epilogue (cuBLASLt): compiled, a separate GELU kernel
+        # re-read and re-wrote the (rows, 4C) hidden, and this region took 0.70 ms instead of
+        # 0.53 at a book's shapes (H100, scripts/gpu_cfm_block.py). On CUDA the epilogue is
+        # GELU's tanh form, within 5e-4 of the exact one: below bf16's spacing at these
+        # magnitudes (the region's error against fp32 was 0.0209 vs 0.0205). On the CPU it
+        # is the exact GELU, stock's math.
+        h = torch._addmm_activation(b1, h, w1.t(), use_gelu=True)
+    else:
+        h = F.gelu(F.linear(h, w1, b1), approximate=approximate)
     return F.linear(h, w2, b2).float() + x
 
 

@@ -182,10 +182,12 @@ class FastEngine:
         return results  # type: ignore[return-value]
 
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
-        wavs = self.s3.synthesize(
+        # a padded batch at a time: the store, Perth and the track start on the first batch
+        # of a collection while the GPU runs the rest
+        for j, wav in self.s3.synthesize_batches(
             [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-        )
-        for (i, kept), wav in zip(items, wavs):
+        ):
+            i, kept = items[j]
             yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
 
 
