@@ -340,10 +340,9 @@ class BatchedS3Gen:
         seeds: Sequence[int] | None = None,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """:meth:`synthesize`'s waveforms as ``(item index, waveform)``, a padded batch at a
-        time, as each batch's audio reaches the host. Every batch's GPU work is queued before
-        the first wait, so the GPU runs on while the caller stores, marks and encodes the
-        first batch (one wait for a whole collection of 256 chunks handed ~1,000 s of audio
-        to the track at once, most of it at the end of a book). Empty items are not yielded."""
+        time, as each batch's audio reaches the host (one wait per batch). Every batch's GPU
+        work is queued before the first wait, so the GPU runs on while the caller works on
+        the first batch. Empty items are not yielded."""
         with torch.inference_mode():
             _, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
         for idxs, host, lens, ready in pending:
