@@ -10,6 +10,9 @@ only: no Perth, store, stitching or MP3 (``ttsbatch bench --parts book`` times t
 - ``serial``: T3 and S3Gen one after the other (``overlap=False``); every S3Gen call is
   timed between two device syncs, so T3's share is the rest of the wall time. T3's counters,
   its batch occupancy (row-steps per step over rows), and S3Gen's batches by bucket.
+- ``overlap-priority`` (an experiment): as ``overlap``, with S3Gen's work on a CUDA stream
+  of high priority and T3's on one of low priority (S3Gen is the critical path; T3 is
+  memory-bound and has slack).
 - ``overlap``: the engine as the pipeline runs it (T3 on its own thread and stream); the
   wall time, and how long the S3Gen side waited for T3's next collection.
 
@@ -76,8 +79,14 @@ def main() -> int:
     s3_synth = engine.s3.synthesize_batches
     sr = model.sample_rate
     for mode in args.modes.split(","):
-        engine.overlap = mode == "overlap"
-        engine._t3_stream = torch.cuda.Stream() if engine.overlap and cuda else None
+        import contextlib
+
+        engine.overlap = mode.startswith("overlap")
+        prio = mode == "overlap-priority" and cuda
+        if prio:
+            low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
+        engine._t3_stream = (torch.cuda.Stream(priority=low) if prio else torch.cuda.Stream()) if engine.overlap and cuda else None
+        main_stream = torch.cuda.stream(torch.cuda.Stream(priority=high)) if prio else contextlib.nullcontext()
         for k in engine.t3.stats:
             engine.t3.stats[k] = 0
         s3_calls: list[dict] = []
@@ -103,7 +112,8 @@ def main() -> int:
         while True:
             tw = time.perf_counter()
             try:
-                _, res = next(stream)
+                with main_stream:  # where S3Gen's work goes (the generator runs it inside next())
+                    _, res = next(stream)
             except StopIteration:
                 break
             waits[0] += time.perf_counter() - tw
