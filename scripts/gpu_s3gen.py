@@ -8,7 +8,7 @@ or ``TTSBATCH_FULL_CKPT`` names one that exists. Measures stock ``s3gen.inferenc
 (16 chunks of ~150 tokens = 6 s each) and batched S3Gen (fp32 and bf16, eager; bf16 with
 torch.compile + a CUDA graph of the CFM loop for --compile-batches, default 64): audio seconds per second,
 per-stage times (encoder, CFM, HiFiGAN; with the CFM estimator's regions compiled, and
-HiFiGAN's too for --vocoder-dtypes), the CFM estimator's achieved TFLOP/s (FLOPs of one
+HiFiGAN's too for --vocoder-dtypes, and the flow encoder's with --encoder-compiled), the CFM estimator's achieved TFLOP/s (FLOPs of one
 Euler step counted with FlopCounterMode, divided by the measured CFM time per step), peak
 memory, max abs diff batched-vs-stock (mel, fp32 and bf16; waveform fp32) with stock's noise
 injected, and whether the per-bucket work runs under CUDA sync-debug "error". Prints a table;
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--regions-batches", default="64", help="bf16 batch sizes to run with the CFM estimator's regions compiled (the fast engine's default on CUDA; '' = none)")
     ap.add_argument("--regions-mode", default="", help="torch.compile mode of the estimator's regions, e.g. max-autotune-no-cudagraphs (GEMM epilogue fusion, minutes of autotuning cold); '' = default")
     ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
+    ap.add_argument("--encoder-compiled", action="store_true", help="each --vocoder-dtypes row once more with the flow encoder compiled too (compile_encoder)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -301,6 +302,17 @@ def main() -> int:
                     continue
                 run_config(f"bf16 regions+vocoder {name}", bv, batch, True)
             res["accuracy"][f"wav_max_abs_vocoder_{name}_vs_eager_fp32"] = vocoder_diff(bv)
+            if args.encoder_compiled:
+                be = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, compile_encoder=True,
+                                  vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+                for batch in reg_batches:
+                    if time.time() - t_start > args.budget_s:
+                        res["notes"].append(f"skipped compiled encoder {name} B={batch}: time budget")
+                        continue
+                    run_config(f"bf16 regions+vocoder {name}+encoder", be, batch, True)
+                me = be.synthesize_mels(acc_chunks, voice, steps, noise=noise)
+                res["accuracy"][f"mel_max_abs_encoder_compiled_vs_regions_{name}"] = max(float((a - b).abs().max()) for a, b in zip(mr, me))
+                res["encoder_sync_free"] = runs_sync_free(be, "compiled encoder")
         from torch._dynamo.utils import counters
 
         res["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "inductor")}

@@ -345,3 +345,28 @@ def test_unsupported_estimator_runs_the_stock_modules(model, gen, monkeypatch):
     for x, y in zip(a, b):
         assert (x - y).abs().max().item() <= MEL_TOL
 
+
+
+def test_compiled_encoder_is_one_graph_for_every_batch_and_bucket(model, bs, voice):
+    """``compile_encoder=True``: the flow encoder (both conformer stacks) is one region whose
+    single graph serves every bucket and batch size, a batch of one included (rows unbacked),
+    with the eager encoder's result. Dynamo's "eager" backend traces and guards as Inductor's would."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    comp = BatchedS3Gen(model, compile_encoder=True, regions_backend="eager")
+    assert comp.encoder.compiled and not bs.encoder.compiled
+    g = torch.Generator().manual_seed(9)
+    for B, n in ((3, 20), (5, 40), (1, 33), (2, 64)):
+        toks = [torch.randint(0, 6561, (n - j,), generator=g).tolist() for j in range(B)]
+        tokens, lengths = comp._stage_tokens(toks, voice, n)
+        T = tokens.shape[1]
+        with torch.inference_mode():
+            got = comp._enc_fn(tokens, lengths, comp._pos_emb(0, T), comp._pos_emb(1, 2 * T))
+            want = bs._enc_fn(tokens, lengths, bs._pos_emb(0, T), bs._pos_emb(1, 2 * T))
+        assert got.shape == (B, 80, 2 * T) and torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"] and not counters["recompiles"]
+    torch._dynamo.reset()

@@ -59,6 +59,7 @@ class FastEngine:
         compile_vocoder: bool | None = None,
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
+        compile_encoder: bool = False,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -71,7 +72,9 @@ class FastEngine:
         ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
         layers the same way (None: on CUDA); ``compile_vocoder``: HiFiGAN's upsampling stages
         the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
-        of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA)."""
+        of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA);
+        ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: correct and
+        one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -95,7 +98,7 @@ class FastEngine:
         self.s3 = BatchedS3Gen(
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
-            compile_vocoder=cuda if compile_vocoder is None else compile_vocoder,
+            compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
         )
         if cuda:
             gib = 1 << 30
@@ -120,6 +123,8 @@ class FastEngine:
         if self.s3.fused is not None:
             out["cfm_estimator"] = self.s3.fused.r
         out["vocoder"] = self.s3.vocoder.r
+        if self.s3.encoder.compiled or self.s3.encoder.error:
+            out["s3gen_encoder"] = self.s3.encoder
         return out
 
     def voice_ref(self, conds):

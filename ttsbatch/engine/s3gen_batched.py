@@ -46,7 +46,8 @@ row's key count given by ``seqused_k``: the key-padding mask without a mask tens
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
-(i)STFT stay fp32). ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
+(i)STFT stay fp32). ``compile_encoder=True`` compiles the flow encoder (both conformer
+stacks) as one region of the same kind. ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
 ``torch.compile`` (one graph per bucket and batch size: batches are padded to a power of
 two), and ``cuda_graphs=True`` captures the whole CFM loop of a bucket into one CUDA graph.
 Both are CUDA-only and off by default.
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfm_estimator, vocoder
+from .regions import Regions
 
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
@@ -169,6 +171,7 @@ class BatchedS3Gen:
         vocoder_rows: int | None = None,
         compile_vocoder: bool = False,
         vocoder_dtype: torch.dtype = torch.float32,
+        compile_encoder: bool = False,
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -230,7 +233,11 @@ class BatchedS3Gen:
             h, vocoder_dtype, vocoder.regions(len(h.ups), compile=compile_vocoder, backend=regions_backend)
         )
 
-        self._enc_fn = self._encode
+        # the flow encoder (the conformer stacks up to encoder_proj) as one region: one graph
+        # for every batch size and bucket (tokens, positions dynamic; rows unbacked, so a
+        # batch of one shares it too)
+        self.encoder = Regions({"encode": self._encode}, "S3Gen's flow encoder", compile_encoder, regions_backend)
+        self._enc_fn = self._encode_region
         self._step_fn = self._cfm_step
         self._voc_fn = self._vocode
         if compile:
@@ -554,6 +561,12 @@ class BatchedS3Gen:
                 c = pe.size(1) // 2
                 self._pe_cache[key] = pe[:, c - size + 1 : c + size].contiguous()
         return self._pe_cache[key]
+
+    def _encode_region(self, tokens, lengths, pos1, pos2):
+        r = self.encoder
+        r.unbacked(0, tokens, lengths, shape_id="rows")
+        r.dyn((tokens, 1), (pos1, 1), (pos2, 1))
+        return r.encode(tokens, lengths, pos1, pos2)
 
     def _encode(self, tokens, lengths, pos1, pos2):
         """Stock ``CausalMaskedDiffWithXvec.inference`` up to ``encoder_proj`` (finalize=True),
