@@ -261,3 +261,61 @@ def test_segment_spool_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
         enc.write(chunk_audio(0))
     enc.abort()
     assert not enc.dir.exists()
+
+
+def test_hurried_segments_are_shorter_and_encoded_by_more_processes(tmp_path, monkeypatch):
+    """Beside the engine at most ``workers`` segments encode at once; once the engine is
+    done (``hurry``) the rest is cut into quarter-length segments that up to every core but
+    one encode at once, and the joined file is as long as the segments say."""
+    import threading
+
+    from ttsbatch.audio import segments
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    monkeypatch.setattr(segments, "final_workers", lambda: 3)  # "every core but one" on a 4-core machine
+    running, most = [0], {"before": 0, "after": 0}
+    lock = threading.Lock()
+    phase = ["before"]
+    real = SegmentedEncoder._encode_now
+
+    def counted(self, seg, gapless):
+        with lock:
+            running[0] += 1
+            most[phase[0]] = max(most[phase[0]], running[0])
+        time.sleep(0.2)  # long enough for the other submitted segments to start if they may
+        with lock:
+            running[0] -= 1
+        real(self, seg, gapless)
+
+    monkeypatch.setattr(SegmentedEncoder, "_encode_now", counted)
+    enc = SegmentedEncoder(tmp_path / "enc.tmp", SR, ExportOptions(), workers=1, segment_s=1.0)
+    a = chunk_audio(2)  # 0.5 s
+    for _ in range(6):  # three segments of 1.0 s, one encoder at a time
+        enc.write(a)
+        enc.cut()
+    time.sleep(0.7)
+    phase[0] = "after"
+    enc.hurry()
+    for _ in range(4):  # now a segment at every cut (0.25 s is enough)
+        enc.write(a)
+        enc.cut()
+    enc.close()
+    assert [s.samples for s in enc.segments] == [2 * len(a)] * 3 + [len(a)] * 4
+    assert most["before"] == 1 and most["after"] >= 2
+    finish_stream(tmp_path / "enc.tmp", tmp_path / "out.mp3", total_s=enc.duration_s)
+    got, _ = decode_audio(tmp_path / "out.mp3", sr=SR)
+    assert abs(len(got) - round(enc.duration_s * SR)) <= 1
+
+
+def test_track_finish_hurries_its_segment_encoder(tmp_path, monkeypatch, many_cores):
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    hurried = []
+    monkeypatch.setattr(SegmentedEncoder, "hurry", lambda self, *a, **k: hurried.append(self))
+    doc, plan = book()
+    store = ChunkStore(tmp_path / "work")
+    for i, p in enumerate(plan):
+        store.put(p.id, chunk_audio(i), SR)
+    with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", background=True) as track:
+        track.finish()
+    assert hurried == [track._encoder]

@@ -91,6 +91,8 @@ class BookTrack:
             self._ready |= self.store.ids()
             self._stop = True
             self._cond.notify()
+            if isinstance(self._encoder, SegmentedEncoder):
+                self._encoder.hurry()  # the engine is done: the cores are the encoders' now
         if self._thread is not None:
             self._thread.join()
         else:
@@ -152,7 +154,11 @@ class BookTrack:
             wav, sr = self.store.get(p.id)
             if self._writer is None:
                 if self.ext == ".mp3" and segments.default_workers() > 1:
-                    self._encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
+                    encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
+                    with self._cond:  # finish may be hurrying already
+                        self._encoder = encoder
+                        if self._stop:
+                            encoder.hurry()
                 else:
                     self._encoder = StreamEncoder(self.encoded, self.ext, sr, self.options.export)
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)

@@ -11,6 +11,8 @@ at ~100x real time, whatever the GPU does. :class:`SegmentedEncoder` is a drop-i
 - ``cut`` hands the segment to a pool of ffmpeg processes once it is ``segment_s`` long, so
   the book is encoded while it renders, several segments at a time, and what is left at the
   end is one segment's encode;
+- ``hurry`` (the engine is done) cuts shorter segments and lets every core but one encode,
+  so the last burst of audio is encoded in parallel;
 - ``close`` waits for them and joins their MP3 frames, in order, into ``path``. Segments are
   written without ID3 or Xing headers (pure frames), so the join is a byte concatenation;
   ``finish_stream`` then copies the frames into the output with a fresh header and the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +53,23 @@ ENCODER_DELAY = 576
 DECODER_DELAY = 529
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cpusets)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
 def default_workers() -> int:
     """Encoders at once: a quarter of the cores (the rest run the engine and the store).
     One means no gain over a single streaming encoder (``BookTrack`` then uses that)."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cpusets)
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, min(8, cores // 4))
+    return max(1, min(8, _cores() // 4))
+
+
+def final_workers() -> int:
+    """Encoders at once once the engine is done (:meth:`SegmentedEncoder.hurry`): every core
+    but one, which stitches."""
+    return max(1, _cores() - 1)
 
 
 @dataclass
@@ -88,12 +100,19 @@ class SegmentedEncoder:
         self.sample_rate = sample_rate
         self.opts = opts
         self.min_samples = round(segment_s * sample_rate)
+        self.segment_s = segment_s
+        # the pool holds a thread for every encoder the end may run (hurry); until then a
+        # semaphore lets only ``workers`` of them encode, beside the engine
+        self.workers = workers or default_workers()
+        self._slots = threading.Semaphore(self.workers)
+        self._hurried = False
+        self._aborted = False
         # beside path, its suffix kept last (".track-1.tmp" -> ".track-1.parts.tmp"): a killed
         # run's parts are swept with its other temporary files
         self.dir = self.path.with_name(f"{self.path.stem}.parts{self.path.suffix}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        self._pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ttsbatch-mp3")
+        self._pool = ThreadPoolExecutor(max_workers=max(self.workers, final_workers()), thread_name_prefix="ttsbatch-mp3")
         self.segments: list[_Segment] = []
         self.samples = 0
         self._file = None
@@ -124,12 +143,33 @@ class SegmentedEncoder:
             self._submit(gapless=False)
             self._new_segment()
 
+    def hurry(self, workers: int | None = None, segment_s: float | None = None) -> None:
+        """The engine is done: what is still to come (a book's last S3Gen collection, ~1,000 s
+        of audio handed over at once) is cut into ``segment_s`` segments (None: a quarter of
+        the usual) and encoded by up to ``workers`` ffmpeg processes (None: every core but
+        one; never more than the pool's threads, :func:`final_workers` when it was made). Each cut adds LAME's ~50 ms to a pause, as every cut does. Thread-safe; a
+        second call does nothing."""
+        if self._hurried:
+            return
+        self._hurried = True
+        short = self.segment_s / 4 if segment_s is None else segment_s
+        self.min_samples = min(self.min_samples, round(short * self.sample_rate))
+        extra = max(0, (workers or final_workers()) - self.workers)
+        for _ in range(extra):
+            self._slots.release()
+
     def _submit(self, gapless: bool) -> None:
         self._file.close()
         seg = self.segments[-1]
         seg.job = self._pool.submit(self._encode, seg, gapless)
 
     def _encode(self, seg: _Segment, gapless: bool) -> None:
+        with self._slots:
+            if self._aborted:  # waited for a slot while the track was given up
+                return
+            self._encode_now(seg, gapless)
+
+    def _encode_now(self, seg: _Segment, gapless: bool) -> None:
         """One segment. ``gapless`` (the book is this one segment): with LAME's header, as
         a single stream would be; else pure frames, counted."""
         frames_only = [] if gapless else ["-write_xing", "0", "-id3v2_version", "0"]
@@ -189,6 +229,7 @@ class SegmentedEncoder:
 
     def abort(self) -> None:
         """Stop: pending segments are dropped, running ones finish, every file is removed."""
+        self._aborted = True
         with contextlib.suppress(Exception):
             self._file.close()
         # a running encode is not waited for: its files go with the directory
