@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--regions-mode", default="", help="torch.compile mode of the estimator's regions, e.g. max-autotune-no-cudagraphs (GEMM epilogue fusion, minutes of autotuning cold); '' = default")
     ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
     ap.add_argument("--encoder-compiled", action="store_true", help="each --vocoder-dtypes row once more with the flow encoder compiled too (compile_encoder)")
+    ap.add_argument("--graphs", action="store_true", help="each --vocoder-dtypes row once more with the CFM loop captured as a CUDA graph per shape around the compiled regions (cuda_graphs=True; batches padded to a power of two): what the host's launches cost")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -302,6 +303,14 @@ def main() -> int:
                     continue
                 run_config(f"bf16 regions+vocoder {name}", bv, batch, True)
             res["accuracy"][f"wav_max_abs_vocoder_{name}_vs_eager_fp32"] = vocoder_diff(bv)
+            if args.graphs:
+                bg = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, cuda_graphs=True,
+                                  vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+                for batch in reg_batches:
+                    if time.time() - t_start > args.budget_s:
+                        res["notes"].append(f"skipped CFM graphs {name} B={batch}: time budget")
+                        continue
+                    run_config(f"bf16 regions+vocoder {name}, CFM loop graphed", bg, batch, True)
             if args.encoder_compiled:
                 be = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, compile_encoder=True,
                                   vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
