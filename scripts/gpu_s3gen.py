@@ -310,7 +310,12 @@ def main() -> int:
                     if time.time() - t_start > args.budget_s:
                         res["notes"].append(f"skipped CFM graphs {name} B={batch}: time budget")
                         continue
-                    run_config(f"bf16 regions+vocoder {name}, CFM loop graphed", bg, batch, True)
+                    try:
+                        run_config(f"bf16 regions+vocoder {name}, CFM loop graphed", bg, batch, True)
+                    except Exception as e:  # report, keep the rest of the summary
+                        res["notes"].append(f"CFM graphs B={batch} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                        log(res["notes"][-1])
+                        break
             if args.encoder_compiled:
                 be = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, compile_encoder=True,
                                   vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
