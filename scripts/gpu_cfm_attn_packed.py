@@ -14,7 +14,10 @@ valid frames for a group of blocks. This measures what that would buy, per atten
 - ``packed cuDNN``: ``aten._cudnn_attention_forward`` over packed rows (what SDPA runs for
   nested tensors with the cuDNN backend), timed warm, with the cost of its first call and of
   a first call at a new total length (PyTorch builds a cuDNN graph per shape);
-- ``padded cuDNN, no mask``: the dense bound (attends the padding: wrong, for scale only).
+- ``padded cuDNN, no mask``: the dense bound (attends the padding: wrong, for scale only);
+- FlashAttention 4's Hopper kernel (CuTe DSL), padded with ``seqused_q``/``seqused_k`` and
+  packed, when ``flash_attn.cute`` is importable (``scripts/fa4_wheels.sh`` says how to
+  carry it: its wheels are ~110 MB); the first call includes its JIT compile.
 
 Rows get random valid lengths in [0.8 T, T] (rows of one S3Gen batch are neighbours by
 length). TFLOP/s count the valid work only (4 * heads * 64 * sum of length^2). Max abs error
@@ -96,8 +99,30 @@ def main() -> int:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 return F.scaled_dot_product_attention(*(t.view(R, T, H, D).transpose(1, 2) for t in (q, k, v)), scale=scale)
 
-        for name, fn, packed in (("padded FA2 + seqused_k (engine)", padded_fa2, False), ("packed FA2 varlen", packed_fa2, True),
-                                 ("packed cuDNN", packed_cudnn, True), ("padded cuDNN, no mask (dense bound)", dense_cudnn, None)):
+        def fa4(**kw):
+            from flash_attn.cute.interface import flash_attn_varlen_func
+
+            o = flash_attn_varlen_func(softmax_scale=scale, **kw)
+            return o[0] if isinstance(o, tuple) else o
+
+        def padded_fa4():  # the engine's layout, padded queries skipped too (seqused_q)
+            return fa4(q=q, k=k, v=v, cu_seqlens_q=cu_pad, cu_seqlens_k=cu_pad, max_seqlen_q=T, max_seqlen_k=T,
+                       seqused_q=used, seqused_k=used)
+
+        def packed_fa4():
+            return fa4(q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T)
+
+        variants = [("padded FA2 + seqused_k (engine)", padded_fa2, False), ("packed FA2 varlen", packed_fa2, True),
+                    ("packed cuDNN", packed_cudnn, True), ("padded cuDNN, no mask (dense bound)", dense_cudnn, None)]
+        try:
+            import importlib
+
+            importlib.import_module("flash_attn.cute.interface")  # FlashAttention 4, when carried (scripts/fa4_wheels.sh)
+
+            variants += [("padded FA4 + seqused_q/k", padded_fa4, False), ("packed FA4 varlen", packed_fa4, True)]
+        except Exception as e:  # noqa: BLE001 - not installed here
+            out.append(dict(T=T, kernel="FA4", error=f"not importable: {type(e).__name__}: {str(e)[:120]}"))
+        for name, fn, packed in variants:
             row = dict(T=T, rows=R, kernel=name)
             try:
                 torch.cuda.synchronize()
