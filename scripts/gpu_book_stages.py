@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--book", default=str(ROOT / "bench" / "book.txt"))
     ap.add_argument("--modes", default="serial,overlap")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script)")
+    ap.add_argument("--attention", default="fa2", help="the CFM estimator's attention: fa2, or fa4 (FlashAttention 4, when installed)")
+    ap.add_argument("--compile-encoder", action="store_true", help="S3Gen's flow encoder compiled (compile_encoder)")
     ap.add_argument("--max-chunks", type=int, default=0, help="only the first N chunks (0: all)")
     args = ap.parse_args()
 
@@ -69,10 +71,11 @@ def main() -> int:
     reqs = [SynthesisRequest(c.text, seed_for(f"{i:08x}"), gen.token_budget(len(c.text))) for i, c in enumerate(chunks)]
     model = load_model(args.ckpt, args.device)
     conds = VoiceCache(model).get(BUILTIN, gen.exaggeration)
-    engine = FastEngine(model)
+    engine = FastEngine(model, s3gen_attention=args.attention, compile_encoder=args.compile_encoder)
     t0 = time.perf_counter()
     warm_engine(engine, conds, WarmupReport(args.device, engine.name, ""))
     result: dict = dict(chunks=len(reqs), tokens=sum(r.budget for r in reqs), gpu=torch.cuda.get_device_name() if cuda else "cpu",
+                        attention=engine.s3.attention, encoder_compiled=engine.s3.encoder.compiled,
                         warmup_s=round(time.perf_counter() - t0, 1))
     print(json.dumps(result), flush=True)
 

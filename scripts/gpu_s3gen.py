@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--regions-mode", default="", help="torch.compile mode of the estimator's regions, e.g. max-autotune-no-cudagraphs (GEMM epilogue fusion, minutes of autotuning cold); '' = default")
     ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
     ap.add_argument("--encoder-compiled", action="store_true", help="each --vocoder-dtypes row once more with the flow encoder compiled too (compile_encoder)")
+    ap.add_argument("--fa4", action="store_true", help="each --vocoder-dtypes row once more with FlashAttention 4 as the CFM attention (attention='fa4'; scripts/fa4_wheels.sh)")
     ap.add_argument("--graphs", action="store_true", help="each --vocoder-dtypes row once more with the CFM loop captured as a CUDA graph per shape around the compiled regions (cuda_graphs=True; batches padded to a power of two): what the host's launches cost")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
@@ -303,6 +304,17 @@ def main() -> int:
                     continue
                 run_config(f"bf16 regions+vocoder {name}", bv, batch, True)
             res["accuracy"][f"wav_max_abs_vocoder_{name}_vs_eager_fp32"] = vocoder_diff(bv)
+            if args.fa4:
+                bf = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, attention="fa4",
+                                  vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+                if bf.attention != "fa4":
+                    res["notes"].append("FA4 not usable here: skipped")
+                else:
+                    for batch in reg_batches:
+                        if time.time() - t_start <= args.budget_s:
+                            run_config(f"bf16 regions+vocoder {name}, FA4 attention", bf, batch, True)
+                    mf = bf.synthesize_mels(acc_chunks, voice, steps, noise=noise)
+                    res["accuracy"][f"mel_max_abs_fa4_vs_fa2_{name}"] = max(float((a - b).abs().max()) for a, b in zip(mr, mf))
             if args.graphs:
                 bg = BatchedS3Gen(model, dtype=torch.bfloat16, compile_regions=True, compile_vocoder=True, cuda_graphs=True,
                                   vocoder_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[name])

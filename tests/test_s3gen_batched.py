@@ -370,3 +370,14 @@ def test_compiled_encoder_is_one_graph_for_every_batch_and_bucket(model, bs, voi
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
+
+
+def test_attention_choice_is_checked_and_an_unusable_fa4_gives_way(model, caplog):
+    """``attention="fa4"`` where FlashAttention 4 cannot run (here: no GPU) warns once and
+    keeps the portable attention; an unknown kernel name is an error."""
+    with pytest.raises(ValueError, match="fa2"):
+        BatchedS3Gen(model, attention="fa3")
+    with caplog.at_level("WARNING", logger="ttsbatch"):
+        bs = BatchedS3Gen(model, attention="fa4")
+    assert bs.attention is None and not bs.flash
+    assert "FlashAttention 4 is not usable here" in caplog.text

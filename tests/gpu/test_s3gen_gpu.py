@@ -141,3 +141,24 @@ def test_compiled_encoder_matches_eager_and_compiles_once(cuda_model, no_host_sy
     with torch.inference_mode(), no_host_sync():
         comp._enc_fn(tokens, lens, comp._pos_emb(0, T), comp._pos_emb(1, 2 * T))
     torch._dynamo.reset()
+
+
+def test_fa4_attention_matches_fa2(cuda_model):
+    """FlashAttention 4 as the CFM estimator's attention (``attention="fa4"``, when
+    flash-attn-4 is installed: scripts/fa4_wheels.sh) gives FA2's mel within 2% of its range."""
+    pytest.importorskip("flash_attn.cute.interface")
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
+    fa2 = BatchedS3Gen(cuda_model)
+    fa4 = BatchedS3Gen(cuda_model, attention="fa4")
+    assert fa2.attention == "fa2" and fa4.attention == "fa4"
+    v = fa2.prepare_voice(gen)
+    g = torch.Generator().manual_seed(1)
+    lengths = (40, 150, 97)
+    toks = [torch.randint(0, 6561, (n,), generator=g) for n in lengths]
+    noise = [torch.randn(80, 2 * (v.n_prompt_tokens + n), generator=g).cuda() for n in lengths]
+    for a, b in zip(fa2.synthesize_mels(toks, v, 10, noise=noise), fa4.synthesize_mels(toks, v, 10, noise=noise)):
+        scale = a.abs().max().item()
+        assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * scale

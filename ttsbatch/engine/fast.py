@@ -60,6 +60,7 @@ class FastEngine:
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
         compile_encoder: bool = False,
+        s3gen_attention: str = "fa2",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -74,7 +75,9 @@ class FastEngine:
         the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA);
         ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: correct and
-        one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``)."""
+        one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``);
+        ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's) or "fa4"
+        (FlashAttention 4 when installed, not yet measured; ``BatchedS3Gen``)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -99,6 +102,7 @@ class FastEngine:
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
+            attention=s3gen_attention,
         )
         if cuda:
             gib = 1 << 30

@@ -42,7 +42,9 @@ estimator under autocast; the Euler state, HiFiGAN (unless ``vocoder_dtype``) an
 one dynamic-shape graph each for every bucket and batch size (the default of the fast engine
 on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16
 on CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
-row's key count given by ``seqused_k``: the key-padding mask without a mask tensor). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
+row's key count given by ``seqused_k``: the key-padding mask without a mask tensor): PyTorch's
+FA2 kernel, or with ``attention="fa4"`` FlashAttention 4's (a Hopper kernel, when
+flash-attn-4 is installed; not yet measured). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
@@ -55,6 +57,7 @@ Both are CUDA-only and off by default.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -66,6 +69,8 @@ import torch.nn.functional as F
 
 from . import cfm_estimator, vocoder
 from .regions import Regions
+
+log = logging.getLogger("ttsbatch")
 
 # Item mel frames (2 per speech token, prompt excluded); an item lands in the smallest that fits.
 DEFAULT_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
@@ -172,6 +177,7 @@ class BatchedS3Gen:
         compile_vocoder: bool = False,
         vocoder_dtype: torch.dtype = torch.float32,
         compile_encoder: bool = False,
+        attention: str = "fa2",
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -226,7 +232,21 @@ class BatchedS3Gen:
             self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
-        self.flash = self.fused is not None and self._flash_usable()
+        # the estimator's attention kernel over the padded rows: PyTorch's FA2 varlen ("fa2"), or
+        # FlashAttention 4's (flash-attn-4, CuTe DSL, a Hopper kernel: "fa4", when installed; not
+        # yet measured, so not the default); a kernel that fails its check gives way to the next
+        if attention not in ("fa2", "fa4"):
+            raise ValueError(f"attention must be 'fa2' or 'fa4', got {attention!r}")
+        self.flash = False
+        self.attention = None
+        for name in (("fa4", "fa2") if attention == "fa4" else ("fa2",)):
+            self._flash = self._flash_fa4 if name == "fa4" else self._flash_fa2
+            if self.fused is not None and self._flash_usable():
+                self.flash, self.attention = True, name
+                break
+        if attention == "fa4" and self.attention != "fa4":
+            log.warning("FlashAttention 4 is not usable here (flash-attn-4 missing, or not a Hopper GPU); S3Gen uses %s",
+                        self.attention or "masked SDPA")
         # HiFiGAN after conv_pre as pure functions of prepared weights (vocoder), one region per
         # upsampling stage; compile_vocoder compiles them as compile_regions does the estimator's
         self.vocoder = vocoder.FusedVocoder(
@@ -761,10 +781,22 @@ class BatchedS3Gen:
             return False
 
     @staticmethod
-    def _flash(q, k, v, cu, used, T, scale):
+    def _flash_fa2(q, k, v, cu, used, T, scale):
         return torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, T, T, 0.0, False, False, scale=scale, seqused_k=used
         )[0]
+
+    @staticmethod
+    def _flash_fa4(q, k, v, cu, used, T, scale):
+        """FlashAttention 4's varlen kernel, the same call as ``_flash_fa2``. Not ``seqused_q``:
+        padded query rows would be left unwritten, and a NaN there survives the masks
+        (NaN * 0) into the convolutions."""
+        from flash_attn.cute.interface import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, seqused_k=used, softmax_scale=scale
+        )
+        return out[0] if isinstance(out, tuple) else out
 
     def _block(self, block, x, bias, t):
         """A transformer block of an estimator the fused path does not cover: the stock block
