@@ -147,8 +147,9 @@ class SegmentedEncoder:
         """The engine is done: what is still to come (a book's last S3Gen collection, ~1,000 s
         of audio handed over at once) is cut into ``segment_s`` segments (None: a quarter of
         the usual) and encoded by up to ``workers`` ffmpeg processes (None: every core but
-        one; never more than the pool's threads, :func:`final_workers` when it was made). Each cut adds LAME's ~50 ms to a pause, as every cut does. Thread-safe; a
-        second call does nothing."""
+        one; never more than the pool's threads, :func:`final_workers` when it was made).
+        Each cut adds LAME's ~50 ms to a pause, as every cut does. Thread-safe; a second
+        call does nothing."""
         if self._hurried:
             return
         self._hurried = True
