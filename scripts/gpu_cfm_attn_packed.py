@@ -43,6 +43,7 @@ def main() -> int:
 
     import torch
     import torch.nn.functional as F
+    from gpu_attn import cuda_ms  # CUDA events over 20 calls after one warm-up
 
     if not torch.cuda.is_available():
         print("gpu_cfm_attn_packed.py: no CUDA GPU", file=sys.stderr)
@@ -50,17 +51,6 @@ def main() -> int:
     dev, bf, H, D, R = "cuda", torch.bfloat16, args.heads, 64, args.rows
     scale = D ** -0.5
     g = torch.Generator(device=dev).manual_seed(0)
-
-    def timed(fn, iters=20):
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / iters
 
     out = []
     for T in (int(x) for x in args.lengths.split(",") if x):
@@ -130,7 +120,7 @@ def main() -> int:
                 o = fn()
                 torch.cuda.synchronize()
                 row["first_call_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-                ms = timed(fn)
+                ms = cuda_ms(fn)
                 row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
                 if packed is True:
                     row["max_err"] = round(float((o.float().reshape(-1, H, D) - ref_p).abs().max()), 4)

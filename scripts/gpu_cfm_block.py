@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main() -> int:
@@ -40,6 +41,7 @@ def main() -> int:
 
     import torch
     import torch.nn.functional as F
+    from gpu_attn import cuda_ms  # CUDA events over 20 calls after one warm-up
 
     from ttsbatch.engine.cfm_estimator import block_out
 
@@ -70,22 +72,11 @@ def main() -> int:
         h = torch._addmm_activation(b1, h, w1.t(), use_gelu=True)
         return F.linear(h, w2, b2).float() + x
 
-    def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(20):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 20
-
     rows = []
 
     def add(name, fn, compile_s=None):
         try:
-            ms = timed(fn)
+            ms = cuda_ms(fn)
             err = (fn() - want).abs().max().item()
             rows.append(dict(variant=name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1), max_err=round(err, 4),
                              compile_s=compile_s))
