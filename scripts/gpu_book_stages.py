@@ -79,7 +79,7 @@ def main() -> int:
                         warmup_s=round(time.perf_counter() - t0, 1))
     print(json.dumps(result), flush=True)
 
-    s3_synth = engine.s3.synthesize_batches
+    s3_synth = engine.s3.synthesize
     sr = model.sample_rate
     for mode in args.modes.split(","):
         import contextlib
@@ -99,14 +99,14 @@ def main() -> int:
             if not engine.overlap:
                 sync()
             t = time.perf_counter()
-            out = list(s3_synth(token_lists, *a, **kw))  # every batch: S3Gen's time for the collection
+            out = s3_synth(token_lists, *a, **kw)
             if not engine.overlap:
                 sync()
             s3_calls.append(dict(items=len(token_lists), s=time.perf_counter() - t,
-                                 audio_s=sum(len(w) for _, w in out) / sr, tokens=sum(len(x) for x in token_lists)))
-            return iter(out)
+                                 audio_s=sum(len(w) for w in out) / sr, tokens=sum(len(x) for x in token_lists)))
+            return out
 
-        engine.s3.synthesize_batches = timed
+        engine.s3.synthesize = timed
         batches0 = engine.s3.times.batches
         sync()
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def main() -> int:
             audio += len(res.wav) / sr
         sync()
         wall = time.perf_counter() - t0
-        engine.s3.synthesize_batches = s3_synth
+        engine.s3.synthesize = s3_synth
         s3_s = sum(c["s"] for c in s3_calls)
         st = dict(engine.t3.stats)
         rows = engine.t3.rows_used

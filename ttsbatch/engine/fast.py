@@ -192,9 +192,8 @@ class FastEngine:
 
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
         # The whole collection, then its results. Handing them over a padded batch at a time
-        # (``s3.synthesize_batches``) was tried once on an H100 (2-hour book): 65.3 s against
-        # 58.3, on a machine whose CPU-only phases (the MP3 remux, the watermark check) ran
-        # 23-33% slower than the other run's: not shown to help, so not used.
+        # was tried once on an H100 (2-hour book): 65.3 s against 58.3, on a machine whose
+        # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
         wavs = self.s3.synthesize(
             [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
         )

@@ -61,7 +61,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -352,32 +352,14 @@ class BatchedS3Gen:
         stock's SineGen draws them. Items without injected noise draw it from ``seeds[i]``
         (default 0) through :func:`item_noise`.
         """
-        out: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in token_lists]
-        for i, wav in self.synthesize_batches(token_lists, voice, n_timesteps, noise, source_noise, seeds):
-            out[i] = wav
-        return out
-
-    def synthesize_batches(
-        self,
-        token_lists: Sequence,
-        voice: VoiceRef,
-        n_timesteps: int = 10,
-        noise: Sequence[torch.Tensor] | None = None,
-        source_noise: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """:meth:`synthesize`'s waveforms as ``(item index, waveform)``, a padded batch at a
-        time, as each batch's audio reaches the host (one wait per batch). Every batch's GPU
-        work is queued before the first wait, so the GPU runs on while the caller works on
-        the first batch. Empty items are not yielded."""
-        with torch.inference_mode():
-            _, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
-        for idxs, host, lens, ready in pending:
-            if ready is not None:
-                ready.synchronize()  # this batch's copy to the host: one wait per batch
+        out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
+        if self.is_cuda and pending:
+            torch.cuda.current_stream(self.device).synchronize()  # the one wait of the call
+        for idxs, host, lens in pending:
             arr = host.numpy()
             for j, i in enumerate(idxs):
-                yield i, np.array(arr[j, : lens[j]], dtype=np.float32)
+                out[i] = np.array(arr[j, : lens[j]], dtype=np.float32)
+        return out
 
     @torch.inference_mode()
     def synthesize_mels(
@@ -498,11 +480,7 @@ class BatchedS3Gen:
         wav = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps)
         host = torch.empty((B, S), dtype=torch.float32, pin_memory=self.is_cuda)
         host.copy_(wav[:B], non_blocking=self.is_cuda)
-        ready = None
-        if self.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        return idxs[:B], host, [f * self.samples_per_frame for f in item_frames], ready
+        return idxs[:B], host, [f * self.samples_per_frame for f in item_frames]
 
     # -----------------------------------------------------------------------------------------
     # The per-bucket work: device tensors in, device tensors out, no host syncs
