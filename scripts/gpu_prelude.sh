@@ -1,6 +1,13 @@
 # Sourced at the start of a device run: the carried wheels, the carried ffmpeg (if unpacked
 # by an earlier call into /tmp/ffmpeg), the full-size random checkpoint in /tmp/ttsbatch-full.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+# A later call on the same warm machine need not carry .whl again (its carry is then free
+# for something else): /tmp/site keeps what the first call installed.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+  touch /tmp/site/.installed
+elif [ ! -f /tmp/site/.installed ]; then
+  echo "gpu_prelude: no .whl carried and none installed on this machine"; return 1
+fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PATH=/tmp/site/bin:$PATH
 # The device has no ffmpeg and a carry is limited to 64 MiB (.whl alone is ~44 MB), so the
 # binary (.ffmpeg/ffmpeg.xz, ~50 MB, not in git; made here with `xz -T2 -6 -c .venv/lib/python3*/site-packages/
