@@ -202,7 +202,7 @@ def run_book_bench(
         first_chunk_s=round(first, 2) if first is not None else None, watermark_score=report.watermark_score,
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
-        s3gen_batches=engine.s3.times.batches, output_bytes=output.stat().st_size,
+        s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
         gpu_busy=gpu.busy(t0 + (first or 0), t0 + synth),

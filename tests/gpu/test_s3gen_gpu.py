@@ -162,3 +162,32 @@ def test_fa4_attention_matches_fa2(cuda_model):
     for a, b in zip(fa2.synthesize_mels(toks, v, 10, noise=noise), fa4.synthesize_mels(toks, v, 10, noise=noise)):
         scale = a.abs().max().item()
         assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * scale
+
+
+def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):
+    """On a GPU the overlapped engine puts S3Gen's work on a stream of higher priority than
+    T3's (the scheduler starts S3Gen's blocks first), and gives the sequential engine's tokens
+    and, within 1e-4 of the waveform's range, its audio."""
+    import numpy as np
+
+    from ttsbatch.config import GenerationOptions
+    from ttsbatch.engine.fast import FastEngine
+    from ttsbatch.engine.stock import SynthesisRequest
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    conds = VoiceCache(cuda_model).get(BUILTIN, 0.5)
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest(t, 70 + i, b) for i, (t, b) in enumerate([("One two three.", 9), ("Four.", 5), ("Five six.", 7), ("Seven.", 3)])]
+    kw = dict(s3gen_batch=2, compile_estimator=False, compile_t3=False, compile_vocoder=False)
+    seq = FastEngine(cuda_model, overlap=False, **kw)
+    assert seq._s3_stream is None and seq._t3_stream is None
+    want = seq.synthesize(reqs, conds, gen)
+    engine = FastEngine(cuda_model, overlap=True, **kw)
+    assert engine._s3_stream.priority < engine._t3_stream.priority  # lower number: higher priority
+    got = dict(engine.synthesize_stream(reqs, conds, gen))
+    assert sorted(got) == [0, 1, 2, 3]
+    for i in range(4):
+        assert got[i].tokens == want[i].tokens
+        scale = float(np.abs(want[i].wav).max())
+        assert got[i].wav.shape == want[i].wav.shape
+        np.testing.assert_allclose(got[i].wav, want[i].wav, rtol=0, atol=1e-4 * max(scale, 1e-6))

@@ -60,7 +60,7 @@ class FastEngine:
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
         compile_encoder: bool = False,
-        s3gen_attention: str = "fa2",
+        s3gen_attention: str = "auto",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -76,8 +76,9 @@ class FastEngine:
         of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA);
         ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: correct and
         one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``);
-        ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's) or "fa4"
-        (FlashAttention 4 when installed, not yet measured; ``BatchedS3Gen``)."""
+        ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's), "fa4"
+        (FlashAttention 4, warning if it cannot run) or "auto" (FA4 where installed, else FA2;
+        ``BatchedS3Gen``)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -94,7 +95,15 @@ class FastEngine:
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
         self.collect = s3gen_collect or 4 * self.s3gen_batch
         self.overlap = cuda if overlap is None else overlap
-        self._t3_stream = torch.cuda.Stream(self.t3.device) if cuda and self.overlap else None
+        # S3Gen is the critical path and T3 (bandwidth-bound, graphed) fills its gaps: S3Gen's
+        # work goes on a stream of the highest priority, T3's on one of the lowest, so the
+        # GPU's scheduler starts S3Gen's blocks first. On an H100 (2-hour book, T3 and S3Gen
+        # only, scripts/gpu_book_stages.py): 48.4 s with both at the same priority, 42.0 s so.
+        self._t3_stream = self._s3_stream = None
+        if cuda and self.overlap:
+            low, high = torch.cuda.Stream.priority_range()
+            self._t3_stream = torch.cuda.Stream(self.t3.device, priority=low)
+            self._s3_stream = torch.cuda.Stream(self.t3.device, priority=high)
         self.t3_vram_gb = None
         # made before the memory is measured: its prepared weights (bf16 copies of the CFM
         # estimator's) are held like the models' own
@@ -190,13 +199,27 @@ class FastEngine:
             results[i] = result
         return results  # type: ignore[return-value]
 
+    def _on_s3_stream(self):
+        """S3Gen's stream as the current one, after what the caller's stream has queued (the
+        voice's tensors); warm-up comes through here too, so S3Gen's memory stays in one
+        stream's pool of the caching allocator."""
+        import contextlib
+
+        import torch
+
+        if self._s3_stream is None:
+            return contextlib.nullcontext()
+        self._s3_stream.wait_stream(torch.cuda.current_stream(self._s3_stream.device))
+        return torch.cuda.stream(self._s3_stream)
+
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
         # The whole collection, then its results. Handing them over a padded batch at a time
         # was tried once on an H100 (2-hour book): 65.3 s against 58.3, on a machine whose
         # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
-        wavs = self.s3.synthesize(
-            [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-        )
+        with self._on_s3_stream():
+            wavs = self.s3.synthesize(
+                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
+            )
         for (i, kept), wav in zip(items, wavs):
             yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
 
