@@ -31,6 +31,27 @@ def test_book_bench_runs_stock_and_the_real_pipeline(tiny_checkpoint, tmp_path):
     assert "speedup_vs_stock" in b
 
 
+def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
+    """--engine-opt KEY=VALUE is passed to the fast engine of the book part (typed: numbers,
+    true/false, words) and reported beside its numbers."""
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--book", str(SAMPLES / "story.txt"),
+                            "--parts", "book", "--sentences", "1", "--tokens-per-char", "0.2", "--max-chars", "300",
+                            "--engine-opt", "s3gen_batch=1", "--engine-opt", "s3gen-attention=auto", "--engine-opt", "overlap=false",
+                            "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    fast = json.loads(out.read_text())["book"]["fast"]
+    assert fast["engine_options"] == {"s3gen_batch": 1, "s3gen_attention": "auto", "overlap": False}
+    assert fast["s3gen_items"] >= 2 and fast["s3gen_batches"] == fast["s3gen_items"]  # one chunk per S3Gen batch
+
+
+def test_bench_rejects_an_unknown_engine_option():
+    r = runner.invoke(app, ["bench", "--parts", "book", "--engine-opt", "warp_speed=9"])
+    assert r.exit_code == 2
+    assert "--engine-opt warp_speed=9: expected KEY=VALUE with KEY one of" in r.stderr
+    assert "s3gen_graphs" in r.stderr
+
+
 def test_bench_rejects_unknown_parts():
     r = runner.invoke(app, ["bench", "--parts", "t3,gpu"])
     assert r.exit_code == 2

@@ -86,6 +86,40 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
 
 
+def parse_engine_options(items: list[str]) -> dict:
+    """``--engine-opt KEY=VALUE`` items as keyword arguments of ``FastEngine`` (true/false,
+    numbers and words), for trying an engine option against the default in one device call.
+    A key the engine does not take is an ``InputError`` naming the ones it does."""
+    import inspect
+
+    from .engine.fast import FastEngine
+    from .errors import InputError
+
+    known = [k for k in inspect.signature(FastEngine).parameters if k not in ("self", "model")]
+    opts: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise InputError(f"--engine-opt {item}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        raw = raw.strip()
+        low = raw.lower()
+        if low in ("true", "false"):
+            value: object = low == "true"
+        elif low in ("none", ""):
+            value = None
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        opts[key] = value
+    return opts
+
+
 def run_book_bench(
     model_dir: Path | None,
     book: Path,
@@ -96,6 +130,7 @@ def run_book_bench(
     stock_sentences: int = 16,
     max_chars: int | None = None,
     out=None,
+    engine_options: dict | None = None,
 ) -> dict:
     import torch
 
@@ -169,7 +204,8 @@ def run_book_bench(
         torch.cuda.reset_peak_memory_stats()
     import torch._dynamo.utils as dynamo_utils
 
-    engine = FastEngine(model, max_vram_gb=max_vram_gb)
+    engine_options = dict(engine_options or {})
+    engine = FastEngine(model, **{"max_vram_gb": max_vram_gb, **engine_options})
     if cuda:  # what `ttsbatch warmup` does, in this process: compiles (or loads) every region first
         from .warmup import WarmupReport, warm_engine
 
@@ -202,7 +238,8 @@ def run_book_bench(
         first_chunk_s=round(first, 2) if first is not None else None, watermark_score=report.watermark_score,
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
-        s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, output_bytes=output.stat().st_size,
+        s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
+        output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
         gpu_busy=gpu.busy(t0 + (first or 0), t0 + synth),

@@ -400,13 +400,15 @@ def bench(
     tokens_per_char: float = typer.Option(1.0, "--tokens-per-char", help="Speech-token budget per character, the same for stock and fast."),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Use only the first N characters of the book (a shorter book)."),
     parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
+    engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
     from .bench import run_bench
-    from .bench_book import run_book_bench
+    from .bench_book import parse_engine_options, run_book_bench
 
     setup_logging(quiet=True)
+    engine_options = parse_engine_options(engine_opt)
     wanted = {p.strip() for p in parts.split(",") if p.strip()}
     if not wanted or wanted - {"t3", "book"}:
         raise InputError(f"--parts {parts}: expected t3, book or both")
@@ -418,7 +420,8 @@ def bench(
         from .bench import SAMPLE
 
         results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
-                                         tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars)
+                                         tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars,
+                                         engine_options=engine_options)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 

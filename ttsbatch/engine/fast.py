@@ -60,7 +60,8 @@ class FastEngine:
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
         compile_encoder: bool = False,
-        s3gen_attention: str = "auto",
+        s3gen_attention: str = "fa2",
+        s3gen_graphs: bool = False,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -78,7 +79,10 @@ class FastEngine:
         one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``);
         ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's), "fa4"
         (FlashAttention 4, warning if it cannot run) or "auto" (FA4 where installed, else FA2;
-        ``BatchedS3Gen``)."""
+        ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
+        (batch, bucket) around the compiled regions (batches padded to a power of two): one
+        launch per batch instead of thousands from S3Gen's thread (CUDA; an experiment, not
+        yet measured in a book)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -108,7 +112,7 @@ class FastEngine:
         # made before the memory is measured: its prepared weights (bf16 copies of the CFM
         # estimator's) are held like the models' own
         self.s3 = BatchedS3Gen(
-            model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen,
+            model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
             attention=s3gen_attention,

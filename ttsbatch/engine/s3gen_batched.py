@@ -43,8 +43,8 @@ one dynamic-shape graph each for every bucket and batch size (the default of the
 on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16
 on CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
 row's key count given by ``seqused_k``: the key-padding mask without a mask tensor): PyTorch's
-FA2 kernel, or FlashAttention 4's (a Hopper kernel) where flash-attn-4 is installed
-(``attention="auto"``, the default). HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
+FA2 kernel, or with ``attention="fa4"`` (or ``"auto"``) FlashAttention 4's, a Hopper kernel,
+where flash-attn-4 is installed. HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
@@ -177,7 +177,7 @@ class BatchedS3Gen:
         compile_vocoder: bool = False,
         vocoder_dtype: torch.dtype = torch.float32,
         compile_encoder: bool = False,
-        attention: str = "auto",
+        attention: str = "fa2",
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -233,9 +233,11 @@ class BatchedS3Gen:
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
         # the estimator's attention kernel over the padded rows: PyTorch's FA2 varlen ("fa2"),
-        # FlashAttention 4's (flash-attn-4, CuTe DSL, a Hopper kernel: "fa4"; 0.485 against FA2's
-        # 0.682 ms at 128 rows x 800 frames, S3Gen 6.5% faster, H100), or "auto": FA4 where it
-        # is installed and runs, else FA2. A kernel that fails its check gives way to the next.
+        # FlashAttention 4's (flash-attn-4, CuTe DSL, a Hopper kernel: "fa4"), or "auto": FA4
+        # where it is installed and runs, else FA2. A kernel that fails its check gives way to
+        # the next. FA2 is the default: on an H100 FA4 is 0.485 against 0.682 ms a call (128
+        # rows x 800 frames) and S3Gen alone 6.5% faster, but a whole book ran 55.6 s with it
+        # against 53.4 with FA2 (its launch is Python-heavy, and S3Gen's thread shares the GIL).
         if attention not in ("auto", "fa2", "fa4"):
             raise ValueError(f"attention must be 'auto', 'fa2' or 'fa4', got {attention!r}")
         self.flash = False
