@@ -400,12 +400,12 @@ def bench(
     tokens_per_char: float = typer.Option(1.0, "--tokens-per-char", help="Speech-token budget per character, the same for stock and fast."),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Use only the first N characters of the book (a shorter book)."),
     parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
+    switch_interval_ms: Optional[float] = typer.Option(None, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval for the run (Python's default: 5 ms), for experiments: S3Gen's, T3's and the store's threads share the GIL."),
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
-    from .bench import run_bench
-    from .bench_book import parse_engine_options, run_book_bench
+    from .bench_book import parse_engine_options
 
     setup_logging(quiet=True)
     engine_options = parse_engine_options(engine_opt)
@@ -413,6 +413,23 @@ def bench(
     if not wanted or wanted - {"t3", "book"}:
         raise InputError(f"--parts {parts}: expected t3, book or both")
     results: dict = {}
+    switch = sys.getswitchinterval()
+    if switch_interval_ms is not None:
+        sys.setswitchinterval(switch_interval_ms / 1000)
+    try:
+        _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
+                     engine_options)
+    finally:
+        sys.setswitchinterval(switch)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2, default=str))
+
+
+def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
+                 engine_options) -> None:
+    from .bench import run_bench
+    from .bench_book import run_book_bench
+
     if "t3" in wanted:
         results["t3"] = run_bench(model_dir, device.value, n_sentences=sentences, n_fast=fast_sentences,
                                   tokens_per_char=tokens_per_char, max_vram_gb=max_vram, book=book)
@@ -422,8 +439,6 @@ def bench(
         results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
                                          tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars,
                                          engine_options=engine_options)
-    if json_out:
-        json_out.write_text(json.dumps(results, indent=2, default=str))
 
 
 from .cli_srt import srt as _srt  # noqa: E402  (cli_srt uses the helpers above)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole book under several engine settings, in one device call (CUDA GPU):
+#
+#   bash scripts/gpu_book_ab.sh "fa2:" "graphs:--engine-opt s3gen_graphs=true" "gil:--switch-interval-ms 0.5" "fa2:"
+#
+# Each argument is LABEL:BENCH-OPTIONS (`ttsbatch bench` options, e.g. --engine-opt KEY=VALUE,
+# --switch-interval-ms). `ttsbatch warmup` runs first in a process of its own, so every
+# measured run loads its compiled code from the cache: on a fresh machine the first process
+# after a cold compile ran the book ~4.5 s slower than the next (57.9-58.2 s against 53.4,
+# H100, eleventh session), whatever the settings; list the baseline twice (first and last)
+# to see the drift. Writes $OUT/ab_LABEL_N.json and prints one line per run.
+# Needs scripts/gpu_prelude.sh sourced (wheels, ffmpeg, /tmp/ttsbatch-full).
+set -uo pipefail
+: "${OUT:?set OUT}"
+ckpt=${TTSBATCH_FULL_CKPT:-/tmp/ttsbatch-full}
+book=${BOOK:-bench/book.txt}
+device=${DEVICE:-cuda}  # cpu: a smoke test of this script (with e.g. "base:--max-chars 200")
+python3 -m ttsbatch warmup --model-dir "$ckpt" --device "$device" > "$OUT/ab_warmup.log" 2>&1 || { tail -5 "$OUT/ab_warmup.log"; exit 1; }
+tail -2 "$OUT/ab_warmup.log"
+n=0
+for spec in "$@"; do
+  n=$((n + 1))
+  label=${spec%%:*}
+  opts=${spec#*:}
+  json="$OUT/ab_${label}_$n.json"
+  # shellcheck disable=SC2086  # opts is a list of words
+  python3 -m ttsbatch bench --model-dir "$ckpt" --device "$device" --book "$book" --parts book --sentences 2 $opts \
+    --json "$json" > "$OUT/ab_${label}_$n.log" 2>&1 || { echo "$label: failed"; tail -5 "$OUT/ab_${label}_$n.log"; continue; }
+  python3 - "$json" "$label" "$opts" <<'EOF'
+import json, sys
+f = json.load(open(sys.argv[1]))["book"]["fast"]
+print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime']}x, synth {f['synth_s']} s, "
+      f"after {f['after_synth_s']} s, busy {f['gpu_busy']}, attention {f['s3gen_attention']}, "
+      f"reserved {f['peak_gpu_reserved_gib']} GiB, dynamo {f['dynamo']}")
+EOF
+done
