@@ -46,9 +46,26 @@ def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     fast = json.loads(out.read_text())["book"]["fast"]
     assert fast["switch_interval_ms"] == 0.5  # read during the run
+    assert fast["gc"]["frozen"] == 0 and fast["gc"]["objects"] > 100_000  # nothing frozen without --gc-freeze
     assert sys.getswitchinterval() == pytest.approx(0.005)  # and put back after it
     assert fast["engine_options"] == {"s3gen_batch": 1, "s3gen_attention": "auto", "overlap": False}
     assert fast["s3gen_items"] >= 2 and fast["s3gen_batches"] == fast["s3gen_items"]  # one chunk per S3Gen batch
+
+
+def test_gc_freeze_moves_the_loaded_objects_out_of_the_collectors_reach(tiny_checkpoint, tmp_path):
+    """--gc-freeze: what is alive before the book (the models, the engine) is frozen for the
+    run, the run's collections are timed, and the process is unfrozen after it."""
+    import gc
+
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--book", str(SAMPLES / "story.txt"),
+                            "--parts", "book", "--sentences", "1", "--tokens-per-char", "0.2", "--max-chars", "120",
+                            "--gc-freeze", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    g = json.loads(out.read_text())["book"]["fast"]["gc"]
+    assert g["frozen"] > 100_000  # torch, the models: far more than the run makes
+    assert g["objects"] < g["frozen"]  # gc.get_objects() leaves the frozen ones out
+    assert gc.get_freeze_count() == 0
 
 
 def test_bench_rejects_an_unknown_engine_option():
@@ -74,3 +91,19 @@ def test_t3_bench_runs_the_fast_engine_on_the_asked_number_of_sentences(tiny_che
     assert t3["fast_sentences"] == 6
     assert t3["fast_scale"]["tokens"] > t3["fast_same"]["tokens"] > 0  # 6 sentences against the same 2
     assert t3["stock"]["tokens"] == t3["fast_same"]["tokens"]  # the same budget on both sides
+
+
+def test_gc_timer_counts_and_times_the_collections_inside_it():
+    import gc
+
+    from ttsbatch.bench_book import GcTimer
+
+    with GcTimer() as t:
+        junk = [[i] for i in range(50_000)]  # container objects: generation-0 collections
+        gc.collect()  # and one full collection
+    after = t.report()
+    del junk
+    gc.collect()
+    assert after["collections"][0] > 0 and after["collections"][2] >= 1
+    assert 0 < after["seconds"] and after["longest_ms"] > 0
+    assert t.report() == after  # outside the block nothing is counted

@@ -82,6 +82,48 @@ class GpuBusy:
         return round(sum(vals) / len(vals) / 100, 3) if vals else None
 
 
+class GcTimer:
+    """Time the interpreter spends in garbage collection (``gc.callbacks``), per generation.
+
+    A collection holds the GIL: every thread of the pipeline, S3Gen's launches included,
+    waits for it. A process that has just compiled the engine's graphs holds millions more
+    objects than one that loaded them from the cache, and each full collection walks them."""
+
+    def __init__(self):
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = 0.0
+        self._t = 0.0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+            return
+        dt = time.perf_counter() - self._t
+        g = info.get("generation", 2)
+        self.count[g] += 1
+        self.seconds[g] += dt
+        self.longest = max(self.longest, dt)
+
+    def __enter__(self):
+        import gc
+
+        self.objects = len(gc.get_objects())  # tracked objects when the run starts
+        self.frozen = gc.get_freeze_count()
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+
+    def report(self) -> dict:
+        return dict(seconds=round(sum(self.seconds), 3), longest_ms=round(self.longest * 1000, 1),
+                    collections=self.count, seconds_by_generation=[round(s, 3) for s in self.seconds],
+                    objects=self.objects, frozen=self.frozen)
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
 
@@ -131,6 +173,7 @@ def run_book_bench(
     max_chars: int | None = None,
     out=None,
     engine_options: dict | None = None,
+    gc_freeze: bool = False,
 ) -> dict:
     import torch
 
@@ -216,13 +259,20 @@ def run_book_bench(
     dynamo_utils.counters.clear()  # from here on, any compile is a recompile the book caused
     work = Path(tempfile.mkdtemp(prefix="ttsbatch-bench-"))
     output = output or work / "book.mp3"
-    with GpuBusy() as gpu:
+    import gc
+
+    if gc_freeze:  # what is alive now (models, compiled code) is never walked again by the GC
+        gc.collect()
+        gc.freeze()
+    with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
         report = render_book(
             doc, chunks, source=book, output=output, work_dir=work / "work", voice=BUILTIN, options=options,
             model=model, engine=engine, watermarker=watermarker, batch_size=4096, progress="none",
         )
         wall = time.perf_counter() - t0
+    if gc_freeze:
+        gc.unfreeze()  # the process may go on (tests): back as it was
     # The store's index says when each chunk was stored and how long its audio is (before
     # trimming and pauses): the first-chunk latency and the audio the engine made.
     stored = list(ChunkStore(work / "work").meta().values())
@@ -239,7 +289,7 @@ def run_book_bench(
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
-        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3),
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), gc=gc_time.report(),
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
