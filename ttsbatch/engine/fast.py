@@ -74,9 +74,11 @@ class FastEngine:
         ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
         layers the same way (None: on CUDA); ``compile_vocoder``: HiFiGAN's upsampling stages
         the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
-        of its own, decoding the next chunks while S3Gen vocodes (None: on CUDA);
-        ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: correct and
-        one graph on the CPU, not yet measured on a GPU; ``scripts/gpu_s3gen.py --encoder-compiled``);
+        of its own, decoding the next chunks while S3Gen vocodes, S3Gen's stream of higher
+        priority than T3's (None: on CUDA);
+        ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: exact and one
+        graph, but on an H100 it took S3Gen from 254.6x to 255.3x real time for 41 s more
+        compiling; ``scripts/gpu_s3gen.py --encoder-compiled``);
         ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's), "fa4"
         (FlashAttention 4, warning if it cannot run) or "auto" (FA4 where installed, else FA2;
         ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
