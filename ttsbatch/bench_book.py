@@ -264,6 +264,7 @@ def run_book_bench(
     if gc_freeze:  # what is alive now (models, compiled code) is never walked again by the GC
         gc.collect()
         gc.freeze()
+    captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
         report = render_book(
@@ -289,6 +290,9 @@ def run_book_bench(
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
+        # CFM loops captured during the book (s3gen_graphs; the warm-up's are not counted)
+        s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0],
+        s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), gc=gc_time.report(),
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,

@@ -146,6 +146,9 @@ class StageTimes:
     hifigan: float = 0.0
     batches: int = 0
     items: int = 0
+    graph_captures: int = 0  # CFM loops captured (``cuda_graphs``): one per (batch, bucket, steps) shape
+    capture_s: float = 0.0  # wall seconds they took: two warm-up loops (awaited: torch.cuda.graph syncs,
+    # collects garbage and empties the allocator's cache on entry) and the capture
 
 
 class BatchedS3Gen:
@@ -644,6 +647,7 @@ class BatchedS3Gen:
         key = (tuple(z.shape), n_timesteps)
         g = self._graphs.get(key)
         if g is None:
+            t0 = time.perf_counter()
             ins = dict(z=z.clone(), static=static.clone(), mask=mask_in.clone(), bias=bias.clone(), t=t_span.clone())
 
             def loop():
@@ -667,6 +671,8 @@ class BatchedS3Gen:
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 out = loop()
             g = self._graphs[key] = (graph, ins, out)
+            self.times.graph_captures += 1
+            self.times.capture_s += time.perf_counter() - t0
         graph, ins, out = g
         ins["z"].copy_(z)
         ins["static"].copy_(static)
