@@ -134,3 +134,90 @@ def test_warm_in_background_runs_perth_once_off_the_caller(wm, monkeypatch):
     t = wm.warm_in_background(24000)
     t.join(timeout=60)
     assert not t.is_alive() and escaped == []
+
+
+def _frames(tmp_path, wav, name):
+    """``wav`` as a book's track is encoded: headerless MP3 frames from the segment encoders."""
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    path = tmp_path / f"{name}.frames.mp3"
+    enc = SegmentedEncoder(path, SR, workers=2, segment_s=3.0)
+    for part in np.array_split(wav, 3):
+        enc.write(part)
+        enc.cut()
+    enc.close()
+    return path
+
+
+@pytest.fixture
+def verified_paths(wm, monkeypatch):
+    """The paths ``verify_file`` is asked to read, in order."""
+    from ttsbatch.audio import watermark
+
+    seen = []
+    real = watermark.verify_file
+
+    def recording(path, w, *a, **kw):
+        seen.append(path)
+        return real(path, w, *a, **kw)
+
+    monkeypatch.setattr(watermark, "verify_file", recording)
+    return seen
+
+
+def test_publish_reads_the_mark_from_the_frames_while_the_remux_runs(wm, tmp_path, verified_paths):
+    """An MP3 book: the mark is read from the track's frames beside the remux, and the output
+    is published because it ends with exactly those frames; the output itself is not decoded."""
+    from ttsbatch.audio.export import finish_stream
+    from ttsbatch.pipeline import publish_verified
+
+    frames = _frames(tmp_path, wm.apply(noise(9, seed=3), SR), "marked")
+    out = tmp_path / "book.mp3"
+    check = publish_verified(lambda staged: finish_stream(frames, staged, chapters=[("One", 0.0), ("Two", 4.0)], title="B"),
+                             out, wm, frames=frames)
+    assert check.marked and out.is_file() and out.read_bytes().endswith(frames.read_bytes())
+    assert verified_paths == [frames]
+    assert verify_file(out, wm).marked  # and the output does read as marked
+    assert not list(tmp_path.glob(".book.partial*"))
+
+
+def test_publish_checks_the_output_itself_when_it_does_not_end_with_the_frames(wm, tmp_path, verified_paths):
+    from ttsbatch.pipeline import publish_verified
+
+    marked = wm.apply(noise(9, seed=4), SR)
+    frames = _frames(tmp_path, marked, "marked")
+    sf.write(str(tmp_path / "track.wav"), marked, SR, subtype="FLOAT")
+    out = tmp_path / "book.mp3"
+    check = publish_verified(lambda staged: encode(tmp_path / "track.wav", staged), out, wm, frames=frames)  # re-encoded
+    assert check.marked and out.is_file()
+    assert [p.name for p in verified_paths] == [frames.name, ".book.partial.mp3"]
+
+
+def test_publish_refuses_unmarked_frames_and_writes_nothing(wm, tmp_path, verified_paths):
+    from ttsbatch.audio.export import finish_stream
+    from ttsbatch.pipeline import publish_verified
+
+    frames = _frames(tmp_path, noise(9, seed=5), "plain")
+    out = tmp_path / "book.mp3"
+    with pytest.raises(WatermarkError, match="watermark was not found"):
+        publish_verified(lambda staged: finish_stream(frames, staged), out, wm, frames=frames)
+    assert not out.exists() and not list(tmp_path.glob(".book.partial*"))
+    assert verified_paths == [frames]
+
+
+def test_ends_with(tmp_path):
+    from ttsbatch.pipeline import ends_with
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    data = np.random.default_rng(0).bytes(100_000)
+    a.write_bytes(b"HEADER" + data)
+    b.write_bytes(data)
+    assert ends_with(a, b, block=4096) and ends_with(b, b, block=333)
+    b.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the last byte differs
+    assert not ends_with(a, b, block=4096)
+    b.write_bytes(b"X" + data[1:])  # the first byte differs
+    assert not ends_with(a, b, block=4096)
+    b.write_bytes(b"")
+    assert not ends_with(a, b)
+    b.write_bytes(b"HEADER" + data + b"!")  # longer than the file
+    assert not ends_with(a, b)

@@ -313,6 +313,21 @@ def run_chunks(
         )
 
 
+def ends_with(path: Path, tail: Path, block: int = 8 << 20) -> bool:
+    """Whether the file ``path`` ends with the bytes of the file ``tail`` (read a block at a time)."""
+    n, size = tail.stat().st_size, path.stat().st_size
+    if n == 0 or n > size:
+        return False
+    with open(path, "rb") as a, open(tail, "rb") as b:
+        a.seek(size - n)
+        while True:
+            x = b.read(block)
+            if not x:
+                return True
+            if a.read(len(x)) != x:
+                return False
+
+
 def encode_verified(track: Path, output: Path, options: Options, watermarker, chapters=(), title: str | None = None):
     """Encode the WAV ``track`` into ``output`` (see :func:`publish_verified`)."""
     from .audio.export import encode
@@ -322,18 +337,35 @@ def encode_verified(track: Path, output: Path, options: Options, watermarker, ch
     )
 
 
-def publish_verified(write, output: Path, watermarker):
+def publish_verified(write, output: Path, watermarker, frames: Path | None = None):
     """``write(path)`` the output beside ``output`` under a temporary name, check the mark, rename.
 
     The output never exists unfinished or unmarked. The temporary name is fixed (callers hold
     the work dir's lock): a run killed here leaves it, and the next run overwrites it.
+
+    ``frames``: a file whose bytes ``write`` copies unchanged to the end of the output (a
+    book's MP3 frames, which ``finish_stream`` remuxes under a new header with ``-c copy``).
+    The mark is then read from those frames while ``write`` runs, and the output is checked
+    to end with exactly those bytes, so the check reads the audio the output holds; if it
+    does not end with them, the output itself is checked, as without ``frames``. (A 2-hour
+    book: the remux ~2.2 s and the check ~1.5 s on the H100's host, one after the other.)
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .audio.watermark import verify_file
 
     staged = output.with_name(f".{output.stem}.partial{output.suffix}")
     try:
-        write(staged)
-        check = verify_file(staged, watermarker)
+        if frames is None:
+            write(staged)
+            check = verify_file(staged, watermarker)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="ttsbatch-verify") as pool:
+                early = pool.submit(verify_file, frames, watermarker)
+                write(staged)
+                check = early.result()
+            if not ends_with(staged, frames):
+                check = verify_file(staged, watermarker)
         faults.point("encoded")
         if not check.marked:
             raise WatermarkError(f"the watermark was not found in the encoded output (score {check.score:.2f}); nothing written")
@@ -414,7 +446,8 @@ def render_book(
                 report.tail_seconds["publish"] = time.perf_counter() - t
 
             t0 = time.perf_counter()
-            check = publish_verified(write, output, watermarker)
+            # an MP3's frames are remuxed unchanged: their mark is read while the remux runs
+            check = publish_verified(write, output, watermarker, frames=encoded if output.suffix.lower() == ".mp3" else None)
             report.tail_seconds["verify"] = time.perf_counter() - t0 - report.tail_seconds["publish"]
         finally:
             encoded.unlink(missing_ok=True)
