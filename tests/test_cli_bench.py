@@ -107,3 +107,38 @@ def test_gc_timer_counts_and_times_the_collections_inside_it():
     assert after["collections"][0] > 0 and after["collections"][2] >= 1
     assert 0 < after["seconds"] and after["longest_ms"] > 0
     assert t.report() == after  # outside the block nothing is counted
+
+
+def test_gpu_busy_reads_nvml_through_ctypes_before_spawning_nvidia_smi(monkeypatch):
+    """Without pynvml the utilization comes from the driver's NVML library (a call per
+    sample), not from an nvidia-smi process per sample; with neither, no sampling."""
+    import ctypes
+
+    from ttsbatch import bench_book
+
+    class FakeNvml:
+        def nvmlInit_v2(self):
+            return 0
+
+        def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+            return 0 if index == 0 else 1
+
+        def nvmlDeviceGetUtilizationRates(self, handle, util):
+            util._obj.gpu = 73
+            return 0
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeNvml())
+    source, read = bench_book.GpuBusy._reader()
+    assert source == "nvml" and read() == 73
+
+    def missing(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    monkeypatch.setattr(bench_book.shutil, "which", lambda name: None)
+    assert bench_book.GpuBusy._reader() == (None, None)
+    busy = bench_book.GpuBusy()
+    with busy:
+        pass
+    assert busy.source is None and busy.busy(0, 1e12) is None

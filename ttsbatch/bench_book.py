@@ -33,32 +33,40 @@ log = logging.getLogger("ttsbatch")
 
 
 class GpuBusy:
-    """Samples the GPU's utilization (share of time a kernel ran) in a background thread."""
+    """Samples the GPU's utilization (share of time a kernel ran) in a background thread.
+
+    Through NVML, the driver's own library (``pynvml`` if installed, else ``ctypes``): a
+    read is a library call. ``nvidia-smi`` is the last resort: a process every sample, on
+    the host whose threads the run needs."""
 
     def __init__(self, period: float = 0.1):
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._period = period
-        self._read = self._reader()
-        self._thread = threading.Thread(target=self._loop, daemon=True) if self._read else None
+        self.source, self._read = self._reader()
+        self._thread = threading.Thread(target=self._loop, name="ttsbatch-gpu-busy", daemon=True) if self._read else None
 
     @staticmethod
     def _reader():
+        """``(source name, read())``, read() giving the utilization in percent; (None, None)."""
         try:
             import pynvml
 
             pynvml.nvmlInit()
             h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+            return "pynvml", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
         except Exception:
             pass
+        read = _nvml_ctypes()
+        if read is not None:
+            return "nvml", read
         if shutil.which("nvidia-smi"):
             def smi():
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
                                      capture_output=True, text=True, timeout=5).stdout
                 return int(out.strip().splitlines()[0])
-            return smi
-        return None
+            return "nvidia-smi", smi
+        return None, None
 
     def _loop(self):
         while not self._stop.wait(self._period):
@@ -122,6 +130,31 @@ class GcTimer:
         return dict(seconds=round(sum(self.seconds), 3), longest_ms=round(self.longest * 1000, 1),
                     collections=self.count, seconds_by_generation=[round(s, 3) for s in self.seconds],
                     objects=self.objects, frozen=self.frozen)
+
+
+def _nvml_ctypes():
+    """NVML's utilization read of GPU 0 through ``ctypes`` (libnvidia-ml comes with the
+    driver; ctypes releases the GIL during the call), or None where it cannot load."""
+    import ctypes
+
+    class Utilization(ctypes.Structure):  # nvmlUtilization_t
+        _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        handle = ctypes.c_void_p()
+        if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    util = Utilization()
+
+    def read() -> int:
+        if lib.nvmlDeviceGetUtilizationRates(handle, ctypes.byref(util)) != 0:
+            raise RuntimeError("NVML: no utilization")
+        return int(util.gpu)
+
+    return read
 
 
 def _peak_rss_gib() -> float:
@@ -297,7 +330,7 @@ def run_book_bench(
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
-        gpu_busy=gpu.busy(t0 + (first or 0), t0 + synth),
+        gpu_busy=gpu.busy(t0 + (first or 0), t0 + synth), gpu_busy_source=gpu.source,
         peak_host_rss_gib=round(_peak_rss_gib(), 2),
         dynamo={k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("graph_break", "stats", "recompiles")},
     )
