@@ -131,6 +131,10 @@ def test_gpu_busy_reads_nvml_through_ctypes_before_spawning_nvidia_smi(monkeypat
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeNvml())
     source, read = bench_book.GpuBusy._reader()
     assert source == "nvml" and read() == 73
+    monkeypatch.setenv("TTSBATCH_BUSY_READER", "nvidia-smi")  # the old reader, forced for comparison
+    monkeypatch.setattr(bench_book.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    assert bench_book.GpuBusy._reader()[0] == "nvidia-smi"
+    monkeypatch.delenv("TTSBATCH_BUSY_READER")
 
     def missing(name):
         raise OSError(name)

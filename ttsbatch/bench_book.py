@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -48,8 +49,13 @@ class GpuBusy:
 
     @staticmethod
     def _reader():
-        """``(source name, read())``, read() giving the utilization in percent; (None, None)."""
+        """``(source name, read())``, read() giving the utilization in percent; (None, None).
+        ``TTSBATCH_BUSY_READER=nvidia-smi`` forces the process-per-sample reader (to measure
+        what it cost the runs that used it)."""
+        forced = os.environ.get("TTSBATCH_BUSY_READER") == "nvidia-smi"
         try:
+            if forced:
+                raise ImportError
             import pynvml
 
             pynvml.nvmlInit()
@@ -57,7 +63,7 @@ class GpuBusy:
             return "pynvml", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
         except Exception:
             pass
-        read = _nvml_ctypes()
+        read = None if forced else _nvml_ctypes()
         if read is not None:
             return "nvml", read
         if shutil.which("nvidia-smi"):
