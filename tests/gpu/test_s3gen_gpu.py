@@ -196,8 +196,9 @@ def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):
 def test_graphed_cfm_loop_matches_eager_and_captures_once_per_shape(cuda_model):
     """``cuda_graphs=True`` (the engine's ``s3gen_graphs``): the CFM loop replayed from one
     CUDA graph per (batch, bucket, steps) shape gives the loop's own mel (fp32, within 1e-5 of
-    its range: the same kernels; 0.0 was measured with the compiled regions), and the
-    captures are counted and timed."""
+    its range: the same kernels; 0.0 was measured with the compiled regions): a shape's first
+    batch runs uncaptured, its second is captured (its result is the capture's first replay),
+    later ones replay; on the default stream as on a stream of the caller's."""
     from ttsbatch.engine.s3gen_batched import BatchedS3Gen
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
@@ -209,8 +210,20 @@ def test_graphed_cfm_loop_matches_eager_and_captures_once_per_shape(cuda_model):
     toks = [torch.randint(0, 6561, (n,), generator=g) for n in (40, 37)]
     noise = [torch.randn(80, 2 * (v.n_prompt_tokens + t.numel()), generator=g).cuda() for t in toks]
     want = plain.synthesize_mels(toks, v, 4, noise=noise)
-    for _ in range(2):  # the second call replays the first call's graph
-        got = graphed.synthesize_mels(toks, v, 4, noise=noise)
+    side = torch.cuda.Stream()
+    for call, captures in enumerate((0, 1, 1, 1)):
+        with torch.cuda.stream(side) if call == 3 else torch.cuda.stream(torch.cuda.default_stream()):
+            got = graphed.synthesize_mels(toks, v, 4, noise=noise)
+        torch.cuda.synchronize()
         for a, b in zip(want, got):
             assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
-    assert graphed.times.graph_captures == 1 and graphed.times.capture_s > 0
+        assert graphed.times.graph_captures == captures
+    assert graphed.times.capture_s > 0
+    engine_side = BatchedS3Gen(cuda_model, dtype=torch.float32, cuda_graphs=True)  # captured on the caller's stream
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            got = engine_side.synthesize_mels(toks, v, 4, noise=noise)
+    torch.cuda.synchronize()
+    assert engine_side.times.graph_captures == 1 and engine_side._capture_stream is None
+    for a, b in zip(want, got):
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()

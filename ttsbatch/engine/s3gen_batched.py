@@ -147,8 +147,7 @@ class StageTimes:
     batches: int = 0
     items: int = 0
     graph_captures: int = 0  # CFM loops captured (``cuda_graphs``): one per (batch, bucket, steps) shape
-    capture_s: float = 0.0  # wall seconds they took: two warm-up loops (awaited: torch.cuda.graph syncs,
-    # collects garbage and empties the allocator's cache on entry) and the capture
+    capture_s: float = 0.0  # host seconds the captures took (recording the loop's launches)
 
 
 class BatchedS3Gen:
@@ -225,7 +224,9 @@ class BatchedS3Gen:
         self._pe_cache: dict = {}
         self._t_span_cache: dict = {}
         self._graphs: dict = {}
+        self._graph_seen: set = set()  # shapes run once uncaptured (cuda_graphs: captured on the second)
         self._graph_pool = None
+        self._capture_stream = None
 
         # the estimator as pure functions of prepared weights (cfm_estimator), when the
         # checkpoint has the configuration they mirror; else the stock modules, called in order
@@ -637,39 +638,53 @@ class BatchedS3Gen:
         t_span = self._t_span(n_timesteps)
         if self.cuda_graphs:
             return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
+        return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
+
+    def _cfm_loop(self, z, static, mask_in, bias, t_span, n_timesteps):
         x = z
         for k in range(n_timesteps):
             x = self._step_fn(x, t_span[k : k + 1], t_span[k + 1 : k + 2], static, mask_in, bias)
         return x
 
     def _cfm_graphed(self, z, static, mask_in, bias, t_span, n_timesteps):
-        """The whole Euler loop of one (batch, bucket, steps) shape as one CUDA graph."""
+        """The whole Euler loop of one (batch, bucket, steps) shape as one CUDA graph.
+
+        A shape's first batch runs the loop as it is (compiling, planning cuBLAS, allocating
+        workspaces: what must not happen inside a capture) and its result is used; its
+        second batch is captured, without warm-up loops of its own and without
+        ``torch.cuda.graph``'s synchronize and ``empty_cache`` (T3 runs beside S3Gen, and a
+        book meets new shapes mid-run); every later one is a replay. Capture records the
+        kernels without running them, so the capture's first replay is that batch's result."""
         key = (tuple(z.shape), n_timesteps)
         g = self._graphs.get(key)
         if g is None:
+            if key not in self._graph_seen:
+                self._graph_seen.add(key)
+                return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
             t0 = time.perf_counter()
+            current = torch.cuda.current_stream(self.device)
             ins = dict(z=z.clone(), static=static.clone(), mask=mask_in.clone(), bias=bias.clone(), t=t_span.clone())
-
-            def loop():
-                x = ins["z"]
-                t = ins["t"]
-                for k in range(n_timesteps):
-                    x = self._step_fn(x, t[k : k + 1], t[k + 1 : k + 2], ins["static"], ins["mask"], ins["bias"])
-                return x
-
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up (compile, cuBLAS/cuDNN plans) outside the capture
-                    loop()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+            # not on the legacy default stream, where capture is refused: the engine's S3Gen
+            # stream is a stream of its own already; elsewhere (scripts, tests) a side stream
+            stream = current
+            if current == torch.cuda.default_stream(self.device):
+                if self._capture_stream is None:
+                    self._capture_stream = torch.cuda.Stream(self.device)
+                stream = self._capture_stream
+                stream.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: only this thread is barred from unsafe calls while capturing, so
-            # T3's thread and the store workers keep running (as T3's own captures do)
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                out = loop()
+            with torch.cuda.stream(stream):
+                # thread_local: only this thread is barred from unsafe calls while capturing,
+                # so T3's thread and the store workers keep running (as T3's own captures do)
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+                try:
+                    out = self._cfm_loop(ins["z"], ins["static"], ins["mask"], ins["bias"], ins["t"], n_timesteps)
+                finally:
+                    graph.capture_end()
+            if stream is not current:
+                current.wait_stream(stream)
             g = self._graphs[key] = (graph, ins, out)
             self.times.graph_captures += 1
             self.times.capture_s += time.perf_counter() - t0
