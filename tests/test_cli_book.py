@@ -85,6 +85,25 @@ def test_story_to_mp3_end_to_end(tiny_checkpoint, tmp_path):
     assert "watermarked" in v.stdout and "NOT" not in v.stdout
 
 
+def test_segmented_mp3_book_is_checked_in_its_frames_beside_the_remux(tiny_checkpoint, tmp_path, monkeypatch):
+    """A book in several MP3 segments: its mark is read from the joined frames (while the
+    chapters are added) and not again from the output, which ends with those very frames
+    and is watermarked."""
+    from ttsbatch.audio import segments, watermark
+
+    monkeypatch.setattr(segments, "default_workers", lambda: 2)  # segment encoders, as on a GPU host
+    monkeypatch.setattr(segments, "SEGMENT_S", 0.2)  # a cut at every paragraph end
+    read = []
+    real = watermark.verify_file
+    monkeypatch.setattr(watermark, "verify_file", lambda path, wm, *a, **kw: read.append(path.name) or real(path, wm, *a, **kw))
+    out = tmp_path / "story.mp3"
+    r = run(SAMPLES / "story.txt", "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert len(read) == 1 and read[0].startswith(".track-")  # the frames, not the staged output
+    v = run("verify", out)
+    assert v.exit_code == 0 and "NOT" not in v.stdout, v.output
+
+
 SHORT = "First paragraph is here.\n\nSecond paragraph, a little longer than the first.\n\nThird one.\n\nThe fourth and last paragraph.\n"
 
 

@@ -102,8 +102,12 @@ def test_track_mp3_has_chapters_and_the_whole_length(tmp_path, monkeypatch, core
     with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", background=True) as track:
         chapters, seconds = track.finish()  # everything was stored before: finish stitches it all
     assert type(track._encoder).__name__ == ("StreamEncoder" if cores == "few" else "SegmentedEncoder")
+    assert not track.frames_only  # one segment: encoded with its header, as a streaming encoder does
     out = tmp_path / "book.mp3"
     finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title="My Book", total_s=seconds)
+    # bare frames are what the remux copies unchanged (the watermark is read from them
+    # beside it); a streaming encoder's own header is replaced
+    assert out.read_bytes().endswith((tmp_path / "enc.tmp").read_bytes()) == track.frames_only
     assert probe_duration(out) == pytest.approx(seconds, abs=0.06)
     wav, _ = decode_audio(out, sr=SR)
     assert abs(len(wav) - round(seconds * SR)) <= 2  # gapless: the encoder's delay is not added
@@ -170,6 +174,8 @@ def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch, ma
     assert len(enc.segments) >= 4 and not enc.dir.exists()
     out = tmp_path / "book.mp3"
     finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title="book", total_s=seconds)
+    # bare frames, copied unchanged by the remux (the watermark is read from them beside it)
+    assert track.frames_only and out.read_bytes().endswith((tmp_path / "enc.tmp").read_bytes())
     got, _ = decode_audio(out, sr=SR)
     assert abs(len(got) - round(seconds * SR)) <= 2
     offline_track(plan, doc, store, tmp_path / "ref.wav")

@@ -438,6 +438,7 @@ def render_book(
                 t0 = time.perf_counter()
                 chapters, seconds = track.finish()
                 report.tail_seconds["finish"] = time.perf_counter() - t0
+                frames_only = track.frames_only
             marks = chapters if len(chapters) > 1 else ()
 
             def write(staged):
@@ -446,8 +447,8 @@ def render_book(
                 report.tail_seconds["publish"] = time.perf_counter() - t
 
             t0 = time.perf_counter()
-            # an MP3's frames are remuxed unchanged: their mark is read while the remux runs
-            check = publish_verified(write, output, watermarker, frames=encoded if output.suffix.lower() == ".mp3" else None)
+            # bare MP3 frames are remuxed unchanged: their mark is read while the remux runs
+            check = publish_verified(write, output, watermarker, frames=encoded if frames_only else None)
             report.tail_seconds["verify"] = time.perf_counter() - t0 - report.tail_seconds["publish"]
         finally:
             encoded.unlink(missing_ok=True)

@@ -85,6 +85,13 @@ class BookTrack:
         elif self._error is not None:  # fail the run early, not at the end
             raise self._error
 
+    @property
+    def frames_only(self) -> bool:
+        """Whether the encoded file (after ``finish``) is bare MP3 frames (the segment encoders'
+        join of several segments: no ID3 or Xing header), which a ``-c copy`` remux copies
+        unchanged to the end of its output."""
+        return isinstance(self._encoder, SegmentedEncoder) and self._encoder.frames_only
+
     def finish(self) -> tuple[list[tuple[str, float]], float]:
         """Append the rest, close the encoder; returns (chapters, track seconds)."""
         with self._cond:

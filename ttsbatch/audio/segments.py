@@ -210,6 +210,12 @@ class SegmentedEncoder:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
+    def frames_only(self) -> bool:
+        """Whether ``path`` is bare MP3 frames (after ``close``): several segments, joined; a
+        book of one segment is encoded with its header (gapless)."""
+        return len(self.segments) > 1
+
+    @property
     def out_rate(self) -> int:
         return self.opts.sample_rate or self.sample_rate
 
