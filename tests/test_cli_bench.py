@@ -30,6 +30,9 @@ def test_book_bench_runs_stock_and_the_real_pipeline(tiny_checkpoint, tmp_path):
     assert fast["watermark_score"] >= 0.5 and fast["output_bytes"] > 0  # the MP3 was written and verified
     assert 0 < fast["chunk_audio_s"] <= fast["audio_s"]  # the output adds pauses to the chunks
     assert fast["s3gen_items"] <= b["chunks"] and fast["t3"]["steps"] > 0
+    tail = fast["tail_s"]  # the track's end split into its parts
+    assert {"finish", "finish_append", "finish_encode", "publish", "verify"} <= set(tail)
+    assert tail["finish_append"] + tail["finish_encode"] <= tail["finish"] + 0.02
     assert b["chars"] < 600  # --max-chars cut the book
     assert "speedup_vs_stock" in b
 

@@ -438,6 +438,8 @@ def render_book(
                 t0 = time.perf_counter()
                 chapters, seconds = track.finish()
                 report.tail_seconds["finish"] = time.perf_counter() - t0
+                for part, s in track.finish_seconds.items():  # finish = append + encode
+                    report.tail_seconds[f"finish_{part}"] = s
                 frames_only = track.frames_only
             marks = chapters if len(chapters) > 1 else ()
 

@@ -20,6 +20,7 @@ is left (the store is listed once more, so a missed notice cannot lose a chunk).
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from .audio import segments
@@ -62,6 +63,7 @@ class BookTrack:
         self._encoder: StreamEncoder | None = None
         self._writer: TrackWriter | None = None
         self._finished = False
+        self.finish_seconds: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, name="ttsbatch-track", daemon=True) if background else None
         if self._thread is not None:
             self._thread.start()
@@ -93,7 +95,11 @@ class BookTrack:
         return isinstance(self._encoder, SegmentedEncoder) and self._encoder.frames_only
 
     def finish(self) -> tuple[list[tuple[str, float]], float]:
-        """Append the rest, close the encoder; returns (chapters, track seconds)."""
+        """Append the rest, close the encoder; returns (chapters, track seconds).
+        ``finish_seconds`` then says where the time went: appending what was left (reading
+        it from the store, stitching, spooling) and the encoder's close (the last encodes
+        and the join)."""
+        t0 = time.perf_counter()
         with self._cond:
             self._ready |= self.store.ids()
             self._stop = True
@@ -109,7 +115,9 @@ class BookTrack:
         if self._next < len(self.plan):
             missing = self.plan[self._next]
             raise StoreError(f"chunk {missing.chunk.index + 1} ({missing.id}) is not in the store; run again to render it")
+        t1 = time.perf_counter()
         self._writer.close()  # closes the encoder: waits for ffmpeg
+        self.finish_seconds = {"append": t1 - t0, "encode": time.perf_counter() - t1}
         self._finished = True
         enc = self._encoder  # times in the encoded file (segments add their encoder delays)
         return [(title, enc.output_time(t)) for title, t in self._writer.chapters], enc.duration_s
