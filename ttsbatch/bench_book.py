@@ -52,20 +52,11 @@ class GpuBusy:
         """``(source name, read())``, read() giving the utilization in percent; (None, None).
         ``TTSBATCH_BUSY_READER=nvidia-smi`` forces the process-per-sample reader (to measure
         what it cost the runs that used it)."""
-        forced = os.environ.get("TTSBATCH_BUSY_READER") == "nvidia-smi"
-        try:
-            if forced:
-                raise ImportError
-            import pynvml
-
-            pynvml.nvmlInit()
-            h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return "pynvml", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
-        except Exception:
-            pass
-        read = None if forced else _nvml_ctypes()
-        if read is not None:
-            return "nvml", read
+        if os.environ.get("TTSBATCH_BUSY_READER") != "nvidia-smi":
+            for name, make in (("pynvml", _nvml_pynvml), ("nvml", _nvml_ctypes)):
+                read = make()
+                if read is not None:
+                    return name, read
         if shutil.which("nvidia-smi"):
             def smi():
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
@@ -138,6 +129,18 @@ class GcTimer:
                     objects=self.objects, frozen=self.frozen)
 
 
+def _nvml_pynvml():
+    """NVML's utilization read of GPU 0 through ``pynvml``, or None where it is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return None
+    return lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+
+
 def _nvml_ctypes():
     """NVML's utilization read of GPU 0 through ``ctypes`` (libnvidia-ml comes with the
     driver; ctypes releases the GIL during the call), or None where it cannot load."""
@@ -183,22 +186,23 @@ def parse_engine_options(items: list[str]) -> dict:
         key = key.strip().replace("-", "_")
         if not sep or key not in known:
             raise InputError(f"--engine-opt {item}: expected KEY=VALUE with KEY one of {', '.join(known)}")
-        raw = raw.strip()
-        low = raw.lower()
-        if low in ("true", "false"):
-            value: object = low == "true"
-        elif low in ("none", ""):
-            value = None
-        else:
-            try:
-                value = int(raw)
-            except ValueError:
-                try:
-                    value = float(raw)
-                except ValueError:
-                    value = raw
-        opts[key] = value
+        opts[key] = _option_value(raw.strip())
     return opts
+
+
+def _option_value(raw: str):
+    """true/false, none (or nothing), an int, a float, else the word itself."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", ""):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def run_book_bench(
