@@ -33,7 +33,7 @@ import json, sys
 f = json.load(open(sys.argv[1]))["book"]["fast"]
 print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime']}x, synth {f['synth_s']} s, "
       f"after {f['after_synth_s']} s {f['tail_s']}, busy {f['gpu_busy']} ({f['gpu_busy_source']}), attention {f['s3gen_attention']}, "
-      f"reserved {f['peak_gpu_reserved_gib']} GiB, CFM graphs captured {f['s3gen_graph_captures']} "
+      f"reserved {f['peak_gpu_reserved_gib']} GiB, CFM graphs captured {f['s3gen_graph_captures']} {f.get('s3gen_graph_error') or ''} "
       f"({f['s3gen_capture_s']} s), GC {f['gc']['seconds']} s (longest {f['gc']['longest_ms']} ms, "
       f"{f['gc']['objects']} objects), dynamo {f['dynamo']}")
 EOF

@@ -334,7 +334,7 @@ def run_book_bench(
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
         # CFM loops captured during the book (s3gen_graphs; the warm-up's are not counted)
-        s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0],
+        s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,
         s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),
         switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), gc=gc_time.report(),
         output_bytes=output.stat().st_size,

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfm_estimator, vocoder
+from .capture import capture_lock
 from .regions import Regions
 
 log = logging.getLogger("ttsbatch")
@@ -227,6 +228,7 @@ class BatchedS3Gen:
         self._graph_seen: set = set()  # shapes run once uncaptured (cuda_graphs: captured on the second)
         self._graph_pool = None
         self._capture_stream = None
+        self.graph_error: str | None = None  # why a CFM capture failed (then graphs are off)
 
         # the estimator as pure functions of prepared weights (cfm_estimator), when the
         # checkpoint has the configuration they mirror; else the stock modules, called in order
@@ -636,7 +638,7 @@ class BatchedS3Gen:
         else:
             bias = attention_bias(mask_in, self.heads)
         t_span = self._t_span(n_timesteps)
-        if self.cuda_graphs:
+        if self.cuda_graphs and self.graph_error is None:
             return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
         return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
 
@@ -675,14 +677,21 @@ class BatchedS3Gen:
                 stream = self._capture_stream
                 stream.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream):
+            try:
                 # thread_local: only this thread is barred from unsafe calls while capturing,
-                # so T3's thread and the store workers keep running (as T3's own captures do)
-                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
-                try:
-                    out = self._cfm_loop(ins["z"], ins["static"], ins["mask"], ins["bias"], ins["t"], n_timesteps)
-                finally:
-                    graph.capture_end()
+                # so T3's thread and the store workers keep running (as T3's own captures do);
+                # capture_lock keeps T3's device-wide syncs out meanwhile (engine/capture.py)
+                with capture_lock, torch.cuda.stream(stream):
+                    graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+                    try:
+                        out = self._cfm_loop(ins["z"], ins["static"], ins["mask"], ins["bias"], ins["t"], n_timesteps)
+                    finally:
+                        graph.capture_end()
+            except Exception as e:  # noqa: BLE001 - synthesize without graphs rather than not at all
+                self._graphs_failed(e, key)
+                if stream is not current:
+                    current.wait_stream(stream)
+                return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
             if stream is not current:
                 current.wait_stream(stream)
             g = self._graphs[key] = (graph, ins, out)
@@ -696,6 +705,14 @@ class BatchedS3Gen:
         ins["t"].copy_(t_span)
         graph.replay()
         return out.clone()  # graphs share one memory pool: the next replay may reuse out's memory
+
+    def _graphs_failed(self, e: Exception, key) -> None:
+        """A failed capture leaves its memory pool half-recorded: no capture again in this
+        process; the CFM loop runs uncaptured from now on (``graph_error`` says why; the
+        batches stay padded as before, so the compiled regions see the same shapes)."""
+        self._graphs.clear()
+        self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("CUDA graph capture of the CFM loop %s failed (%s); going on without graphs", key, self.graph_error)
 
     def _cfm_step(self, x, t, r, static, mask_in, bias):
         """One Euler step with CFG (stock ``solve_euler``'s loop body); x stays fp32."""

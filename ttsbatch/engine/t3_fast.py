@@ -48,6 +48,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .capture import capture_lock
 from .regions import Regions
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
@@ -703,7 +704,8 @@ class FastT3:
         # blocks PyTorch holds cached but unused (S3Gen's activations from an earlier call, a
         # warm-up's batch padded to the longest bucket) would count as held under the cap:
         # give them back first (on an H100 a book after the warm-up got 102 rows, not 204)
-        torch.cuda.empty_cache()
+        with capture_lock:  # not beside S3Gen's capture (see engine/capture.py)
+            torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_reserved(self.device)
         if self.state is not None:  # the buffers of a previous call will be freed first
@@ -744,7 +746,8 @@ class FastT3:
         self.state = None  # free the old buffers (and their graphs) before allocating
         self._graph_pool = None
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            with capture_lock:
+                torch.cuda.empty_cache()
         max_len = _round_up(max_len, LEN_BUCKET if self.device.type == "cuda" else 64)
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable in and out of inference mode
             self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
@@ -864,13 +867,16 @@ class FastT3:
         # thread only, so S3Gen and Perth keep running beside it on their own streams
         # (the default "global" mode made every capture wait for them: 14.5 s of a
         # 2-hour book, py-spy on an H100)
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        # ... and holds capture_lock, so S3Gen's capture and this one's synchronize and
+        # empty_cache (inside torch.cuda.graph) never overlap (see engine/capture.py)
+        with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             run()
         self.stats["graphs_captured"] += 1
         return graph.replay
 
     def _graphs_failed(self, e: Exception, what: str) -> None:
-        torch.cuda.synchronize(self.device)
+        with capture_lock:
+            torch.cuda.synchronize(self.device)
         self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("CUDA graph capture failed (%s): %s; decoding without graphs", what, self.graph_error)
         self.use_graphs = False

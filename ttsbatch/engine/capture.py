@@ -1,0 +1,18 @@
+"""One lock for the process's CUDA graph captures and its device-wide CUDA calls.
+
+T3 (on its own thread) and S3Gen (on the main thread) both capture CUDA graphs mid-book, in
+"thread_local" mode so that the other thread's kernels and allocations go on beside a
+capture. What must not run beside an open capture is a call that waits for the whole device:
+``torch.cuda.synchronize()`` and ``empty_cache()`` (whose ``cudaFree`` synchronizes). One
+from another thread invalidates the capture: on an H100 the first S3Gen CFM capture of a
+2-hour book failed so (cuBLAS "execution failed ... during capture") while T3's thread was
+capturing (``torch.cuda.graph`` synchronizes and empties the cache first) or sizing its rows.
+Every capture and every such call takes this lock; kernels, copies and stream syncs do not.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# Reentrant: T3's capture (inside the lock) calls torch.cuda.graph, which empties the cache.
+capture_lock = threading.RLock()
