@@ -211,6 +211,39 @@ def test_segments_cut_only_when_long_enough_and_a_cut_at_the_end_is_harmless(tmp
     assert enc.duration_s > 5 * len(a) / SR  # each segment brings LAME's delay and padding
 
 
+def test_segments_are_joined_in_order_while_the_track_is_written(tmp_path):
+    """Each encoded segment is appended to the joined file as soon as those before it are,
+    before ``close``: the frames on disk then are exactly the segments' own, in order."""
+    from ttsbatch.audio.segments import SegmentedEncoder
+
+    path = tmp_path / "enc.tmp"
+    enc = SegmentedEncoder(path, SR, ExportOptions(), workers=2, segment_s=1.0)
+    a = chunk_audio(2)  # 0.5 s
+    sizes = []
+    for k in range(6):
+        enc.write(a)
+        enc.cut()
+        if k % 2:  # a segment was just submitted: wait for it, note its frames
+            seg = enc.segments[-2]
+            seg.job.result()
+            sizes.append(path.stat().st_size)
+            assert not seg.mp3.exists()  # joined, then deleted: the disk holds it once
+    assert 0 < sizes[0] < sizes[1] < sizes[2]  # grew segment by segment before close
+    enc.write(a)
+    enc.close()
+    assert path.stat().st_size > sizes[-1] and not enc.dir.exists()
+    starts = [s.out_start_s for s in enc.segments]
+    assert starts == sorted(starts) and starts[0] > 0  # LAME's delay before the first sample
+    finish_stream(path, tmp_path / "out.mp3", total_s=enc.duration_s)
+    got, _ = decode_audio(tmp_path / "out.mp3", sr=SR)
+    assert abs(len(got) - round(enc.duration_s * SR)) <= 1
+    # the fourth block of the track plays where output_time says (the mapping is exact)
+    at = round(enc.output_time(3 * len(a) / SR) * SR)
+    i = np.argmax(np.abs(a) > 0.05)  # the block's first loud sample
+    j = at + i
+    assert np.corrcoef(got[j : j + 2000], a[i : i + 2000])[0, 1] > 0.95
+
+
 def test_segment_encode_failure_is_one_line_and_leaves_nothing(tmp_path):
     from ttsbatch.audio.segments import SegmentedEncoder
 

@@ -13,10 +13,11 @@ at ~100x real time, whatever the GPU does. :class:`SegmentedEncoder` is a drop-i
   end is one segment's encode;
 - ``hurry`` (the engine is done) cuts shorter segments and lets every core but one encode,
   so the last burst of audio is encoded in parallel;
-- ``close`` waits for them and joins their MP3 frames, in order, into ``path``. Segments are
-  written without ID3 or Xing headers (pure frames), so the join is a byte concatenation;
-  ``finish_stream`` then copies the frames into the output with a fresh header and the
-  chapters.
+- each encoded segment is appended to ``path`` as soon as every one before it is (the
+  join is a byte concatenation: segments are written without ID3 or Xing headers, pure
+  frames), so most of the book is joined while it renders; ``close`` waits for the rest and
+  joins it. ``finish_stream`` then copies the frames into the output with a fresh header and
+  the chapters.
 
 Each segment's MP3 holds LAME's start delay and end padding: about 50 ms more silence in the
 pause at each cut (a book of one segment is encoded exactly as before: gapless, its header
@@ -79,6 +80,8 @@ class _Segment:
     pcm: Path
     mp3: Path
     job: Future | None = None
+    gapless: bool = False  # encoded with LAME's header: the book is this one segment
+    encoded: bool = False  # its MP3 is complete (then it may be joined)
     frames_s: float = 0.0  # duration of its MP3 frames (set when encoded)
     out_start_s: float = 0.0  # where its first written sample plays in the joined file (set by close)
 
@@ -116,6 +119,12 @@ class SegmentedEncoder:
         self.segments: list[_Segment] = []
         self.samples = 0
         self._file = None
+        # the join: segments[:_joined] are in path (opened on the first), ending at _joined_s
+        self._join_lock = threading.Lock()
+        self._joined = 0
+        self._joined_s = 0.0
+        self._out = None
+        self._join_error: OSError | None = None
         self._new_segment()
 
     def _new_segment(self) -> None:
@@ -162,6 +171,7 @@ class SegmentedEncoder:
     def _submit(self, gapless: bool) -> None:
         self._file.close()
         seg = self.segments[-1]
+        seg.gapless = gapless
         seg.job = self._pool.submit(self._encode, seg, gapless)
 
     def _encode(self, seg: _Segment, gapless: bool) -> None:
@@ -169,6 +179,32 @@ class SegmentedEncoder:
             if self._aborted:  # waited for a slot while the track was given up
                 return
             self._encode_now(seg, gapless)
+        seg.encoded = True
+        if not gapless:  # one of several: join what is ready, beside the engine
+            self._join_ready()
+
+    def _join_ready(self) -> None:
+        """Append to ``path``, in order, every encoded segment whose predecessors are all
+        joined (then delete it: the disk holds the book's MP3 about once, not twice). Called
+        by each encoder thread when its segment is done, and by ``close``; an OSError (a full
+        disk) stops the join and is raised by ``close``."""
+        with self._join_lock:
+            while not self._aborted and self._join_error is None and self._joined < len(self.segments):
+                seg = self.segments[self._joined]
+                if not seg.encoded or seg.gapless:
+                    return
+                try:
+                    if self._out is None:
+                        self._out = open(self.path, "wb")
+                    with open(seg.mp3, "rb") as f:
+                        shutil.copyfileobj(f, self._out, 1 << 20)
+                    seg.mp3.unlink()
+                except OSError as e:
+                    self._join_error = e
+                    return
+                seg.out_start_s = self._joined_s + ENCODER_DELAY / self.out_rate
+                self._joined_s += seg.frames_s
+                self._joined += 1
 
     def _encode_now(self, seg: _Segment, gapless: bool) -> None:
         """One segment. ``gapless`` (the book is this one segment): with LAME's header, as
@@ -192,14 +228,14 @@ class SegmentedEncoder:
         try:
             for seg in self.segments:
                 seg.job.result()  # raises the segment's FFmpegError
-            t = 0.0
-            with open(self.path, "wb") as out:
-                for seg in self.segments:
-                    seg.out_start_s = t + (ENCODER_DELAY / self.out_rate if len(self.segments) > 1 else 0.0)
-                    t += seg.frames_s
-                    with open(seg.mp3, "rb") as f:
-                        shutil.copyfileobj(f, out, 1 << 20)
-                    seg.mp3.unlink()  # the disk holds the book's MP3 about once, not twice
+            if len(self.segments) == 1:  # gapless: the one segment is the track
+                os.replace(self.segments[0].mp3, self.path)
+            else:
+                self._join_ready()  # the segments the encoders' threads did not join yet
+                if self._join_error is not None:
+                    raise self._join_error
+                assert self._joined == len(self.segments), "every segment is encoded, none gapless"
+                self._out.close()
         except OSError as e:  # joining: a full disk, most likely
             self.abort()
             raise StoreError(f"cannot write the track {self.path}: {e.strerror or e}") from None
@@ -239,6 +275,9 @@ class SegmentedEncoder:
         self._aborted = True
         with contextlib.suppress(Exception):
             self._file.close()
+        with self._join_lock, contextlib.suppress(Exception):
+            if self._out is not None:
+                self._out.close()
         # a running encode is not waited for: its files go with the directory
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.dir, ignore_errors=True)
