@@ -26,7 +26,7 @@ for spec in "$@"; do
   opts=${spec#*:}
   json="$OUT/ab_${label}_$n.json"
   # shellcheck disable=SC2086  # opts is a list of words
-  python3 -m ttsbatch bench --model-dir "$ckpt" --device "$device" --book "$book" --parts book --sentences 2 $opts \
+  python3 -m ttsbatch bench --model-dir "$ckpt" --device "$device" --book "$book" --parts book --sentences 16 $opts \
     --json "$json" > "$OUT/ab_${label}_$n.log" 2>&1 || { echo "$label: failed"; tail -5 "$OUT/ab_${label}_$n.log"; continue; }
   python3 - "$json" "$label" "$opts" <<'EOF'
 import json, sys

@@ -227,3 +227,63 @@ def test_graphed_cfm_loop_matches_eager_and_captures_once_per_shape(cuda_model):
     assert engine_side.times.graph_captures == 1 and engine_side._capture_stream is None
     for a, b in zip(want, got):
         assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
+def test_cfm_capture_beside_a_thread_that_syncs_the_device_and_a_failed_capture(cuda_model, monkeypatch):
+    """T3's thread synchronizes the whole device and empties the allocator's cache (before its
+    own captures, when sizing its rows) while S3Gen may be capturing; one such call beside an
+    open capture invalidated it in a book (H100, twelfth session). Under ``capture_lock``, as
+    T3 makes them, S3Gen's capture succeeds and replays the eager loop's mel. A capture that
+    fails anyway falls back to the eager loop for good: the same mel, ``graph_error`` set."""
+    import threading
+
+    from ttsbatch.engine.capture import capture_lock
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
+    plain = BatchedS3Gen(cuda_model, dtype=torch.float32)
+    v = plain.prepare_voice(gen)
+    g = torch.Generator().manual_seed(3)
+    toks = [torch.randint(0, 6561, (n,), generator=g) for n in (40, 37)]
+    noise = [torch.randn(80, 2 * (v.n_prompt_tokens + t.numel()), generator=g).cuda() for t in toks]
+    want = plain.synthesize_mels(toks, v, 4, noise=noise)
+
+    def close(got):
+        for a, b in zip(want, got):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+    stop = threading.Event()
+
+    def t3_like():
+        while not stop.is_set():
+            with capture_lock:
+                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+
+    graphed = BatchedS3Gen(cuda_model, dtype=torch.float32, cuda_graphs=True)
+    side = torch.cuda.Stream()
+    thread = threading.Thread(target=t3_like, daemon=True)
+    thread.start()
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(4):
+                got = graphed.synthesize_mels(toks, v, 4, noise=noise)
+                side.synchronize()
+                close(got)
+    finally:
+        stop.set()
+        thread.join()
+    assert graphed.graph_error is None and graphed.times.graph_captures == 1
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("capture refused (test)")
+
+    broken = BatchedS3Gen(cuda_model, dtype=torch.float32, cuda_graphs=True)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
+    with torch.cuda.stream(side):
+        for _ in range(3):  # uncaptured, the failed capture, then eager for good
+            got = broken.synthesize_mels(toks, v, 4, noise=noise)
+            side.synchronize()
+            close(got)
+    assert broken.graph_error.startswith("RuntimeError: capture refused") and broken.times.graph_captures == 0
