@@ -83,8 +83,9 @@ class FastEngine:
         (FlashAttention 4, warning if it cannot run) or "auto" (FA4 where installed, else FA2;
         ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
         (batch, bucket) around the compiled regions (batches padded to a power of two): one
-        launch per batch instead of thousands from S3Gen's thread (CUDA; an experiment, not
-        yet measured in a book)."""
+        launch per batch instead of thousands from S3Gen's thread (CUDA; off: in a 2-hour
+        book on an H100 the mid-book captures cost 5-7 s and the run lost 4-6 s, with FA2 or
+        FA4; BENCHMARKS.md, twelfth session)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
