@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import shutil
 import subprocess
@@ -36,9 +35,8 @@ log = logging.getLogger("ttsbatch")
 class GpuBusy:
     """Samples the GPU's utilization (share of time a kernel ran) in a background thread.
 
-    Through NVML, the driver's own library (``pynvml`` if installed, else ``ctypes``): a
-    read is a library call. ``nvidia-smi`` is the last resort: a process every sample, on
-    the host whose threads the run needs."""
+    Through NVML (``pynvml``), a library call per sample; else through ``nvidia-smi``, a
+    process per sample. ``source`` says which."""
 
     def __init__(self, period: float = 0.1):
         self.samples: list[tuple[float, int]] = []
@@ -49,14 +47,10 @@ class GpuBusy:
 
     @staticmethod
     def _reader():
-        """``(source name, read())``, read() giving the utilization in percent; (None, None).
-        ``TTSBATCH_BUSY_READER=nvidia-smi`` forces the process-per-sample reader (to measure
-        what it cost the runs that used it)."""
-        if os.environ.get("TTSBATCH_BUSY_READER") != "nvidia-smi":
-            for name, make in (("pynvml", _nvml_pynvml), ("nvml", _nvml_ctypes)):
-                read = make()
-                if read is not None:
-                    return name, read
+        """``(source name, read())``, read() giving the utilization in percent; (None, None)."""
+        read = _nvml_pynvml()
+        if read is not None:
+            return "pynvml", read
         if shutil.which("nvidia-smi"):
             def smi():
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
@@ -91,8 +85,8 @@ class GcTimer:
     """Time the interpreter spends in garbage collection (``gc.callbacks``), per generation.
 
     A collection holds the GIL: every thread of the pipeline, S3Gen's launches included,
-    waits for it. A process that has just compiled the engine's graphs holds millions more
-    objects than one that loaded them from the cache, and each full collection walks them."""
+    waits for it. (In a 2-hour book on an H100 the collections took 0.01-0.04 s in all,
+    longest pause 2-4 ms: BENCHMARKS.md, twelfth session.)"""
 
     def __init__(self):
         self.count = [0, 0, 0]
@@ -114,7 +108,6 @@ class GcTimer:
         import gc
 
         self.objects = len(gc.get_objects())  # tracked objects when the run starts
-        self.frozen = gc.get_freeze_count()
         gc.callbacks.append(self._callback)
         return self
 
@@ -126,7 +119,7 @@ class GcTimer:
     def report(self) -> dict:
         return dict(seconds=round(sum(self.seconds), 3), longest_ms=round(self.longest * 1000, 1),
                     collections=self.count, seconds_by_generation=[round(s, 3) for s in self.seconds],
-                    objects=self.objects, frozen=self.frozen)
+                    objects=self.objects)
 
 
 def _nvml_pynvml():
@@ -139,31 +132,6 @@ def _nvml_pynvml():
     except Exception:
         return None
     return lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu
-
-
-def _nvml_ctypes():
-    """NVML's utilization read of GPU 0 through ``ctypes`` (libnvidia-ml comes with the
-    driver; ctypes releases the GIL during the call), or None where it cannot load."""
-    import ctypes
-
-    class Utilization(ctypes.Structure):  # nvmlUtilization_t
-        _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
-
-    try:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
-        handle = ctypes.c_void_p()
-        if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(handle)) != 0:
-            return None
-    except (OSError, AttributeError):
-        return None
-    util = Utilization()
-
-    def read() -> int:
-        if lib.nvmlDeviceGetUtilizationRates(handle, ctypes.byref(util)) != 0:
-            raise RuntimeError("NVML: no utilization")
-        return int(util.gpu)
-
-    return read
 
 
 def _peak_rss_gib() -> float:
@@ -216,7 +184,6 @@ def run_book_bench(
     max_chars: int | None = None,
     out=None,
     engine_options: dict | None = None,
-    gc_freeze: bool = False,
 ) -> dict:
     import torch
 
@@ -302,11 +269,6 @@ def run_book_bench(
     dynamo_utils.counters.clear()  # from here on, any compile is a recompile the book caused
     work = Path(tempfile.mkdtemp(prefix="ttsbatch-bench-"))
     output = output or work / "book.mp3"
-    import gc
-
-    if gc_freeze:  # what is alive now (models, compiled code) is never walked again by the GC
-        gc.collect()
-        gc.freeze()
     captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
@@ -315,8 +277,6 @@ def run_book_bench(
             model=model, engine=engine, watermarker=watermarker, batch_size=4096, progress="none",
         )
         wall = time.perf_counter() - t0
-    if gc_freeze:
-        gc.unfreeze()  # the process may go on (tests): back as it was
     # The store's index says when each chunk was stored and how long its audio is (before
     # trimming and pauses): the first-chunk latency and the audio the engine made.
     stored = list(ChunkStore(work / "work").meta().values())

@@ -16,3 +16,8 @@ import threading
 
 # Reentrant: T3's capture (inside the lock) calls torch.cuda.graph, which empties the cache.
 capture_lock = threading.RLock()
+
+
+def failure_line(e: BaseException) -> str:
+    """A failed capture's exception as the one line an engine reports (``graph_error``)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

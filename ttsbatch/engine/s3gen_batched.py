@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfm_estimator, vocoder
-from .capture import capture_lock
+from .capture import capture_lock, failure_line
 from .regions import Regions
 
 log = logging.getLogger("ttsbatch")
@@ -711,7 +711,7 @@ class BatchedS3Gen:
         process; the CFM loop runs uncaptured from now on (``graph_error`` says why; the
         batches stay padded as before, so the compiled regions see the same shapes)."""
         self._graphs.clear()
-        self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.graph_error = failure_line(e)
         log.warning("CUDA graph capture of the CFM loop %s failed (%s); going on without graphs", key, self.graph_error)
 
     def _cfm_step(self, x, t, r, static, mask_in, bias):

@@ -48,7 +48,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_lock
+from .capture import capture_lock, failure_line
 from .regions import Regions
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
@@ -877,7 +877,7 @@ class FastT3:
     def _graphs_failed(self, e: Exception, what: str) -> None:
         with capture_lock:
             torch.cuda.synchronize(self.device)
-        self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        self.graph_error = failure_line(e)
         log.warning("CUDA graph capture failed (%s): %s; decoding without graphs", what, self.graph_error)
         self.use_graphs = False
 
