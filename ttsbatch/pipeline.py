@@ -88,7 +88,9 @@ def _free_accelerator_memory() -> None:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            from .engine.capture import empty_cache
+
+            empty_cache()  # not beside the engine's T3 thread capturing a graph
     except ImportError:  # pragma: no cover
         pass
 

@@ -7,7 +7,8 @@ capture. What must not run beside an open capture is a call that waits for the w
 from another thread invalidates the capture: on an H100 the first S3Gen CFM capture of a
 2-hour book failed so (cuBLAS "execution failed ... during capture") while T3's thread was
 capturing (``torch.cuda.graph`` synchronizes and empties the cache first) or sizing its rows.
-Every capture and every such call takes this lock; kernels, copies and stream syncs do not.
+Every capture takes this lock, and such calls go through :func:`empty_cache` and
+:func:`synchronize` here, which take it; kernels, copies and stream syncs need not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ import threading
 
 # Reentrant: T3's capture (inside the lock) calls torch.cuda.graph, which empties the cache.
 capture_lock = threading.RLock()
+
+
+def empty_cache() -> None:
+    """``torch.cuda.empty_cache()``, never beside another thread's open capture."""
+    import torch
+
+    with capture_lock:
+        torch.cuda.empty_cache()
+
+
+def synchronize(device=None) -> None:
+    """``torch.cuda.synchronize(device)``, never beside another thread's open capture."""
+    import torch
+
+    with capture_lock:
+        torch.cuda.synchronize(device)
 
 
 def failure_line(e: BaseException) -> str:

@@ -48,7 +48,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_lock, failure_line
+from .capture import capture_lock, empty_cache, failure_line, synchronize
 from .regions import Regions
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
@@ -704,8 +704,7 @@ class FastT3:
         # blocks PyTorch holds cached but unused (S3Gen's activations from an earlier call, a
         # warm-up's batch padded to the longest bucket) would count as held under the cap:
         # give them back first (on an H100 a book after the warm-up got 102 rows, not 204)
-        with capture_lock:  # not beside S3Gen's capture (see engine/capture.py)
-            torch.cuda.empty_cache()
+        empty_cache()  # not beside S3Gen's capture (engine/capture.py)
         free, _total = torch.cuda.mem_get_info(self.device)
         held = torch.cuda.memory_reserved(self.device)
         if self.state is not None:  # the buffers of a previous call will be freed first
@@ -746,8 +745,7 @@ class FastT3:
         self.state = None  # free the old buffers (and their graphs) before allocating
         self._graph_pool = None
         if self.device.type == "cuda":
-            with capture_lock:
-                torch.cuda.empty_cache()
+            empty_cache()
         max_len = _round_up(max_len, LEN_BUCKET if self.device.type == "cuda" else 64)
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable in and out of inference mode
             self.state = DecodeState(self.w, rows, max_len, max_new, pairs, eos)
@@ -875,8 +873,7 @@ class FastT3:
         return graph.replay
 
     def _graphs_failed(self, e: Exception, what: str) -> None:
-        with capture_lock:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.graph_error = failure_line(e)
         log.warning("CUDA graph capture failed (%s): %s; decoding without graphs", what, self.graph_error)
         self.use_graphs = False
