@@ -164,6 +164,43 @@ def test_fa4_attention_matches_fa2(cuda_model):
         assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * scale
 
 
+def test_fa4_direct_launch_is_the_public_call_bit_for_bit(cuda_model):
+    """``fa4.FA4Varlen`` launches FA4's compiled kernel directly after a layout's first call:
+    the same output as ``flash_attn_varlen_func``, bit for bit, at the estimator's layout (q, k,
+    v views of one q/k/v GEMM output, padded rows, seqused_k); and the engine uses it (one
+    attention call per transformer block and Euler step, one of them public)."""
+    iface = pytest.importorskip("flash_attn.cute.interface")
+    from ttsbatch.engine.fa4 import FA4Varlen
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    B, T, H, D = 16, 300, 8, 64
+    cu = torch.arange(0, (B + 1) * T, T, device="cuda", dtype=torch.int32)
+    used = torch.randint(100, T + 1, (B,), device="cuda", dtype=torch.int32)
+    fa = FA4Varlen()
+    for seed in range(4):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        qkv = torch.randn(B * T, 3 * H * D, device="cuda", generator=g, dtype=torch.bfloat16)
+        q, k, v = (t.reshape(B * T, H, D) for t in qkv.split(H * D, dim=-1))
+        want = iface.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T,
+                                            seqused_k=used, softmax_scale=0.125)
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.equal(fa(q, k, v, cu, used, T, 0.125), want)
+    assert (fa.public_calls, fa.direct_calls) == (1, 3)
+
+    gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
+    s3 = BatchedS3Gen(cuda_model, attention="fa4")
+    assert s3.attention == "fa4" and s3.fa4 is not None
+    v = s3.prepare_voice(gen)
+    toks = [torch.randint(0, 6561, (n,)) for n in (40, 97)]
+    before = s3.fa4.public_calls, s3.fa4.direct_calls
+    s3.synthesize_mels(toks, v, 2)
+    public, direct = s3.fa4.public_calls - before[0], s3.fa4.direct_calls - before[1]
+    f = s3.fused
+    blocks = len(f.down[1]) + sum(len(b) for _, b in f.mid) + len(f.up[1])  # 56 in the real estimator
+    assert s3.fa4.direct and public == 2 and public + direct == 2 * blocks  # one public call per Euler step
+
+
 def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):
     """On a GPU the overlapped engine puts S3Gen's work on a stream of higher priority than
     T3's (the scheduler starts S3Gen's blocks first), and gives the sequential engine's tokens

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cfm_estimator, vocoder
+from . import cfm_estimator, fa4, vocoder
 from .capture import capture_lock, failure_line
 from .regions import Regions
 
@@ -248,9 +248,12 @@ class BatchedS3Gen:
             raise ValueError(f"attention must be 'auto', 'fa2' or 'fa4', got {attention!r}")
         self.flash = False
         self.attention = None
+        self.fa4 = None  # the FA4 launcher (fa4.FA4Varlen) when FA4 is the kernel
         for name in (("fa2",) if attention == "fa2" else ("fa4", "fa2")):
-            self._flash = self._flash_fa4 if name == "fa4" else self._flash_fa2
-            if self.fused is not None and self._flash_usable():
+            self._flash = self._flash_fa2 if name == "fa2" else self._fa4_launcher()
+            if self._flash is not None and self.fused is not None and self._flash_usable():
+                if name == "fa4":
+                    self.fa4 = self._flash
                 self.flash, self.attention = True, name
                 break
         if attention == "fa4" and self.attention != "fa4":
@@ -805,17 +808,17 @@ class BatchedS3Gen:
             q, k, v, cu, cu, T, T, 0.0, False, False, scale=scale, seqused_k=used
         )[0]
 
-    @staticmethod
-    def _flash_fa4(q, k, v, cu, used, T, scale):
-        """FlashAttention 4's varlen kernel, the same call as ``_flash_fa2``. Not ``seqused_q``:
-        padded query rows would be left unwritten, and a NaN there survives the masks
-        (NaN * 0) into the convolutions."""
-        from flash_attn.cute.interface import flash_attn_varlen_func
-
-        out = flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, seqused_k=used, softmax_scale=scale
-        )
-        return out[0] if isinstance(out, tuple) else out
+    def _fa4_launcher(self):
+        """FlashAttention 4's varlen kernel, the same call as ``_flash_fa2``, launched directly
+        after the first call of each layout (``fa4.FA4Varlen``); None where flash-attn-4 is not
+        installed. Not ``seqused_q``: padded query rows would be left unwritten, and a NaN
+        there survives the masks (NaN * 0) into the convolutions."""
+        if not self.is_cuda:
+            return None
+        try:
+            return fa4.FA4Varlen()
+        except Exception:  # not installed, or its CUDA libraries do not load
+            return None
 
     def _block(self, block, x, bias, t):
         """A transformer block of an estimator the fused path does not cover: the stock block
