@@ -13,7 +13,10 @@ hidden once more (8% of S3Gen's kernel time in a profile). Variants:
 - ``addmm_gelu``: the first GEMM as ``torch._addmm_activation(..., use_gelu=True)``, cuBLASLt's
   bias + GELU epilogue (GELU's tanh form: compared against the exact one below);
 - each ``--modes`` entry other than default: the region compiled in that Inductor mode
-  (Triton GEMM templates that can take the GELU into their epilogue), with its compile time.
+  (Triton GEMM templates that can take the GELU into their epilogue), with its compile time;
+- ``triton (config)``: the whole tail as one Triton kernel (``ttsbatch.engine.cfm_ffn``), the
+  feed-forward's hidden kept on the chip, per configuration; ``triton-noproj``: the same with
+  the output projection left to a compiled region; ``triton tuned``: what the engine picks.
 
 Prints ms per call (CUDA events, 20 calls), TFLOP/s and the max |diff| against the fp32
 reference; writes $OUT/cfm_block.json when OUT is set.
@@ -94,6 +97,24 @@ def main() -> int:
             c(*args_, eps=1e-5)
             torch.cuda.synchronize()
             add(f"{name} [{mode}]", lambda c=c: c(*args_, eps=1e-5), round(time.perf_counter() - t0, 1))
+    # the fused kernel (ttsbatch.engine.cfm_ffn), every configuration, with and without the
+    # output projection inside (without: the projection as the compiled block_proj region)
+    from ttsbatch.engine import cfm_ffn
+    from ttsbatch.engine.cfm_estimator import block_proj
+
+    tanh = block_out(*[t.float() for t in args_], eps=1e-5, approximate="tanh")
+    print(json.dumps(dict(note="the fused kernel computes GELU's tanh form: its reference",
+                          tanh_vs_exact=round((tanh - want).abs().max().item(), 4))))
+    want = tanh
+    torch._dynamo.reset()
+    proj = torch.compile(block_proj, dynamic=True)
+    for cfg in cfm_ffn.CONFIGS:
+        add(f"triton {cfg}", lambda cfg=cfg: cfm_ffn.block_out(*args_, eps=1e-5, config=cfg))
+        add(f"triton-noproj {cfg}", lambda cfg=cfg: cfm_ffn.block_out(
+            o, proj(o, x, wo, bo), *args_[2:], eps=1e-5, proj=False, config=cfg))
+    tuned = cfm_ffn.Tuned()
+    add("triton tuned", lambda: tuned(*args_, eps=1e-5))
+    rows[-1]["config"] = tuned.config
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "cfm_block.json").write_text(json.dumps(rows, indent=1))
     return 0

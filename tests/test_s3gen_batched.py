@@ -386,3 +386,48 @@ def test_auto_attention_falls_back_silently(model, caplog):
         bs = BatchedS3Gen(model, attention="auto")
     assert bs.attention is None and not bs.flash
     assert "FlashAttention" not in caplog.text
+
+
+def test_ffn_choice_is_checked_and_the_fused_kernel_waits_for_a_gpu(model, caplog):
+    """``ffn="triton"`` (cfm_ffn's kernel) runs on CUDA only: here it warns and keeps the
+    compiled region; an unknown choice is an error."""
+    with pytest.raises(ValueError, match="triton"):
+        BatchedS3Gen(model, ffn="cutlass")
+    with caplog.at_level("WARNING", logger="ttsbatch"):
+        bs = BatchedS3Gen(model, ffn="triton")
+    assert bs.ffn == "region" and bs.fused.ffn is None
+    assert "fused feed-forward kernel does not run here" in caplog.text
+
+
+@pytest.mark.parametrize("proj", [True, False])
+def test_fused_ffn_kernel_in_the_estimator_matches_the_stock_decoder(model, proj):
+    """The estimator with every transformer block's tail as cfm_ffn's kernel (under Triton's
+    interpreter; with the output projection inside it, or in the ``block_proj`` region)
+    against chatterbox's decoder, fp32: within 2e-3 of outputs up to ~4. The kernel computes
+    GELU's tanh form (as the CUDA region does), stock the exact one: that is the difference
+    (the kernel alone equals the tanh-form region to 1e-5: tests/test_cfm_ffn.py)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is present: tests/gpu/test_s3gen_gpu.py runs the compiled kernel")
+    from ttsbatch.engine import cfm_ffn
+    from ttsbatch.engine.s3gen_batched import attention_bias
+
+    est = model.s3gen.flow.decoder.estimator
+    bs = BatchedS3Gen(model)
+    calls = []
+
+    def kernel(*args, eps):
+        calls.append(proj)
+        return cfm_ffn.block_out(*args, eps=eps, proj=proj, config=(32, 32, 32, 4, 1))
+
+    bs.fused.ffn, bs.fused.ffn_proj = kernel, proj
+    g = torch.Generator().manual_seed(3)
+    args, packed = _estimator_case(g, 3, 40)
+    mask = args[1]
+    with torch.inference_mode():
+        ref = est(*args)
+        got = bs._estimator(packed, mask, args[3], attention_bias(mask, bs.heads))
+    f = bs.fused
+    assert len(calls) == len(f.down[1]) + sum(len(b) for _, b in f.mid) + len(f.up[1])  # every block
+    assert (got - ref).abs().max().item() <= 2e-3 and ref.abs().max().item() > 0.5

@@ -296,6 +296,8 @@ def run_book_bench(
         # CFM loops captured during the book (s3gen_graphs; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,
         s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),
+        s3gen_ffn=engine.s3.ffn, s3gen_ffn_tuning=None if engine.s3.ffn == "region" else dict(
+            config=engine.s3.fused.ffn.config, ms={str(k): v for k, v in engine.s3.fused.ffn.timings.items()}),
         # FA4 launches through its public function (one per layout) and directly (fa4.FA4Varlen)
         s3gen_fa4_calls=None if engine.s3.fa4 is None else dict(
             public=engine.s3.fa4.public_calls, direct=engine.s3.fa4.direct_calls, recording=engine.s3.fa4.direct),

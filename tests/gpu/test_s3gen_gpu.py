@@ -201,6 +201,49 @@ def test_fa4_direct_launch_is_the_public_call_bit_for_bit(cuda_model):
     assert s3.fa4.direct and public == 2 and public + direct == 2 * blocks  # one public call per Euler step
 
 
+def test_fused_ffn_kernel_matches_the_compiled_region(cuda_model):
+    """``cfm_ffn``'s kernel (every configuration, with the output projection inside and
+    without) against the compiled ``block_out`` region in bf16 at the estimator's widths, both
+    against fp32: no further from it than 1.5x the region's error; and the engine with
+    ``ffn="triton"`` gives the region's mels within 2% of their range."""
+    from ttsbatch.engine import cfm_estimator, cfm_ffn
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, C, inner, hid, bf = 128 * 300 + 17, 256, 512, 1024, torch.bfloat16
+
+    def rnd(*shape, scale=1.0, dtype=bf):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)
+
+    args = (rnd(N, inner), rnd(N, C, dtype=torch.float32), rnd(C, inner, scale=inner ** -0.5), rnd(C, scale=0.1),
+            1 + rnd(C, scale=0.1, dtype=torch.float32), rnd(C, scale=0.1, dtype=torch.float32),
+            rnd(hid, C, scale=C ** -0.5), rnd(hid, scale=0.1), rnd(C, hid, scale=hid ** -0.5), rnd(C, scale=0.1))
+    exact = cfm_estimator.block_out(*[t.float() for t in args], eps=1e-5, approximate="tanh")
+    region = torch.compile(cfm_estimator.block_out, dynamic=True)(*args, eps=1e-5, approximate="none")
+    err_region = (region - exact).abs().max().item()
+    x1 = cfm_estimator.block_proj(*args[:4])
+    for cfg in cfm_ffn.CONFIGS:
+        for proj in (True, False):
+            got = cfm_ffn.block_out(args[0], args[1] if proj else x1, *args[2:], eps=1e-5, proj=proj, config=cfg)
+            err = (got - exact).abs().max().item()
+            assert err <= 1.5 * err_region, (cfg, proj, err, err_region)
+            assert (got - region).abs().mean().item() < 1e-3
+
+    gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
+    plain = BatchedS3Gen(cuda_model)
+    fused = BatchedS3Gen(cuda_model, ffn="triton")
+    assert fused.ffn == "triton" and plain.ffn == "region"
+    v = plain.prepare_voice(gen)
+    g = torch.Generator().manual_seed(1)
+    lengths = (40, 150, 97)
+    toks = [torch.randint(0, 6561, (n,), generator=g) for n in lengths]
+    noise = [torch.randn(80, 2 * (v.n_prompt_tokens + n), generator=g).cuda() for n in lengths]
+    for a, b in zip(plain.synthesize_mels(toks, v, 10, noise=noise), fused.synthesize_mels(toks, v, 10, noise=noise)):
+        assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
+    assert fused.fused.ffn.config in cfm_ffn.CONFIGS
+
+
 def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):
     """On a GPU the overlapped engine puts S3Gen's work on a stream of higher priority than
     T3's (the scheduler starts S3Gen's blocks first), and gives the sequential engine's tokens

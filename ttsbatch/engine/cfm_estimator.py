@@ -95,6 +95,12 @@ def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, approximate: str
     return F.linear(h, w2, b2).float() + x
 
 
+def block_proj(o, x, wo, bo):
+    """The attention output projection + residual alone (``block_out``'s start), for the fused
+    feed-forward kernel that leaves it out (``cfm_ffn``, ``proj=False``)."""
+    return F.linear(o, wo, bo).float() + x
+
+
 def causal_conv(x, mask, w, b):
     """``CausalConv1d(x * mask)`` (the down/up-sampling convs): (B, T, C) -> (B, T, C) fp32
     (the conv's output is in the compute dtype, as stock's under autocast; fp32 so that every
@@ -109,7 +115,7 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "causal_conv", "final")
+REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "block_proj", "causal_conv", "final")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +231,13 @@ class FusedEstimator:
     with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
     per call by the caller (it knows the rows' layout and valid lengths)."""
 
-    def __init__(self, est, dtype: torch.dtype, regions: Regions):
+    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_proj: bool = True):
+        """``ffn``: a kernel taking ``block_out``'s arguments (``cfm_ffn.Tuned``) to run in its
+        place; with ``ffn_proj=False`` it takes the output projection's result from the
+        ``block_proj`` region instead."""
         self.est = est
         self.r = regions
+        self.ffn, self.ffn_proj = ffn, ffn_proj
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
         self.down = (_resnet_weights(r0, dtype), [_block_weights(b, dtype) for b in tbs0], (_w(down.weight, dtype), _w(down.bias, dtype)))
@@ -247,7 +257,12 @@ class FusedEstimator:
             qkv = self.r.block_in(h, b.nw1, b.nb1, b.w_qkv, b.b_qkv, eps=b.eps1)
             o = attend(qkv, b.heads, b.scale)
             self.r.dyn((o, 0))
-            h = self.r.block_out(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3, approximate=b.approximate)
+            if self.ffn is None:
+                h = self.r.block_out(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3, approximate=b.approximate)
+            else:
+                if not self.ffn_proj:
+                    h = self.r.block_proj(o, h, b.wo, b.bo)
+                h = self.ffn(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3)
         return h.view(B, T, C)
 
     def __call__(self, x, mask, t, attend):

@@ -62,6 +62,7 @@ class FastEngine:
         compile_encoder: bool = False,
         s3gen_attention: str = "fa2",
         s3gen_graphs: bool = False,
+        s3gen_ffn: str = "region",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -85,7 +86,10 @@ class FastEngine:
         (batch, bucket) around the compiled regions (batches padded to a power of two): one
         launch per batch instead of thousands from S3Gen's thread (CUDA; off: in a 2-hour
         book on an H100 the mid-book captures cost 5-7 s and the run lost 4-6 s, with FA2 or
-        FA4; BENCHMARKS.md, twelfth session)."""
+        FA4; BENCHMARKS.md, twelfth session); ``s3gen_ffn``: the estimator's transformer-block
+        tail as the compiled region ("region") or as one Triton kernel that keeps the
+        feed-forward's hidden on the chip ("triton"; "triton-noproj" leaves the output
+        projection to the region; ``cfm_ffn``; CUDA only)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -118,7 +122,7 @@ class FastEngine:
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
-            attention=s3gen_attention,
+            attention=s3gen_attention, ffn=s3gen_ffn,
         )
         if cuda:
             gib = 1 << 30

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cfm_estimator, fa4, vocoder
+from . import cfm_estimator, cfm_ffn, fa4, vocoder
 from .capture import capture_lock, failure_line
 from .regions import Regions
 
@@ -181,6 +181,7 @@ class BatchedS3Gen:
         vocoder_dtype: torch.dtype = torch.float32,
         compile_encoder: bool = False,
         attention: str = "fa2",
+        ffn: str = "region",
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -233,9 +234,26 @@ class BatchedS3Gen:
         # the estimator as pure functions of prepared weights (cfm_estimator), when the
         # checkpoint has the configuration they mirror; else the stock modules, called in order
         self.fused = None
+        if ffn not in ("region", "triton", "triton-noproj"):
+            raise ValueError(f"ffn must be 'region', 'triton' or 'triton-noproj', got {ffn!r}")
+        self.ffn = "region"
         if cfm_estimator.supported(est):
             regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend, mode=regions_mode)
             self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
+            # the transformer blocks' tail as one Triton kernel (cfm_ffn): the feed-forward's
+            # hidden stays on the chip; CUDA and 16-bit weights only (GELU's tanh form, as the
+            # compiled region's cuBLASLt epilogue there)
+            if ffn != "region":
+                b = self.fused.mid[0][1][0] if self.fused.mid and self.fused.mid[0][1] else None
+                ok = self.is_cuda and self.dtype in (torch.bfloat16, torch.float16) and b is not None and all(
+                    t is not None for t in (b.bo, b.b1, b.b2)) and b.approximate == "none" and cfm_ffn.supported(
+                    b.w2.shape[0], b.wo.shape[1], b.w1.shape[0], True)
+                if ok:
+                    self.fused.ffn, self.fused.ffn_proj = cfm_ffn.Tuned(proj=ffn == "triton"), ffn == "triton"
+                    self.ffn = ffn
+                else:
+                    log.warning("the fused feed-forward kernel does not run here (CUDA, bf16 and the estimator's "
+                                "shapes only); S3Gen uses the compiled region")
         elif compile_regions:
             raise ValueError("compile_regions needs the estimator configuration of chatterbox-tts 0.1.7")
         # the estimator's attention kernel over the padded rows: PyTorch's FA2 varlen ("fa2"),

@@ -1,0 +1,162 @@
+"""The CFM estimator's transformer-block tail as one Triton kernel: the feed-forward's hidden
+never leaves the chip.
+
+``cfm_estimator.block_out`` is: output projection (512 -> 256) + residual, LayerNorm, the
+feed-forward's first GEMM (256 -> 1,024) with GELU, its second (1,024 -> 256) + residual.
+Compiled, that is cuBLAS GEMMs with Inductor's elementwise kernels between them, and each
+row moves ~12 KB through memory for ~1.3 MFLOP of work (the fp32 residual stream read and
+written twice, the 1,024-wide hidden written and read back, the projections' outputs): at a
+book's shapes it runs at ~240 TFLOP/s, a quarter of the H100's bf16 peak, bound by memory
+(BENCHMARKS.md, eleventh session).
+
+Here a program takes ``BM`` rows through all of it: the output projection into fp32
+registers, + bias, rounded as cuBLAS rounds it, + the residual; the result is stored (it is
+the second residual) and normalized in registers; then the hidden is made ``BH`` columns at a
+time (GEMM, bias, GELU, rounded to bf16) and at once multiplied into the second GEMM's
+accumulator, so it is never written; last the bias, the rounding and the stored residual.
+A row moves ~3 KB: its attention output (1 KB bf16), its residual in and out (fp32).
+``proj=False`` leaves the output projection to the caller (x is then the first residual's
+result): the variant to measure if the larger kernel spills.
+
+Numerics are the compiled region's on CUDA, rounding for rounding: bf16 operands, fp32
+accumulation, each GEMM's output (with its bias) rounded to bf16 before the fp32 residual add,
+LayerNorm in fp32, GELU's tanh form (cuBLASLt's epilogue there) on the fp32 pre-activation.
+Only the summation order differs. Tests run it under Triton's interpreter on the CPU; the
+engine uses it on CUDA only (``BatchedS3Gen(ffn="triton")``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# (BM rows, BK inner columns per out-projection step, BH hidden columns per step, warps, stages)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests
+
+# Tried in this order on the first call (Tuned); each is a Triton compile (~1-2 s, cached on disk).
+CONFIGS = [(64, 64, 64, 4, 1), (64, 64, 64, 8, 1), (64, 64, 128, 8, 1), (128, 64, 64, 8, 1), (128, 64, 32, 8, 2)]
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+    return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+
+@triton.jit
+def _dot(a, b, acc, F32: tl.constexpr):
+    # F32: Triton's interpreter multiplies bf16 tiles wrongly (as raw 16-bit integers); their
+    # values are exact in fp32, so an fp32 product is the tensor cores' (to summation order)
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _block_out(
+    O, X, WO, BO, NW, NB, W1, B1, W2, B2, Y, N, eps,
+    C: tl.constexpr, INNER: tl.constexpr, HID: tl.constexpr, PROJ: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    cols = tl.arange(0, C)
+    tile = rows[:, None] * C + cols[None, :]
+    if PROJ:
+        acc = tl.zeros((BM, C), dtype=tl.float32)
+        for k0 in range(0, INNER, BK):
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(O + rows[:, None] * INNER + ks[None, :], mask=rmask[:, None], other=0.0)
+            w = tl.load(WO + cols[None, :] * INNER + ks[:, None])  # (BK, C): wo is (C, INNER)
+            acc = _dot(a, w, acc, F32)
+        bo = tl.load(BO + cols).to(tl.float32)
+        x = (acc + bo[None, :]).to(O.dtype.element_ty).to(tl.float32) + tl.load(X + tile, mask=rmask[:, None], other=0.0)
+        tl.store(Y + tile, x, mask=rmask[:, None])  # the second residual, read back at the end
+    else:
+        x = tl.load(X + tile, mask=rmask[:, None], other=0.0)
+    mean = tl.sum(x, axis=1) / C
+    d = x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    h = (d * rstd[:, None] * tl.load(NW + cols)[None, :] + tl.load(NB + cols)[None, :]).to(W1.dtype.element_ty)
+    acc2 = tl.zeros((BM, C), dtype=tl.float32)
+    for j0 in range(0, HID, BH):
+        js = j0 + tl.arange(0, BH)
+        w1 = tl.load(W1 + js[None, :] * C + cols[:, None])  # (C, BH): w1 is (HID, C)
+        g = _dot(h, w1, tl.zeros((BM, BH), dtype=tl.float32), F32) + tl.load(B1 + js).to(tl.float32)[None, :]
+        g = _gelu_tanh(g).to(W2.dtype.element_ty)
+        w2 = tl.load(W2 + cols[None, :] * HID + js[:, None])  # (BH, C): w2 is (C, HID)
+        acc2 = _dot(g, w2, acc2, F32)
+    y = (acc2 + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W2.dtype.element_ty).to(tl.float32)
+    if PROJ:
+        tl.debug_barrier()  # the residual stored above by other threads of this program
+        x = tl.load(Y + tile, mask=rmask[:, None], other=0.0)
+    tl.store(Y + tile, y + x, mask=rmask[:, None])
+
+
+def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, proj: bool = True, config=None, out=None):
+    """``cfm_estimator.block_out`` with GELU's tanh form: o (N, INNER) bf16, x (N, C) fp32 ->
+    (N, C) fp32. ``proj=False``: o is ignored and x is already ``linear(o, wo, bo) + x``.
+    ``config``: one of :data:`CONFIGS` (default: the first)."""
+    N, C = x.shape
+    HID = w1.shape[0]
+    BM, BK, BH, warps, stages = config or CONFIGS[0]
+    y = torch.empty_like(x) if out is None else out
+    _block_out[(triton.cdiv(N, BM),)](
+        o if proj else x, x, wo, bo, nw, nb, w1, b1, w2, b2, y, N, eps,
+        C=C, INNER=wo.shape[1], HID=HID, PROJ=proj, BM=BM, BK=BK, BH=BH, F32=_INTERPRETED,
+        num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def supported(C: int, inner: int, hid: int, has_bias: bool) -> bool:
+    """The shapes the kernel takes: powers of two (whole tiles; the estimator's 256, 512 and
+    1,024) and every bias present (the estimator's linears all have one)."""
+    def pow2(n):
+        return n >= 32 and n & (n - 1) == 0
+
+    return has_bias and pow2(C) and pow2(inner) and pow2(hid) and C <= 256
+
+
+class Tuned:
+    """``block_out`` with the fastest of :data:`CONFIGS`, timed once on the first call's
+    shapes (CUDA events, a few calls each; ~1 s)."""
+
+    def __init__(self, proj: bool = True, configs=None):
+        self.proj = proj
+        self.configs = list(configs or CONFIGS)
+        self.config = None
+        self.timings: dict = {}
+
+    def __call__(self, o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float):
+        if self.config is None:
+            self.config = self._tune(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps)
+        return block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps, proj=self.proj, config=self.config)
+
+    def _tune(self, *args):
+        from triton.testing import do_bench
+
+        from .capture import capture_lock
+
+        with capture_lock:  # do_bench synchronizes the device: never beside another thread's capture
+            return self._time_configs(do_bench, *args)
+
+    def _time_configs(self, do_bench, *args):
+        y = torch.empty_like(args[1])
+        best = None
+        for cfg in self.configs:
+            try:
+                ms = do_bench(lambda: block_out(*args, proj=self.proj, config=cfg, out=y), warmup=3, rep=10)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (registers, shared memory)
+                self.timings[cfg] = f"{type(e).__name__}"
+                continue
+            self.timings[cfg] = round(ms, 4)
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best is None:
+            raise RuntimeError(f"no configuration of the fused block_out ran: {self.timings}")
+        return best[1]
