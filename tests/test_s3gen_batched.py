@@ -289,7 +289,8 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model):
             got = compiled._estimator(packed, mask, t, attention_bias(mask, eager.heads))
         assert torch.equal(got, ref)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [len(cfm_estimator.REGIONS)] * 4  # one per region, made for the first shape only
+    # one per region, made for the first shape only (block_proj runs only beside cfm_ffn's kernel)
+    assert graphs == [len(cfm_estimator.REGIONS) - 1] * 4
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
 

@@ -49,7 +49,7 @@ def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync)
             scale = a.abs().max().item()
             diff = (a - b).abs().max().item()
             assert diff <= 0.02 * scale, f"compiled vs eager: {diff} (|mel| up to {scale})"
-    assert counters["stats"]["unique_graphs"] == len(cfm_estimator.REGIONS)
+    assert counters["stats"]["unique_graphs"] == len(cfm_estimator.REGIONS) - 1  # block_proj: beside cfm_ffn only
     assert not counters["graph_break"] and not counters["recompiles"]
     # the compiled per-bucket work does not sync with the host
     toks = [list(range(1, 40)), list(range(300, 320))]
