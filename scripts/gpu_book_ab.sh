@@ -8,7 +8,9 @@
 # measured run loads its compiled code from the cache: on a fresh machine the first process
 # after a cold compile ran the book ~4.5 s slower than the next (57.9-58.2 s against 53.4,
 # H100, eleventh session), whatever the settings; list the baseline twice (first and last)
-# to see the drift. Writes $OUT/ab_LABEL_N.json and prints one line per run.
+# to see the drift. SENTENCES (default 16, the issue's stock sample) sets the stock chunks
+# per run: 1 for engine A/B runs, whose ratio to stock is not the point (16 cost ~45 s a run).
+# Writes $OUT/ab_LABEL_N.json and prints one line per run.
 # Needs scripts/gpu_prelude.sh sourced (wheels, ffmpeg, /tmp/ttsbatch-full).
 set -uo pipefail
 : "${OUT:?set OUT}"
@@ -26,7 +28,7 @@ for spec in "$@"; do
   opts=${spec#*:}
   json="$OUT/ab_${label}_$n.json"
   # shellcheck disable=SC2086  # opts is a list of words
-  python3 -m ttsbatch bench --model-dir "$ckpt" --device "$device" --book "$book" --parts book --sentences 16 $opts \
+  python3 -m ttsbatch bench --model-dir "$ckpt" --device "$device" --book "$book" --parts book --sentences "${SENTENCES:-16}" $opts \
     --json "$json" > "$OUT/ab_${label}_$n.log" 2>&1 || { echo "$label: failed"; tail -5 "$OUT/ab_${label}_$n.log"; continue; }
   python3 - "$json" "$label" "$opts" <<'EOF'
 import json, sys
@@ -35,6 +37,7 @@ print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime'
       f"after {f['after_synth_s']} s {f['tail_s']}, busy {f['gpu_busy']} ({f['gpu_busy_source']}), attention {f['s3gen_attention']}, "
       f"reserved {f['peak_gpu_reserved_gib']} GiB, CFM graphs captured {f['s3gen_graph_captures']} {f.get('s3gen_graph_error') or ''} "
       f"({f['s3gen_capture_s']} s), GC {f['gc']['seconds']} s (longest {f['gc']['longest_ms']} ms, "
-      f"{f['gc']['objects']} objects), dynamo {f['dynamo']}")
+      f"{f['gc']['objects']} objects), dynamo {f['dynamo']}, ffn {f.get('s3gen_ffn')} {f.get('s3gen_ffn_tuning')}, "
+      f"FA4 calls {f.get('s3gen_fa4_calls')}")
 EOF
 done

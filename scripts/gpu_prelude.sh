@@ -9,6 +9,9 @@ elif [ ! -f /tmp/site/.installed ]; then
   echo "gpu_prelude: no .whl carried and none installed on this machine"; return 1
 fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PATH=/tmp/site/bin:$PATH
+# FlashAttention 4, if two earlier calls installed it (scripts/fa4_wheels.sh): its CuTe DSL
+# packages' .pth is not read from a --target install, so they go on the path by name
+[ -d /tmp/fa4site ] && export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
 # The device has no ffmpeg and a carry is limited to 64 MiB (.whl alone is ~44 MB), so the
 # binary (.ffmpeg/ffmpeg.xz, ~50 MB, not in git; made here with `xz -T2 -6 -c .venv/lib/python3*/site-packages/
 # imageio_ffmpeg/binaries/ffmpeg-* > .ffmpeg/ffmpeg.xz`) is unpacked by a call of its own just before:

@@ -89,3 +89,25 @@ def test_the_kernel_takes_the_estimators_shapes_only(ffn):
     assert ffn.supported(256, 512, 1024, True)
     assert not ffn.supported(256, 512, 1024, False)  # a missing bias
     assert not ffn.supported(320, 512, 1024, True) and not ffn.supported(512, 512, 2048, True)
+
+
+def test_tuning_times_each_configuration_at_scale_and_keeps_the_fastest_that_runs(ffn):
+    """``Tuned`` times every configuration once (here a stand-in for Triton's ``do_bench``,
+    which needs CUDA events) on ``rows`` rows of the call's widths, skips one that fails to
+    compile or launch, and runs every call with the fastest."""
+    configs = [(32, 32, 32, 4, 1), (32, 32, 64, 4, 1), (64, 32, 32, 4, 1)]
+    times = iter([2.0, RuntimeError("out of resources: shared memory"), 1.5])
+    rows_seen = []
+
+    def bench(fn, warmup, rep):
+        t = next(times)
+        if isinstance(t, Exception):
+            raise t
+        rows_seen.append(fn().shape[0])  # the kernel runs, on the tuning rows
+        return t
+
+    args = _args(torch.float32)
+    tuned = ffn.Tuned(configs=configs, rows=48)
+    assert tuned._time_configs(bench, *args, 1e-5) == configs[2]
+    assert tuned.timings == {configs[0]: 2.0, configs[1]: "RuntimeError", configs[2]: 1.5}
+    assert rows_seen == [48, 48]
