@@ -32,12 +32,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # (BM rows, BK inner columns per out-projection step, BH hidden columns per step, warps, stages)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests
 
 # Tried in this order on the first call (Tuned); each is a Triton compile (~1-2 s, cached on disk).
-CONFIGS = [(64, 64, 64, 4, 1), (64, 64, 64, 8, 1), (64, 64, 128, 8, 1), (128, 64, 64, 8, 1), (128, 64, 32, 8, 2)]
+CONFIGS = [(64, 64, 64, 8, 1), (64, 64, 32, 8, 1), (64, 64, 128, 8, 1), (64, 64, 64, 8, 2), (128, 64, 64, 8, 1)]
 
 
 @triton.jit
@@ -61,39 +62,42 @@ def _block_out(
     C: tl.constexpr, INNER: tl.constexpr, HID: tl.constexpr, PROJ: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, F32: tl.constexpr,
 ):
+    """O, WO, W1, W2 are TMA descriptors (tiles (BM, BK), (C, BK), (BH, C), (C, BH)): the
+    tiles go from memory to shared memory without passing through registers, which the two
+    (BM, C) fp32 accumulators and the normalized rows fill."""
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
+    row0 = pid * BM
+    rows = row0 + tl.arange(0, BM)
     rmask = rows < N
     cols = tl.arange(0, C)
     tile = rows[:, None] * C + cols[None, :]
     if PROJ:
         acc = tl.zeros((BM, C), dtype=tl.float32)
         for k0 in range(0, INNER, BK):
-            ks = k0 + tl.arange(0, BK)
-            a = tl.load(O + rows[:, None] * INNER + ks[None, :], mask=rmask[:, None], other=0.0)
-            w = tl.load(WO + cols[None, :] * INNER + ks[:, None])  # (BK, C): wo is (C, INNER)
-            acc = _dot(a, w, acc, F32)
+            a = O.load([row0, k0])  # (BM, BK); rows past N read as zeros
+            acc = _dot(a, WO.load([0, k0]).T, acc, F32)  # wo (C, INNER): its tile transposed
         bo = tl.load(BO + cols).to(tl.float32)
-        x = (acc + bo[None, :]).to(O.dtype.element_ty).to(tl.float32) + tl.load(X + tile, mask=rmask[:, None], other=0.0)
+        x = (acc + bo[None, :]).to(W1.dtype).to(tl.float32) + tl.load(X + tile, mask=rmask[:, None], other=0.0)
         tl.store(Y + tile, x, mask=rmask[:, None])  # the second residual, read back at the end
     else:
         x = tl.load(X + tile, mask=rmask[:, None], other=0.0)
     mean = tl.sum(x, axis=1) / C
     d = x - mean[:, None]
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-    h = (d * rstd[:, None] * tl.load(NW + cols)[None, :] + tl.load(NB + cols)[None, :]).to(W1.dtype.element_ty)
+    h = (d * rstd[:, None] * tl.load(NW + cols)[None, :] + tl.load(NB + cols)[None, :]).to(W1.dtype)
     acc2 = tl.zeros((BM, C), dtype=tl.float32)
     for j0 in range(0, HID, BH):
         js = j0 + tl.arange(0, BH)
-        w1 = tl.load(W1 + js[None, :] * C + cols[:, None])  # (C, BH): w1 is (HID, C)
-        g = _dot(h, w1, tl.zeros((BM, BH), dtype=tl.float32), F32) + tl.load(B1 + js).to(tl.float32)[None, :]
-        g = _gelu_tanh(g).to(W2.dtype.element_ty)
-        w2 = tl.load(W2 + cols[None, :] * HID + js[:, None])  # (BH, C): w2 is (C, HID)
-        acc2 = _dot(g, w2, acc2, F32)
-    y = (acc2 + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W2.dtype.element_ty).to(tl.float32)
+        g = _dot(h, W1.load([j0, 0]).T, tl.zeros((BM, BH), dtype=tl.float32), F32)  # w1 (HID, C)
+        g = _gelu_tanh(g + tl.load(B1 + js).to(tl.float32)[None, :]).to(W1.dtype)
+        acc2 = _dot(g, W2.load([0, j0]).T, acc2, F32)  # w2 (C, HID)
+    y = (acc2 + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W1.dtype).to(tl.float32)
+    # the residual read again (from L2) rather than held in registers through the loop
     if PROJ:
-        tl.debug_barrier()  # the residual stored above by other threads of this program
+        tl.debug_barrier()  # it was stored above by other threads of this program
         x = tl.load(Y + tile, mask=rmask[:, None], other=0.0)
+    else:
+        x = tl.load(X + tile, mask=rmask[:, None], other=0.0)
     tl.store(Y + tile, y + x, mask=rmask[:, None])
 
 
@@ -105,8 +109,10 @@ def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, proj: bool = Tru
     HID = w1.shape[0]
     BM, BK, BH, warps, stages = config or CONFIGS[0]
     y = torch.empty_like(x) if out is None else out
+    o = o if proj else w1  # unused without the projection (any bf16 tensor for the descriptor)
     _block_out[(triton.cdiv(N, BM),)](
-        o if proj else x, x, wo, bo, nw, nb, w1, b1, w2, b2, y, N, eps,
+        TensorDescriptor.from_tensor(o, [BM, BK]), x, TensorDescriptor.from_tensor(wo, [C, BK]), bo, nw, nb,
+        TensorDescriptor.from_tensor(w1, [BH, C]), b1, TensorDescriptor.from_tensor(w2, [C, BH]), b2, y, N, eps,
         C=C, INNER=wo.shape[1], HID=HID, PROJ=proj, BM=BM, BK=BK, BH=BH, F32=_INTERPRETED,
         num_warps=warps, num_stages=stages,
     )
