@@ -60,7 +60,7 @@ class FastEngine:
         overlap: bool | None = None,
         s3gen_collect: int | None = None,
         compile_encoder: bool = False,
-        s3gen_attention: str = "fa2",
+        s3gen_attention: str = "auto",
         s3gen_graphs: bool = False,
         s3gen_ffn: str = "region",
     ):
@@ -80,9 +80,9 @@ class FastEngine:
         ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: exact and one
         graph, but on an H100 it took S3Gen from 254.6x to 255.3x real time for 41 s more
         compiling; ``scripts/gpu_s3gen.py --encoder-compiled``);
-        ``s3gen_attention``: the CFM estimator's attention kernel, "fa2" (PyTorch's), "fa4"
-        (FlashAttention 4, warning if it cannot run) or "auto" (FA4 where installed, else FA2;
-        ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
+        ``s3gen_attention``: the CFM estimator's attention kernel, "auto" (FlashAttention 4
+        where flash-attn-4 is installed and runs: a Hopper GPU; else PyTorch's FA2), "fa2" or
+        "fa4" (warning if it cannot run; ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
         (batch, bucket) around the compiled regions (batches padded to a power of two): one
         launch per batch instead of thousands from S3Gen's thread (CUDA; off: in a 2-hour
         book on an H100 the mid-book captures cost 5-7 s and the run lost 4-6 s, with FA2 or

@@ -43,8 +43,8 @@ one dynamic-shape graph each for every bucket and batch size (the default of the
 on CUDA; ``regions_mode`` passes a torch.compile mode, for measuring max-autotune). In bf16
 on CUDA the estimator's attention runs as varlen flash attention over the padded batch (each
 row's key count given by ``seqused_k``: the key-padding mask without a mask tensor): PyTorch's
-FA2 kernel, or with ``attention="fa4"`` (or ``"auto"``) FlashAttention 4's, a Hopper kernel,
-where flash-attn-4 is installed. HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
+FA2 kernel, or FlashAttention 4's (a Hopper kernel) where flash-attn-4 is installed:
+``attention="auto"`` (the default) takes FA4 where it runs, ``"fa2"`` / ``"fa4"`` force one. HiFiGAN after ``conv_pre`` runs as the pure functions of ``vocoder`` (one
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
@@ -180,7 +180,7 @@ class BatchedS3Gen:
         compile_vocoder: bool = False,
         vocoder_dtype: torch.dtype = torch.float32,
         compile_encoder: bool = False,
-        attention: str = "fa2",
+        attention: str = "auto",
         ffn: str = "region",
     ):
         s3 = model.s3gen
@@ -259,9 +259,12 @@ class BatchedS3Gen:
         # the estimator's attention kernel over the padded rows: PyTorch's FA2 varlen ("fa2"),
         # FlashAttention 4's (flash-attn-4, CuTe DSL, a Hopper kernel: "fa4"), or "auto": FA4
         # where it is installed and runs, else FA2. A kernel that fails its check gives way to
-        # the next. FA2 is the default: on an H100 FA4 is 0.485 against 0.682 ms a call (128
-        # rows x 800 frames) and S3Gen alone 6.5% faster, but a whole book ran 55.6 s with it
-        # against 53.4 with FA2 (its launch is Python-heavy, and S3Gen's thread shares the GIL).
+        # the next. "auto" is the default: on an H100 FA4 is 0.36 against 0.44 ms a call (128
+        # rows x 650 frames) and 0.73 against 0.97 (1,100). Through flash_attn_varlen_func its
+        # launch cost ~200 us of Python a call (a whole book lost 2.2 s with it, S3Gen's thread
+        # sharing the GIL); launched directly (fa4.FA4Varlen) 25-39 us, as FA2's 33-35, and a
+        # book's synthesis took 50.4 s against 52.6 with FA2 in the next process on the same
+        # machine (BENCHMARKS.md, thirteenth session).
         if attention not in ("auto", "fa2", "fa4"):
             raise ValueError(f"attention must be 'auto', 'fa2' or 'fa4', got {attention!r}")
         self.flash = False
