@@ -805,11 +805,14 @@ class BatchedS3Gen:
 
     def _flash_usable(self) -> bool:
         """Whether the fused estimator's attention can run as varlen flash attention: CUDA,
-        a 16-bit dtype, and the kernel present (tried once)."""
+        a 16-bit dtype, and the kernel present (tried once). Tried at the full model's head
+        size (64) with rows longer than one 128-query tile, as every bucket's are: FA4 compiles
+        a kernel per variant (~2 s), and this is the one the book runs (with rows of 24 frames
+        the check compiled a second variant, seen in a py-spy profile on an H200)."""
         if not self.is_cuda or self.dtype not in (torch.bfloat16, torch.float16):
             return False
         try:
-            H, D, T = 2, 64, 24
+            H, D, T = 2, 64, 160
             g = torch.Generator(device=self.device).manual_seed(0)
             q, k, v = (torch.randn(2 * T, H, D, device=self.device, dtype=self.dtype, generator=g) for _ in range(3))
             cu = torch.tensor([0, T, 2 * T], device=self.device, dtype=torch.int32)
