@@ -82,11 +82,11 @@ class FastEngine:
         compiling; ``scripts/gpu_s3gen.py --encoder-compiled``);
         ``s3gen_attention``: the CFM estimator's attention kernel, "auto" (FlashAttention 4
         where flash-attn-4 is installed and runs: a Hopper GPU; else PyTorch's FA2), "fa2" or
-        "fa4" (warning if it cannot run; ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM loop captured as one CUDA graph per
-        (batch, bucket) around the compiled regions (batches padded to a power of two): one
-        launch per batch instead of thousands from S3Gen's thread (CUDA; off: in a 2-hour
-        book on an H100 the mid-book captures cost 5-7 s and the run lost 4-6 s, with FA2 or
-        FA4; BENCHMARKS.md, twelfth session); ``s3gen_ffn``: the estimator's transformer-block
+        "fa4" (warning if it cannot run; ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM Euler step
+        captured as one CUDA graph per (batch, bucket) around the compiled regions (batches
+        padded to a power of two): a replay per step instead of ~560 launches from S3Gen's
+        thread (CUDA; off: the whole loop captured lost 4-6 s in a 2-hour book on an H100,
+        its mid-book captures costing 5-7 s; BENCHMARKS.md, twelfth and fourteenth sessions); ``s3gen_ffn``: the estimator's transformer-block
         tail as the compiled region ("region") or as one Triton kernel that keeps the
         feed-forward's hidden on the chip ("triton"; "triton-noproj" leaves the output
         projection to the region; ``cfm_ffn``; CUDA only)."""

@@ -51,7 +51,8 @@ runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source an
 (i)STFT stay fp32). ``compile_encoder=True`` compiles the flow encoder (both conformer
 stacks) as one region of the same kind. ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
 ``torch.compile`` (one graph per bucket and batch size: batches are padded to a power of
-two), and ``cuda_graphs=True`` captures the whole CFM loop of a bucket into one CUDA graph.
+two), and ``cuda_graphs=True`` replays the CFM loop's Euler step from one CUDA graph per
+(batch, bucket) shape.
 Both are CUDA-only and off by default.
 """
 
@@ -147,7 +148,7 @@ class StageTimes:
     hifigan: float = 0.0
     batches: int = 0
     items: int = 0
-    graph_captures: int = 0  # CFM loops captured (``cuda_graphs``): one per (batch, bucket, steps) shape
+    graph_captures: int = 0  # CFM steps captured (``cuda_graphs``): one per (batch, bucket) shape
     capture_s: float = 0.0  # host seconds the captures took (recording the loop's launches)
 
 
@@ -673,15 +674,19 @@ class BatchedS3Gen:
         return x
 
     def _cfm_graphed(self, z, static, mask_in, bias, t_span, n_timesteps):
-        """The whole Euler loop of one (batch, bucket, steps) shape as one CUDA graph.
+        """The CFM loop with its Euler step replayed from one CUDA graph per (batch, bucket)
+        shape: ~560 kernel launches of Python a step become four (three copies and a replay),
+        so S3Gen's thread holds the GIL for ~1/100 of the time it did.
 
         A shape's first batch runs the loop as it is (compiling, planning cuBLAS, allocating
-        workspaces: what must not happen inside a capture) and its result is used; its
-        second batch is captured, without warm-up loops of its own and without
-        ``torch.cuda.graph``'s synchronize and ``empty_cache`` (T3 runs beside S3Gen, and a
-        book meets new shapes mid-run); every later one is a replay. Capture records the
-        kernels without running them, so the capture's first replay is that batch's result."""
-        key = (tuple(z.shape), n_timesteps)
+        workspaces: what must not happen inside a capture); its second captures one step,
+        without warm-up runs of its own and without ``torch.cuda.graph``'s synchronize and
+        ``empty_cache`` (T3 runs beside S3Gen, and a book meets new shapes mid-run); every
+        later step is a replay. Capture records the kernels without running them, so the
+        captured step's first replay is that batch's first step. One step, not the whole loop
+        (as the twelfth session captured): ten times less Python to record mid-book while
+        the GPU gets none of S3Gen's work, and one graph for every step count."""
+        key = tuple(z.shape)
         g = self._graphs.get(key)
         if g is None:
             if key not in self._graph_seen:
@@ -689,7 +694,10 @@ class BatchedS3Gen:
                 return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
             t0 = time.perf_counter()
             current = torch.cuda.current_stream(self.device)
-            ins = dict(z=z.clone(), static=static.clone(), mask=mask_in.clone(), bias=bias.clone(), t=t_span.clone())
+            # the step's inputs live outside the graph's pool; x is the Euler state, written
+            # back in place by the captured step so that the next replay reads it
+            ins = dict(x=z.clone(), t=t_span[:1].clone(), r=t_span[1:2].clone(),
+                       static=static.clone(), mask=mask_in.clone(), bias=bias.clone())
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             # not on the legacy default stream, where capture is refused: the engine's S3Gen
@@ -708,7 +716,7 @@ class BatchedS3Gen:
                 with capture_lock, torch.cuda.stream(stream):
                     graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
                     try:
-                        out = self._cfm_loop(ins["z"], ins["static"], ins["mask"], ins["bias"], ins["t"], n_timesteps)
+                        ins["x"].copy_(self._step_fn(ins["x"], ins["t"], ins["r"], ins["static"], ins["mask"], ins["bias"]))
                     finally:
                         graph.capture_end()
             except Exception as e:  # noqa: BLE001 - synthesize without graphs rather than not at all
@@ -718,17 +726,21 @@ class BatchedS3Gen:
                 return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
             if stream is not current:
                 current.wait_stream(stream)
-            g = self._graphs[key] = (graph, ins, out)
+            g = self._graphs[key] = (graph, ins)
             self.times.graph_captures += 1
             self.times.capture_s += time.perf_counter() - t0
-        graph, ins, out = g
-        ins["z"].copy_(z)
+        else:
+            graph, ins = g
+            ins["x"].copy_(z)
+        graph, ins = g
         ins["static"].copy_(static)
         ins["mask"].copy_(mask_in)
         ins["bias"].copy_(bias)
-        ins["t"].copy_(t_span)
-        graph.replay()
-        return out.clone()  # graphs share one memory pool: the next replay may reuse out's memory
+        for k in range(n_timesteps):
+            ins["t"].copy_(t_span[k : k + 1])
+            ins["r"].copy_(t_span[k + 1 : k + 2])
+            graph.replay()
+        return ins["x"].clone()  # the next batch of this shape overwrites the state
 
     def _graphs_failed(self, e: Exception, key) -> None:
         """A failed capture leaves its memory pool half-recorded: no capture again in this
