@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -443,6 +445,26 @@ def test_s3gen_collections_start_small_then_grow(model, conds):
     reqs = [SynthesisRequest(f"Words {i}.", 300 + i, 2 + i % 3) for i in range(8)]
     sizes = [len(g) for g in engine._s3gen_batches(reqs, conds, gen)]
     assert sizes == [2, 3, 3]
+
+
+def test_fine_s3gen_buckets_pad_each_batch_to_its_longest_item(model):
+    """``s3gen_bucket_frames=2``: a bucket for every even frame count, so a batch is padded to
+    its longest item only (the default buckets pad a 70-token item to 192 frames); odd or
+    non-positive steps are refused."""
+    from ttsbatch.engine.fast import FastEngine
+    from ttsbatch.engine.s3gen_batched import DEFAULT_BUCKETS
+
+    default = FastEngine(model, s3gen_batch=4)
+    fine = FastEngine(model, s3gen_batch=4, s3gen_bucket_frames=2)
+    assert default.s3.buckets == DEFAULT_BUCKETS and fine.s3.buckets[-1] == DEFAULT_BUCKETS[-1]
+    voice = types.SimpleNamespace(n_prompt_tokens=10)
+    lengths = [70, 66, 65, 3, 40]
+    assert [b for b, _ in default.s3.batches(lengths, voice)] == [192, 128]
+    assert fine.s3.batches(lengths, voice) == [(140, [0, 1, 2]), (80, [4, 3])]
+    assert [b for b, _ in FastEngine(model, s3gen_batch=4, s3gen_bucket_frames=32).s3.batches(lengths, voice)] == [160, 96]
+    for bad in (3, 0):
+        with pytest.raises(ValueError, match="even"):
+            FastEngine(model, s3gen_batch=4, s3gen_bucket_frames=bad)
 
 
 def test_compiled_layers_give_the_same_tokens_and_compile_once(model, conds, fast):

@@ -49,7 +49,14 @@ def warm_engine(engine, conds, rep: WarmupReport) -> WarmupReport:
     rep.chunks = 1
     s3 = getattr(engine, "s3", None)
     if s3 is not None and s3.is_cuda:  # fast engine on a GPU: one chunk per S3Gen length bucket (graphs, kernels)
-        budgets = [max(1, b // 2) for b in s3.buckets]
+        from .engine.s3gen_batched import DEFAULT_BUCKETS
+
+        # fine buckets (FastEngine's s3gen_bucket_frames): one chunk near each default bucket,
+        # not one per bucket (the compiled regions take every length after the first)
+        buckets = s3.buckets
+        if len(buckets) > len(DEFAULT_BUCKETS):
+            buckets = sorted({s3.bucket_for(b // 2) for b in DEFAULT_BUCKETS})
+        budgets = [max(1, b // 2) for b in buckets]
         gen = GenerationOptions(ignore_eos=True, max_new_tokens=max(budgets))
         reqs = [SynthesisRequest("Warm up, bucket %d." % i, 2 + i, n) for i, n in enumerate(budgets)]
         t0 = time.perf_counter()

@@ -63,6 +63,7 @@ class FastEngine:
         s3gen_attention: str = "auto",
         s3gen_graphs: bool = False,
         s3gen_ffn: str = "region",
+        s3gen_bucket_frames: int | None = None,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -89,7 +90,12 @@ class FastEngine:
         its mid-book captures costing 5-7 s; BENCHMARKS.md, twelfth and fourteenth sessions); ``s3gen_ffn``: the estimator's transformer-block
         tail as the compiled region ("region") or as one Triton kernel that keeps the
         feed-forward's hidden on the chip ("triton"; "triton-noproj" leaves the output
-        projection to the region; ``cfm_ffn``; CUDA only)."""
+        projection to the region; ``cfm_ffn``; CUDA only); ``s3gen_bucket_frames``: S3Gen's
+        length buckets every this many item frames (even; 2: every batch padded to its longest
+        item only) instead of ``DEFAULT_BUCKETS`` (64-256 apart): in the 2-hour benchmark book
+        padding is 16.7% of S3Gen's frames with the default buckets, 11.3% with 2
+        (``scripts/s3gen_padding.py``); the compiled regions take any length, CUDA graphs
+        (``s3gen_graphs``) capture one per padded length."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -116,13 +122,21 @@ class FastEngine:
             self._t3_stream = torch.cuda.Stream(self.t3.device, priority=low)
             self._s3_stream = torch.cuda.Stream(self.t3.device, priority=high)
         self.t3_vram_gb = None
+        bucket_kw = {}
+        if s3gen_bucket_frames is not None:
+            from .s3gen_batched import DEFAULT_BUCKETS
+
+            step = int(s3gen_bucket_frames)
+            if step < 2 or step % 2:
+                raise ValueError(f"s3gen_bucket_frames must be a positive even frame count, got {s3gen_bucket_frames}")
+            bucket_kw["buckets"] = range(step, DEFAULT_BUCKETS[-1] + step, step)
         # made before the memory is measured: its prepared weights (bf16 copies of the CFM
         # estimator's) are held like the models' own
         self.s3 = BatchedS3Gen(
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
-            attention=s3gen_attention, ffn=s3gen_ffn,
+            attention=s3gen_attention, ffn=s3gen_ffn, **bucket_kw,
         )
         if cuda:
             gib = 1 << 30
