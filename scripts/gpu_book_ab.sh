@@ -10,6 +10,8 @@
 # H100, eleventh session), whatever the settings; list the baseline twice (first and last)
 # to see the drift. SENTENCES (default 16, the stock sample) sets the stock chunks
 # per run: 1 for engine A/B runs, whose ratio to stock is not the point (16 cost ~45 s a run).
+# A run takes ~125 s on an H100/H200 (model load, warm-up from the cache, the book): four do
+# not fit in one 600-s call with the warm-up process; two or three do.
 # Writes $OUT/ab_LABEL_N.json and prints one line per run.
 # Needs scripts/gpu_prelude.sh sourced (wheels, ffmpeg, /tmp/ttsbatch-full).
 set -uo pipefail
@@ -17,7 +19,9 @@ set -uo pipefail
 ckpt=${TTSBATCH_FULL_CKPT:-/tmp/ttsbatch-full}
 book=${BOOK:-bench/book.txt}
 device=${DEVICE:-cuda}  # cpu: a smoke test of this script (with e.g. "base:--max-chars 200")
-if [ "$device" != cpu ]; then  # warmup compiles for CUDA only
+# WARMUP=0 skips the warm-up process when an earlier call on this machine filled the cache
+# (it costs ~60 s even then: a model load and a render per bucket)
+if [ "$device" != cpu ] && [ "${WARMUP:-1}" != 0 ]; then  # warmup compiles for CUDA only
   python3 -m ttsbatch warmup --model-dir "$ckpt" --device "$device" > "$OUT/ab_warmup.log" 2>&1 || { tail -5 "$OUT/ab_warmup.log"; exit 1; }
   tail -2 "$OUT/ab_warmup.log"
 fi
