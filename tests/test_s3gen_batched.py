@@ -154,6 +154,22 @@ def test_batches_are_full_and_cover_every_item(model, voice):
         assert bucket == bs.bucket_for(lengths[idxs[0]]) == bs.bucket_for(max(lengths[i] for i in idxs))
 
 
+def test_synthesize_iter_hands_over_each_batch_with_synthesize_s_audio(model, voice):
+    """``synthesize_iter``: the same waveforms as ``synthesize``, a padded batch at a time in
+    the order the batches run (empty items first), every item exactly once."""
+    bs = BatchedS3Gen(model, buckets=(32, 64, 128), max_batch=2)
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 0, 40, 12, 33, 7]
+    toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in lengths]
+    seeds = [11, 12, 13, 14, 15, 16]
+    want = bs.synthesize(toks, voice, n_timesteps=2, seeds=seeds)
+    got = list(bs.synthesize_iter(toks, voice, n_timesteps=2, seeds=seeds))
+    assert [[i for i, _ in batch] for batch in got] == [[1]] + [idxs for _, idxs in bs.batches(lengths, voice)]
+    for batch in got:
+        for i, wav in batch:
+            assert wav.dtype == np.float32 and np.array_equal(wav, want[i])
+
+
 def test_item_independent_of_neighbours_and_bucket(model, bs, voice):
     g = torch.Generator().manual_seed(11)
     item = torch.randint(0, 6561, (19,), generator=g)

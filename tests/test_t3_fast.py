@@ -447,6 +447,32 @@ def test_s3gen_collections_start_small_then_grow(model, conds):
     assert sizes == [2, 3, 3]
 
 
+def test_batch_handoff_gives_the_collection_s_audio(model, conds):
+    """``s3gen_handoff="batch"``: S3Gen's audio handed over a batch at a time is the audio of
+    the default whole-collection handoff, for every request."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest(f"Words {i}.", 500 + i, 2 + i % 4) for i in range(7)]
+    whole = FastEngine(model, s3gen_batch=2, s3gen_collect=5).synthesize(reqs, conds, gen)
+    by_batch = FastEngine(model, s3gen_batch=2, s3gen_collect=5, s3gen_handoff="batch")
+    handed = []
+    batches = by_batch.s3.synthesize_iter
+
+    def counted(*a, **k):
+        for batch in batches(*a, **k):
+            handed.append(len(batch))
+            yield batch
+
+    by_batch.s3.synthesize_iter = counted
+    got = by_batch.synthesize(reqs, conds, gen)
+    assert sum(handed) == len(reqs) and max(handed) <= 2  # a batch (of at most s3gen_batch) at a time
+    for a, b in zip(whole, got):
+        assert a.tokens == b.tokens and np.array_equal(a.wav, b.wav)
+    with pytest.raises(ValueError, match="handoff"):
+        FastEngine(model, s3gen_handoff="chunk")
+
+
 def test_fine_s3gen_buckets_pad_each_batch_to_its_longest_item(model):
     """``s3gen_bucket_frames=2``: a bucket for every even frame count, so a batch is padded to
     its longest item only (the default buckets pad a 70-token item to 192 frames); odd or

@@ -64,6 +64,7 @@ class FastEngine:
         s3gen_graphs: bool = False,
         s3gen_ffn: str = "region",
         s3gen_bucket_frames: int | None = None,
+        s3gen_handoff: str = "collection",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -95,7 +96,11 @@ class FastEngine:
         item only) instead of ``DEFAULT_BUCKETS`` (64-256 apart): in the 2-hour benchmark book
         padding is 16.7% of S3Gen's frames with the default buckets, 11.3% with 2
         (``scripts/s3gen_padding.py``); the compiled regions take any length, CUDA graphs
-        (``s3gen_graphs``) capture one per padded length."""
+        (``s3gen_graphs``) capture one per padded length; ``s3gen_handoff``: S3Gen's audio handed
+        to the caller a whole collection at a time ("collection": one host wait per
+        collection) or a padded batch at a time as each batch's copy completes ("batch",
+        ``BatchedS3Gen.synthesize_iter``: the caller stores and encodes the first batches
+        while the GPU renders the rest, so less is left after the GPU's last batch)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -122,6 +127,9 @@ class FastEngine:
             self._t3_stream = torch.cuda.Stream(self.t3.device, priority=low)
             self._s3_stream = torch.cuda.Stream(self.t3.device, priority=high)
         self.t3_vram_gb = None
+        if s3gen_handoff not in ("collection", "batch"):
+            raise ValueError(f"s3gen_handoff must be 'collection' or 'batch', got {s3gen_handoff!r}")
+        self.handoff = s3gen_handoff
         bucket_kw = {}
         if s3gen_bucket_frames is not None:
             from .s3gen_batched import DEFAULT_BUCKETS
@@ -238,9 +246,25 @@ class FastEngine:
         return torch.cuda.stream(self._s3_stream)
 
     def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
-        # The whole collection, then its results. Handing them over a padded batch at a time
+        # The whole collection, then its results (s3gen_handoff="collection"). Handing them
+        # over a padded batch at a time, each batch waited for before the next was launched,
         # was tried once on an H100 (2-hour book): 65.3 s against 58.3, on a machine whose
         # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
+        # s3gen_handoff="batch" launches the batches back to back and hands each over once
+        # its copy is complete, looked for between launches (BatchedS3Gen.synthesize_iter).
+        if self.handoff == "batch":
+            tokens = dict(items)
+            batches = self.s3.synthesize_iter(
+                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
+            )
+            while True:
+                with self._on_s3_stream():  # only while S3Gen's work is launched: not around the caller's
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                for j, wav in batch:
+                    i = items[j][0]
+                    yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(tokens[i]))
         with self._on_s3_stream():
             wavs = self.s3.synthesize(
                 [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]

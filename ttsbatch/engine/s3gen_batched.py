@@ -62,7 +62,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -389,11 +389,45 @@ class BatchedS3Gen:
         out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
         if self.is_cuda and pending:
             torch.cuda.current_stream(self.device).synchronize()  # the one wait of the call
-        for idxs, host, lens in pending:
-            arr = host.numpy()
-            for j, i in enumerate(idxs):
-                out[i] = np.array(arr[j, : lens[j]], dtype=np.float32)
+        for idxs, host, lens, _ in pending:
+            for i, wav in self._host_wavs(idxs, host, lens):
+                out[i] = wav
         return out
+
+    @torch.inference_mode()
+    def synthesize_iter(
+        self, token_lists: Sequence, voice: VoiceRef, n_timesteps: int = 10, seeds: Sequence[int] | None = None
+    ) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """:meth:`synthesize`'s waveforms a padded batch at a time, ``[(item index, wav), ...]``,
+        each batch as soon as its copy to the host is complete: the caller stores and encodes
+        the first batches while the GPU renders the last (a collection's audio otherwise
+        arrives at once, and the last collection's after the GPU's last kernel). Empty items
+        come first. The batches are launched back to back as in :meth:`synthesize`; between
+        launches the finished ones are looked for without waiting (an event query), and the
+        rest are waited for one by one at the end. The same audio as :meth:`synthesize`."""
+        toks = [self._as_tokens(t) for t in token_lists]
+        if seeds is not None and len(seeds) != len(toks):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(toks)} items")
+        empty = [(i, np.zeros(0, dtype=np.float32)) for i, t in enumerate(toks) if len(t) == 0]
+        if empty:
+            yield empty
+        pending: list = []
+        for bucket, sub in self.batches([len(t) for t in toks], voice):
+            limit = self.batch_limit(bucket, voice)
+            pending.append(self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, None, None, seeds, True))
+            while pending and (pending[0][3] is None or pending[0][3].query()):
+                idxs, host, lens, _ = pending.pop(0)
+                yield list(self._host_wavs(idxs, host, lens))
+        for idxs, host, lens, done in pending:
+            if done is not None:
+                done.synchronize()
+            yield list(self._host_wavs(idxs, host, lens))
+
+    @staticmethod
+    def _host_wavs(idxs, host, lens):
+        arr = host.numpy()
+        for j, i in enumerate(idxs):
+            yield i, np.array(arr[j, : lens[j]], dtype=np.float32)
 
     @torch.inference_mode()
     def synthesize_mels(
@@ -407,7 +441,7 @@ class BatchedS3Gen:
         """The CFM output mel of each item, (80, item_frames) fp32 on the device (stock's
         ``flow_inference(..., finalize=True)``, the prompt frames cut off)."""
         out, pending = self._run(token_lists, voice, n_timesteps, noise, None, seeds, want_wav=False)
-        for idxs, mel, lens in pending:
+        for idxs, mel, lens, _ in pending:
             for j, i in enumerate(idxs):
                 out[i] = mel[j, :, : lens[j]].clone()
         return out
@@ -510,11 +544,15 @@ class BatchedS3Gen:
         self.times.items += B
         if not want_wav:
             mel = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps, vocode=False)
-            return idxs[:B], mel[:B], item_frames
+            return idxs[:B], mel[:B], item_frames, None
         wav = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps)
         host = torch.empty((B, S), dtype=torch.float32, pin_memory=self.is_cuda)
         host.copy_(wav[:B], non_blocking=self.is_cuda)
-        return idxs[:B], host, [f * self.samples_per_frame for f in item_frames]
+        done = None  # on CUDA: recorded after the copy, for synthesize_iter
+        if self.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return idxs[:B], host, [f * self.samples_per_frame for f in item_frames], done
 
     # -----------------------------------------------------------------------------------------
     # The per-bucket work: device tensors in, device tensors out, no host syncs
