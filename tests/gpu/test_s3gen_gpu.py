@@ -369,3 +369,29 @@ def test_cfm_capture_beside_a_thread_that_syncs_the_device_and_a_failed_capture(
             side.synchronize()
             close(got)
     assert broken.graph_error.startswith("RuntimeError: capture refused") and broken.times.graph_captures == 0
+
+
+def test_synthesize_iter_on_a_side_stream_matches_synthesize(cuda_model):
+    """``synthesize_iter`` on CUDA (an event per batch, queried between launches, the rest
+    waited for at the end), on a stream of the caller's as the engine runs it: the waveforms
+    of ``synthesize``, bit for bit, a padded batch at a time."""
+    import numpy as np
+
+    from ttsbatch.engine.s3gen_batched import BatchedS3Gen
+    from ttsbatch.engine.voice import BUILTIN, VoiceCache
+
+    gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
+    s3 = BatchedS3Gen(cuda_model, buckets=(32, 64, 128), max_batch=2)
+    v = s3.prepare_voice(gen)
+    g = torch.Generator().manual_seed(4)
+    lengths = [9, 40, 12, 33, 7]
+    toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in lengths]
+    seeds = [21, 22, 23, 24, 25]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        want = s3.synthesize(toks, v, 3, seeds=seeds)
+        got = list(s3.synthesize_iter(toks, v, 3, seeds=seeds))
+    assert [[i for i, _ in b] for b in got] == [idxs for _, idxs in s3.batches(lengths, v)]
+    for batch in got:
+        for i, wav in batch:
+            assert np.array_equal(wav, want[i])
