@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--vocoder-dtypes", default="fp32", help="for each (fp32, bf16), the --regions-batches rows again with HiFiGAN's regions compiled too, their convs in that dtype ('' = none)")
     ap.add_argument("--encoder-compiled", action="store_true", help="each --vocoder-dtypes row once more with the flow encoder compiled too (compile_encoder)")
     ap.add_argument("--fa4", action="store_true", help="each --vocoder-dtypes row once more with FlashAttention 4 as the CFM attention (attention='fa4'; scripts/fa4_wheels.sh)")
-    ap.add_argument("--graphs", action="store_true", help="each --vocoder-dtypes row once more with the CFM loop captured as a CUDA graph per shape around the compiled regions (cuda_graphs=True; batches padded to a power of two): what the host's launches cost")
+    ap.add_argument("--graphs", action="store_true", help="each --vocoder-dtypes row once more with the CFM Euler step captured as a CUDA graph per shape around the compiled regions (cuda_graphs=True; batches padded to a power of two): what the host's launches cost")
     ap.add_argument("--budget-s", type=float, default=330.0, help="skip what is left after this many seconds")
     args = ap.parse_args()
     t_start = time.time()
@@ -331,7 +331,7 @@ def main() -> int:
             if args.fa4:
                 variant("FA4 attention", attention="fa4")
             if args.graphs:
-                variant("CFM loop graphed", cuda_graphs=True)
+                variant("CFM step graphed", cuda_graphs=True)
             if args.encoder_compiled:
                 be = variant("encoder compiled", compile_encoder=True)
                 if be is not None:

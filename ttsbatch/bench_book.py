@@ -293,7 +293,7 @@ def run_book_bench(
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
-        # CFM loops captured during the book (s3gen_graphs; the warm-up's are not counted)
+        # CFM steps captured during the book (s3gen_graphs: one per shape; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,
         s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),
         s3gen_ffn=engine.s3.ffn, s3gen_ffn_tuning=None if engine.s3.ffn == "region" else dict(
