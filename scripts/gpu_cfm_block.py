@@ -16,7 +16,9 @@ hidden once more (8% of S3Gen's kernel time in a profile). Variants:
   (Triton GEMM templates that can take the GELU into their epilogue), with its compile time;
 - ``triton (config)``: the whole tail as one Triton kernel (``ttsbatch.engine.cfm_ffn``), the
   feed-forward's hidden kept on the chip, per configuration; ``triton-noproj``: the same with
-  the output projection left to a compiled region; ``triton tuned``: what the engine picks.
+  the output projection left to a compiled region; ``triton tuned``: what the engine picks;
+  ``triton-ffn (config)``: the feed-forward alone (``cfm_ffn.ffn``) after the compiled
+  ``block_norm3`` region (projection, residual, norm3), and ``triton-ffn tuned``.
 
 Prints ms per call (CUDA events, 20 calls), TFLOP/s and the max |diff| against the fp32
 reference; writes $OUT/cfm_block.json when OUT is set.
@@ -115,6 +117,22 @@ def main() -> int:
     tuned = cfm_ffn.Tuned()
     add("triton tuned", lambda: tuned(*args_, eps=1e-5))
     rows[-1]["config"] = tuned.config
+    # the feed-forward alone (cfm_ffn.ffn) after the compiled block_norm3 region (projection,
+    # residual, norm3): every operand through shared memory, no spills (ptxas, sm_90)
+    from ttsbatch.engine.cfm_estimator import block_norm3
+
+    norm3 = torch.compile(block_norm3, dynamic=True)
+    _, _, _, _, nw_, nb_, w1_, b1_, w2_, b2_ = args_
+
+    def ffn_path(cfg=None, run=None):
+        x1, h = norm3(o, x, wo, bo, nw_, nb_, eps=1e-5)
+        return (run or (lambda *a: cfm_ffn.ffn(*a, config=cfg)))(h, x1, w1_, b1_, w2_, b2_)
+
+    for cfg in cfm_ffn.FFN_CONFIGS:
+        add(f"triton-ffn {cfg}", lambda cfg=cfg: ffn_path(cfg))
+    tuned_ffn = cfm_ffn.Tuned(kernel="ffn")
+    add("triton-ffn tuned", lambda: ffn_path(run=tuned_ffn))
+    rows[-1]["config"] = tuned_ffn.config
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "cfm_block.json").write_text(json.dumps(rows, indent=1))
     return 0

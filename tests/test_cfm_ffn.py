@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttsbatch.engine.cfm_estimator import block_out
+from ttsbatch.engine.cfm_estimator import block_norm3, block_out
 
 CFG = (32, 32, 32, 4, 1)  # small tiles: the interpreter is slow, and N = 70 leaves a partial tile
 
@@ -108,6 +108,58 @@ def test_tuning_times_each_configuration_at_scale_and_keeps_the_fastest_that_run
 
     args = _args(torch.float32)
     tuned = ffn.Tuned(configs=configs, rows=48)
-    assert tuned._time_configs(bench, *args, 1e-5) == configs[2]
+    assert tuned._time_configs(bench, args, {"eps": 1e-5}) == configs[2]
     assert tuned.timings == {configs[0]: 2.0, configs[1]: "RuntimeError", configs[2]: 1.5}
     assert rows_seen == [48, 48]
+
+
+FFN_CFG = (32, 32, 4, 1)
+
+
+def test_feed_forward_kernel_after_block_norm3_equals_the_region_in_fp32(ffn):
+    """``ffn`` on ``block_norm3``'s rows (the projection and norm3 left to that region) is
+    ``block_out``: fp32 to summation order; its inputs are not written."""
+    args = _args(torch.float32, seed=2)
+    o, x, wo, bo, nw, nb, w1, b1, w2, b2 = args
+    x1, h = block_norm3(o, x, wo, bo, nw, nb, eps=1e-5)
+    h0, x10 = h.clone(), x1.clone()
+    got = ffn.ffn(h, x1, w1, b1, w2, b2, config=FFN_CFG)
+    want = _region(args)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert torch.equal(h, h0) and torch.equal(x1, x10)
+
+
+def test_feed_forward_kernel_in_bf16_rounds_where_the_bf16_region_does(ffn):
+    args = _args(torch.bfloat16, seed=3)
+    o, x, wo, bo, nw, nb, w1, b1, w2, b2 = args
+    exact = _region([t.float() for t in args])
+    scale = exact.abs().max().item()
+    # the region's first half with the interpreter's truncating casts, then the kernel
+    x1 = _truncate(F.linear(o.float(), wo.float(), bo.float())) + x
+    h = _truncate(F.layer_norm(x1, x1.shape[-1:], nw, nb, 1e-5)).to(torch.bfloat16)
+    got = ffn.ffn(h, x1, w1, b1, w2, b2, config=FFN_CFG)
+    diff = (got - _region_truncating(*args)).abs()
+    assert diff.max().item() <= 2 ** -7 * scale and diff.mean().item() <= 1e-5 * scale
+    err_region = (_region(args) - exact).abs().max().item()
+    assert 0 < err_region < 0.02 * scale and (got - exact).abs().max().item() <= 4 * err_region
+
+
+def test_tuning_the_feed_forward_kernel_uses_its_own_configurations(ffn):
+    """``Tuned(kernel="ffn")`` tries ``FFN_CONFIGS``-shaped configurations on its rows."""
+    assert ffn.Tuned(kernel="ffn").configs == ffn.FFN_CONFIGS
+    with pytest.raises(ValueError, match="kernel"):
+        ffn.Tuned(kernel="cutlass")
+    configs = [(32, 32, 4, 1), (32, 64, 4, 1)]
+    times = iter([3.0, 1.0])
+    rows_seen = []
+
+    def bench(fn, warmup, rep):
+        rows_seen.append(fn().shape[0])
+        return next(times)
+
+    o, x, wo, bo, nw, nb, w1, b1, w2, b2 = _args(torch.float32)
+    _, h = block_norm3(o, x, wo, bo, nw, nb, eps=1e-5)
+    tuned = ffn.Tuned(kernel="ffn", configs=configs, rows=40)
+    assert tuned._time_configs(bench, (h, x, w1, b1, w2, b2), {}) == configs[1]
+    assert rows_seen == [40, 40] and tuned.timings == {configs[0]: 3.0, configs[1]: 1.0}

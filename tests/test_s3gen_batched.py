@@ -306,7 +306,7 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model):
         assert torch.equal(got, ref)
         graphs.append(counters["stats"]["unique_graphs"])
     # one per region, made for the first shape only (block_proj runs only beside cfm_ffn's kernel)
-    assert graphs == [len(cfm_estimator.REGIONS) - 1] * 4
+    assert graphs == [len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS)] * 4
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
 
@@ -416,10 +416,11 @@ def test_ffn_choice_is_checked_and_the_fused_kernel_waits_for_a_gpu(model, caplo
     assert "fused feed-forward kernel does not run here" in caplog.text
 
 
-@pytest.mark.parametrize("proj", [True, False])
+@pytest.mark.parametrize("proj", [True, False, "ffn"])
 def test_fused_ffn_kernel_in_the_estimator_matches_the_stock_decoder(model, proj):
     """The estimator with every transformer block's tail as cfm_ffn's kernel (under Triton's
-    interpreter; with the output projection inside it, or in the ``block_proj`` region)
+    interpreter; with the output projection inside it, or in the ``block_proj`` region; or
+    the feed-forward alone after the ``block_norm3`` region)
     against chatterbox's decoder, fp32: within 2e-3 of outputs up to ~4. The kernel computes
     GELU's tanh form (as the CUDA region does), stock the exact one: that is the difference
     (the kernel alone equals the tanh-form region to 1e-5: tests/test_cfm_ffn.py)."""
@@ -438,7 +439,14 @@ def test_fused_ffn_kernel_in_the_estimator_matches_the_stock_decoder(model, proj
         calls.append(proj)
         return cfm_ffn.block_out(*args, eps=eps, proj=proj, config=(32, 32, 32, 4, 1))
 
-    bs.fused.ffn, bs.fused.ffn_proj = kernel, proj
+    def ffn_kernel(*args):
+        calls.append(proj)
+        return cfm_ffn.ffn(*args, config=(32, 32, 4, 1))
+
+    if proj == "ffn":  # the feed-forward alone, after the block_norm3 region
+        bs.fused.ffn, bs.fused.ffn_input = ffn_kernel, "h"
+    else:
+        bs.fused.ffn, bs.fused.ffn_proj = kernel, proj
     g = torch.Generator().manual_seed(3)
     args, packed = _estimator_case(g, 3, 40)
     mask = args[1]

@@ -49,7 +49,7 @@ def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync)
             scale = a.abs().max().item()
             diff = (a - b).abs().max().item()
             assert diff <= 0.02 * scale, f"compiled vs eager: {diff} (|mel| up to {scale})"
-    assert counters["stats"]["unique_graphs"] == len(cfm_estimator.REGIONS) - 1  # block_proj: beside cfm_ffn only
+    assert counters["stats"]["unique_graphs"] == len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS)  # beside cfm_ffn only
     assert not counters["graph_break"] and not counters["recompiles"]
     # the compiled per-bucket work does not sync with the host
     toks = [list(range(1, 40)), list(range(300, 320))]
@@ -202,10 +202,11 @@ def test_fa4_direct_launch_is_the_public_call_bit_for_bit(cuda_model):
 
 
 def test_fused_ffn_kernel_matches_the_compiled_region(cuda_model):
-    """``cfm_ffn``'s kernel (every configuration, with the output projection inside and
-    without) against the compiled ``block_out`` region in bf16 at the estimator's widths, both
-    against fp32: no further from it than 1.5x the region's error; and the engine with
-    ``ffn="triton"`` gives the region's mels within 2% of their range."""
+    """``cfm_ffn``'s kernels (every configuration: the tail with the output projection inside
+    and without, the feed-forward alone after ``block_norm3``) against the compiled
+    ``block_out`` region in bf16 at the estimator's widths, both against fp32: no further from
+    it than 1.5x the region's error; and the engine with ``ffn="triton"`` or ``"triton-ffn"``
+    gives the region's mels within 2% of their range."""
     from ttsbatch.engine import cfm_estimator, cfm_ffn
     from ttsbatch.engine.s3gen_batched import BatchedS3Gen
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
@@ -229,19 +230,28 @@ def test_fused_ffn_kernel_matches_the_compiled_region(cuda_model):
             err = (got - exact).abs().max().item()
             assert err <= 1.5 * err_region, (cfg, proj, err, err_region)
             assert (got - region).abs().mean().item() < 1e-3
+    x1, h = cfm_estimator.block_norm3(*args[:6], eps=1e-5)
+    for cfg in cfm_ffn.FFN_CONFIGS:  # the feed-forward alone, after block_norm3
+        got = cfm_ffn.ffn(h, x1, *args[6:], config=cfg)
+        err = (got - exact).abs().max().item()
+        assert err <= 1.5 * err_region, (cfg, "ffn", err, err_region)
+        assert (got - region).abs().mean().item() < 1e-3
 
     gen = VoiceCache(cuda_model).get(BUILTIN, 0.5).gen
     plain = BatchedS3Gen(cuda_model)
     fused = BatchedS3Gen(cuda_model, ffn="triton")
-    assert fused.ffn == "triton" and plain.ffn == "region"
+    ffn_only = BatchedS3Gen(cuda_model, ffn="triton-ffn")
+    assert fused.ffn == "triton" and plain.ffn == "region" and ffn_only.ffn == "triton-ffn"
     v = plain.prepare_voice(gen)
     g = torch.Generator().manual_seed(1)
     lengths = (40, 150, 97)
     toks = [torch.randint(0, 6561, (n,), generator=g) for n in lengths]
     noise = [torch.randn(80, 2 * (v.n_prompt_tokens + n), generator=g).cuda() for n in lengths]
-    for a, b in zip(plain.synthesize_mels(toks, v, 10, noise=noise), fused.synthesize_mels(toks, v, 10, noise=noise)):
-        assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
-    assert fused.fused.ffn.config in cfm_ffn.CONFIGS
+    want = plain.synthesize_mels(toks, v, 10, noise=noise)
+    for other in (fused, ffn_only):
+        for a, b in zip(want, other.synthesize_mels(toks, v, 10, noise=noise)):
+            assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
+    assert fused.fused.ffn.config in cfm_ffn.CONFIGS and ffn_only.fused.ffn.config in cfm_ffn.FFN_CONFIGS
 
 
 def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):

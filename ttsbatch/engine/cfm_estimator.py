@@ -101,6 +101,14 @@ def block_proj(o, x, wo, bo):
     return F.linear(o, wo, bo).float() + x
 
 
+def block_norm3(o, x, wo, bo, nw, nb, eps: float):
+    """The attention output projection + residual and norm3 (``block_out`` up to its
+    feed-forward), for the feed-forward kernel that takes the normalized rows
+    (``cfm_ffn.ffn``): -> (x (N, C) fp32, the residual; h (N, C) in wo's dtype)."""
+    x = F.linear(o, wo, bo).float() + x
+    return x, F.layer_norm(x, x.shape[-1:], nw, nb, eps).to(wo.dtype)
+
+
 def causal_conv(x, mask, w, b):
     """``CausalConv1d(x * mask)`` (the down/up-sampling convs): (B, T, C) -> (B, T, C) fp32
     (the conv's output is in the compute dtype, as stock's under autocast; fp32 so that every
@@ -115,7 +123,8 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "block_proj", "causal_conv", "final")
+REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "block_proj", "block_norm3", "causal_conv", "final")
+FFN_REGIONS = ("block_proj", "block_norm3")  # compiled only beside a cfm_ffn kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,13 +240,17 @@ class FusedEstimator:
     with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
     per call by the caller (it knows the rows' layout and valid lengths)."""
 
-    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_proj: bool = True):
-        """``ffn``: a kernel taking ``block_out``'s arguments (``cfm_ffn.Tuned``) to run in its
-        place; with ``ffn_proj=False`` it takes the output projection's result from the
-        ``block_proj`` region instead."""
+    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_proj: bool = True, ffn_input: str = "o"):
+        """``ffn``: a kernel (``cfm_ffn.Tuned``) to run in ``block_out``'s place. ``ffn_input``
+        says what it takes: "o", ``block_out``'s own arguments (with ``ffn_proj=False``, the
+        output projection's result from the ``block_proj`` region instead of o); "h", the
+        normalized rows and the residual from the ``block_norm3`` region, and the
+        feed-forward's weights (``cfm_ffn.ffn``)."""
+        if ffn_input not in ("o", "h"):
+            raise ValueError(f"ffn_input must be 'o' or 'h', got {ffn_input!r}")
         self.est = est
         self.r = regions
-        self.ffn, self.ffn_proj = ffn, ffn_proj
+        self.ffn, self.ffn_proj, self.ffn_input = ffn, ffn_proj, ffn_input
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
         self.down = (_resnet_weights(r0, dtype), [_block_weights(b, dtype) for b in tbs0], (_w(down.weight, dtype), _w(down.bias, dtype)))
@@ -259,6 +272,9 @@ class FusedEstimator:
             self.r.dyn((o, 0))
             if self.ffn is None:
                 h = self.r.block_out(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3, approximate=b.approximate)
+            elif self.ffn_input == "h":
+                h, n = self.r.block_norm3(o, h, b.wo, b.bo, b.nw3, b.nb3, eps=b.eps3)
+                h = self.ffn(n, h, b.w1, b.b1, b.w2, b.b2)
             else:
                 if not self.ffn_proj:
                     h = self.r.block_proj(o, h, b.wo, b.bo)

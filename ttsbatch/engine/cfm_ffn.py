@@ -39,6 +39,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU tests
 
 # Tried in this order on the first call (Tuned); each is a Triton compile (~1-2 s, cached on disk).
 CONFIGS = [(64, 64, 64, 8, 1), (64, 64, 32, 8, 1), (64, 64, 128, 8, 1), (64, 64, 64, 8, 2), (128, 64, 64, 8, 1)]
+# ffn's: (BM rows, BH hidden columns per step, warps, stages)
+# The ones ptxas (sm_90, Triton 3.x) compiles without spills, 208-216 registers (8 warps over
+# 64 rows; 4 warps or 128 rows spill 128-816 bytes): /tmp/ffn2_compile.py-style, in BENCHMARKS.md
+FFN_CONFIGS = [(64, 64, 8, 2), (64, 128, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 8, 3)]
 
 
 @triton.jit
@@ -101,6 +105,49 @@ def _block_out(
     tl.store(Y + tile, y + x, mask=rmask[:, None])
 
 
+@triton.jit
+def _ffn(
+    H, X, W1, B1, W2, B2, Y, N,
+    C: tl.constexpr, HID: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, F32: tl.constexpr,
+):
+    """The feed-forward alone: Y = X + W2 gelu(W1 H + b1) + b2, the hidden kept on the chip.
+    H (the normalized rows, bf16), W1 and W2 are TMA descriptors (tiles (BM, C), (BH, C),
+    (C, BH)): every GEMM operand comes from shared memory, and registers hold only the
+    (BM, C) fp32 accumulator and one (BM, BH) hidden tile. ``_block_out`` also held the
+    normalized rows and the LayerNorm's fp32 rows in registers, and spilled (ptxas, sm_90)."""
+    pid = tl.program_id(0)
+    row0 = pid * BM
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < N
+    cols = tl.arange(0, C)
+    h = H.load([row0, 0])  # (BM, C); rows past N read as zeros
+    acc = tl.zeros((BM, C), dtype=tl.float32)
+    for j0 in range(0, HID, BH):
+        js = j0 + tl.arange(0, BH)
+        g = _dot(h, W1.load([j0, 0]).T, tl.zeros((BM, BH), dtype=tl.float32), F32)  # w1 (HID, C)
+        g = _gelu_tanh(g + tl.load(B1 + js).to(tl.float32)[None, :]).to(W1.dtype)
+        acc = _dot(g, W2.load([0, j0]).T, acc, F32)  # w2 (C, HID)
+    y = (acc + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W1.dtype).to(tl.float32)
+    tile = rows[:, None] * C + cols[None, :]
+    tl.store(Y + tile, y + tl.load(X + tile, mask=rmask[:, None], other=0.0), mask=rmask[:, None])
+
+
+def ffn(h, x, w1, b1, w2, b2, config=None, out=None):
+    """``x + linear(gelu_tanh(linear(h, w1, b1)), w2, b2)`` with each GEMM's output rounded to
+    h's dtype as the compiled region rounds it: h (N, C) bf16 (norm3's output), x (N, C) fp32
+    (the residual) -> (N, C) fp32. ``config``: (BM, BH, warps, stages), default
+    ``FFN_CONFIGS[0]``."""
+    N, C = x.shape
+    BM, BH, warps, stages = config or FFN_CONFIGS[0]
+    y = torch.empty_like(x) if out is None else out
+    _ffn[(triton.cdiv(N, BM),)](
+        TensorDescriptor.from_tensor(h, [BM, C]), x, TensorDescriptor.from_tensor(w1, [BH, C]), b1,
+        TensorDescriptor.from_tensor(w2, [C, BH]), b2, y, N,
+        C=C, HID=w1.shape[0], BM=BM, BH=BH, F32=_INTERPRETED, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
 def block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float, proj: bool = True, config=None, out=None):
     """``cfm_estimator.block_out`` with GELU's tanh form: o (N, INNER) bf16, x (N, C) fp32 ->
     (N, C) fp32. ``proj=False``: o is ignored and x is already ``linear(o, wo, bo) + x``.
@@ -129,40 +176,51 @@ def supported(C: int, inner: int, hid: int, has_bias: bool) -> bool:
 
 
 class Tuned:
-    """``block_out`` with the fastest of :data:`CONFIGS`, timed once, on the first call, at a
-    book's scale (``rows``: a batch of 64 chunks with CFG is ~100,000; the first call may be
-    a warm-up's single chunk) with the call's weights and dtypes (CUDA events; ~1 s)."""
+    """A kernel of this module with the fastest of its configurations, timed once, on the
+    first call, at a book's scale (``rows``: a batch of 64 chunks with CFG is ~100,000; the
+    first call may be a warm-up's single chunk) with the call's weights and dtypes (CUDA
+    events; ~1 s). ``kernel``: "block_out" (:func:`block_out`, ``proj`` passed on; its
+    arguments) or "ffn" (:func:`ffn`; its arguments)."""
 
-    def __init__(self, proj: bool = True, configs=None, rows: int = 64 * 1024):
+    def __init__(self, proj: bool = True, configs=None, rows: int = 64 * 1024, kernel: str = "block_out"):
+        if kernel not in ("block_out", "ffn"):
+            raise ValueError(f"kernel must be 'block_out' or 'ffn', got {kernel!r}")
+        self.kernel = kernel
         self.proj = proj
-        self.configs = list(configs or CONFIGS)
+        self.configs = list(configs or (FFN_CONFIGS if kernel == "ffn" else CONFIGS))
         self.rows = rows
         self.config = None
         self.timings: dict = {}
 
-    def __call__(self, o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps: float):
+    def __call__(self, *args, **kwargs):
         if self.config is None:
-            self.config = self._tune(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps)
-        return block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps, proj=self.proj, config=self.config)
+            self.config = self._tune(*args, **kwargs)
+        return self._run(args, kwargs, self.config)
 
-    def _tune(self, *args):
+    def _run(self, args, kwargs, config, out=None):
+        if self.kernel == "ffn":
+            return ffn(*args, config=config, out=out, **kwargs)
+        return block_out(*args, proj=self.proj, config=config, out=out, **kwargs)
+
+    def _tune(self, *args, **kwargs):
         from triton.testing import do_bench
 
         from .capture import capture_lock
 
         with capture_lock:  # do_bench synchronizes the device: never beside another thread's capture
-            return self._time_configs(do_bench, *args)
+            return self._time_configs(do_bench, args, kwargs)
 
-    def _time_configs(self, do_bench, o, x, *weights):
+    def _time_configs(self, do_bench, args, kwargs):
+        first, x, *weights = args  # the rows' inputs (o or h, and the residual), then weights
         g = torch.Generator(device=x.device).manual_seed(0)
-        o = torch.randn(self.rows, o.shape[1], device=o.device, generator=g).to(o.dtype)
+        first = torch.randn(self.rows, first.shape[1], device=first.device, generator=g).to(first.dtype)
         x = torch.randn(self.rows, x.shape[1], device=x.device, generator=g).to(x.dtype)
-        args = (o, x, *weights)
+        args = (first, x, *weights)
         y = torch.empty_like(x)
         best = None
         for cfg in self.configs:
             try:
-                ms = do_bench(lambda: block_out(*args, proj=self.proj, config=cfg, out=y), warmup=3, rep=10)
+                ms = do_bench(lambda: self._run(args, kwargs, cfg, out=y), warmup=3, rep=10)
             except Exception as e:  # noqa: BLE001 - a config that does not fit (registers, shared memory)
                 self.timings[cfg] = f"{type(e).__name__}"
                 continue
@@ -170,5 +228,5 @@ class Tuned:
             if best is None or ms < best[0]:
                 best = (ms, cfg)
         if best is None:
-            raise RuntimeError(f"no configuration of the fused block_out ran: {self.timings}")
+            raise RuntimeError(f"no configuration of the fused {self.kernel} ran: {self.timings}")
         return best[1]

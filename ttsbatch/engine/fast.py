@@ -91,7 +91,8 @@ class FastEngine:
         its mid-book captures costing 5-7 s; BENCHMARKS.md, twelfth and fourteenth sessions); ``s3gen_ffn``: the estimator's transformer-block
         tail as the compiled region ("region") or as one Triton kernel that keeps the
         feed-forward's hidden on the chip ("triton"; "triton-noproj" leaves the output
-        projection to the region; ``cfm_ffn``; CUDA only); ``s3gen_bucket_frames``: S3Gen's
+        projection to the region, "triton-ffn" the projection and norm3; ``cfm_ffn``; CUDA
+        only); ``s3gen_bucket_frames``: S3Gen's
         length buckets every this many item frames (even; 2: every batch padded to its longest
         item only) instead of ``DEFAULT_BUCKETS`` (64-256 apart): in the 2-hour benchmark book
         padding is 16.7% of S3Gen's frames with the default buckets, 11.3% with 2

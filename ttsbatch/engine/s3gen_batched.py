@@ -235,8 +235,8 @@ class BatchedS3Gen:
         # the estimator as pure functions of prepared weights (cfm_estimator), when the
         # checkpoint has the configuration they mirror; else the stock modules, called in order
         self.fused = None
-        if ffn not in ("region", "triton", "triton-noproj"):
-            raise ValueError(f"ffn must be 'region', 'triton' or 'triton-noproj', got {ffn!r}")
+        if ffn not in ("region", "triton", "triton-noproj", "triton-ffn"):
+            raise ValueError(f"ffn must be 'region', 'triton', 'triton-noproj' or 'triton-ffn', got {ffn!r}")
         self.ffn = "region"
         if cfm_estimator.supported(est):
             regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend, mode=regions_mode)
@@ -249,7 +249,10 @@ class BatchedS3Gen:
                 ok = self.is_cuda and self.dtype in (torch.bfloat16, torch.float16) and b is not None and all(
                     t is not None for t in (b.bo, b.b1, b.b2)) and b.approximate == "none" and cfm_ffn.supported(
                     b.w2.shape[0], b.wo.shape[1], b.w1.shape[0], True)
-                if ok:
+                if ok and ffn == "triton-ffn":  # the feed-forward alone, on block_norm3's rows
+                    self.fused.ffn, self.fused.ffn_input = cfm_ffn.Tuned(kernel="ffn"), "h"
+                    self.ffn = ffn
+                elif ok:
                     self.fused.ffn, self.fused.ffn_proj = cfm_ffn.Tuned(proj=ffn == "triton"), ffn == "triton"
                     self.ffn = ffn
                 else:
