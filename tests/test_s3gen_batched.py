@@ -446,7 +446,7 @@ def test_fused_ffn_kernel_in_the_estimator_matches_the_stock_decoder(model, proj
     if proj == "ffn":  # the feed-forward alone, after the block_norm3 region
         bs.fused.ffn, bs.fused.ffn_input = ffn_kernel, "h"
     else:
-        bs.fused.ffn, bs.fused.ffn_proj = kernel, proj
+        bs.fused.ffn, bs.fused.ffn_input = kernel, "o" if proj else "x"
     g = torch.Generator().manual_seed(3)
     args, packed = _estimator_case(g, 3, 40)
     mask = args[1]

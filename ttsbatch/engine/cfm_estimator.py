@@ -240,17 +240,17 @@ class FusedEstimator:
     with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
     per call by the caller (it knows the rows' layout and valid lengths)."""
 
-    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_proj: bool = True, ffn_input: str = "o"):
+    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_input: str = "o"):
         """``ffn``: a kernel (``cfm_ffn.Tuned``) to run in ``block_out``'s place. ``ffn_input``
-        says what it takes: "o", ``block_out``'s own arguments (with ``ffn_proj=False``, the
-        output projection's result from the ``block_proj`` region instead of o); "h", the
-        normalized rows and the residual from the ``block_norm3`` region, and the
+        says what it takes: "o", ``block_out``'s own arguments; "x", the same with the
+        residual already through the output projection (the ``block_proj`` region's result);
+        "h", the ``block_norm3`` region's normalized rows and residual, then the
         feed-forward's weights (``cfm_ffn.ffn``)."""
-        if ffn_input not in ("o", "h"):
-            raise ValueError(f"ffn_input must be 'o' or 'h', got {ffn_input!r}")
+        if ffn_input not in ("o", "x", "h"):
+            raise ValueError(f"ffn_input must be 'o', 'x' or 'h', got {ffn_input!r}")
         self.est = est
         self.r = regions
-        self.ffn, self.ffn_proj, self.ffn_input = ffn, ffn_proj, ffn_input
+        self.ffn, self.ffn_input = ffn, ffn_input
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
         self.down = (_resnet_weights(r0, dtype), [_block_weights(b, dtype) for b in tbs0], (_w(down.weight, dtype), _w(down.bias, dtype)))
@@ -276,7 +276,7 @@ class FusedEstimator:
                 h, n = self.r.block_norm3(o, h, b.wo, b.bo, b.nw3, b.nb3, eps=b.eps3)
                 h = self.ffn(n, h, b.w1, b.b1, b.w2, b.b2)
             else:
-                if not self.ffn_proj:
+                if self.ffn_input == "x":
                     h = self.r.block_proj(o, h, b.wo, b.bo)
                 h = self.ffn(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3)
         return h.view(B, T, C)

@@ -61,6 +61,20 @@ def _dot(a, b, acc, F32: tl.constexpr):
 
 
 @triton.jit
+def _feed_forward(h, W1, B1, W2, B2, C: tl.constexpr, HID: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, F32: tl.constexpr):
+    """The normalized rows h (BM, C) through the feed-forward, ``BH`` hidden columns at a
+    time (GEMM, bias, GELU, rounded to bf16), each at once multiplied into the second GEMM's
+    accumulator so the hidden is never written; then its bias and rounding: (BM, C) fp32."""
+    acc = tl.zeros((BM, C), dtype=tl.float32)
+    for j0 in range(0, HID, BH):
+        js = j0 + tl.arange(0, BH)
+        g = _dot(h, W1.load([j0, 0]).T, tl.zeros((BM, BH), dtype=tl.float32), F32)  # w1 (HID, C)
+        g = _gelu_tanh(g + tl.load(B1 + js).to(tl.float32)[None, :]).to(W1.dtype)
+        acc = _dot(g, W2.load([0, j0]).T, acc, F32)  # w2 (C, HID)
+    return (acc + tl.load(B2 + tl.arange(0, C)).to(tl.float32)[None, :]).to(W1.dtype).to(tl.float32)
+
+
+@triton.jit
 def _block_out(
     O, X, WO, BO, NW, NB, W1, B1, W2, B2, Y, N, eps,
     C: tl.constexpr, INNER: tl.constexpr, HID: tl.constexpr, PROJ: tl.constexpr,
@@ -89,13 +103,7 @@ def _block_out(
     d = x - mean[:, None]
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
     h = (d * rstd[:, None] * tl.load(NW + cols)[None, :] + tl.load(NB + cols)[None, :]).to(W1.dtype)
-    acc2 = tl.zeros((BM, C), dtype=tl.float32)
-    for j0 in range(0, HID, BH):
-        js = j0 + tl.arange(0, BH)
-        g = _dot(h, W1.load([j0, 0]).T, tl.zeros((BM, BH), dtype=tl.float32), F32)  # w1 (HID, C)
-        g = _gelu_tanh(g + tl.load(B1 + js).to(tl.float32)[None, :]).to(W1.dtype)
-        acc2 = _dot(g, W2.load([0, j0]).T, acc2, F32)  # w2 (C, HID)
-    y = (acc2 + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W1.dtype).to(tl.float32)
+    y = _feed_forward(h, W1, B1, W2, B2, C, HID, BM, BH, F32)
     # the residual read again (from L2) rather than held in registers through the loop
     if PROJ:
         tl.debug_barrier()  # it was stored above by other threads of this program
@@ -121,13 +129,7 @@ def _ffn(
     rmask = rows < N
     cols = tl.arange(0, C)
     h = H.load([row0, 0])  # (BM, C); rows past N read as zeros
-    acc = tl.zeros((BM, C), dtype=tl.float32)
-    for j0 in range(0, HID, BH):
-        js = j0 + tl.arange(0, BH)
-        g = _dot(h, W1.load([j0, 0]).T, tl.zeros((BM, BH), dtype=tl.float32), F32)  # w1 (HID, C)
-        g = _gelu_tanh(g + tl.load(B1 + js).to(tl.float32)[None, :]).to(W1.dtype)
-        acc = _dot(g, W2.load([0, j0]).T, acc, F32)  # w2 (C, HID)
-    y = (acc + tl.load(B2 + cols).to(tl.float32)[None, :]).to(W1.dtype).to(tl.float32)
+    y = _feed_forward(h, W1, B1, W2, B2, C, HID, BM, BH, F32)
     tile = rows[:, None] * C + cols[None, :]
     tl.store(Y + tile, y + tl.load(X + tile, mask=rmask[:, None], other=0.0), mask=rmask[:, None])
 

@@ -253,25 +253,21 @@ class FastEngine:
         # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
         # s3gen_handoff="batch" launches the batches back to back and hands each over once
         # its copy is complete, looked for between launches (BatchedS3Gen.synthesize_iter).
-        if self.handoff == "batch":
-            tokens = dict(items)
-            batches = self.s3.synthesize_iter(
-                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-            )
-            while True:
-                with self._on_s3_stream():  # only while S3Gen's work is launched: not around the caller's
-                    batch = next(batches, None)
-                if batch is None:
-                    return
-                for j, wav in batch:
-                    i = items[j][0]
-                    yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(tokens[i]))
-        with self._on_s3_stream():
-            wavs = self.s3.synthesize(
-                [k for _, k in items], voice, n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items]
-            )
-        for (i, kept), wav in zip(items, wavs):
-            yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
+        toks = [k for _, k in items]
+        kw = dict(n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items])
+
+        def whole():
+            yield list(enumerate(self.s3.synthesize(toks, voice, **kw)))
+
+        batches = self.s3.synthesize_iter(toks, voice, **kw) if self.handoff == "batch" else whole()
+        while True:
+            with self._on_s3_stream():  # while S3Gen's work is launched, not around the caller's
+                batch = next(batches, None)
+            if batch is None:
+                return
+            for j, wav in batch:
+                i, kept = items[j]
+                yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
 
 
 _END = object()

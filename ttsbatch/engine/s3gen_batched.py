@@ -249,11 +249,11 @@ class BatchedS3Gen:
                 ok = self.is_cuda and self.dtype in (torch.bfloat16, torch.float16) and b is not None and all(
                     t is not None for t in (b.bo, b.b1, b.b2)) and b.approximate == "none" and cfm_ffn.supported(
                     b.w2.shape[0], b.wo.shape[1], b.w1.shape[0], True)
-                if ok and ffn == "triton-ffn":  # the feed-forward alone, on block_norm3's rows
-                    self.fused.ffn, self.fused.ffn_input = cfm_ffn.Tuned(kernel="ffn"), "h"
-                    self.ffn = ffn
-                elif ok:
-                    self.fused.ffn, self.fused.ffn_proj = cfm_ffn.Tuned(proj=ffn == "triton"), ffn == "triton"
+                if ok:
+                    # what the kernel takes: block_out's arguments ("o"), the block_proj
+                    # region's result ("x"), or the block_norm3 region's rows ("h")
+                    self.fused.ffn_input = {"triton": "o", "triton-noproj": "x", "triton-ffn": "h"}[ffn]
+                    self.fused.ffn = cfm_ffn.Tuned(kernel="ffn") if ffn == "triton-ffn" else cfm_ffn.Tuned(proj=ffn == "triton")
                     self.ffn = ffn
                 else:
                     log.warning("the fused feed-forward kernel does not run here (CUDA, bf16 and the estimator's "
@@ -408,16 +408,13 @@ class BatchedS3Gen:
         come first. The batches are launched back to back as in :meth:`synthesize`; between
         launches the finished ones are looked for without waiting (an event query), and the
         rest are waited for one by one at the end. The same audio as :meth:`synthesize`."""
-        toks = [self._as_tokens(t) for t in token_lists]
-        if seeds is not None and len(seeds) != len(toks):
-            raise ValueError(f"seeds has {len(seeds)} entries for {len(toks)} items")
+        toks = self._items(token_lists, None, None, seeds)
         empty = [(i, np.zeros(0, dtype=np.float32)) for i, t in enumerate(toks) if len(t) == 0]
         if empty:
             yield empty
         pending: list = []
-        for bucket, sub in self.batches([len(t) for t in toks], voice):
-            limit = self.batch_limit(bucket, voice)
-            pending.append(self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, None, None, seeds, True))
+        for res in self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True):
+            pending.append(res)
             while pending and (pending[0][3] is None or pending[0][3].query()):
                 idxs, host, lens, _ = pending.pop(0)
                 yield list(self._host_wavs(idxs, host, lens))
@@ -513,21 +510,27 @@ class BatchedS3Gen:
             sn_rows.append(F.pad(sn, (0, S - sn.shape[1])))
         return torch.stack(z_rows), torch.stack(ph_rows), torch.stack(sn_rows)
 
-    def _run(self, token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav):
+    def _items(self, token_lists, noise, source_noise, seeds) -> list:
+        """The items' tokens, checked, and the per-item lists checked against them."""
         toks = [self._as_tokens(t) for t in token_lists]
         n = len(toks)
         for name, lst in (("noise", noise), ("source_noise", source_noise), ("seeds", seeds)):
             if lst is not None and len(lst) != n:
                 raise ValueError(f"{name} has {len(lst)} entries for {n} items")
+        return toks
+
+    def _launch(self, toks, voice, n_timesteps, noise, source_noise, seeds, want_wav):
+        """Each padded batch's work launched in turn; yields :meth:`_run_batch`'s results."""
+        for bucket, sub in self.batches([len(t) for t in toks], voice):
+            limit = self.batch_limit(bucket, voice)
+            yield self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav)
+
+    def _run(self, token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav):
+        toks = self._items(token_lists, noise, source_noise, seeds)
         out: list = [
             np.zeros(0, dtype=np.float32) if want_wav else torch.zeros(80, 0, device=self.device) for _ in toks
         ]
-        pending = []
-        for bucket, sub in self.batches([len(t) for t in toks], voice):
-            limit = self.batch_limit(bucket, voice)
-            res = self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav)
-            pending.append(res)
-        return out, pending
+        return out, list(self._launch(toks, voice, n_timesteps, noise, source_noise, seeds, want_wav))
 
     def _run_batch(self, idxs, toks, voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav):
         B = len(toks)
