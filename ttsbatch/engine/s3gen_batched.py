@@ -407,7 +407,9 @@ class BatchedS3Gen:
         arrives at once, and the last collection's after the GPU's last kernel). Empty items
         come first. The batches are launched back to back as in :meth:`synthesize`; between
         launches the finished ones are looked for without waiting (an event query), and the
-        rest are waited for one by one at the end. The same audio as :meth:`synthesize`."""
+        rest are waited for one by one at the end. The same audio as :meth:`synthesize` (bit
+        for bit where the device's kernels are deterministic: on CUDA, with cuDNN's default
+        algorithms, two calls of either differ by ~1e-4)."""
         toks = self._items(token_lists, None, None, seeds)
         empty = [(i, np.zeros(0, dtype=np.float32)) for i, t in enumerate(toks) if len(t) == 0]
         if empty:
