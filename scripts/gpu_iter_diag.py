@@ -9,6 +9,7 @@ from ttsbatch.engine.model import load_model, write_random_checkpoint
 from ttsbatch.engine.s3gen_batched import BatchedS3Gen
 from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
+# the setup of tests/gpu/test_s3gen_gpu.py::test_synthesize_iter_on_a_side_stream_matches_synthesize, on purpose
 ck = write_random_checkpoint(tempfile.mkdtemp(), "tiny", seed=0)
 m = load_model(ck, "cuda")
 gen = VoiceCache(m).get(BUILTIN, 0.5).gen
