@@ -1,7 +1,16 @@
-"""Diagnose the synthesize_iter GPU test: is synthesize itself bit-reproducible on CUDA?
-Prints max |diff| per item for synthesize vs synthesize (run twice), and synthesize_iter vs
-synthesize, with cuDNN's deterministic flag off and on."""
-import sys, tempfile
+"""Is ``BatchedS3Gen.synthesize`` bit-reproducible on CUDA, and does ``synthesize_iter`` give
+its audio? Prints the largest |difference| per item between two ``synthesize`` calls, and
+between ``synthesize_iter`` and ``synthesize``, with cuDNN's deterministic algorithms off and
+on (the sixteenth session's diagnosis of the GPU test
+``test_synthesize_iter_on_a_side_stream_matches_synthesize``, whose setup this repeats).
+
+    python3 scripts/gpu_iter_diag.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+
 import numpy as np
 import torch
 
@@ -9,35 +18,30 @@ from ttsbatch.engine.model import load_model, write_random_checkpoint
 from ttsbatch.engine.s3gen_batched import BatchedS3Gen
 from ttsbatch.engine.voice import BUILTIN, VoiceCache
 
-# the setup of tests/gpu/test_s3gen_gpu.py::test_synthesize_iter_on_a_side_stream_matches_synthesize, on purpose
-ck = write_random_checkpoint(tempfile.mkdtemp(), "tiny", seed=0)
-m = load_model(ck, "cuda")
-gen = VoiceCache(m).get(BUILTIN, 0.5).gen
-s3 = BatchedS3Gen(m, buckets=(32, 64, 128), max_batch=2)
-v = s3.prepare_voice(gen)
-g = torch.Generator().manual_seed(4)
-lengths = [9, 40, 12, 33, 7]
-toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in lengths]
-seeds = [21, 22, 23, 24, 25]
 
-
-def diffs(a, b):
+def max_diffs(a: list[np.ndarray], b: list[np.ndarray]) -> list:
     return [float(np.abs(x - y).max()) if len(x) == len(y) else f"len {len(x)} vs {len(y)}" for x, y in zip(a, b)]
 
 
-for det in (False, True):
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=det, allow_tf32=torch.backends.cudnn.allow_tf32):
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            w1 = s3.synthesize(toks, v, 3, seeds=seeds)
-            w2 = s3.synthesize(toks, v, 3, seeds=seeds)
-            it = list(s3.synthesize_iter(toks, v, 3, seeds=seeds))
-        w3 = [None] * len(toks)
-        for b in it:
-            for i, w in b:
-                w3[i] = w
-        print(f"deterministic={det}: scale {max(float(np.abs(w).max()) for w in w1):.3g}", flush=True)
-        print("  synthesize twice:", diffs(w1, w2))
-        print("  iter vs synthesize:", diffs(w1, w3))
-        print("  batches:", [[i for i, _ in b] for b in it], [idx for _, idx in s3.batches(lengths, v)])
-sys.stdout.flush()
+def main() -> None:
+    model = load_model(write_random_checkpoint(tempfile.mkdtemp(), "tiny", seed=0), "cuda")
+    s3 = BatchedS3Gen(model, buckets=(32, 64, 128), max_batch=2)
+    v = s3.prepare_voice(VoiceCache(model).get(BUILTIN, 0.5).gen)
+    g = torch.Generator().manual_seed(4)
+    toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in (9, 40, 12, 33, 7)]
+    seeds = [21, 22, 23, 24, 25]
+    for det in (False, True):
+        flags = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=det, allow_tf32=torch.backends.cudnn.allow_tf32)
+        with flags, torch.cuda.stream(torch.cuda.Stream()):
+            first = s3.synthesize(toks, v, 3, seeds=seeds)
+            second = s3.synthesize(toks, v, 3, seeds=seeds)
+            batches = list(s3.synthesize_iter(toks, v, 3, seeds=seeds))
+        by_iter = dict(item for batch in batches for item in batch)
+        print(f"cuDNN deterministic={det}: waveforms peak at {max(float(np.abs(w).max()) for w in first):.3g}")
+        print("  synthesize twice:", max_diffs(first, second))
+        print("  synthesize_iter vs synthesize:", max_diffs(first, [by_iter[i] for i in range(len(toks))]))
+        print("  batches:", [[i for i, _ in b] for b in batches])
+
+
+if __name__ == "__main__":
+    main()
