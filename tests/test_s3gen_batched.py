@@ -212,13 +212,18 @@ def test_per_bucket_work_has_no_host_reads(monkeypatch, bs, voice):
 
         return f
 
+    from ttsbatch.engine.s3gen_batched import pack_layout
+
+    layout = pack_layout([2 * (voice.n_prompt_tokens + len(t)) for t in toks], T_mel, bs.pack_gap, "cpu")
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
     monkeypatch.setattr(torch, "tensor", forbidden("torch.tensor"))
     with torch.inference_mode():
         wav = bs.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps=2)
+        packed = bs.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps=2, layout=layout)  # the CFM packed
     monkeypatch.undo()
-    assert wav.shape == (2, S) and torch.isfinite(wav).all()
+    assert wav.shape == packed.shape == (2, S) and torch.isfinite(wav).all()
+    assert (packed - wav).abs().max().item() <= WAV_TOL
 
 
 @pytest.mark.gpu
@@ -456,3 +461,70 @@ def test_fused_ffn_kernel_in_the_estimator_matches_the_stock_decoder(model, proj
     f = bs.fused
     assert len(calls) == len(f.down[1]) + sum(len(b) for _, b in f.mid) + len(f.up[1])  # every block
     assert (got - ref).abs().max().item() <= 2e-3 and ref.abs().max().item() > 0.5
+
+
+# ---- the CFM over packed rows (PackedLayout) -------------------------------------------------
+
+
+def test_pack_layout_maps_every_item_frame_and_leaves_masked_gaps():
+    from ttsbatch.engine.s3gen_batched import pack_layout
+
+    L, T, gap = [5, 9, 1], 10, 2
+    lay = pack_layout(L, T, gap, "cpu", align=16)
+    assert lay.n == 32 and lay.max_len == 14  # 7 + 11 + 3 = 21 -> 32; the last range takes the tail
+    starts = [0, 7, 18]
+    cu, used = lay.bounds.tolist()
+    assert cu == starts + [32 + s for s in starts] + [64] and used == L + L + [64]
+    src, dst, m = lay.src.tolist(), lay.dst.tolist(), lay.mask[0, 0].tolist()
+    assert lay.mask.shape == (2, 1, 32) and torch.equal(lay.mask[0], lay.mask[1])
+    for b, (s, n) in enumerate(zip(starts, L)):
+        for f in range(T):
+            p = dst[b * T + f]
+            if f < n:  # an item frame: packed and back again
+                assert p == s + f and src[p] == b * T + f and m[p] == 1.0
+            else:  # past its end: the masked frame after it
+                assert p == s + n and m[p] == 0.0
+        assert m[s + n : s + n + gap] == [0.0] * gap  # the causal convs see zeros before the next item
+    assert sum(m) == sum(L)
+    with pytest.raises(ValueError):
+        pack_layout([3, 11], T, gap, "cpu")
+
+
+def test_packed_cfm_matches_stock(model, voice, case, stock):
+    """The CFM over the items end to end (a batch of mixed lengths, one bucket) gives stock's
+    mel and waveform, with the padded path's tolerances, and runs over fewer frames."""
+    packed, padded = BatchedS3Gen(model, pack=True), BatchedS3Gen(model, buckets=(128,))
+    assert packed.pack and packed.pack_gap == 2 and not padded.pack  # CPU: no flash attention, off unless asked
+    noise = [z[0] for z in case["z"]]
+    mels = packed.synthesize_mels(case["toks"], voice, STEPS, noise=noise)
+    for n, ref, got in zip(LENGTHS, stock[0], mels):
+        assert got.shape == ref.shape == (80, 2 * n)
+        diff = (got - ref).abs().max().item()
+        assert diff <= MEL_TOL, f"{n} tokens: packed mel differs by {diff}"
+    padded.synthesize_mels(case["toks"], voice, STEPS, noise=noise)
+    assert packed.times.batches == padded.times.batches == 1
+    frames = [2 * (voice.n_prompt_tokens + n) for n in LENGTHS]
+    assert packed.times.cfm_frames == -(-(sum(frames) + 2 * len(frames)) // 16) * 16
+    assert padded.times.cfm_frames == len(frames) * 2 * (voice.n_prompt_tokens + 64)
+    src = [(p, s[0]) for p, s in zip(case["phase"], case["sine"])]
+    wavs = packed.synthesize(case["toks"], voice, STEPS, noise=noise, source_noise=src)
+    for n, ref, got in zip(LENGTHS, stock[1], wavs):
+        assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= WAV_TOL
+
+
+def test_packed_items_need_the_gap(model, voice, case, stock):
+    """Without the masked frames between items, an item's first frames would see its
+    neighbour's last through the causal convs: the test above can fail."""
+    bs = BatchedS3Gen(model, pack=True)
+    bs.pack_gap = 0
+    mels = bs.synthesize_mels(case["toks"], voice, STEPS, noise=[z[0] for z in case["z"]])
+    assert max((got - ref).abs().max().item() for ref, got in zip(stock[0][1:], mels[1:])) > 100 * MEL_TOL
+
+
+def test_packing_needs_the_fused_estimator(model, monkeypatch):
+    from ttsbatch.engine import cfm_estimator
+
+    monkeypatch.setattr(cfm_estimator, "supported", lambda est: False)
+    with pytest.raises(ValueError, match="pack=True"):
+        BatchedS3Gen(model, pack=True)
+    assert not BatchedS3Gen(model).pack

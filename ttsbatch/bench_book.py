@@ -270,6 +270,7 @@ def run_book_bench(
     work = Path(tempfile.mkdtemp(prefix="ttsbatch-bench-"))
     output = output or work / "book.mp3"
     captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
+    frames0 = engine.s3.times.cfm_frames
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
         report = render_book(
@@ -293,6 +294,8 @@ def run_book_bench(
         t3=dict(engine.t3.stats), t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
+        # frames the CFM estimator ran over per CFG half in the book (padding or packing gaps included)
+        s3gen_pack=engine.s3.pack, s3gen_cfm_frames=engine.s3.times.cfm_frames - frames0,
         # CFM steps captured during the book (s3gen_graphs: one per shape; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,
         s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),

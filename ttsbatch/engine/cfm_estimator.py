@@ -320,6 +320,20 @@ def sdpa_attend(bias_bh1t: torch.Tensor, B: int, T: int):
     return attend
 
 
+def dense_attend(bias_b1tt: torch.Tensor, B: int, T: int):
+    """Attention over (B * T) rows with a full additive bias (B, 1, T, T): the portable path
+    for packed rows (``s3gen_batched.PackedLayout``: each item's queries over its own keys)."""
+
+    def attend(qkv, heads, scale):
+        inner = qkv.shape[-1] // 3
+        D = inner // heads
+        q, k, v = (t.reshape(B, T, heads, D).transpose(1, 2) for t in qkv.split(inner, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_b1tt.to(q.dtype), scale=scale)
+        return o.transpose(1, 2).reshape(B * T, inner)
+
+    return attend
+
+
 def flash_attend(flash, cu: torch.Tensor, used: torch.Tensor, T: int):
     """Varlen flash attention over the padded layout (row i's keys start at i * T; only its
     first ``used[i]`` are valid): the key-padding mask without a mask tensor."""

@@ -65,6 +65,7 @@ class FastEngine:
         s3gen_ffn: str = "region",
         s3gen_bucket_frames: int | None = None,
         s3gen_handoff: str = "collection",
+        s3gen_pack: bool | None = None,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -101,7 +102,10 @@ class FastEngine:
         to the caller a whole collection at a time ("collection": one host wait per
         collection) or a padded batch at a time as each batch's copy completes ("batch",
         ``BatchedS3Gen.synthesize_iter``: the caller stores and encodes the first batches
-        while the GPU renders the rest, so less is left after the GPU's last batch)."""
+        while the GPU renders the rest, so less is left after the GPU's last batch);
+        ``s3gen_pack``: the CFM estimator over each batch's items end to end, a few masked frames
+        between them, instead of rows padded to the batch's bucket (exact: ``PackedLayout``;
+        None: where the attention is varlen flash, as on CUDA)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -145,7 +149,7 @@ class FastEngine:
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
-            attention=s3gen_attention, ffn=s3gen_ffn, **bucket_kw,
+            attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, **bucket_kw,
         )
         if cuda:
             gib = 1 << 30

@@ -121,6 +121,56 @@ def item_noise(seed: int, cfm_frames: int, samples: int, device, harmonics: int 
 
 
 # ---------------------------------------------------------------------------------------------
+# The CFM's packed layout
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """A padded batch's items laid end to end for the CFM estimator, a ``gap`` of masked frames
+    after each: the estimator computes the items' own frames (and the gaps) instead of every
+    row up to the bucket's length. Exact, not an approximation: the estimator's convolutions
+    are causal with kernel ``gap + 1`` and every one of them reads its input through the mask,
+    so an item's first frame sees ``gap`` zeros before it, as the zero padding of a row of its
+    own gives it; LayerNorm and the feed-forward are per frame; the attention is varlen, each
+    item's queries (its frames and the gap after it) over its own frames only. Host-built
+    once per batch (the lengths are known when the batch is staged), so nothing is read back."""
+
+    src: torch.Tensor  # (N,) int64: each packed frame's flat index b * T + f in the padded batch (a gap: the item's frame 0, finite and masked)
+    dst: torch.Tensor  # (B * T,) int64: each padded frame's packed index (padding: the gap after the item, masked later)
+    mask: torch.Tensor  # (2, 1, N) fp32: 1 on the items' frames, 0 on the gaps and the tail; both CFG halves
+    bounds: torch.Tensor  # (2, 2B + 1) int32: [query/key range starts of both CFG halves, then 2N; keys used per range, then 2N]
+    max_len: int  # the longest range (an item and its gap): the attention's max_seqlen
+    n: int  # N, packed frames per CFG half
+
+
+def pack_layout(lengths: Sequence[int], T: int, gap: int, device, pin: bool = False, align: int = 16) -> PackedLayout:
+    """The :class:`PackedLayout` of items of ``lengths`` frames (each <= T) padded to ``T``."""
+    L = np.asarray(lengths, dtype=np.int64)
+    B = len(L)
+    if B == 0 or L.min() < 1 or L.max() > T:
+        raise ValueError(f"item lengths must be in [1, {T}], got {list(L)}")
+    span = L + gap
+    starts = np.concatenate([[0], np.cumsum(span)[:-1]])
+    N = -(-int(span.sum()) // align) * align
+    ends = np.append(starts[1:], N)  # the last range takes the tail
+    item = np.repeat(np.arange(B), ends - starts)  # (N,) the item each packed frame belongs to
+    off = np.arange(N) - starts[item]
+    valid = off < L[item]
+    src = item * T + np.where(valid, off, 0)
+    f = np.arange(T)
+    dst = (starts[:, None] + np.minimum(f[None, :], L[:, None])).reshape(-1)  # past the item's end: its gap's first frame
+    cu = np.concatenate([starts, N + starts, [2 * N]])
+    used = np.concatenate([L, L, [2 * N]])
+    buf = torch.from_numpy(np.concatenate([src, dst, valid.astype(np.int64), cu, used]))
+    if pin:
+        buf = buf.pin_memory()
+    buf = buf.to(device, non_blocking=pin)  # one copy per batch
+    src_d, dst_d, valid_d, bounds = torch.split(buf, [N, B * T, N, 2 * (2 * B + 1)])
+    mask = valid_d.to(torch.float32).view(1, 1, N).expand(2, 1, N).contiguous()
+    return PackedLayout(src_d, dst_d, mask, bounds.to(torch.int32).view(2, 2 * B + 1), int((ends - starts).max()), N)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -148,6 +198,7 @@ class StageTimes:
     hifigan: float = 0.0
     batches: int = 0
     items: int = 0
+    cfm_frames: int = 0  # frames the CFM estimator ran over per CFG half (padding or gaps included)
     graph_captures: int = 0  # CFM steps captured (``cuda_graphs``): one per (batch, bucket) shape
     capture_s: float = 0.0  # host seconds the captures took (recording the loop's launches)
 
@@ -183,6 +234,7 @@ class BatchedS3Gen:
         compile_encoder: bool = False,
         attention: str = "auto",
         ffn: str = "region",
+        pack: bool | None = None,
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -284,6 +336,18 @@ class BatchedS3Gen:
         if attention == "fa4" and self.attention != "fa4":
             log.warning("FlashAttention 4 is not usable here (flash-attn-4 missing, or not a Hopper GPU); S3Gen uses %s",
                         self.attention or "masked SDPA")
+        # the CFM over each batch's items end to end (PackedLayout) instead of padded rows: on
+        # the benchmark book ~1 estimator frame in 7 was padding (BENCHMARKS.md, fourteenth
+        # session). Needs the fused estimator; None: where the attention is varlen flash (the
+        # portable path's dense (N, N) bias is for tests), not with graphs or whole-stage
+        # compiling, whose shapes must repeat.
+        packable = self.fused is not None and not (compile or cuda_graphs)
+        if pack and not packable:
+            raise ValueError("pack=True needs the fused CFM estimator and neither compile nor cuda_graphs")
+        self.pack = packable and self.flash if pack is None else bool(pack)
+        # the masked frames after each packed item: the estimator's causal convs see this many
+        # frames back, which must be zeros, as a padded row's own start gives them
+        self.pack_gap = max([m.kernel_size[0] - 1 for m in est.modules() if isinstance(m, torch.nn.Conv1d)] + [0])
         # HiFiGAN after conv_pre as pure functions of prepared weights (vocoder), one region per
         # upsampling stage; compile_vocoder compiles them as compile_regions does the estimator's
         self.vocoder = vocoder.FusedVocoder(
@@ -548,12 +612,18 @@ class BatchedS3Gen:
         tokens, lengths = self._stage_tokens(toks, voice, n_tok)
         z, phase, sine = self._stage_noise(idxs, toks, voice, T_mel, S, noise, source_noise, seeds)
         item_frames = [voice.item_frames(len(t)) for t in toks[:B]]
+        layout = None
+        if self.pack:
+            layout = pack_layout([2 * (voice.n_prompt_tokens + len(t)) for t in toks], T_mel, self.pack_gap, self.device, self.is_cuda)
+            self.times.cfm_frames += layout.n
+        else:
+            self.times.cfm_frames += len(toks) * T_mel
         self.times.batches += 1
         self.times.items += B
         if not want_wav:
-            mel = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps, vocode=False)
+            mel = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps, vocode=False, layout=layout)
             return idxs[:B], mel[:B], item_frames, None
-        wav = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps)
+        wav = self.run_bucket(tokens, lengths, z, phase, sine, voice, n_timesteps, layout=layout)
         host = torch.empty((B, S), dtype=torch.float32, pin_memory=self.is_cuda)
         host.copy_(wav[:B], non_blocking=self.is_cuda)
         done = None  # on CUDA: recorded after the copy, for synthesize_iter
@@ -565,11 +635,16 @@ class BatchedS3Gen:
     # -----------------------------------------------------------------------------------------
     # The per-bucket work: device tensors in, device tensors out, no host syncs
 
-    def run_bucket(self, tokens, lengths, z, phase, sine, voice: VoiceRef, n_timesteps: int = 10, vocode: bool = True):
+    def run_bucket(
+        self, tokens, lengths, z, phase, sine, voice: VoiceRef, n_timesteps: int = 10, vocode: bool = True,
+        layout: PackedLayout | None = None,
+    ):
         """One padded batch: ``tokens`` (B, Pt + n) with the prompt in front, ``lengths`` (B,)
         prompt + item tokens, ``z`` (B, 80, 2(Pt + n)) CFM noise, ``phase`` (B, 9, 1) and
         ``sine`` (B, 9, samples) source noise. Returns (B, samples) audio, or with
-        ``vocode=False`` the (B, 80, item frames) mel (padded frames zero)."""
+        ``vocode=False`` the (B, 80, item frames) mel (padded frames zero). ``layout``: the
+        batch's :class:`PackedLayout` (its mel lengths, ``2 * lengths``), to run the CFM over
+        the items end to end instead of padded."""
         T_mel = tokens.shape[1] * 2
         Pm = voice.n_prompt_frames
         mel_len = 2 * lengths  # prompt + item mel frames (encoder output length)
@@ -577,9 +652,11 @@ class BatchedS3Gen:
         marks = [self._mark()]
         mu = self._enc_fn(tokens, lengths, self._pos_emb(0, tokens.shape[1]), self._pos_emb(1, T_mel))
         marks.append(self._mark())
-        mask = length_mask_f(mel_len, T_mel)
         cond = F.pad(voice.prompt_feat, (0, T_mel - Pm)).unsqueeze(0).expand(mu.shape[0], -1, -1)
-        x = self._cfm(z, mu, mask, voice.spks, cond, n_timesteps, mel_len)
+        if layout is not None:
+            x = self._cfm_packed(z, mu, voice.spks, cond, layout, n_timesteps)
+        else:
+            x = self._cfm(z, mu, length_mask_f(mel_len, T_mel), voice.spks, cond, n_timesteps, mel_len)
         mel = x[:, :, Pm:] * length_mask_f(item_len, T_mel - Pm)
         marks.append(self._mark())
         if not vocode:
@@ -713,10 +790,32 @@ class BatchedS3Gen:
             return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
         return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
 
-    def _cfm_loop(self, z, static, mask_in, bias, t_span, n_timesteps):
+    def _cfm_packed(self, z, mu, spks, cond, lay: PackedLayout, n_timesteps):
+        """:meth:`_cfm` over the batch's items end to end (``lay``, a :class:`PackedLayout`):
+        the same Euler steps with CFG on a (1, 80, N) state, the two CFG halves as two rows of
+        N frames; returns the padded (B, 80, T) result (past each item's end: a gap frame's
+        state, which the caller's item mask zeroes as it zeroes the padded rows')."""
+        B, C, T = mu.shape
+        N = lay.n
+        flat = torch.cat([z, mu, cond], dim=1).transpose(0, 1).reshape(3 * C, B * T)
+        g = flat.index_select(1, lay.src)  # (3C, N): noise, mu, prompt condition, packed
+        static = torch.zeros(2, 3 * C, N, device=mu.device, dtype=mu.dtype)  # the CFG half stays zero
+        static[0, :C] = g[C : 2 * C]
+        static[0, C : 2 * C] = spks.view(-1, 1)
+        static[0, 2 * C :] = g[2 * C :]
+        if self.flash:
+            bias = lay.bounds
+        else:  # each item's frames attend to its own valid frames only: a dense (2, 1, N, N) bias
+            seg = torch.div(lay.src, T, rounding_mode="floor")
+            ok = (seg.view(-1, 1) == seg.view(1, -1)) & (lay.mask[0, 0] > 0).view(1, -1)
+            bias = ((~ok).float() * -1.0e10).view(1, 1, N, N).expand(2, 1, N, N)
+        x = self._cfm_loop(g[:C].unsqueeze(0).contiguous(), static, lay.mask, bias, self._t_span(n_timesteps), n_timesteps, lay.max_len)
+        return x[0].index_select(1, lay.dst).view(C, B, T).transpose(0, 1)
+
+    def _cfm_loop(self, z, static, mask_in, bias, t_span, n_timesteps, q_len=None):
         x = z
         for k in range(n_timesteps):
-            x = self._step_fn(x, t_span[k : k + 1], t_span[k + 1 : k + 2], static, mask_in, bias)
+            x = self._step_fn(x, t_span[k : k + 1], t_span[k + 1 : k + 2], static, mask_in, bias, q_len)
         return x
 
     def _cfm_graphed(self, z, static, mask_in, bias, t_span, n_timesteps):
@@ -796,19 +895,20 @@ class BatchedS3Gen:
         self.graph_error = failure_line(e)
         log.warning("CUDA graph capture of the CFM loop %s failed (%s); going on without graphs", key, self.graph_error)
 
-    def _cfm_step(self, x, t, r, static, mask_in, bias):
-        """One Euler step with CFG (stock ``solve_euler``'s loop body); x stays fp32."""
+    def _cfm_step(self, x, t, r, static, mask_in, bias, q_len=None):
+        """One Euler step with CFG (stock ``solve_euler``'s loop body); x stays fp32.
+        ``q_len``: the attention's longest query range (packed rows), else the row length."""
         B = x.shape[0]
         x_in = torch.cat([x, x], dim=0)
         t_in = t.expand(2 * B)
         with self._autocast():
-            d = self._estimator(torch.cat([x_in, static], dim=1), mask_in, t_in, bias)
+            d = self._estimator(torch.cat([x_in, static], dim=1), mask_in, t_in, bias, q_len)
         d = d.float()
         d, dc = torch.split(d, [B, B], dim=0)
         d = (1.0 + self.cfg_rate) * d - self.cfg_rate * dc
         return x + (r - t) * d
 
-    def _estimator(self, x, mask, t, bias):
+    def _estimator(self, x, mask, t, bias, q_len=None):
         """``ConditionalDecoder.forward`` (chatterbox 0.1.7) on an already packed input
         [x | mu | spks | cond], with the attention bias given: stock derives it through
         ``add_optional_chunk_mask``, whose check calls ``.item()`` every block. The fused
@@ -816,7 +916,9 @@ class BatchedS3Gen:
         if self.fused is not None:
             B, _, T = x.shape
             if self.flash:
-                attend = cfm_estimator.flash_attend(self._flash, bias[0], bias[1, :-1], T)
+                attend = cfm_estimator.flash_attend(self._flash, bias[0], bias[1, :-1], q_len or T)
+            elif bias.dim() == 4:  # packed rows: a dense (B, 1, T, T) bias
+                attend = cfm_estimator.dense_attend(bias, B, T)
             else:
                 attend = cfm_estimator.sdpa_attend(bias, B, T)
             return self.fused(x, mask, t, attend)
