@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 
 import numpy as np
@@ -329,9 +330,18 @@ def test_fast_engine_overlapped_equals_sequential(model, conds):
     try:
         seq = FastEngine(model, s3gen_batch=2, overlap=False).synthesize(reqs, conds, gen)
         engine = FastEngine(model, s3gen_batch=2, overlap=True)
-        got = dict(engine.synthesize_stream(reqs, conds, gen))
+        got = {}
+        for i, res in engine.synthesize_stream(reqs, conds, gen):
+            got[i] = res
+            time.sleep(0.05)  # the caller's work with each result: the timeline's consumer time
+        done = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
+    # where the S3Gen thread's time went: T3 decoded before the first collection could start,
+    # S3Gen's batches were launched, the caller held each of the 4 results
+    tl = engine.timeline
+    assert tl.collections == 2 and tl.t3_wait_s > 0 and engine.s3.times.launch_s > 0
+    assert 0.2 <= tl.consumer_s < 1.0 and tl.t3_done_at is not None and tl.t3_done_at < done
     assert sorted(got) == [0, 1, 2, 3]
     for i in range(4):
         assert got[i].tokens == seq[i].tokens

@@ -271,6 +271,8 @@ def run_book_bench(
     output = output or work / "book.mp3"
     captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
     frames0 = engine.s3.times.cfm_frames
+    s3_host0 = engine.s3.times.launch_s, engine.s3.times.sync_s
+    engine.timeline = type(engine.timeline)()  # the book's own, not the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
         report = render_book(
@@ -296,6 +298,15 @@ def run_book_bench(
         s3gen_batches=engine.s3.times.batches, s3gen_attention=engine.s3.attention, engine_options=engine_options,
         # frames the CFM estimator ran over per CFG half in the book (padding or packing gaps included)
         s3gen_pack=engine.s3.pack, s3gen_cfm_frames=engine.s3.times.cfm_frames - frames0,
+        # the S3Gen thread's wall: waiting for T3's collections, launching S3Gen's work, waiting for
+        # its GPU results, and the pipeline's time with the results; when T3's thread was done
+        host_timeline=dict(
+            t3_wait_s=round(engine.timeline.t3_wait_s, 2),
+            s3gen_launch_s=round(engine.s3.times.launch_s - s3_host0[0], 2),
+            s3gen_sync_s=round(engine.s3.times.sync_s - s3_host0[1], 2),
+            consumer_s=round(engine.timeline.consumer_s, 2), collections=engine.timeline.collections,
+            t3_done_s=None if engine.timeline.t3_done_at is None else round(engine.timeline.t3_done_at - t0, 2),
+        ),
         # CFM steps captured during the book (s3gen_graphs: one per shape; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,
         s3gen_capture_s=round(engine.s3.times.capture_s - captures0[1], 2),

@@ -13,6 +13,8 @@ memory); S3Gen's activations live in the rest (its largest attention tensor capp
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -37,6 +39,19 @@ def speech_tokens_for_s3gen(tokens: Sequence[int]) -> list[int]:
     if eos in toks:
         toks = toks[: toks.index(eos)]
     return [t for t in toks if t < SPEECH_VOCAB_SIZE]
+
+
+@dataclass
+class HostTimeline:
+    """Where the S3Gen (consumer) thread's wall time goes, summed over calls, from
+    ``time.perf_counter``: with S3Gen's own launch and wait times (``StageTimes.launch_s``,
+    ``sync_s``), the split that tells a book run held up by T3 from one held up by S3Gen's
+    launches or its GPU work, without a profiler (``bench`` reports it)."""
+
+    t3_wait_s: float = 0.0  # blocked on T3's next collection (T3 is behind)
+    consumer_s: float = 0.0  # the caller's time between results (the pipeline storing and encoding)
+    collections: int = 0
+    t3_done_at: float | None = None  # perf_counter when T3's thread handed over its last collection
 
 
 class FastEngine:
@@ -166,6 +181,7 @@ class FastEngine:
             self.s3.max_attn_bytes = int(attn_gib * (1 << 30))
         self._voice_key = None
         self._voice = None
+        self.timeline = HostTimeline()
 
     def regions(self) -> dict:
         """The engine's compiled-region sets by name (``engine.regions.Regions``): what warm-up
@@ -222,14 +238,26 @@ class FastEngine:
     ) -> Iterator[tuple[int, SynthesisResult]]:
         """``(request index, result)`` for each request, a batch of S3Gen at a time."""
         voice = self.voice_ref(conds)
+        tl = self.timeline
         groups = self._s3gen_batches(requests, conds, gen)
         if self.overlap:
-            groups = _ahead(groups, self._t3_stream)
-        for items in groups:
+            groups = _ahead(groups, self._t3_stream, timeline=tl)
+        while True:
+            t = time.perf_counter()
+            items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
+            tl.t3_wait_s += time.perf_counter() - t
+            if items is None:
+                if not self.overlap:
+                    tl.t3_done_at = time.perf_counter()
+                return
             if not items[0][1]:
                 yield items[0][0], SynthesisResult(np.zeros(0, dtype=np.float32), 0)
                 continue
-            yield from self._vocode(items, requests, voice, gen)
+            tl.collections += 1
+            for res in self._vocode(items, requests, voice, gen):
+                t = time.perf_counter()
+                yield res
+                tl.consumer_s += time.perf_counter() - t
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
         results: list[SynthesisResult | None] = [None] * len(requests)
@@ -277,11 +305,12 @@ class FastEngine:
 _END = object()
 
 
-def _ahead(items: Iterator, stream=None, depth: int = 2) -> Iterator:
+def _ahead(items: Iterator, stream=None, depth: int = 2, timeline: HostTimeline | None = None) -> Iterator:
     """``items``, produced on a thread of their own (on CUDA ``stream``) up to ``depth`` ahead.
 
     The producer's exceptions are raised in the consumer; closing the consumer early (an
     error downstream, an interrupt) stops the producer at its next item and waits for it.
+    ``timeline``: its ``t3_done_at`` is set when the producer has made its last item.
     """
     import queue
     import threading
@@ -308,6 +337,8 @@ def _ahead(items: Iterator, stream=None, depth: int = 2) -> Iterator:
                 for x in items:
                     if not put((x, None)):
                         return
+                if timeline is not None:
+                    timeline.t3_done_at = time.perf_counter()
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             put((_END, e))
             return

@@ -198,6 +198,8 @@ class StageTimes:
     hifigan: float = 0.0
     batches: int = 0
     items: int = 0
+    launch_s: float = 0.0  # host seconds launching batches (staging and the per-bucket work's Python)
+    sync_s: float = 0.0  # host seconds waiting for the device's results (the call's one wait, or a batch's)
     cfm_frames: int = 0  # frames the CFM estimator ran over per CFG half (padding or gaps included)
     graph_captures: int = 0  # CFM steps captured (``cuda_graphs``): one per (batch, bucket) shape
     capture_s: float = 0.0  # host seconds the captures took (recording the loop's launches)
@@ -453,9 +455,13 @@ class BatchedS3Gen:
         stock's SineGen draws them. Items without injected noise draw it from ``seeds[i]``
         (default 0) through :func:`item_noise`.
         """
+        t0 = time.perf_counter()
         out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
+        t1 = time.perf_counter()
         if self.is_cuda and pending:
             torch.cuda.current_stream(self.device).synchronize()  # the one wait of the call
+        self.times.launch_s += t1 - t0
+        self.times.sync_s += time.perf_counter() - t1
         for idxs, host, lens, _ in pending:
             for i, wav in self._host_wavs(idxs, host, lens):
                 out[i] = wav
@@ -479,14 +485,22 @@ class BatchedS3Gen:
         if empty:
             yield empty
         pending: list = []
-        for res in self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True):
+        launches = self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True)
+        while True:
+            t0 = time.perf_counter()
+            res = next(launches, None)
+            self.times.launch_s += time.perf_counter() - t0
+            if res is None:
+                break
             pending.append(res)
             while pending and (pending[0][3] is None or pending[0][3].query()):
                 idxs, host, lens, _ = pending.pop(0)
                 yield list(self._host_wavs(idxs, host, lens))
         for idxs, host, lens, done in pending:
             if done is not None:
+                t0 = time.perf_counter()
                 done.synchronize()
+                self.times.sync_s += time.perf_counter() - t0
             yield list(self._host_wavs(idxs, host, lens))
 
     @staticmethod
