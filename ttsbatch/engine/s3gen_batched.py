@@ -14,6 +14,9 @@ own frames only (then stock's 40 ms trim/fade-in). Padding never leaks into an i
   sees zeros past each item's end, as stock's ``F.pad`` gives it (padded frames are zeroed
   first); the rest is per-frame or causal.
 - CFM estimator: causal convs, per-frame LayerNorm, attention with the padded keys masked.
+  Where its attention is varlen flash (CUDA) it runs over the batch's items end to end
+  instead (:class:`PackedLayout`: a few masked frames between items, each item's queries
+  over its own keys): no padded frames at all, the same result (tested against stock).
 - HiFiGAN: every conv's output is zeroed past the item's end at its resolution, so the next
   conv's zero padding is what stock sees; the source STFT reflect-pads at each item's own end;
   the inverse STFT's window envelope counts only the item's frames. So batched HiFiGAN equals
@@ -411,8 +414,8 @@ class BatchedS3Gen:
         items skipped: longest first, each batch as many neighbours by length as its bucket
         allows, the sizes evened out (300 items at 64 a batch: 5 of 60, not 4 of 64 and one
         of 44). A batch is padded to its longest item's bucket, so shorter items pay for a few
-        padded frames; that is cheap beside the voice prompt every item carries (~500
-        frames), while batches of one bucket each would be small (a collection of 256
+        padded frames in the encoder and HiFiGAN (and in the CFM unless it packs: ``pack``);
+        that is cheap beside the voice prompt every item carries (~500 frames), while batches of one bucket each would be small (a collection of 256
         chunks spreads over ~15 buckets) and a small batch uses the GPU poorly (H100: 169
         audio-s/s at batch 16, 247 at 64)."""
         order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
