@@ -23,6 +23,17 @@ def cuda_model(tiny_checkpoint):
     return load_model(tiny_checkpoint, "cuda")
 
 
+def _staged_batch(s3, v, n_tok: int = 64):
+    """Two items staged as a batch is (tokens, lengths, CFM noise, source phase and noise), for
+    running ``run_bucket`` directly: the per-bucket work alone, e.g. under no_host_sync."""
+    toks = [list(range(1, 40)), list(range(300, 320))]
+    tokens, lens = s3._stage_tokens(toks, v, n_tok)
+    T_mel = 2 * tokens.shape[1]
+    S = (T_mel - v.n_prompt_frames) * 480
+    z, phase, sine = s3._stage_noise([0, 1], toks, v, T_mel, S, None, None, [0, 1])
+    return toks, (tokens, lens, z, phase, sine)
+
+
 def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync):
     from torch._dynamo.utils import counters
 
@@ -52,11 +63,7 @@ def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync)
     assert counters["stats"]["unique_graphs"] == len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS)  # beside cfm_ffn only
     assert not counters["graph_break"] and not counters["recompiles"]
     # the compiled per-bucket work does not sync with the host
-    toks = [list(range(1, 40)), list(range(300, 320))]
-    tokens, lens = comp._stage_tokens(toks, v, 64)
-    T_mel = 2 * tokens.shape[1]
-    S = (T_mel - v.n_prompt_frames) * 480
-    z, phase, sine = comp._stage_noise([0, 1], toks, v, T_mel, S, None, None, [0, 1])
+    _, (tokens, lens, z, phase, sine) = _staged_batch(comp, v)
     with torch.inference_mode():
         comp.run_bucket(tokens, lens, z, phase, sine, v, n_timesteps=2)
         with no_host_sync():
@@ -440,12 +447,8 @@ def test_packed_cfm_matches_padded_and_compiles_once(cuda_model, no_host_sync, a
             assert torch.isfinite(b).all() and (a - b).abs().max().item() <= 0.02 * scale
     assert packed.times.cfm_frames < padded.times.cfm_frames
     assert not counters["graph_break"] and not counters["recompiles"]
-    toks = [list(range(1, 40)), list(range(300, 320))]
-    tokens, lens = packed._stage_tokens(toks, v, 64)
-    T_mel = 2 * tokens.shape[1]
-    S = (T_mel - v.n_prompt_frames) * 480
-    z, phase, sine = packed._stage_noise([0, 1], toks, v, T_mel, S, None, None, [0, 1])
-    lay = pack_layout([2 * (v.n_prompt_tokens + len(t)) for t in toks], T_mel, packed.pack_gap, "cuda", True)
+    toks, (tokens, lens, z, phase, sine) = _staged_batch(packed, v)
+    lay = pack_layout([2 * (v.n_prompt_tokens + len(t)) for t in toks], 2 * tokens.shape[1], packed.pack_gap, "cuda", True)
     with torch.inference_mode():
         ref = packed.run_bucket(tokens, lens, z, phase, sine, v, n_timesteps=2)
         with no_host_sync():
