@@ -215,7 +215,9 @@ class BatchedS3Gen:
     weights shared with the stock path). ``buckets``: item mel-frame lengths (even).
     ``max_batch``: most items per forward; ``max_attn_gib`` caps the size of one attention-score
     tensor of the encoder's upsampled stack (batch × 8 heads × frames² fp32, its largest
-    activation), which lowers the batch of long buckets.
+    activation), which lowers the batch of long buckets. ``pack``: the CFM over each batch's
+    items end to end (:class:`PackedLayout`) instead of padded rows; None: where the attention
+    is varlen flash and neither ``compile`` nor ``cuda_graphs`` is on.
     """
 
     def __init__(
