@@ -188,7 +188,7 @@ def run_book_bench(
     import torch
 
     from .config import load_options
-    from .engine.fast import FastEngine
+    from .engine.fast import FastEngine, HostTimeline
     from .engine.model import describe, load_model, pick_device
     from .engine.stock import StockEngine, SynthesisRequest
     from .engine.voice import BUILTIN, VoiceCache
@@ -272,7 +272,7 @@ def run_book_bench(
     captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
     frames0 = engine.s3.times.cfm_frames
     s3_host0 = engine.s3.times.launch_s, engine.s3.times.sync_s
-    engine.timeline = type(engine.timeline)()  # the book's own, not the warm-up's
+    engine.timeline = HostTimeline()  # the book's own, not the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
         report = render_book(

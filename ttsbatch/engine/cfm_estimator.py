@@ -306,29 +306,17 @@ class FusedEstimator:
         return r.final(x, mask, *self.final, eps=self.final_eps)
 
 
-def sdpa_attend(bias_bh1t: torch.Tensor, B: int, T: int):
-    """Attention over (B * T) rows with an additive key bias (B * heads, 1, T) (stock's mask):
-    the portable path (CPU, or no flash kernel)."""
+def sdpa_attend(bias: torch.Tensor, B: int, T: int):
+    """Attention over (B * T) rows with an additive bias: the portable path (CPU, or no flash
+    kernel). ``bias`` is stock's key bias (B * heads, 1, T), or a full (B, 1, T, T) one for
+    packed rows (``s3gen_batched.PackedLayout``: each item's queries over its own keys)."""
 
     def attend(qkv, heads, scale):
         inner = qkv.shape[-1] // 3
         D = inner // heads
         q, k, v = (t.reshape(B, T, heads, D).transpose(1, 2) for t in qkv.split(inner, dim=-1))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_bh1t.view(B, heads, 1, T).to(q.dtype), scale=scale)
-        return o.transpose(1, 2).reshape(B * T, inner)
-
-    return attend
-
-
-def dense_attend(bias_b1tt: torch.Tensor, B: int, T: int):
-    """Attention over (B * T) rows with a full additive bias (B, 1, T, T): the portable path
-    for packed rows (``s3gen_batched.PackedLayout``: each item's queries over its own keys)."""
-
-    def attend(qkv, heads, scale):
-        inner = qkv.shape[-1] // 3
-        D = inner // heads
-        q, k, v = (t.reshape(B, T, heads, D).transpose(1, 2) for t in qkv.split(inner, dim=-1))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_b1tt.to(q.dtype), scale=scale)
+        mask = bias if bias.dim() == 4 else bias.view(B, heads, 1, T)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
         return o.transpose(1, 2).reshape(B * T, inner)
 
     return attend

@@ -140,7 +140,7 @@ class PackedLayout:
 
     src: torch.Tensor  # (N,) int64: each packed frame's flat index b * T + f in the padded batch (a gap: the item's frame 0, finite and masked)
     dst: torch.Tensor  # (B * T,) int64: each padded frame's packed index (padding: the gap after the item, masked later)
-    mask: torch.Tensor  # (2, 1, N) fp32: 1 on the items' frames, 0 on the gaps and the tail; both CFG halves
+    mask: torch.Tensor  # (1, 1, N) fp32: 1 on the items' frames, 0 on the gaps and the tail
     bounds: torch.Tensor  # (2, 2B + 1) int32: [query/key range starts of both CFG halves, then 2N; keys used per range, then 2N]
     max_len: int  # the longest range (an item and its gap): the attention's max_seqlen
     n: int  # N, packed frames per CFG half
@@ -169,8 +169,7 @@ def pack_layout(lengths: Sequence[int], T: int, gap: int, device, pin: bool = Fa
         buf = buf.pin_memory()
     buf = buf.to(device, non_blocking=pin)  # one copy per batch
     src_d, dst_d, valid_d, bounds = torch.split(buf, [N, B * T, N, 2 * (2 * B + 1)])
-    mask = valid_d.to(torch.float32).view(1, 1, N).expand(2, 1, N).contiguous()
-    return PackedLayout(src_d, dst_d, mask, bounds.to(torch.int32).view(2, 2 * B + 1), int((ends - starts).max()), N)
+    return PackedLayout(src_d, dst_d, valid_d.to(torch.float32).view(1, 1, N), bounds.to(torch.int32).view(2, 2 * B + 1), int((ends - starts).max()), N)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +416,9 @@ class BatchedS3Gen:
         allows, the sizes evened out (300 items at 64 a batch: 5 of 60, not 4 of 64 and one
         of 44). A batch is padded to its longest item's bucket, so shorter items pay for a few
         padded frames in the encoder and HiFiGAN (and in the CFM unless it packs: ``pack``);
-        that is cheap beside the voice prompt every item carries (~500 frames), while batches of one bucket each would be small (a collection of 256
-        chunks spreads over ~15 buckets) and a small batch uses the GPU poorly (H100: 169
+        that is cheap beside the voice prompt every item carries (~500 frames), while
+        batches of one bucket each would be small (a collection of 256 chunks spreads over
+        ~15 buckets) and a small batch uses the GPU poorly (H100: 169
         audio-s/s at batch 16, 247 at 64)."""
         order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
         out = []
@@ -778,12 +778,14 @@ class BatchedS3Gen:
             self._t_span_cache[n_timesteps] = t
         return self._t_span_cache[n_timesteps]
 
-    def _cfm(self, z, mu, mask, spks, cond, n_timesteps, lengths=None):
+    def _cfm(self, z, mu, mask, spks, cond, n_timesteps, lengths=None, bias=None, q_len=None):
         """Stock ``CausalConditionalCFM.solve_euler`` with CFG, batched. The CFG inputs that do
         not change over the steps (mu, speaker, prompt condition, masks) are packed once.
         ``lengths`` (B,): valid frames per row (else read off ``mask``, on the device).
         With flash attention the attention argument passed down is not a bias but the int32
-        (2, 2B + 1) pair [row starts, valid keys per row] (see ``_estimator``)."""
+        (2, 2B + 1) pair [row starts, valid keys per row] (see ``_estimator``). ``bias`` and
+        ``q_len``: that argument and the longest query range given, for rows that are not one
+        item each (:meth:`_cfm_packed`)."""
         B, _, T = mu.shape
         zeros = torch.zeros_like(mu)
         spk = spks.view(1, -1, 1).expand(B, -1, T)
@@ -792,43 +794,40 @@ class BatchedS3Gen:
             dim=0,
         )  # (2B, 240, T): [mu | spks | cond] for the conditional half, zeros for the CFG half
         mask_in = torch.cat([mask, mask], dim=0)
-        if self.flash:
-            if lengths is None:
-                lengths = mask[:, 0].sum(-1).long()
-            # varlen flash attention over the padded layout: row i's queries and keys start at
-            # i * T, and only its first ``lengths[i]`` keys are used (seqused_k): a key-padding
-            # mask without a mask tensor, so the fast kernel applies.
-            cu = torch.arange(0, (2 * B + 1) * T, T, device=mu.device, dtype=torch.int32)
-            used = torch.cat([lengths, lengths]).to(torch.int32)
-            bias = torch.stack([cu[:-1], used])  # (2, 2B) int32, unpacked in _estimator
-            bias = torch.cat([bias, cu[-1:].expand(2, 1)], dim=1)  # keep cu's end: (2, 2B + 1)
-        else:
-            bias = attention_bias(mask_in, self.heads)
+        if bias is None:
+            if self.flash:
+                if lengths is None:
+                    lengths = mask[:, 0].sum(-1).long()
+                # varlen flash attention over the padded layout: row i's queries and keys start at
+                # i * T, and only its first ``lengths[i]`` keys are used (seqused_k): a key-padding
+                # mask without a mask tensor, so the fast kernel applies.
+                cu = torch.arange(0, (2 * B + 1) * T, T, device=mu.device, dtype=torch.int32)
+                used = torch.cat([lengths, lengths]).to(torch.int32)
+                bias = torch.stack([cu[:-1], used])  # (2, 2B) int32, unpacked in _estimator
+                bias = torch.cat([bias, cu[-1:].expand(2, 1)], dim=1)  # keep cu's end: (2, 2B + 1)
+            else:
+                bias = attention_bias(mask_in, self.heads)
         t_span = self._t_span(n_timesteps)
         if self.cuda_graphs and self.graph_error is None:
             return self._cfm_graphed(z, static, mask_in, bias, t_span, n_timesteps)
-        return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps)
+        return self._cfm_loop(z, static, mask_in, bias, t_span, n_timesteps, q_len)
 
     def _cfm_packed(self, z, mu, spks, cond, lay: PackedLayout, n_timesteps):
         """:meth:`_cfm` over the batch's items end to end (``lay``, a :class:`PackedLayout`):
-        the same Euler steps with CFG on a (1, 80, N) state, the two CFG halves as two rows of
-        N frames; returns the padded (B, 80, T) result (past each item's end: a gap frame's
-        state, which the caller's item mask zeroes as it zeroes the padded rows')."""
+        the same Euler steps with CFG on one row of N frames (two with the CFG half); returns
+        the padded (B, 80, T) result (past each item's end: a gap frame's state, which the
+        caller's item mask zeroes as it zeroes the padded rows')."""
         B, C, T = mu.shape
         N = lay.n
         flat = torch.cat([z, mu, cond], dim=1).transpose(0, 1).reshape(3 * C, B * T)
-        g = flat.index_select(1, lay.src)  # (3C, N): noise, mu, prompt condition, packed
-        static = torch.zeros(2, 3 * C, N, device=mu.device, dtype=mu.dtype)  # the CFG half stays zero
-        static[0, :C] = g[C : 2 * C]
-        static[0, C : 2 * C] = spks.view(-1, 1)
-        static[0, 2 * C :] = g[2 * C :]
+        zp, mup, condp = flat.index_select(1, lay.src).unsqueeze(0).split(C, dim=1)  # (1, C, N) each, packed
         if self.flash:
             bias = lay.bounds
         else:  # each item's frames attend to its own valid frames only: a dense (2, 1, N, N) bias
             seg = torch.div(lay.src, T, rounding_mode="floor")
-            ok = (seg.view(-1, 1) == seg.view(1, -1)) & (lay.mask[0, 0] > 0).view(1, -1)
+            ok = (seg.view(-1, 1) == seg.view(1, -1)) & (lay.mask.view(1, N) > 0)
             bias = ((~ok).float() * -1.0e10).view(1, 1, N, N).expand(2, 1, N, N)
-        x = self._cfm_loop(g[:C].unsqueeze(0).contiguous(), static, lay.mask, bias, self._t_span(n_timesteps), n_timesteps, lay.max_len)
+        x = self._cfm(zp.contiguous(), mup, lay.mask, spks, condp, n_timesteps, bias=bias, q_len=lay.max_len)
         return x[0].index_select(1, lay.dst).view(C, B, T).transpose(0, 1)
 
     def _cfm_loop(self, z, static, mask_in, bias, t_span, n_timesteps, q_len=None):
@@ -936,8 +935,6 @@ class BatchedS3Gen:
             B, _, T = x.shape
             if self.flash:
                 attend = cfm_estimator.flash_attend(self._flash, bias[0], bias[1, :-1], q_len or T)
-            elif bias.dim() == 4:  # packed rows: a dense (B, 1, T, T) bias
-                attend = cfm_estimator.dense_attend(bias, B, T)
             else:
                 attend = cfm_estimator.sdpa_attend(bias, B, T)
             return self.fused(x, mask, t, attend)
