@@ -41,6 +41,7 @@ import copy
 import functools
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -57,6 +58,10 @@ log = logging.getLogger("ttsbatch")
 LEN_BUCKET = 256  # KV length granularity of captured graphs (and of the cache's max_len)
 MAX_ROWS = 256  # never more rows than this, whatever the memory
 CPU_ROWS = 8  # default rows on the CPU
+# Below this much free GPU memory a decode-step capture first empties the allocator's cache:
+# while capturing, the allocator cannot free cached blocks to make room (a step's graph
+# needs tens of MB at 256 rows), and emptying it costs the other thread's allocations
+CAPTURE_FREE_BYTES = 1 << 30
 RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
 # Most (sequences x padded length) per prefill forward: its activations must fit the margin
 # pick_rows leaves (1 GiB under --max-vram; at 24k tokens they overshot a cap by 0.22 GiB on
@@ -691,7 +696,7 @@ class FastT3:
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
-        self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, prefills=0, compactions=0)
+        self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, capture_s=0.0, prefills=0, compactions=0)
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -845,11 +850,22 @@ class FastT3:
 
     def _graph_of(self, run):
         """``run`` (no arguments) run twice on a side stream (compiling, allocating), then
-        captured: the replay. ``use_graphs="emulate"``: the two runs, then ``run`` itself."""
+        captured on it: the replay. ``use_graphs="emulate"``: the two runs, then ``run`` itself.
+
+        Captured with ``capture_begin``/``capture_end``, not ``torch.cuda.graph``: that one
+        first synchronizes the whole device (waiting for S3Gen's queued batches on the other
+        thread), empties the allocator's cache (S3Gen's next batch then allocates its
+        activations from the driver again) and frees the pinned host blocks (S3Gen's output
+        copies). A book meets ~11 new T3 shapes mid-run (its rows thin out as chunks finish),
+        each one those three stalls; the capture needs none of them: its stream is a fresh side
+        stream with only this thread's warm-up runs on it, and its memory comes from the
+        graphs' own pool. ``stats["capture_s"]``: the host seconds captures took."""
+        t0 = time.perf_counter()
         if self.use_graphs == "emulate":
             for _ in range(2):
                 run()
             self.stats["graphs_captured"] += 1
+            self.stats["capture_s"] += time.perf_counter() - t0
             return run
         cur = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
@@ -857,19 +873,29 @@ class FastT3:
         with torch.cuda.stream(stream):
             for _ in range(2):
                 run()
-        cur.wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if free < CAPTURE_FREE_BYTES:  # a capture cannot return cached blocks to the driver
+            empty_cache()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture forbids unsafe calls (allocations, syncs) in this
         # thread only, so S3Gen and Perth keep running beside it on their own streams
         # (the default "global" mode made every capture wait for them: 14.5 s of a
         # 2-hour book, py-spy on an H100)
-        # ... and holds capture_lock, so S3Gen's capture and this one's synchronize and
-        # empty_cache (inside torch.cuda.graph) never overlap (see engine/capture.py)
-        with capture_lock, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            run()
+        # ... and holds capture_lock, so that no other thread's device-wide synchronize or
+        # empty_cache (S3Gen's capture, T3's sizing) runs beside it (see engine/capture.py)
+        try:
+            with capture_lock, torch.cuda.stream(stream):
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+                try:
+                    run()
+                finally:
+                    graph.capture_end()
+        finally:
+            cur.wait_stream(stream)  # the warm-up runs' writes come before the replays
         self.stats["graphs_captured"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
         return graph.replay
 
     def _graphs_failed(self, e: Exception, what: str) -> None:
