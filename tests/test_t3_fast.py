@@ -394,6 +394,88 @@ def test_ahead_passes_items_errors_and_stops_its_thread():
     assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
 
 
+def test_ready_groups_hand_over_what_is_made_once_enough_is():
+    """``_ready_groups`` (``s3gen_take="ready"``): a group is everything made so far, up to
+    ``most``, as soon as ``least`` are there, without waiting for ``most``; the producer's
+    error comes after its items; closing the consumer stops the producer's thread."""
+    import threading
+
+    from ttsbatch.engine.fast import HostTimeline, _ready_groups
+
+    go, made = threading.Event(), threading.Event()
+
+    def producer():
+        yield from range(3)
+        go.wait(10)  # T3 decoding: nothing more finishes until the test says so
+        yield from range(3, 15)
+        made.set()
+
+    tl = HostTimeline()
+    it = _ready_groups(producer(), least=3, most=10, timeline=tl)
+    assert next(it) == [0, 1, 2]  # not a full group of 10: what there is
+    go.set()
+    assert made.wait(10)
+    assert next(it) == list(range(3, 13))  # at most 10
+    assert next(it) == [13, 14]  # the producer is done: fewer than least
+    assert next(it, None) is None and tl.t3_done_at is not None
+
+    def failing():
+        yield from (1, 2)
+        raise ValueError("t3 broke")
+
+    it = _ready_groups(failing(), least=1)
+    got = []
+    with pytest.raises(ValueError, match="t3 broke"):
+        for group in it:
+            got += group
+    assert got == [1, 2]
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    it = _ready_groups(endless(), least=2, most=4)
+    assert 2 <= len(next(it)) <= 4
+    it.close()
+    assert closed.is_set()
+    assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
+
+
+def test_fast_engine_taking_ready_chunks_equals_sequential(model, conds):
+    """``s3gen_take="ready"``: S3Gen's collections are whatever T3 has finished (one batch's
+    worth at least, ``s3gen_collect`` at most), and every chunk gets the sequential engine's
+    tokens and, within 1e-5 of its range, its audio (collections made differently put a
+    chunk in other batches; fp32 on the CPU)."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    texts = ["One two three.", "Four.", "Five six.", "Seven.", "Eight nine ten.", "Eleven."]
+    reqs = [SynthesisRequest(t, 70 + i, 3 + (5 * i) % 8) for i, t in enumerate(texts)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = FastEngine(model, s3gen_batch=2, overlap=False).synthesize(reqs, conds, gen)
+        engine = FastEngine(model, s3gen_batch=2, s3gen_collect=3, overlap=True, s3gen_take="ready")
+        got = dict(engine.synthesize_stream(reqs, conds, gen))
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == list(range(6))
+    assert engine.timeline.collections >= 2 and engine.s3.times.items == sum(1 for r in seq if r.tokens)  # empty ones skip S3Gen
+    for i in range(6):
+        assert got[i].tokens == seq[i].tokens and got[i].wav.shape == seq[i].wav.shape
+        scale = float(np.abs(seq[i].wav).max(initial=0.0))
+        np.testing.assert_allclose(got[i].wav, seq[i].wav, rtol=0, atol=1e-5 * max(scale, 1e-6))
+    with pytest.raises(ValueError, match="s3gen_take"):
+        FastEngine(model, s3gen_take="greedy")
+
+
 def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, fast):
     """Rows are refilled in groups of ``refill_min`` (fewer prefills); a request's tokens do not
     depend on when it started."""

@@ -81,6 +81,7 @@ class FastEngine:
         s3gen_bucket_frames: int | None = None,
         s3gen_handoff: str = "collection",
         s3gen_pack: bool | None = None,
+        s3gen_take: str = "full",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -120,7 +121,14 @@ class FastEngine:
         while the GPU renders the rest, so less is left after the GPU's last batch);
         ``s3gen_pack``: the CFM estimator over each batch's items end to end, a few masked frames
         between them, instead of rows padded to the batch's bucket (exact: ``PackedLayout``;
-        None: where the attention is varlen flash, as on CUDA)."""
+        None: where the attention is varlen flash, as on CUDA); ``s3gen_take``: when S3Gen's
+        next collection starts, with ``overlap``: "full" waits until ``s3gen_collect`` chunks
+        have finished (the first collection: one batch); "ready" takes every finished chunk, up
+        to ``s3gen_collect``, as soon as S3Gen is free and at least one batch's worth have
+        finished (or T3 is done), so S3Gen does not wait for T3 while a batch's worth is
+        there (a 2-hour book on an H200 waited 3.5-8.3 s for full collections, seventeenth
+        and eighteenth sessions); in steady state, with S3Gen the slower side, both make
+        full collections. Without ``overlap`` both are "full"."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -150,6 +158,9 @@ class FastEngine:
         if s3gen_handoff not in ("collection", "batch"):
             raise ValueError(f"s3gen_handoff must be 'collection' or 'batch', got {s3gen_handoff!r}")
         self.handoff = s3gen_handoff
+        if s3gen_take not in ("full", "ready"):
+            raise ValueError(f"s3gen_take must be 'full' or 'ready', got {s3gen_take!r}")
+        self.take = s3gen_take
         bucket_kw = {}
         if s3gen_bucket_frames is not None:
             from .s3gen_batched import DEFAULT_BUCKETS
@@ -215,14 +226,18 @@ class FastEngine:
             sort=False,  # the caller's order (document order): chunks finish about when the track needs them
         )
 
+    def _finished(self, requests, conds, gen) -> Iterator[tuple[int, list[int]]]:
+        """T3's finished requests as they finish: ``(index, tokens cleaned for S3Gen)``."""
+        for i, tokens in self.speech_token_stream(requests, conds, gen):
+            yield i, speech_tokens_for_s3gen(tokens)
+
     def _s3gen_batches(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
         """T3's finished requests grouped for S3Gen: ``[(index, cleaned tokens), ...]``.
 
         A request with nothing left to say comes as a group of its own with empty tokens."""
         waiting: list[tuple[int, list[int]]] = []
         want = self.s3gen_batch  # the first collection is small: the first audio comes early
-        for i, tokens in self.speech_token_stream(requests, conds, gen):
-            kept = speech_tokens_for_s3gen(tokens)
+        for i, kept in self._finished(requests, conds, gen):
             if not kept:  # end-of-speech at once: nothing to say
                 yield [(i, [])]
                 continue
@@ -239,9 +254,12 @@ class FastEngine:
         """``(request index, result)`` for each request, a batch of S3Gen at a time."""
         voice = self.voice_ref(conds)
         tl = self.timeline
-        groups = self._s3gen_batches(requests, conds, gen)
-        if self.overlap:
-            groups = _ahead(groups, self._t3_stream, timeline=tl)
+        if self.overlap and self.take == "ready":
+            groups = _ready_groups(self._finished(requests, conds, gen), self._t3_stream, least=self.s3gen_batch, most=self.collect, timeline=tl)
+        else:
+            groups = self._s3gen_batches(requests, conds, gen)
+            if self.overlap:
+                groups = _ahead(groups, self._t3_stream, timeline=tl)
         while True:
             t = time.perf_counter()
             items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
@@ -250,8 +268,11 @@ class FastEngine:
                 if not self.overlap:
                     tl.t3_done_at = time.perf_counter()
                 return
-            if not items[0][1]:
-                yield items[0][0], SynthesisResult(np.zeros(0, dtype=np.float32), 0)
+            for i, kept in items:
+                if not kept:  # end-of-speech at once: nothing to say
+                    yield i, SynthesisResult(np.zeros(0, dtype=np.float32), 0)
+            items = [(i, kept) for i, kept in items if kept]
+            if not items:
                 continue
             tl.collections += 1
             for res in self._vocode(items, requests, voice, gen):
@@ -303,6 +324,69 @@ class FastEngine:
 
 
 _END = object()
+
+
+def _ready_groups(items: Iterator, stream=None, least: int = 1, most: int | None = None, timeline: HostTimeline | None = None) -> Iterator[list]:
+    """``items``, produced on a thread of their own (on CUDA ``stream``), handed over as lists:
+    each is every item made and not yet handed over, up to ``most``, once at least ``least``
+    are (fewer only when the producer is done). The producer never waits for the consumer.
+
+    The producer's exceptions are raised in the consumer once the items made before them are
+    handed over; closing the consumer early stops the producer at its next item and waits for
+    it. ``timeline``: its ``t3_done_at`` is set when the producer has made its last item.
+    """
+    import collections
+    import threading
+
+    ready: collections.deque = collections.deque()
+    cond = threading.Condition()
+    stop = threading.Event()
+    end: list = []  # [exception or None] once the producer has finished
+
+    def produce():
+        import contextlib
+
+        import torch
+
+        error = None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for x in items:
+                    with cond:
+                        ready.append(x)
+                        cond.notify()
+                    if stop.is_set():
+                        return
+                if timeline is not None:
+                    timeline.t3_done_at = time.perf_counter()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            error = e
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            with cond:
+                end.append(error)
+                cond.notify()
+
+    thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with cond:
+                cond.wait_for(lambda: len(ready) >= least or end)
+                n = len(ready) if most is None else min(len(ready), most)
+                group = [ready.popleft() for _ in range(n)]
+                error = end[0] if end and not ready else None
+            if group:
+                yield group
+            elif error is not None:
+                raise error
+            else:  # the producer is done and everything is handed over
+                return
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _ahead(items: Iterator, stream=None, depth: int = 2, timeline: HostTimeline | None = None) -> Iterator:
