@@ -342,6 +342,8 @@ def test_fast_engine_overlapped_equals_sequential(model, conds):
     tl = engine.timeline
     assert tl.collections == 2 and tl.t3_wait_s > 0 and engine.s3.times.launch_s > 0
     assert 0.2 <= tl.consumer_s < 1.0 and tl.t3_done_at is not None and tl.t3_done_at < done
+    # the threads' CPU time: S3Gen's launches on the CPU for part of their wall, T3's thread busy
+    assert 0 < engine.s3.times.launch_cpu_s <= engine.s3.times.launch_s + 0.01 and tl.t3_cpu_s > 0
     assert sorted(got) == [0, 1, 2, 3]
     for i in range(4):
         assert got[i].tokens == seq[i].tokens

@@ -271,7 +271,7 @@ def run_book_bench(
     output = output or work / "book.mp3"
     captures0 = engine.s3.times.graph_captures, engine.s3.times.capture_s  # the warm-up's
     frames0 = engine.s3.times.cfm_frames
-    s3_host0 = engine.s3.times.launch_s, engine.s3.times.sync_s
+    s3_host0 = engine.s3.times.launch_s, engine.s3.times.sync_s, engine.s3.times.launch_cpu_s
     t3_stats0 = dict(engine.t3.stats)
     engine.timeline = HostTimeline()  # the book's own, not the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
@@ -305,6 +305,10 @@ def run_book_bench(
             t3_wait_s=round(engine.timeline.t3_wait_s, 2),
             s3gen_launch_s=round(engine.s3.times.launch_s - s3_host0[0], 2),
             s3gen_sync_s=round(engine.s3.times.sync_s - s3_host0[1], 2),
+            # of the launch seconds, those the S3Gen thread ran on a CPU (the rest: waiting for
+            # the GIL or for room in the GPU's queue); T3's thread's CPU seconds
+            s3gen_launch_cpu_s=round(engine.s3.times.launch_cpu_s - s3_host0[2], 2),
+            t3_cpu_s=round(engine.timeline.t3_cpu_s, 2),
             consumer_s=round(engine.timeline.consumer_s, 2), collections=engine.timeline.collections,
             t3_done_s=None if engine.timeline.t3_done_at is None else round(engine.timeline.t3_done_at - t0, 2),
         ),

@@ -52,6 +52,7 @@ class HostTimeline:
     consumer_s: float = 0.0  # the caller's time between results (the pipeline storing and encoding)
     collections: int = 0
     t3_done_at: float | None = None  # perf_counter when T3's thread handed over its last collection
+    t3_cpu_s: float = 0.0  # T3's thread's CPU seconds (overlapped: its decoding's Python and launches)
 
 
 class FastEngine:
@@ -365,6 +366,8 @@ def _ready_groups(items: Iterator, stream=None, least: int = 1, most: int | None
             close = getattr(items, "close", None)
             if close is not None:
                 close()
+            if timeline is not None:
+                timeline.t3_cpu_s += time.thread_time()  # a new thread's clock starts at 0
             with cond:
                 end.append(error)
                 cond.notify()
@@ -430,6 +433,8 @@ def _ahead(items: Iterator, stream=None, depth: int = 2, timeline: HostTimeline 
             close = getattr(items, "close", None)
             if close is not None:
                 close()
+            if timeline is not None:
+                timeline.t3_cpu_s += time.thread_time()
         put((_END, None))
 
     thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)

@@ -201,6 +201,9 @@ class StageTimes:
     batches: int = 0
     items: int = 0
     launch_s: float = 0.0  # host seconds launching batches (staging and the per-bucket work's Python)
+    # the launching thread's CPU seconds in those: the rest of launch_s it was off the CPU,
+    # waiting for the GIL or for room in the device's launch queue
+    launch_cpu_s: float = 0.0
     sync_s: float = 0.0  # host seconds waiting for the device's results (the call's one wait, or a batch's)
     cfm_frames: int = 0  # frames the CFM estimator ran over per CFG half (padding or gaps included)
     graph_captures: int = 0  # CFM steps captured (``cuda_graphs``): one per (batch, bucket) shape
@@ -460,9 +463,10 @@ class BatchedS3Gen:
         stock's SineGen draws them. Items without injected noise draw it from ``seeds[i]``
         (default 0) through :func:`item_noise`.
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
         t1 = time.perf_counter()
+        self.times.launch_cpu_s += time.thread_time() - c0
         if self.is_cuda and pending:
             torch.cuda.current_stream(self.device).synchronize()  # the one wait of the call
         self.times.launch_s += t1 - t0
@@ -492,9 +496,10 @@ class BatchedS3Gen:
         pending: list = []
         launches = self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True)
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             res = next(launches, None)
             self.times.launch_s += time.perf_counter() - t0
+            self.times.launch_cpu_s += time.thread_time() - c0
             if res is None:
                 break
             pending.append(res)
