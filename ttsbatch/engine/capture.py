@@ -6,7 +6,8 @@ capture. What must not run beside an open capture is a call that waits for the w
 ``torch.cuda.synchronize()`` and ``empty_cache()`` (whose ``cudaFree`` synchronizes). One
 from another thread invalidates the capture: on an H100 the first S3Gen CFM capture of a
 2-hour book failed so (cuBLAS "execution failed ... during capture") while T3's thread was
-capturing (``torch.cuda.graph`` synchronizes and empties the cache first) or sizing its rows.
+capturing (``torch.cuda.graph`` synchronizes and empties the cache first: neither model's
+captures go through it any more) or sizing its rows.
 Every capture takes this lock, and such calls go through :func:`empty_cache` and
 :func:`synchronize` here, which take it; kernels, copies and stream syncs need not.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import threading
 
-# Reentrant: T3's capture (inside the lock) calls torch.cuda.graph, which empties the cache.
+# Reentrant, so that a holder may call empty_cache() or synchronize() below itself.
 capture_lock = threading.RLock()
 
 
