@@ -335,6 +335,7 @@ def test_background_sink_stores_every_chunk_and_reports_in_hand_over_order(tmp_p
     sink.close()
     assert [d.planned.id for d in done] == [p.id for p in plan]
     assert len(threads) > 1
+    assert sink.waited_s > 0  # 24 chunks through a queue of 4: put() waited, and counted it
     for i, p in enumerate(plan):
         wav, _ = store.get(p.id)
         np.testing.assert_allclose(wav, (0.2 + i / 100) * 0.5, atol=1e-6)  # marked, stored as its own

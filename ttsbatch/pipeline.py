@@ -66,6 +66,8 @@ class RunReport:
     # after synthesis: waiting for the track's encoders and joining (finish), writing the
     # output with its chapters (publish), checking its watermark (verify)
     tail_seconds: dict = field(default_factory=dict)
+    # the engine's thread waiting for the store workers to catch up (their queue full)
+    store_wait_seconds: float = 0.0
     rendered_ids: list[str] = field(default_factory=list)
     output: Path | None = None
     watermark_score: float | None = None
@@ -111,17 +113,24 @@ class _ChunkSink:
     """
 
     def __init__(
-        self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 256, background: bool = True, workers: int = 2
+        self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 1024, background: bool = True, workers: int = 2
     ):
         from concurrent.futures import ThreadPoolExecutor
 
-        # depth: the fast engine hands over a whole S3Gen batch (64 chunks, ~0.5 MB each) at
-        # once; a shallow queue made it wait for Perth chunk by chunk (14 s of a 2-hour book,
-        # profiled). workers: Perth's resampling and the FLAC encoder release the GIL.
+        # depth: the fast engine hands over a whole S3Gen collection (256 chunks, ~0.5 MB
+        # each) at once, on S3Gen's thread, which launches nothing meanwhile; a shallow queue
+        # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled, with a depth
+        # of 64 chunks), and a depth of one collection makes it wait whenever the previous one
+        # is not yet stored (S3Gen's thread spent 1.3-3.5 s of a book in the pipeline's hands,
+        # `bench`'s host_timeline "consumer_s", H200, eighteenth session; this wait is part of
+        # it). Four collections: at most ~0.5 GB of audio waiting at the book's mean chunk
+        # length, whatever the book's length. workers: Perth's resampling and the FLAC encoder
+        # release the GIL.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
         self._waiting: deque = deque()
         self._local = threading.local()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
+        self.waited_s = 0.0  # put() blocked on a full queue
 
     def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
         sr = self._sr
@@ -152,8 +161,11 @@ class _ChunkSink:
             return [self._mark_and_store(planned, wav, tokens)]
         self._waiting.append(self._pool.submit(self._mark_and_store, planned, wav, tokens))
         done = self.ready()
-        while len(self._waiting) >= self._depth:
-            done.append(self._waiting.popleft().result())
+        if len(self._waiting) >= self._depth:
+            t0 = time.perf_counter()
+            while len(self._waiting) >= self._depth:
+                done.append(self._waiting.popleft().result())
+            self.waited_s += time.perf_counter() - t0
         return done
 
     def ready(self) -> list[ChunkDone]:
@@ -197,6 +209,7 @@ def synthesize_pending(
     watermarker,
     store: ChunkStore,
     batch_size: int,
+    report: RunReport | None = None,
 ) -> Iterator[ChunkDone | ChunkFailed]:
     """Synthesize ``todo`` in batches, in order; each chunk is marked and stored, then yielded.
 
@@ -204,7 +217,8 @@ def synthesize_pending(
     so the engine never waits for the disk (on the CPU inline: see :class:`_ChunkSink`).
     Out of memory: the unfinished part of the batch is halved and retried, and later batches keep the smaller size. Any other engine error: the
     unfinished chunks are retried one at a time, so one bad chunk costs only itself; a chunk
-    that fails alone is yielded as ChunkFailed.
+    that fails alone is yielded as ChunkFailed. ``report``: its ``store_wait_seconds`` gets
+    the time the engine's side waited for the store workers.
     """
     from .engine.stock import SynthesisRequest
 
@@ -255,6 +269,8 @@ def synthesize_pending(
         yield from sink.drain()
     finally:
         sink.close()
+        if report is not None:
+            report.store_wait_seconds += sink.waited_s
 
 
 def _line(e: BaseException) -> str:
@@ -296,6 +312,7 @@ def run_chunks(
             watermarker=watermarker,
             store=store,
             batch_size=batch_size,
+            report=report,
         ):
             if isinstance(item, ChunkFailed):
                 failed.append(item)
