@@ -119,13 +119,12 @@ class _ChunkSink:
 
         # depth: the fast engine hands over a whole S3Gen collection (256 chunks, ~0.5 MB
         # each) at once, on S3Gen's thread, which launches nothing meanwhile; a shallow queue
-        # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled, with a depth
-        # of 64 chunks), and a depth of one collection makes it wait whenever the previous one
-        # is not yet stored (S3Gen's thread spent 1.3-3.5 s of a book in the pipeline's hands,
-        # `bench`'s host_timeline "consumer_s", H200, eighteenth session; this wait is part of
-        # it). Four collections: at most ~0.5 GB of audio waiting at the book's mean chunk
-        # length, whatever the book's length. workers: Perth's resampling and the FLAC encoder
-        # release the GIL.
+        # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled), and a depth
+        # of one collection makes it wait whenever the previous one is not yet stored (S3Gen's
+        # thread spent 1.3-3.5 s of a book in the pipeline's hands, `bench`'s host_timeline
+        # "consumer_s", H200, eighteenth session; this wait is part of it). Four collections:
+        # at most ~0.5 GB of audio waiting at the book's mean chunk length, whatever the
+        # book's length. workers: Perth's resampling and the FLAC encoder release the GIL.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
         self._waiting: deque = deque()
         self._local = threading.local()

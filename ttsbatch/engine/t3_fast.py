@@ -59,8 +59,8 @@ LEN_BUCKET = 256  # KV length granularity of captured graphs (and of the cache's
 MAX_ROWS = 256  # never more rows than this, whatever the memory
 CPU_ROWS = 8  # default rows on the CPU
 # Below this much free GPU memory a decode-step capture first empties the allocator's cache:
-# while capturing, the allocator cannot free cached blocks to make room (a step's graph
-# needs tens of MB at 256 rows), and emptying it costs the other thread's allocations
+# while capturing, the allocator cannot free cached blocks to make room for the step's
+# activations, and emptying it otherwise would cost the other thread's allocations
 CAPTURE_FREE_BYTES = 1 << 30
 RESERVE_BYTES = 3 << 30  # GPU memory left for prefill activations, S3Gen and the allocator
 # Most (sequences x padded length) per prefill forward: its activations must fit the margin
@@ -856,8 +856,8 @@ class FastT3:
         first synchronizes the whole device (waiting for S3Gen's queued batches on the other
         thread), empties the allocator's cache (S3Gen's next batch then allocates its
         activations from the driver again) and frees the pinned host blocks (S3Gen's output
-        copies). A book meets ~11 new T3 shapes mid-run (its rows thin out as chunks finish),
-        each one those three stalls; the capture needs none of them: its stream is a fresh side
+        copies). A 2-hour book captured 11 T3 graphs (H200, eighteenth session), each one
+        those three stalls beside S3Gen; the capture needs none of them: its stream is a fresh side
         stream with only this thread's warm-up runs on it, and its memory comes from the
         graphs' own pool. ``stats["capture_s"]``: the host seconds captures took."""
         t0 = time.perf_counter()
