@@ -21,6 +21,22 @@ import torch  # noqa: E402  (importing torch does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter holds a kernel's scalar arguments as one-element arrays and
+    # turns them into loop bounds with int(), which numpy 2 refuses for a 1-d array: a loop
+    # bounded by an argument (decode_attention's chunk) fails there, though it compiles and
+    # runs on a GPU. Its __index__ takes the one element instead.
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_tensor = getattr(_interpreter, "_patch_lang_tensor", None)
+    if _patch_tensor is not None:
+
+        def _patch_lang_tensor(tensor, scope):
+            _patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _interpreter._patch_lang_tensor = _patch_lang_tensor
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 

@@ -344,6 +344,36 @@ def test_decode_kernel_equals_padded_sdpa_in_a_graph(seqs, kv_len):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+def test_decode_kernel_compiles_once_for_every_batch_and_key_bound():
+    """The decode attention's sizes (key bound, split count, chunk) are arguments, not
+    constexprs: every (sequences, kv_len) a book meets runs the kernels compiled by the first
+    call, so none compiles mid-book (each new kv_len bucket and split count did, on T3's
+    thread, before: a machine's first book process ran 4.5-9 s slower than its next ones)."""
+    from ttsbatch.engine import decode_attention as da
+
+    H, D, L, dt = 16, 64, 1024, torch.bfloat16
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def variants(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)  # Triton 3.x: device -> (kernels by key, ...)
+        if caches is None:
+            pytest.skip("this Triton keeps its compiled kernels elsewhere")
+        return sum(len(c[0]) for c in caches.values())
+
+    before = variants(da._attend_split), variants(da._merge_splits)
+    splits = set()
+    for seqs in (1, 2, 8, 64, 512):
+        kc, vc = (torch.zeros(seqs, H, L, D, device=dev, dtype=dt) for _ in range(2))
+        q, kn, vn = (torch.randn(seqs, H, 1, D, device=dev, dtype=dt) for _ in range(3))
+        for kv_len in (256, 512, 768, 1024):
+            pos = torch.full((seqs,), kv_len - 1, device=dev)
+            da.attend_and_cache(q, kn, vn, kc, vc, pos, kv_len, D**-0.5)
+            splits.add(da.splits_for(seqs, H, kv_len))
+    torch.cuda.synchronize()
+    assert len(splits) >= 3  # the shapes above do run one, a few and many splits
+    assert variants(da._attend_split) - before[0] <= 1 and variants(da._merge_splits) - before[1] <= 1
+
+
 def test_fused_gemvs_are_as_accurate_as_the_eager_layer_on_gpu():
     """decode_gemv's kernels compiled (round to nearest, unlike the interpreter) against the
     eager bf16 layer they replace: q/k/v no further from the exact fp32 product than eager's

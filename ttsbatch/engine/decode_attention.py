@@ -87,12 +87,19 @@ def _update(k, v, kn, vn, q, offs, end, pos, m, l, acc):
     return m_new, l, acc
 
 
-@triton.jit
+# The sizes that change with the batch (the key bound, the split count and its chunk) are
+# plain arguments, not constexprs, and not specialized on their values: one compiled kernel
+# serves every (rows, kv_len) a book meets. As constexprs each new kv_len bucket and split
+# count was a new Triton compile mid-book, on T3's thread inside a graph capture's warm-up
+# runs (~11 in a 2-hour book, none of them seen by the warm-up's short chunks; a machine's
+# first book process then ran 4.5-9 s slower than its next ones, whose Triton disk cache
+# had them: BENCHMARKS.md, twelfth to eighteenth sessions).
+@triton.jit(do_not_specialize=["kv_len", "chunk", "nsplit"])
 def _attend_split(
     Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN, TK, TV, Shared,
     sq_s, sq_h, sk_s, sk_h, sv_s, sv_h, sc_s, sc_h, sc_l, so_s, so_h, st_h, st_l,
-    scale, H, kv_len,
-    CHUNK: tl.constexpr, NSPLIT: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
+    scale, H, kv_len, chunk, nsplit,
+    BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr,
     PREFETCH: tl.constexpr, PDL: tl.constexpr, SHARED: tl.constexpr,
 ):
     pid = tl.program_id(0)  # sequence * H + head
@@ -110,7 +117,7 @@ def _attend_split(
         shared = tl.load(Shared + s).to(tl.int32)
     else:
         shared = 0
-    start = split * CHUNK
+    start = split * chunk
     first = start + tl.arange(0, BLOCK)
     in_first = (first < kv_len)[:, None]
     if PDL:  # launched early (see ``pdl``)
@@ -135,14 +142,14 @@ def _attend_split(
         kn = (kn.to(tl.float32) * c + sign * kr * sn).to(KN.dtype.element_ty)
     q = q.to(tl.float32) * scale
     vn = tl.load(VN + s * sv_s + h * sv_h + d)
-    if (pos >= start) & (pos < start + CHUNK):  # this split owns the new position: cache it
+    if (pos >= start) & (pos < start + chunk):  # this split owns the new position: cache it
         tl.store(kc + pos * sc_l + d, kn)
         tl.store(vc + pos * sc_l + d, vn)
-    end = tl.minimum(start + CHUNK, pos + 1)
+    end = tl.minimum(start + chunk, pos + 1)
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros((D,), tl.float32)
-    for i in range(0, CHUNK // BLOCK):  # the chunk is static; a row's live length is not
+    for i in range(0, chunk // BLOCK):  # the chunk is the same for every row; its live length is not
         n0 = start + i * BLOCK
         if n0 < end:  # past a row's live keys nothing is read or computed
             offs = n0 + tl.arange(0, BLOCK)
@@ -152,28 +159,30 @@ def _attend_split(
             else:
                 k, v = _load_kv(kc, vc, tk, tv, offs, d, ((offs < end) & (offs != pos))[:, None], shared, sc_l, st_l, SHARED)
             m, l, acc = _update(k, v, kn, vn, q, offs, end, pos, m, l, acc)
-    if NSPLIT == 1:
+    if nsplit == 1:
         tl.store(O + s * so_s + h * so_h + d, (acc / l).to(O.dtype.element_ty))
     else:
-        tl.store(OP + (pid * NSPLIT + split) * D + d, acc)
-        tl.store(MP + pid * NSPLIT + split, m)
-        tl.store(LP + pid * NSPLIT + split, l)
+        tl.store(OP + (pid * nsplit + split) * D + d, acc)
+        tl.store(MP + pid * nsplit + split, m)
+        tl.store(LP + pid * nsplit + split, l)
 
 
-@triton.jit
-def _merge_splits(O, OP, MP, LP, so_s, so_h, H, NSPLIT: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["nsplit"])
+def _merge_splits(O, OP, MP, LP, so_s, so_h, H, nsplit, MAXS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    # nsplit (<= MAXS) an argument: one compiled kernel for every split count (see _attend_split)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     pid = tl.program_id(0)
     s = pid // H
     h = pid % H
-    sp = tl.arange(0, NSPLIT)
+    sp = tl.arange(0, MAXS)
+    live = sp < nsplit
     d = tl.arange(0, D)
-    m = tl.load(MP + pid * NSPLIT + sp)
-    l = tl.load(LP + pid * NSPLIT + sp)
-    w = tl.exp(m - tl.max(m, 0))  # an empty split (m = -inf) weighs 0; split 0 is never empty
-    o = tl.load(OP + (pid * NSPLIT + sp)[:, None] * D + d[None, :])
+    m = tl.load(MP + pid * nsplit + sp, mask=live, other=float("-inf"))
+    l = tl.load(LP + pid * nsplit + sp, mask=live, other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # an empty or absent split (m = -inf) weighs 0; split 0 is never empty
+    o = tl.load(OP + (pid * nsplit + sp)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(O + s * so_s + h * so_h + d, out.to(O.dtype.element_ty))
 
@@ -233,10 +242,10 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
         q, k_new, v_new, k_cache, v_cache, pos, out, op, mp, lp, cos, sin, tk, tv, shared,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), st_h, st_l,
-        scale, H, kv_len, CHUNK=chunk, NSPLIT=nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
+        scale, H, kv_len, chunk, nsplit, BLOCK=BLOCK_N, D=D, ROPE=rope is not None,
         PREFETCH=launch["PDL"] if PREFETCH is None else PREFETCH, SHARED=template is not None,
         num_warps=NUM_WARPS, **launch,
     )
     if nsplit > 1:
-        _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, NSPLIT=nsplit, D=D, num_warps=1, **launch)
+        _merge_splits[(S * H,)](out, op, mp, lp, out.stride(0), out.stride(1), H, nsplit, MAXS=MAX_SPLITS, D=D, num_warps=1, **launch)
     return out
