@@ -362,6 +362,18 @@ def test_fast_engine_keeps_the_callers_order(model, conds):
     assert [i for kind, i, *_ in engine.t3.trace if kind == "start"] == [0, 1, 2, 3]
 
 
+def _endless(closed):
+    """0, 1, 2, ... for ever; sets ``closed`` when closed (on the producer's thread when the
+    consumer stops)."""
+    try:
+        n = 0
+        while True:
+            yield n
+            n += 1
+    finally:
+        closed.set()
+
+
 def test_ahead_passes_items_errors_and_stops_its_thread():
     import threading
 
@@ -379,17 +391,7 @@ def test_ahead_passes_items_errors_and_stops_its_thread():
         next(it)
 
     closed = threading.Event()
-
-    def endless():
-        try:
-            n = 0
-            while True:
-                yield n
-                n += 1
-        finally:
-            closed.set()  # closed on the producer's thread when the consumer stops
-
-    it = _ahead(endless())
+    it = _ahead(_endless(closed))
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()
     assert closed.is_set()
@@ -433,17 +435,7 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
     assert got == [1, 2]
 
     closed = threading.Event()
-
-    def endless():
-        try:
-            n = 0
-            while True:
-                yield n
-                n += 1
-        finally:
-            closed.set()
-
-    it = _ready_groups(endless(), least=2, most=4)
+    it = _ready_groups(_endless(closed), least=2, most=4)
     assert 2 <= len(next(it)) <= 4
     it.close()
     assert closed.is_set()
