@@ -14,7 +14,8 @@ runner = CliRunner()
 
 
 def test_warmup_prepares_the_voice_cache_and_reports(tiny_checkpoint, tmp_path, monkeypatch):
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # unset here, restored afterwards
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):  # unset here, restored afterwards
         monkeypatch.setenv(name, "unset")
         monkeypatch.delenv(name)
     cache = tmp_path / "cache"
@@ -25,6 +26,9 @@ def test_warmup_prepares_the_voice_cache_and_reports(tiny_checkpoint, tmp_path, 
     voices = list((cache / "voices").glob("*.pt"))
     assert len(voices) == 1  # the voice's conditioning, reused by later runs
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "compile" / "triton")
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(cache / "compile" / "fa4")
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
     r2 = runner.invoke(app, [*args, "--engine", "fast"])
     assert r2.exit_code == 0, r2.output
     assert "(fast engine)" in r2.stderr

@@ -51,11 +51,19 @@ def make_engine(model, choice: EngineChoice, max_vram_gb: float | None = None):
 
 
 def use_compile_cache(cache_root: Path) -> Path:
-    """Point Inductor's and Triton's on-disk caches into ``cache_root/compile`` (unless the user
-    set them), so compiled kernels made by one process (``warmup``) are reused by the next."""
+    """Point Inductor's, Triton's and FlashAttention 4's on-disk caches into
+    ``cache_root/compile`` (unless the user set them), so compiled kernels made by one process
+    (``warmup``) are reused by the next.
+
+    FA4 (the ``hopper`` extra) keeps its compiled kernels in memory only unless told otherwise,
+    so every process compiled its kernel again (2-3 s, in the engine's check that FA4 runs:
+    BENCHMARKS.md, eleventh and fourteenth sessions); its own disk cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_*``, read when it is
+    imported, after this) falls back to compiling when an entry cannot be loaded."""
     d = Path(cache_root) / "compile"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(d / "fa4"))
     return d
 
 
