@@ -208,6 +208,57 @@ def test_fa4_direct_launch_is_the_public_call_bit_for_bit(cuda_model):
     assert s3.fa4.direct and public == 2 and public + direct == 2 * blocks  # one public call per Euler step
 
 
+_FA4_DISK_RUN = """
+import sys
+import torch
+mode, out = sys.argv[1], sys.argv[2]
+import cutlass.cute as cute
+if mode == "load":  # every kernel must come from the disk cache: compiling is an error here
+    def refuse(*a, **k):
+        raise RuntimeError("FA4 compiled a kernel although its disk cache holds it")
+    cute.compile = refuse
+from ttsbatch.engine.fa4 import FA4Varlen
+B, T, H, D = 16, 300, 8, 64
+cu = torch.arange(0, (B + 1) * T, T, device="cuda", dtype=torch.int32)
+used = torch.full((B,), 200, device="cuda", dtype=torch.int32)
+g = torch.Generator(device="cuda").manual_seed(0)
+fa = FA4Varlen()
+outs = []
+for _ in range(3):
+    q, k, v = (t.reshape(B * T, H, D) for t in torch.randn(B * T, 3 * H * D, device="cuda", generator=g, dtype=torch.bfloat16).split(H * D, -1))
+    outs.append(fa(q, k, v, cu, used, T, 0.125).cpu())
+assert fa.direct and fa.direct_calls == 2, (fa.direct, fa.direct_calls)
+torch.save(outs, out)
+"""
+
+
+def test_fa4_kernels_load_from_the_disk_cache(tmp_path, monkeypatch):
+    """With ``use_compile_cache``'s settings FA4 writes its compiled kernel to the cache dir,
+    and a later process loads it instead of compiling (compiling is made an error there),
+    launches it directly as before, and gets the first process's output bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("flash_attn.cute.interface")
+    from ttsbatch.engine.select import use_compile_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                 "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):  # unset here, restored after the test
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    use_compile_cache(tmp_path)
+    env = dict(os.environ)
+    for mode in ("compile", "load"):
+        r = subprocess.run([sys.executable, "-c", _FA4_DISK_RUN, mode, str(tmp_path / f"{mode}.pt")], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        if mode == "compile":
+            assert list((tmp_path / "compile" / "fa4").rglob("*.o")), "FA4 wrote nothing to its disk cache"
+    first, second = torch.load(tmp_path / "compile.pt"), torch.load(tmp_path / "load.pt")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_fused_ffn_kernel_matches_the_compiled_region(cuda_model):
     """``cfm_ffn``'s kernels (every configuration: the tail with the output projection inside
     and without, the feed-forward alone after ``block_norm3``) against the compiled
