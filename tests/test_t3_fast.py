@@ -362,46 +362,11 @@ def test_fast_engine_keeps_the_callers_order(model, conds):
     assert [i for kind, i, *_ in engine.t3.trace if kind == "start"] == [0, 1, 2, 3]
 
 
-def _endless(closed):
-    """0, 1, 2, ... for ever; sets ``closed`` when closed (on the producer's thread when the
-    consumer stops)."""
-    try:
-        n = 0
-        while True:
-            yield n
-            n += 1
-    finally:
-        closed.set()
-
-
-def test_ahead_passes_items_errors_and_stops_its_thread():
-    import threading
-
-    from ttsbatch.engine.fast import _ahead
-
-    assert list(_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
-
-    def failing():
-        yield 1
-        raise ValueError("t3 broke")
-
-    it = _ahead(failing())
-    assert next(it) == 1
-    with pytest.raises(ValueError, match="t3 broke"):
-        next(it)
-
-    closed = threading.Event()
-    it = _ahead(_endless(closed))
-    assert [next(it) for _ in range(3)] == [0, 1, 2]
-    it.close()
-    assert closed.is_set()
-    assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
-
-
 def test_ready_groups_hand_over_what_is_made_once_enough_is():
-    """``_ready_groups`` (``s3gen_take="ready"``): a group is everything made so far, up to
-    ``most``, as soon as ``least`` are there, without waiting for ``most``; the producer's
-    error comes after its items; closing the consumer stops the producer's thread."""
+    """``_ready_groups`` (T3's thread and S3Gen's collections): a group is everything made so
+    far, up to ``most``, as soon as ``least`` are there, without waiting for ``most``; the first
+    is ``first`` items; the producer's error comes after its items; closing the consumer stops
+    the producer's thread."""
     import threading
 
     from ttsbatch.engine.fast import HostTimeline, _ready_groups
@@ -409,18 +374,19 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
     go, made = threading.Event(), threading.Event()
 
     def producer():
-        yield from range(3)
+        yield from range(5)
         go.wait(10)  # T3 decoding: nothing more finishes until the test says so
-        yield from range(3, 15)
+        yield from range(5, 17)
         made.set()
 
     tl = HostTimeline()
-    it = _ready_groups(producer(), least=3, most=10, timeline=tl)
-    assert next(it) == [0, 1, 2]  # not a full group of 10: what there is
+    it = _ready_groups(producer(), least=3, most=10, first=2, timeline=tl)
+    assert next(it) == [0, 1]  # the first group: ``first`` items
+    assert next(it) == [2, 3, 4]  # not a full group of 10: what there is
     go.set()
     assert made.wait(10)
-    assert next(it) == list(range(3, 13))  # at most 10
-    assert next(it) == [13, 14]  # the producer is done: fewer than least
+    assert next(it) == list(range(5, 15))  # at most 10
+    assert next(it) == [15, 16]  # the producer is done: fewer than least
     assert next(it, None) is None and tl.t3_done_at is not None
 
     def failing():
@@ -435,9 +401,19 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
     assert got == [1, 2]
 
     closed = threading.Event()
-    it = _ready_groups(_endless(closed), least=2, most=4)
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()  # closed on the producer's thread when the consumer stops
+
+    it = _ready_groups(endless(), least=2, most=4)
     assert 2 <= len(next(it)) <= 4
-    it.close()
+    it.close()  # an error downstream, an interrupt
     assert closed.is_set()
     assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
 
@@ -523,14 +499,19 @@ def test_refill_prompts_are_embedded_while_the_previous_steps_run(model, conds):
 
 
 def test_s3gen_collections_start_small_then_grow(model, conds):
-    """The first S3Gen collection is one S3Gen batch (early first audio), later ones ``collect``."""
+    """The first S3Gen collection is one S3Gen batch (early first audio), later ones ``collect``,
+    with T3 on S3Gen's thread or on its own (``overlap``); with ``s3gen_take="ready"`` later
+    ones are at most ``collect``."""
     from ttsbatch.engine.fast import FastEngine
 
-    engine = FastEngine(model, s3gen_batch=2, s3gen_collect=3)
     gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
     reqs = [SynthesisRequest(f"Words {i}.", 300 + i, 2 + i % 3) for i in range(8)]
-    sizes = [len(g) for g in engine._s3gen_batches(reqs, conds, gen)]
-    assert sizes == [2, 3, 3]
+    for overlap in (False, True):
+        engine = FastEngine(model, s3gen_batch=2, s3gen_collect=3, overlap=overlap)
+        assert [len(g) for g in engine._groups(reqs, conds, gen)] == [2, 3, 3]
+    ready = FastEngine(model, s3gen_batch=2, s3gen_collect=3, overlap=True, s3gen_take="ready")
+    sizes = [len(g) for g in ready._groups(reqs, conds, gen)]
+    assert sizes[0] == 2 and max(sizes) <= 3 and sum(sizes) == 8
 
 
 def test_batch_handoff_gives_the_collection_s_audio(model, conds):

@@ -232,8 +232,20 @@ class FastEngine:
         for i, tokens in self.speech_token_stream(requests, conds, gen):
             yield i, speech_tokens_for_s3gen(tokens)
 
+    def _groups(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
+        """T3's finished requests grouped into S3Gen's collections, ``[(index, cleaned tokens),
+        ...]``: the first one batch (the first audio comes early), then ``collect`` ("full") or
+        whatever has finished once a batch's worth has, up to ``collect`` ("ready"). With
+        ``overlap`` T3 runs on a thread of its own; without, as the collections are asked for."""
+        if not self.overlap:
+            return self._s3gen_batches(requests, conds, gen)
+        least = self.s3gen_batch if self.take == "ready" else self.collect
+        return _ready_groups(self._finished(requests, conds, gen), self._t3_stream, least=least, most=self.collect,
+                             first=self.s3gen_batch, timeline=self.timeline)
+
     def _s3gen_batches(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
-        """T3's finished requests grouped for S3Gen: ``[(index, cleaned tokens), ...]``.
+        """T3's finished requests grouped for S3Gen as T3 makes them on this thread (``_groups``
+        without ``overlap``): ``[(index, cleaned tokens), ...]``.
 
         A request with nothing left to say comes as a group of its own with empty tokens."""
         waiting: list[tuple[int, list[int]]] = []
@@ -255,12 +267,7 @@ class FastEngine:
         """``(request index, result)`` for each request, a batch of S3Gen at a time."""
         voice = self.voice_ref(conds)
         tl = self.timeline
-        if self.overlap and self.take == "ready":
-            groups = _ready_groups(self._finished(requests, conds, gen), self._t3_stream, least=self.s3gen_batch, most=self.collect, timeline=tl)
-        else:
-            groups = self._s3gen_batches(requests, conds, gen)
-            if self.overlap:
-                groups = _ahead(groups, self._t3_stream, timeline=tl)
+        groups = self._groups(requests, conds, gen)
         while True:
             t = time.perf_counter()
             items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
@@ -324,13 +331,15 @@ class FastEngine:
                 yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
 
 
-_END = object()
-
-
-def _ready_groups(items: Iterator, stream=None, least: int = 1, most: int | None = None, timeline: HostTimeline | None = None) -> Iterator[list]:
+def _ready_groups(
+    items: Iterator, stream=None, least: int = 1, most: int | None = None, first: int | None = None,
+    timeline: HostTimeline | None = None,
+) -> Iterator[list]:
     """``items``, produced on a thread of their own (on CUDA ``stream``), handed over as lists:
     each is every item made and not yet handed over, up to ``most``, once at least ``least``
-    are (fewer only when the producer is done). The producer never waits for the consumer.
+    are (fewer only when the producer is done); the first list, if ``first`` is given, is
+    ``first`` items once they are made. The producer never waits for the consumer (T3's
+    finished requests are a few token ids each).
 
     The producer's exceptions are raised in the consumer once the items made before them are
     handed over; closing the consumer early stops the producer at its next item and waits for
@@ -374,12 +383,14 @@ def _ready_groups(items: Iterator, stream=None, least: int = 1, most: int | None
 
     thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
     thread.start()
+    lo, hi = (first, first) if first is not None else (least, most)
     try:
         while True:
             with cond:
-                cond.wait_for(lambda: len(ready) >= least or end)
-                n = len(ready) if most is None else min(len(ready), most)
+                cond.wait_for(lambda: len(ready) >= lo or end)
+                n = len(ready) if hi is None else min(len(ready), hi)
                 group = [ready.popleft() for _ in range(n)]
+                lo, hi = least, most
                 error = end[0] if end and not ready else None
             if group:
                 yield group
@@ -387,66 +398,6 @@ def _ready_groups(items: Iterator, stream=None, least: int = 1, most: int | None
                 raise error
             else:  # the producer is done and everything is handed over
                 return
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _ahead(items: Iterator, stream=None, depth: int = 2, timeline: HostTimeline | None = None) -> Iterator:
-    """``items``, produced on a thread of their own (on CUDA ``stream``) up to ``depth`` ahead.
-
-    The producer's exceptions are raised in the consumer; closing the consumer early (an
-    error downstream, an interrupt) stops the producer at its next item and waits for it.
-    ``timeline``: its ``t3_done_at`` is set when the producer has made its last item.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        import contextlib
-
-        import torch
-
-        try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for x in items:
-                    if not put((x, None)):
-                        return
-                if timeline is not None:
-                    timeline.t3_done_at = time.perf_counter()
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put((_END, e))
-            return
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-            if timeline is not None:
-                timeline.t3_cpu_s += time.thread_time()
-        put((_END, None))
-
-    thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
-    thread.start()
-    try:
-        while True:
-            x, error = q.get()
-            if x is _END:
-                if error is not None:
-                    raise error
-                return
-            yield x
     finally:
         stop.set()
         thread.join()
