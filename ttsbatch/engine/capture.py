@@ -14,6 +14,7 @@ Every capture takes this lock, and such calls go through :func:`empty_cache` and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 # Reentrant, so that a holder may call empty_cache() or synchronize() below itself.
@@ -39,3 +40,24 @@ def synchronize(device=None) -> None:
 def failure_line(e: BaseException) -> str:
     """A failed capture's exception as the one line an engine reports (``graph_error``)."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@contextlib.contextmanager
+def recording(graph, pool, stream):
+    """Record the kernels launched inside into ``graph`` (memory from ``pool``) on ``stream``,
+    a stream other than the legacy default one, holding :data:`capture_lock`, in
+    "thread_local" mode: only this thread is barred from unsafe calls, so the other model's
+    thread, Perth and the store go on beside it.
+
+    Not ``torch.cuda.graph``: that one first synchronizes the whole device (waiting for the
+    other thread's queued work), empties the allocator's cache (whose blocks the other
+    thread then allocates from the driver again) and frees the pinned host blocks; a capture
+    needs none of it."""
+    import torch
+
+    with capture_lock, torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            graph.capture_end()

@@ -89,11 +89,11 @@ def _update(k, v, kn, vn, q, offs, end, pos, m, l, acc):
 
 # The sizes that change with the batch (the key bound, the split count and its chunk) are
 # plain arguments, not constexprs, and not specialized on their values: one compiled kernel
-# serves every (rows, kv_len) a book meets. As constexprs each new kv_len bucket and split
-# count was a new Triton compile mid-book, on T3's thread inside a graph capture's warm-up
-# runs (~11 in a 2-hour book, none of them seen by the warm-up's short chunks; a machine's
-# first book process then ran 4.5-9 s slower than its next ones, whose Triton disk cache
-# had them: BENCHMARKS.md, twelfth to eighteenth sessions).
+# serves every (rows, kv_len) a book meets. As constexprs each new (chunk, split count) was
+# a Triton compile of ~1 s on T3's thread, in a graph capture's warm-up runs mid-book: the
+# warm-up's at most 16 rows split their keys, a book's 256 rows do not (the likely reason a
+# machine's first book process ran 4.5-9 s slower than its next ones, which found those
+# kernels in Triton's disk cache: BENCHMARKS.md, eighteenth session).
 @triton.jit(do_not_specialize=["kv_len", "chunk", "nsplit"])
 def _attend_split(
     Q, KN, VN, KC, VC, Pos, O, OP, MP, LP, COS, SIN, TK, TV, Shared,

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfm_estimator, cfm_ffn, fa4, vocoder
-from .capture import capture_lock, failure_line
+from .capture import failure_line, recording
 from .regions import Regions
 
 log = logging.getLogger("ttsbatch")
@@ -878,15 +878,8 @@ class BatchedS3Gen:
                 stream.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: only this thread is barred from unsafe calls while capturing,
-                # so T3's thread and the store workers keep running (as T3's own captures do);
-                # capture_lock keeps T3's device-wide syncs out meanwhile (engine/capture.py)
-                with capture_lock, torch.cuda.stream(stream):
-                    graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
-                    try:
-                        ins["x"].copy_(self._step_fn(ins["x"], ins["t"], ins["r"], ins["static"], ins["mask"], ins["bias"]))
-                    finally:
-                        graph.capture_end()
+                with recording(graph, self._graph_pool, stream):  # T3's thread and the store go on beside it
+                    ins["x"].copy_(self._step_fn(ins["x"], ins["t"], ins["r"], ins["static"], ins["mask"], ins["bias"]))
             except Exception as e:  # noqa: BLE001 - synthesize without graphs rather than not at all
                 self._graphs_failed(e, key)
                 if stream is not current:

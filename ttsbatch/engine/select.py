@@ -57,8 +57,9 @@ def use_compile_cache(cache_root: Path) -> Path:
 
     FA4 (the ``hopper`` extra) keeps its compiled kernels in memory only unless told otherwise,
     so every process compiled its kernel again (2-3 s, in the engine's check that FA4 runs:
-    BENCHMARKS.md, eleventh and fourteenth sessions); its own disk cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_*``, read when it is
-    imported, after this) falls back to compiling when an entry cannot be loaded."""
+    BENCHMARKS.md, eleventh and fourteenth sessions). Its own disk cache
+    (``FLASH_ATTENTION_CUTE_DSL_CACHE_*``, read when FA4 is imported, after this) compiles
+    again when an entry cannot be loaded."""
     d = Path(cache_root) / "compile"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))

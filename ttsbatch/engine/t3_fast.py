@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_lock, empty_cache, failure_line, synchronize
+from .capture import empty_cache, failure_line, recording, synchronize
 from .regions import Regions
 from .sampling import SamplingParams, cfg_mix, check_options, sample_tokens, split_seed
 
@@ -852,14 +852,9 @@ class FastT3:
         """``run`` (no arguments) run twice on a side stream (compiling, allocating), then
         captured on it: the replay. ``use_graphs="emulate"``: the two runs, then ``run`` itself.
 
-        Captured with ``capture_begin``/``capture_end``, not ``torch.cuda.graph``: that one
-        first synchronizes the whole device (waiting for S3Gen's queued batches on the other
-        thread), empties the allocator's cache (S3Gen's next batch then allocates its
-        activations from the driver again) and frees the pinned host blocks (S3Gen's output
-        copies). A 2-hour book captured 11 T3 graphs (H200, eighteenth session), each one
-        those three stalls beside S3Gen; the capture needs none of them: its stream is a fresh side
-        stream with only this thread's warm-up runs on it, and its memory comes from the
-        graphs' own pool. ``stats["capture_s"]``: the host seconds captures took."""
+        Captured by ``capture.recording``, not ``torch.cuda.graph``, whose device-wide sync and
+        cache flushes stalled S3Gen at each of a 2-hour book's 11 T3 captures (H200, eighteenth
+        session). ``stats["capture_s"]``: the host seconds captures took."""
         t0 = time.perf_counter()
         if self.use_graphs == "emulate":
             for _ in range(2):
@@ -879,19 +874,11 @@ class FastT3:
         if free < CAPTURE_FREE_BYTES:  # a capture cannot return cached blocks to the driver
             empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the capture forbids unsafe calls (allocations, syncs) in this
-        # thread only, so S3Gen and Perth keep running beside it on their own streams
-        # (the default "global" mode made every capture wait for them: 14.5 s of a
-        # 2-hour book, py-spy on an H100)
-        # ... and holds capture_lock, so that no other thread's device-wide synchronize or
-        # empty_cache (S3Gen's capture, T3's sizing) runs beside it (see engine/capture.py)
+        # thread_local (in capture.recording): the "global" mode made every capture wait for
+        # S3Gen and Perth, 14.5 s of a 2-hour book (py-spy on an H100)
         try:
-            with capture_lock, torch.cuda.stream(stream):
-                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
-                try:
-                    run()
-                finally:
-                    graph.capture_end()
+            with recording(graph, self._graph_pool, stream):
+                run()
         finally:
             cur.wait_stream(stream)  # the warm-up runs' writes come before the replays
         self.stats["graphs_captured"] += 1
