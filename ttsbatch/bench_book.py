@@ -184,7 +184,6 @@ def run_book_bench(
     max_chars: int | None = None,
     out=None,
     engine_options: dict | None = None,
-    mark_workers: int | None = None,
 ) -> dict:
     import torch
 
@@ -207,7 +206,7 @@ def run_book_bench(
     cuda = device.startswith("cuda")
     # as a book run starts: ffmpeg checked (the run ends in an MP3: fail now, not after the
     # stock run), the compile cache `ttsbatch warmup` fills, Perth loaded and warming up
-    watermarker = preflight(device, cache_dir(), mark_workers)
+    watermarker = preflight(device, cache_dir())
     options = load_options(None, {"generation": {"tokens_per_char": tokens_per_char, "ignore_eos": True}})
     gen = options.generation
     t_text = time.perf_counter()
@@ -322,7 +321,7 @@ def run_book_bench(
         # FA4 launches through its public function (one per layout) and directly (fa4.FA4Varlen)
         s3gen_fa4_calls=None if engine.s3.fa4 is None else dict(
             public=engine.s3.fa4.public_calls, direct=engine.s3.fa4.direct_calls, recording=engine.s3.fa4.direct),
-        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), mark_workers=getattr(watermarker.workers, "workers", 0), gc=gc_time.report(),
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), gc=gc_time.report(),
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,

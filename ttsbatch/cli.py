@@ -402,7 +402,6 @@ def bench(
     parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
     switch_interval_ms: Optional[float] = typer.Option(None, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval for the run (Python's default: 5 ms), for experiments: S3Gen's, T3's and the store's threads share the GIL."),
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
-    mark_workers: Optional[int] = typer.Option(None, "--mark-workers", min=0, help="Processes that watermark and store the book part's chunks on the CPU (0: threads of the run's process, Perth on the GPU; default: a quarter of the cores, at most 4, on a GPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
@@ -419,7 +418,7 @@ def bench(
         sys.setswitchinterval(switch_interval_ms / 1000)
     try:
         _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
-                     engine_options, mark_workers)
+                     engine_options)
     finally:
         sys.setswitchinterval(switch)
     if json_out:
@@ -427,7 +426,7 @@ def bench(
 
 
 def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
-                 engine_options, mark_workers) -> None:
+                 engine_options) -> None:
     from .bench import run_bench
     from .bench_book import run_book_bench
 
@@ -439,7 +438,7 @@ def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, 
 
         results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
                                          tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars,
-                                         engine_options=engine_options, mark_workers=mark_workers)
+                                         engine_options=engine_options)
 
 
 from .cli_srt import srt as _srt  # noqa: E402  (cli_srt uses the helpers above)

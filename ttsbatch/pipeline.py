@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -99,14 +98,13 @@ def _free_accelerator_memory() -> None:
 
 
 class _ChunkSink:
-    """Watermarks and stores finished chunks on worker threads or processes, beside the engine.
+    """Watermarks and stores finished chunks on a worker thread, beside the engine.
 
     The engine hands over each chunk as soon as it has it and goes on; at most ``depth``
-    chunks wait (bounded memory). ``workers`` threads mark and store them, or, where the
-    watermarker has worker processes (``watermarker.workers``, :mod:`.mark_workers`), those
-    do; :meth:`ready` returns the chunks stored so far, in the order they were handed over. A
-    failure to mark or store (disk full, say) is raised from :meth:`ready` / :meth:`drain`, so
-    it stops the run as it would inline.
+    chunks wait (bounded memory). ``workers`` threads mark and store them; :meth:`ready`
+    returns the chunks stored so far, in the order they were handed over. A failure to mark
+    or store (disk full, say) is raised from :meth:`ready` / :meth:`drain`, so it stops the
+    run as it would inline.
 
     ``background=False`` does the same work inline. That is the choice when the engine runs on
     the CPU: there the worker would compete for the same cores, and concurrent CPU work
@@ -124,32 +122,23 @@ class _ChunkSink:
         # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled), and a depth
         # of one collection makes it wait whenever the previous one is not yet stored (S3Gen's
         # thread spent 1.3-3.5 s of a book in the pipeline's hands, `bench`'s host_timeline
-        # "consumer_s", H200, eighteenth session; 0.05 s with four, nineteenth). Four
-        # collections: at most ~0.5 GB of audio waiting at the book's mean chunk length,
-        # whatever the book's length. workers: Perth's resampling and the FLAC encoder release
-        # the GIL.
-        self._procs = getattr(watermarker, "workers", None) if background else None
-        self._pool = None
-        if background and self._procs is None:
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store")
-        self._waiting: deque = deque()  # (future of the samples stored, planned, tokens)
+        # "consumer_s", H200, eighteenth session; this wait is part of it). Four collections:
+        # at most ~0.5 GB of audio waiting at the book's mean chunk length, whatever the
+        # book's length. workers: Perth's resampling and the FLAC encoder release the GIL.
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
+        self._waiting: deque = deque()
         self._local = threading.local()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
         self.waited_s = 0.0  # put() blocked on a full queue
 
-    def _meta(self, planned: PlannedChunk, tokens: int) -> dict:
-        return {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
-
-    def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> int:
+    def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
         sr = self._sr
         with self._gpu_stream():
             marked = self._watermarker.apply(wav, sr) if len(wav) else wav
-        self._store.put(planned.id, marked, sr, self._meta(planned, tokens))
-        return len(marked)
-
-    def _done(self, planned: PlannedChunk, tokens: int, samples: int) -> ChunkDone:
-        faults.point("chunk-stored")  # here, in the run's process, whoever stored it
-        return ChunkDone(planned, samples / self._sr, tokens)
+        meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
+        self._store.put(planned.id, marked, sr, meta)
+        faults.point("chunk-stored")
+        return ChunkDone(planned, len(marked) / sr, tokens)
 
     def _gpu_stream(self):
         """A CUDA stream of this worker's own when Perth runs on a GPU: its small kernels then
@@ -167,40 +156,33 @@ class _ChunkSink:
 
     def put(self, planned: PlannedChunk, wav, tokens: int) -> list[ChunkDone]:
         """Queue one chunk; returns the chunks stored meanwhile (waits if ``depth`` are queued)."""
-        if self._procs is not None:
-            future = self._procs.submit(self._store.root, planned.id, wav, self._sr, self._meta(planned, tokens))
-        elif self._pool is not None:
-            future = self._pool.submit(self._mark_and_store, planned, wav, tokens)
-        else:
-            return [self._done(planned, tokens, self._mark_and_store(planned, wav, tokens))]
-        self._waiting.append((future, planned, tokens))
+        if self._pool is None:
+            return [self._mark_and_store(planned, wav, tokens)]
+        self._waiting.append(self._pool.submit(self._mark_and_store, planned, wav, tokens))
         done = self.ready()
         if len(self._waiting) >= self._depth:
             t0 = time.perf_counter()
             while len(self._waiting) >= self._depth:
-                done.append(self._next())
+                done.append(self._waiting.popleft().result())
             self.waited_s += time.perf_counter() - t0
         return done
 
-    def _next(self) -> ChunkDone:
-        future, planned, tokens = self._waiting.popleft()
-        return self._done(planned, tokens, future.result())
-
     def ready(self) -> list[ChunkDone]:
         done = []
-        while self._waiting and self._waiting[0][0].done():
-            done.append(self._next())
+        while self._waiting and self._waiting[0].done():
+            done.append(self._waiting.popleft().result())
         return done
 
     def drain(self) -> list[ChunkDone]:
-        return [self._next() for _ in range(len(self._waiting))]
+        done = []
+        while self._waiting:
+            done.append(self._waiting.popleft().result())
+        return done
 
     def close(self) -> None:
-        """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop
-        the threads (worker processes belong to the watermarker: the next run uses them too)."""
+        """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        futures.wait([f for f, _, _ in self._waiting])
 
 
 def _on_gpu(engine) -> bool:

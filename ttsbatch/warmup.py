@@ -80,7 +80,7 @@ def warmup(model_dir, device: str, voice, engine_name: str, max_vram_gb, cache_r
     from .engine.voice import VoiceCache
 
     t0 = time.perf_counter()
-    run = load_for_run(model_dir, device, engine_name, None, max_vram_gb, cache_root, mark_workers=0)
+    run = load_for_run(model_dir, device, engine_name, None, max_vram_gb, cache_root)
     model, engine = run.model, run.engine
     rep = WarmupReport(model.device, engine.name, describe(model), load_s=time.perf_counter() - t0)
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ ENCODER_DELAY = 576
 DECODER_DELAY = 529
 
 
-def cores() -> int:
+def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cpusets)
     except AttributeError:  # not on Linux
@@ -64,13 +64,13 @@ def cores() -> int:
 def default_workers() -> int:
     """Encoders at once: a quarter of the cores (the rest run the engine and the store).
     One means no gain over a single streaming encoder (``BookTrack`` then uses that)."""
-    return max(1, min(8, cores() // 4))
+    return max(1, min(8, _cores() // 4))
 
 
 def final_workers() -> int:
     """Encoders at once once the engine is done (:meth:`SegmentedEncoder.hurry`): every core
     but one, which stitches."""
-    return max(1, cores() - 1)
+    return max(1, _cores() - 1)
 
 
 @dataclass

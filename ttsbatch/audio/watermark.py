@@ -69,10 +69,6 @@ class Watermarker:
             ) from None
         self._torch = torch
         self.device = device
-        # processes that mark (Perth on their CPUs) and store a GPU run's chunks, so that
-        # Perth's Python does not take the GIL from the engine's threads (ttsbatch.mark_workers;
-        # started by engine.select.preflight); None: the run's own threads mark with this one
-        self.workers = None
 
     def warm_in_background(self, sr: int = 24000) -> threading.Thread:
         """Mark a fraction of a second of noise on a thread of its own. Perth's first call

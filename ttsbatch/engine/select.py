@@ -78,23 +78,10 @@ class Ready:
     batch_size: int
 
 
-def default_mark_workers(where: str) -> int:
-    """Processes that mark and store a GPU run's chunks (:mod:`ttsbatch.mark_workers`); 0: the
-    run's own threads do. A quarter of the cores, at most 4: one core marks a 4-s chunk in
-    ~47 ms (the dev machine), so 4 mark ~340 s of audio a second, ahead of the engine."""
-    if not where.startswith("cuda"):
-        return 0
-    from ..audio.segments import cores
-
-    return max(1, min(4, cores() // 4))
-
-
-def preflight(where: str, cache_root, mark_workers: int | None = None):
+def preflight(where: str, cache_root):
     """What every run that speaks checks and starts before the model loads: ffmpeg is there
-    (no output without it), the compiler cache is shared with `ttsbatch warmup`, Perth
-    loads (never unmarked audio) and warms up beside the model load, and so do the processes
-    that mark and store the chunks of a GPU run (``mark_workers``; None: the default, 0: none,
-    the run's threads mark). Returns the watermarker."""
+    (no output without it), the compiler cache is shared with `ttsbatch warmup`, and Perth
+    loads (never unmarked audio) and warms up beside the model load. Returns the watermarker."""
     from ..audio.ffmpeg import ffmpeg_exe
     from ..audio.watermark import Watermarker
 
@@ -102,22 +89,14 @@ def preflight(where: str, cache_root, mark_workers: int | None = None):
     use_compile_cache(cache_root)
     watermarker = Watermarker(where)
     watermarker.warm_in_background(24000)  # beside the model load, not on the first chunk
-    n = default_mark_workers(where) if mark_workers is None else mark_workers
-    if n > 0:
-        from ..mark_workers import MarkWorkers
-
-        watermarker.workers = MarkWorkers(n)
     return watermarker
 
 
-def load_for_run(
-    model_dir, device: str, engine: str, batch_size: int | None, max_vram_gb: float | None, cache_root, mark_workers: int | None = None
-) -> Ready:
+def load_for_run(model_dir, device: str, engine: str, batch_size: int | None, max_vram_gb: float | None, cache_root) -> Ready:
     """The shared start of every command that speaks (book, srt, warmup).
 
     :func:`preflight` first: stop before any GPU time is spent if ffmpeg or Perth cannot
-    work. Perth runs where the model runs, or in ``mark_workers`` processes on the CPU beside
-    a GPU (None: the default; 0 for a run that stores no chunks): it marks every chunk.
+    work. Perth runs where the model runs: it marks every chunk.
     """
     import logging
 
@@ -125,7 +104,7 @@ def load_for_run(
 
     where = pick_device(device)
     choice = choose_engine(engine, where, batch_size, max_vram_gb)
-    watermarker = preflight(where, cache_root, mark_workers)
+    watermarker = preflight(where, cache_root)
     model = load_model(model_dir, where)
     logging.getLogger("ttsbatch").info("model: %s; engine: %s", describe(model), choice.name)
     return Ready(watermarker, model, make_engine(model, choice, max_vram_gb), choice.batch_size)
