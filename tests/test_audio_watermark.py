@@ -221,3 +221,34 @@ def test_ends_with(tmp_path):
     assert not ends_with(a, b)
     b.write_bytes(b"HEADER" + data + b"!")  # longer than the file
     assert not ends_with(a, b)
+
+
+def test_apply_batch_is_apply_signal_by_signal(wm):
+    """Perth over padded groups (the GPU run's store threads) makes what Perth makes of each
+    signal alone: its edges, its own frames for the mask and the convolutions. Tolerance 1e-6
+    (float rounding of the batched convolutions; the mark itself moves samples by ~5e-2).
+    Lengths from empty and shorter than Perth's STFT to 9 s, several groups, any order."""
+    rng = np.random.default_rng(3)
+    wavs = [harmonic(s, f0=90 + 20 * i, seed=i) for i, s in enumerate(rng.uniform(0.2, 9.0, 9))]
+    wavs += [noise(0.004), np.zeros(0, np.float32), noise(1.5, seed=5)]
+    alone = [wm.apply(x, SR) if len(x) else x for x in wavs]
+    batched = wm.apply_batch(wavs, SR, group_samples=1 << 20)  # ~33 s a group: several groups
+    for x, a, b in zip(wavs, alone, batched):
+        assert b.dtype == np.float32 and len(b) == len(x)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert np.abs(batched[0] - wavs[0]).max() > 1e-2  # it did mark
+    assert wm.is_marked(batched[0], SR) and not wm.is_marked(wavs[0], SR)
+
+
+def test_apply_batch_refuses_unusable_output(wm, monkeypatch):
+    """As apply: Perth's output non-finite or short for a signal stops the whole group;
+    unmarked audio is never returned."""
+    import torch
+
+    inverse = wm._perth.perth_net.ap.inv_spectrogram
+    monkeypatch.setattr(inverse, "forward", lambda spec, length=None: torch.full(spec.shape[:1] + (200_000,), float("nan")))
+    with pytest.raises(WatermarkError, match="Perth failed to watermark a chunk"):
+        wm.apply_batch([noise(1.0), noise(2.0)], SR)
+    monkeypatch.setattr(inverse, "forward", lambda spec, length=None: torch.zeros(spec.shape[:1] + (3_000,)))
+    with pytest.raises(WatermarkError, match="unusable audio"):
+        wm.apply_batch([noise(1.0), noise(2.0)], SR)

@@ -304,38 +304,106 @@ def test_a_streaming_engine_failing_midway_keeps_what_it_finished(tiny_checkpoin
     assert len(ids_in_index(tmp_path / ".out.wav.ttsbatch")) == 5
 
 
-def test_background_sink_stores_every_chunk_and_reports_in_hand_over_order(tmp_path):
-    """The GPU-side sink: several workers mark and store at once; ChunkDone keeps the order."""
-    import random
-    import threading
-
-    from ttsbatch.pipeline import _ChunkSink
-    from ttsbatch.plan import make_plan
+def _sink_plan(n):
     from ttsbatch.config import GenerationOptions
-    from ttsbatch.store import ChunkStore
+    from ttsbatch.plan import make_plan
     from ttsbatch.text.document import Chunk
 
-    rnd = random.Random(0)
-    threads = set()
+    chunks = [Chunk(index=i, text=f"s{i}", source=f"s{i}", chapter=0, paragraph=i, boundary="sentence") for i in range(n)]
+    return make_plan(chunks, "v", GenerationOptions(), "m")
 
-    class SlowMark:
-        def apply(self, wav, sr):
-            threads.add(threading.current_thread().name)
-            time.sleep(rnd.uniform(0, 0.02))  # workers finish out of order
-            return wav * 0.5
 
-    chunks = [Chunk(index=i, text=f"s{i}", source=f"s{i}", chapter=0, paragraph=i, boundary="sentence") for i in range(24)]
-    plan = make_plan(chunks, "v", GenerationOptions(), "m")
+class _GroupMark:
+    """A watermarker that halves the signal and records who marked how many at once."""
+
+    def __init__(self, delay=0.0):
+        import random
+
+        self.rnd, self.delay, self.threads, self.groups = random.Random(0), delay, set(), []
+
+    def apply_batch(self, wavs, sr):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        self.groups.append(len(wavs))
+        time.sleep(self.rnd.uniform(0, self.delay))  # workers finish out of order
+        return [w * 0.5 for w in wavs]
+
+
+def test_background_sink_stores_every_chunk_and_reports_in_hand_over_order(tmp_path):
+    """The GPU-side sink: several workers mark groups of chunks and store them at once;
+    ChunkDone keeps the order the chunks were handed over in."""
+    from ttsbatch.pipeline import _ChunkSink
+    from ttsbatch.store import ChunkStore
+
+    plan = _sink_plan(24)
     store = ChunkStore(tmp_path)
-    sink = _ChunkSink(SlowMark(), store, "fast", 24000, depth=4, background=True, workers=3)
+    mark = _GroupMark(delay=0.02)
+    sink = _ChunkSink(mark, store, "fast", 24000, depth=8, background=True, workers=3, group=3)
     done = []
     for i, p in enumerate(plan):
         done += sink.put(p, np.full(2400, 0.2 + i / 100, np.float32), 10)
     done += sink.drain()
     sink.close()
     assert [d.planned.id for d in done] == [p.id for p in plan]
-    assert len(threads) > 1
-    assert sink.waited_s > 0  # 24 chunks through a queue of 4: put() waited, and counted it
+    assert mark.groups == [3] * 8  # marked three at a time
+    assert len(mark.threads) > 1
+    assert sink.waited_s > 0  # 24 chunks through a queue of 8: put() waited, and counted it
     for i, p in enumerate(plan):
         wav, _ = store.get(p.id)
         np.testing.assert_allclose(wav, (0.2 + i / 100) * 0.5, atol=1e-6)  # marked, stored as its own
+    assert all(d.seconds == 0.1 and d.tokens == 10 for d in done)
+
+
+def test_background_sink_hands_over_a_short_group_when_the_engine_call_ends(tmp_path):
+    """A group is handed over when full, or by ready() (the engine's call is over) with what
+    it has; close() stores a group that was never handed over (an interrupted run keeps
+    every rendered chunk)."""
+    from ttsbatch.pipeline import _ChunkSink
+    from ttsbatch.store import ChunkStore
+
+    plan = _sink_plan(7)
+    store = ChunkStore(tmp_path)
+    mark = _GroupMark()
+    sink = _ChunkSink(mark, store, "fast", 24000, background=True, workers=1, group=4)
+    done = []
+    for p in plan[:5]:
+        done += sink.put(p, np.full(240, 0.1, np.float32), 1)
+    assert mark.groups in ([], [4])  # the fifth chunk waits for its group
+    done += sink.ready()
+    done += sink.drain()
+    assert [d.planned.id for d in done] == [p.id for p in plan[:5]]
+    assert mark.groups == [4, 1]
+    for p in plan[5:]:
+        sink.put(p, np.full(240, 0.1, np.float32), 1)
+    sink.close()  # as an interrupt leaves it: two chunks in an open group
+    assert mark.groups == [4, 1, 2]
+    assert all(store.has(p.id) for p in plan)
+
+
+def test_background_sink_marks_groups_with_perth_as_chunk_by_chunk(tmp_path):
+    """With the real (CPU) Perth: what the store threads keep, marked a group at a time, is
+    what marking each chunk alone keeps (1e-6: float rounding, under FLAC's 24-bit step
+    of 1.2e-7 plus the batched convolutions'), and it carries the mark."""
+    from ttsbatch.audio.watermark import load_watermarker
+    from ttsbatch.pipeline import _ChunkSink
+    from ttsbatch.store import ChunkStore
+
+    wm = load_watermarker("cpu")
+    rng = np.random.default_rng(0)
+    wavs = [(0.1 * rng.standard_normal(int(24000 * s))).astype(np.float32) for s in (2.5, 0.7, 4.0)]
+    plan = _sink_plan(3)
+    batched, alone = ChunkStore(tmp_path / "b"), ChunkStore(tmp_path / "a")
+    sink = _ChunkSink(wm, batched, "fast", 24000, background=True, workers=1, group=2)
+    for p, w in zip(plan, wavs):
+        sink.put(p, w, 1)
+    assert len(sink.drain()) == 3
+    sink.close()
+    inline = _ChunkSink(wm, alone, "fast", 24000, background=False)
+    for p, w in zip(plan, wavs):
+        inline.put(p, w, 1)
+    for p in plan:
+        b, _ = batched.get(p.id)
+        a, _ = alone.get(p.id)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+        assert wm.is_marked(b, 24000)

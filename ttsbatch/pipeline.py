@@ -101,7 +101,9 @@ class _ChunkSink:
     """Watermarks and stores finished chunks on a worker thread, beside the engine.
 
     The engine hands over each chunk as soon as it has it and goes on; at most ``depth``
-    chunks wait (bounded memory). ``workers`` threads mark and store them; :meth:`ready`
+    chunks wait (bounded memory). ``workers`` threads mark and store them, ``group`` at a
+    time (Perth's ``apply_batch``: one batched pass on the GPU instead of a pass, a host
+    sync and their Python per chunk); :meth:`ready` hands a smaller group over too, and
     returns the chunks stored so far, in the order they were handed over. A failure to mark
     or store (disk full, say) is raised from :meth:`ready` / :meth:`drain`, so it stops the
     run as it would inline.
@@ -113,7 +115,15 @@ class _ChunkSink:
     """
 
     def __init__(
-        self, watermarker, store: ChunkStore, engine_name: str, sr: int, depth: int = 1024, background: bool = True, workers: int = 2
+        self,
+        watermarker,
+        store: ChunkStore,
+        engine_name: str,
+        sr: int,
+        depth: int = 1024,
+        background: bool = True,
+        workers: int = 2,
+        group: int = 32,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -122,23 +132,34 @@ class _ChunkSink:
         # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled), and a depth
         # of one collection makes it wait whenever the previous one is not yet stored (S3Gen's
         # thread spent 1.3-3.5 s of a book in the pipeline's hands, `bench`'s host_timeline
-        # "consumer_s", H200, eighteenth session; this wait is part of it). Four collections:
-        # at most ~0.5 GB of audio waiting at the book's mean chunk length, whatever the
-        # book's length. workers: Perth's resampling and the FLAC encoder release the GIL.
+        # "consumer_s", H200, eighteenth session; 0.05 s with four, nineteenth). Four
+        # collections: at most ~0.5 GB of audio waiting at the book's mean chunk length,
+        # whatever the book's length. workers: Perth's resampling and the FLAC encoder release
+        # the GIL. group: Perth marking chunk by chunk held the GIL for ~2 s of a 2-hour book
+        # (py-spy, eleventh session), time the engine's threads wait to launch; the fast
+        # engine's collections are multiples of 32.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
-        self._waiting: deque = deque()
+        self._waiting: deque = deque()  # (future of a group's samples stored, index in the group, planned, tokens)
+        self._group: list = []  # (planned, wav, tokens) not yet handed to a worker
+        self._group_size = max(1, min(group, depth))  # a full group never waits on itself
         self._local = threading.local()
         self._watermarker, self._store, self._engine, self._sr, self._depth = watermarker, store, engine_name, sr, depth
         self.waited_s = 0.0  # put() blocked on a full queue
 
-    def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
-        sr = self._sr
-        with self._gpu_stream():
-            marked = self._watermarker.apply(wav, sr) if len(wav) else wav
+    def _store_marked(self, planned: PlannedChunk, marked, tokens: int) -> int:
         meta = {"text": planned.chunk.text, "tokens": tokens, "engine": self._engine}
-        self._store.put(planned.id, marked, sr, meta)
+        self._store.put(planned.id, marked, self._sr, meta)
         faults.point("chunk-stored")
-        return ChunkDone(planned, len(marked) / sr, tokens)
+        return len(marked)
+
+    def _mark_and_store(self, planned: PlannedChunk, wav, tokens: int) -> ChunkDone:
+        marked = self._watermarker.apply(wav, self._sr) if len(wav) else wav
+        return ChunkDone(planned, self._store_marked(planned, marked, tokens) / self._sr, tokens)
+
+    def _mark_and_store_group(self, group: list) -> list[int]:
+        with self._gpu_stream():
+            marked = self._watermarker.apply_batch([wav for _, wav, _ in group], self._sr)
+        return [self._store_marked(planned, m, tokens) for (planned, _, tokens), m in zip(group, marked)]
 
     def _gpu_stream(self):
         """A CUDA stream of this worker's own when Perth runs on a GPU: its small kernels then
@@ -158,30 +179,52 @@ class _ChunkSink:
         """Queue one chunk; returns the chunks stored meanwhile (waits if ``depth`` are queued)."""
         if self._pool is None:
             return [self._mark_and_store(planned, wav, tokens)]
-        self._waiting.append(self._pool.submit(self._mark_and_store, planned, wav, tokens))
-        done = self.ready()
-        if len(self._waiting) >= self._depth:
+        self._group.append((planned, wav, tokens))
+        if len(self._group) >= self._group_size:
+            self._hand_over()
+        done = self._collect()
+        if len(self._waiting) + len(self._group) >= self._depth:
             t0 = time.perf_counter()
-            while len(self._waiting) >= self._depth:
-                done.append(self._waiting.popleft().result())
+            while self._waiting and len(self._waiting) + len(self._group) >= self._depth:
+                done.append(self._next())
             self.waited_s += time.perf_counter() - t0
         return done
 
-    def ready(self) -> list[ChunkDone]:
+    def _hand_over(self) -> None:
+        """The open group to a worker."""
+        if not self._group:
+            return
+        group, self._group = self._group, []
+        future = self._pool.submit(self._mark_and_store_group, group)
+        self._waiting.extend((future, k, planned, tokens) for k, (planned, _, tokens) in enumerate(group))
+
+    def _next(self) -> ChunkDone:
+        future, k, planned, tokens = self._waiting.popleft()
+        return ChunkDone(planned, future.result()[k] / self._sr, tokens)
+
+    def _collect(self) -> list[ChunkDone]:
         done = []
-        while self._waiting and self._waiting[0].done():
-            done.append(self._waiting.popleft().result())
+        while self._waiting and self._waiting[0][0].done():
+            done.append(self._next())
         return done
+
+    def ready(self) -> list[ChunkDone]:
+        """Hands the open group over (the engine's call has ended: no more chunks to group with
+        it soon); the chunks stored so far."""
+        if self._pool is not None:
+            self._hand_over()
+        return self._collect()
 
     def drain(self) -> list[ChunkDone]:
-        done = []
-        while self._waiting:
-            done.append(self._waiting.popleft().result())
-        return done
+        if self._pool is not None:
+            self._hand_over()
+        return [self._next() for _ in range(len(self._waiting))]
 
     def close(self) -> None:
-        """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop."""
+        """Let queued chunks finish storing (an interrupt keeps what was rendered), then stop.
+        Chunks not yet handed over are handed over first: they are rendered, so they are kept."""
         if self._pool is not None:
+            self._hand_over()
             self._pool.shutdown(wait=True)
 
 
