@@ -107,11 +107,12 @@ class Watermarker:
             )
         return marked
 
-    def apply_batch(self, wavs: Sequence[np.ndarray], sr: int, group_samples: int = 1 << 22) -> list[np.ndarray]:
+    def apply_batch(self, wavs: Sequence[np.ndarray], sr: int, group_samples: int = 1 << 21) -> list[np.ndarray]:
         """The watermarked copies of several mono signals: what :meth:`apply` makes of each
-        (within float rounding: ``tests/test_watermark.py``), with Perth's STFT, network and
-        inverse STFT run over padded groups of up to ``group_samples`` samples (at Perth's
-        32 kHz; ~130 s of audio, ~110 MB of spectrum) instead of one signal at a time.
+        (within float rounding: ``tests/test_audio_watermark.py``), with Perth's STFT, network
+        and inverse STFT run over padded groups of up to ``group_samples`` samples (at Perth's
+        32 kHz: ~65 s of audio, ~16 of the book's chunks; ~300 MB of spectra and activations
+        at the peak, beside the engine's memory budget) instead of one signal at a time.
 
         One signal costs Perth ~30 small launches, a host sync and their Python, which on a
         GPU run hold the GIL the engine's threads launch with; a group costs that once. Each
