@@ -31,6 +31,10 @@ log = logging.getLogger("ttsbatch")
 
 FORMAT_VERSION = 1  # of the manifest
 
+# Chunks the store threads of a GPU run mark with Perth at once (_ChunkSink's ``group``).
+# Module-level so that `ttsbatch bench --mark-group` can compare it with 1 (chunk by chunk).
+MARK_GROUP = 32
+
 
 @dataclass(frozen=True)
 class ChunkDone:
@@ -267,7 +271,7 @@ def synthesize_pending(
     remaining = list(todo)
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=_on_gpu(engine))
+    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=_on_gpu(engine), group=MARK_GROUP)
     try:
         while remaining or alone:
             if alone:
