@@ -1,8 +1,10 @@
 """Perth on a CUDA GPU, as a GPU run's store threads use it (run on the device machine).
 
 ``Watermarker.apply_batch`` marks padded groups of chunks in one pass; on the GPU it must
-still make what ``apply`` makes of each chunk alone (1e-5: the batched cuDNN convolutions
-and FFTs round differently from the single ones), and the mark must read back.
+still make what ``apply`` makes of each chunk alone, and the mark must read back. Tolerance
+1e-3 of full scale, 2% of what the mark moves (~5e-2): cuDNN runs Perth's convolutions in
+TF32 (PyTorch's default, per chunk as much as batched) and may pick another algorithm for a
+batch; cuFFT's batched plans round differently too. (On the CPU: 1e-6.)
 """
 
 from __future__ import annotations
@@ -26,5 +28,5 @@ def test_apply_batch_on_gpu_is_apply_signal_by_signal():
     batched = wm.apply_batch(wavs, SR)
     for x, a, b in zip(wavs, alone, batched):
         assert len(b) == len(x)
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-3)
     assert all(wm.is_marked(b, SR) for b in batched[:5])
