@@ -213,6 +213,8 @@ def test_vtt(tmp_path):
         ("s.srt", CLEAN.replace("00:00:03,000 --> 00:00:04,000", "00:00:03,000 --> 00:61:04,000"), "line 6:"),
         ("s.srt", "Just some text.\nNo cues here.\n", "line 1: cannot read this srt cue"),
         ("s.srt", "1\nHello\n\n2\n00:00:01,000 --> 00:00:02,000\nHi\n", "line 2: cannot read this srt cue (expected a timing line"),
+        ("s.srt", CLEAN + "\n3\nA cue without its timing line.\n", "line 10: cannot read this srt cue (expected a timing line"),
+        ("s.srt", CLEAN.replace("Hello there.\n", "Hello there.\n\n7\nLost.\n"), "line 6: cannot read this srt cue (expected a timing line"),
         ("s.vtt", VTT.replace("00:00:05.000 --> 00:00:06.000", "00:00:05.000 --> 00:00:xx.000"), "line 19: cannot read this webvtt timing line"),
         ("s.vtt", CLEAN, "line 1: not a webvtt file"),
         ("s.srt", "", "is empty"),

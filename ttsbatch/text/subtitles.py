@@ -203,6 +203,17 @@ def _parse_srt(lines: list[str], label: str) -> list[tuple]:
         raise InputError(f"{label}: line {i + 1}: cannot read this SRT cue ({what}): {_quote(lines[i])}") from None
     if len(subs) != len(timings):  # pragma: no cover - every timing line starts a cue
         raise InputError(f"{label}: cannot read it as SRT ({len(timings)} timing lines but {len(subs)} cues)")
+    # A block of a cue number and text with no timing line between them is a cue that lost
+    # its timing line; the srt library reads it as more text of the cue before it (which
+    # would then speak the number and the lost cue's words in the wrong place).
+    ends = [i for i, _, _ in timings[1:]] + [len(fixed)]
+    for (i, _, _), end in zip(timings, ends):
+        for k in range(i + 2, end - 1):
+            if not fixed[k - 1].strip() and _SRT_NUMBER_RE.match(fixed[k]) and fixed[k + 1].strip():
+                raise InputError(
+                    f"{label}: line {k + 2}: cannot read this SRT cue (expected a timing line like "
+                    f"'00:00:01,000 --> 00:00:02,500'): {_quote(lines[k + 1])}"
+                )
     out = []
     for sub, (i, start, end) in zip(subs, timings):
         content = sub.content.strip("\n")
