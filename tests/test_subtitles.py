@@ -216,6 +216,8 @@ def test_vtt(tmp_path):
         ("s.srt", CLEAN + "\n3\nA cue without its timing line.\n", "line 10: cannot read this srt cue (expected a timing line"),
         ("s.srt", CLEAN.replace("Hello there.\n", "Hello there.\n\n7\nLost.\n"), "line 6: cannot read this srt cue (expected a timing line"),
         ("s.vtt", VTT.replace("00:00:05.000 --> 00:00:06.000", "00:00:05.000 --> 00:00:xx.000"), "line 19: cannot read this webvtt timing line"),
+        ("s.vtt", VTT + "\n4\nLost words.\n", "line 23: cannot read this webvtt cue (expected a timing line"),
+        ("s.vtt", VTT.replace("NOTE a comment", "A cue with no timing"), "line 5: cannot read this webvtt cue (expected a timing line"),
         ("s.vtt", CLEAN, "line 1: not a webvtt file"),
         ("s.srt", "", "is empty"),
         ("s.srt", "\n \r\n", "is empty"),

@@ -230,6 +230,22 @@ def _parse_vtt(lines: list[str], label: str) -> list[tuple]:
     if not lines[first].startswith("WEBVTT"):
         raise InputError(f"{label}: line {first + 1}: not a WebVTT file (it must start with 'WEBVTT'): {_quote(lines[first])}")
     fixed, timings = _canonical_timings(lines, label, ".", "WebVTT", "00:00:01.000 --> 00:00:02.500", skip=first + 1)
+    # A block with no timing line that is not a comment, style or region is a cue that lost
+    # its timing line: players (and webvtt-py) drop it, a dub would silently lose its words.
+    timed = {i for i, _, _ in timings}
+    k = next((j for j in range(first, len(lines)) if not lines[j].strip()), len(lines))  # the header ends
+    while k < len(lines):
+        if not lines[k].strip():
+            k += 1
+            continue
+        end = next((j for j in range(k, len(lines)) if not lines[j].strip()), len(lines))
+        if not timed.intersection(range(k, end)) and not lines[k].lstrip().startswith(("NOTE", "STYLE", "REGION")):
+            bad = k + 1 if end - k > 1 else k  # an identifier, then text: the timing line belonged after it
+            raise InputError(
+                f"{label}: line {bad + 1}: cannot read this WebVTT cue (expected a timing line like "
+                f"'00:00:01.000 --> 00:00:02.500'): {_quote(lines[bad])}"
+            )
+        k = end
     try:
         captions = webvtt.from_string("\n".join(fixed[first:]) + "\n").captions
     except (MalformedFileError, MalformedCaptionError, ValueError) as e:
