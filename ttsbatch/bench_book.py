@@ -193,7 +193,6 @@ def run_book_bench(
     from .engine.stock import StockEngine, SynthesisRequest
     from .engine.voice import BUILTIN, VoiceCache
     from . import pipeline
-    from .pipeline import render_book
     from .store import ChunkStore
     from .text import chunk_document, read_document
 
@@ -277,7 +276,7 @@ def run_book_bench(
     engine.timeline = HostTimeline()  # the book's own, not the warm-up's
     with GpuBusy() as gpu, GcTimer() as gc_time:
         t0, wall_clock = time.perf_counter(), time.time()
-        report = render_book(
+        report = pipeline.render_book(
             doc, chunks, source=book, output=output, work_dir=work / "work", voice=BUILTIN, options=options,
             model=model, engine=engine, watermarker=watermarker, batch_size=4096, progress="none",
         )

@@ -39,6 +39,23 @@ THRESHOLD = 0.5
 _MIN_SAMPLES_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input
 
 
+def _with_tail(x: np.ndarray, sr: int) -> np.ndarray:
+    """``x`` with the zeros Perth needs after it: it returns a whole number of STFT hops
+    (dropping up to ~10 ms at the end) and fails on very short input; cut back afterwards."""
+    return np.concatenate([x, np.zeros(max(2048, round(_MIN_SAMPLES_S * sr) - len(x)), np.float32)])
+
+
+def _checked(marked, n: int) -> np.ndarray:
+    """Perth's output cut to the input's ``n`` samples, or WatermarkError if it is short or not finite."""
+    marked = np.asarray(marked, dtype=np.float32).reshape(-1)[:n]
+    if len(marked) != n or not np.isfinite(marked).all():
+        raise WatermarkError(
+            f"Perth returned unusable audio ({len(marked)} samples for {n}, finite: "
+            f"{bool(np.isfinite(marked).all())}): refusing to write unmarked audio"
+        )
+    return marked
+
+
 def _why(e: Exception) -> str:
     """An exception as one short line, for the user-facing message."""
     first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -90,22 +107,12 @@ class Watermarker:
     def apply(self, wav: np.ndarray, sr: int) -> np.ndarray:
         """The watermarked copy of mono ``wav``: float32, same length."""
         x = np.asarray(wav, dtype=np.float32).reshape(-1)
-        n = len(x)
-        # Perth returns a whole number of STFT hops (it drops up to ~10 ms at the end) and
-        # fails on very short input, so pad with zeros and cut back to the original length.
-        pad = max(2048, round(_MIN_SAMPLES_S * sr) - n)
         try:
             with self._torch.inference_mode():
-                marked = self._perth.apply_watermark(np.concatenate([x, np.zeros(pad, np.float32)]), sample_rate=sr)
+                marked = self._perth.apply_watermark(_with_tail(x, sr), sample_rate=sr)
         except Exception as e:
             raise WatermarkError(f"Perth failed to watermark a chunk ({_why(e)})") from None
-        marked = np.asarray(marked, dtype=np.float32).reshape(-1)[:n]
-        if len(marked) != n or not np.isfinite(marked).all():
-            raise WatermarkError(
-                f"Perth returned unusable audio ({len(marked)} samples for {n}, finite: "
-                f"{bool(np.isfinite(marked).all())}): refusing to write unmarked audio"
-            )
-        return marked
+        return _checked(marked, len(x))
 
     def apply_batch(self, wavs: Sequence[np.ndarray], sr: int, group_samples: int = 1 << 21) -> list[np.ndarray]:
         """The watermarked copies of several mono signals: what :meth:`apply` makes of each
@@ -131,8 +138,7 @@ class Watermarker:
             if not len(x):
                 out[i] = x
                 continue
-            pad = max(2048, round(_MIN_SAMPLES_S * sr) - len(x))  # as apply() pads
-            y = np.concatenate([x, np.zeros(pad, np.float32)])
+            y = _with_tail(x, sr)  # as apply() pads
             if sr != hp.sample_rate:
                 y = resample(y, orig_sr=sr, target_sr=hp.sample_rate)
             items.append((i, len(x), np.asarray(y, dtype=np.float32)))
@@ -184,13 +190,7 @@ class Watermarker:
             w = wm[row, : (len(y) // hop) * hop]  # what Perth's inverse STFT returns for this signal alone
             if sr != hp.sample_rate:
                 w = resample(w, orig_sr=hp.sample_rate, target_sr=sr)
-            w = np.asarray(w, dtype=np.float32).reshape(-1)[:n]
-            if len(w) != n or not np.isfinite(w).all():
-                raise WatermarkError(
-                    f"Perth returned unusable audio ({len(w)} samples for {n}, finite: "
-                    f"{bool(np.isfinite(w).all())}): refusing to write unmarked audio"
-                )
-            out[i] = w
+            out[i] = _checked(w, n)
 
     def score(self, wav: np.ndarray, sr: int) -> float:
         """Perth's detection confidence in [0, 1]; 0.0 for silence (Perth has nothing to read)."""
