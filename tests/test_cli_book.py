@@ -86,10 +86,15 @@ def test_story_to_mp3_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_segmented_mp3_book_is_checked_in_its_frames_beside_the_remux(tiny_checkpoint, tmp_path, monkeypatch):
-    """A book in several MP3 segments: its mark is read from the joined frames (while the
-    chapters are added) and not again from the output, which ends with those very frames
-    and is watermarked."""
-    from ttsbatch.audio import segments, watermark
+    """A book in several MP3 segments: copied under its header while it is joined (no
+    remux at the end), its mark read from the joined frames (while the chapters are added)
+    and not again from the output, which ends with those very frames and is watermarked."""
+    import subprocess
+
+    from ttsbatch.audio import export, segments, watermark
+    from ttsbatch.audio.ffmpeg import ffmpeg_exe
+
+    monkeypatch.setattr(export, "finish_stream", lambda *a, **k: pytest.fail("remuxed at the end"))
 
     monkeypatch.setattr(segments, "default_workers", lambda: 2)  # segment encoders, as on a GPU host
     monkeypatch.setattr(segments, "SEGMENT_S", 0.2)  # a cut at every paragraph end
@@ -100,6 +105,9 @@ def test_segmented_mp3_book_is_checked_in_its_frames_beside_the_remux(tiny_check
     r = run(SAMPLES / "story.txt", "-o", out, "--model-dir", tiny_checkpoint, *FAST)
     assert r.exit_code == 0, r.output
     assert len(read) == 1 and read[0].startswith(".track-")  # the frames, not the staged output
+    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    assert "Chapter #0:1" in banner and "CHAPTER II." in banner  # written into the live remux's tag
+    assert [p.name for p in tmp_path.iterdir() if p.is_file() and p.name.startswith(".")] == []  # nothing staged left
     v = run("verify", out)
     assert v.exit_code == 0 and "NOT" not in v.stdout, v.output
 

@@ -358,3 +358,109 @@ def test_track_finish_hurries_its_segment_encoder(tmp_path, monkeypatch, many_co
     with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", background=True) as track:
         track.finish()
     assert hurried == [track._encoder]
+
+
+def _tag_and_audio(path):
+    """(the ID3v2 tag's frames without their padding, everything after the tag) of an MP3."""
+    from mutagen.id3 import ID3
+
+    data, size = path.read_bytes(), ID3(str(path)).size
+    return data[10:size].rstrip(b"\0"), data[size:]
+
+
+def _segmented_track(tmp_path, monkeypatch, remux_to, n=10):
+    """A two-chapter book in several MP3 segments (a cut at every paragraph end)."""
+    from ttsbatch.audio import segments
+
+    monkeypatch.setattr(segments, "SEGMENT_S", 0.5)
+    doc = Document("My Book", (Chapter("One", ("p",)), Chapter("Twö", ("q",))))
+    chunks = [
+        Chunk(index=i, text=f"s {i}", source=f"s {i}", chapter=0 if i < n // 2 else 1, paragraph=i // 2,
+              boundary="chapter" if i == n // 2 - 1 else ("end" if i == n - 1 else ("paragraph" if i % 2 else "sentence")))
+        for i in range(n)
+    ]
+    plan = make_plan(chunks, "voice", GenerationOptions(), "model")
+    store = ChunkStore(tmp_path / "work")
+    for i, p in enumerate(plan):
+        store.put(p.id, chunk_audio(i), SR)
+    with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", remux_to=remux_to) as track:
+        chapters, seconds = track.finish()
+    return doc, track, chapters, seconds
+
+
+def test_live_remux_is_the_remux_at_the_end_with_the_chapters_written_in_place(tmp_path, monkeypatch, many_cores):
+    """The frames copied under their header while the book is joined, plus the chapters
+    written into the tag's padding afterwards, are byte for byte what remuxing the finished
+    frames gives (``finish_stream``): the same Xing header and frames, the same tag frames
+    (ffmpeg writes both), only the padding differs; and the file's size does not change."""
+    from ttsbatch.audio.export import add_chapters
+    from ttsbatch.audio.ffmpeg import ffmpeg_exe
+    import subprocess
+
+    live = tmp_path / "live.mp3"
+    doc, track, chapters, seconds = _segmented_track(tmp_path, monkeypatch, live)
+    assert track.frames_only and track.remuxed == live
+    size = live.stat().st_size
+    assert add_chapters(live, chapters, doc.name, seconds)
+    assert live.stat().st_size == size  # written in place: the audio was not moved
+    ref = tmp_path / "ref.mp3"
+    finish_stream(tmp_path / "enc.tmp", ref, chapters=chapters, title=doc.name, total_s=seconds)
+    assert _tag_and_audio(live) == _tag_and_audio(ref)
+    assert live.read_bytes() != ref.read_bytes()  # (the padding)
+    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(live)], capture_output=True, text=True).stderr
+    assert "Chapter #0:1" in banner and "title           : Twö" in banner and "My Book" in banner
+
+
+def test_chapters_fit_the_padding_reserved_for_their_titles_and_else_leave_the_file_alone(tmp_path, monkeypatch, many_cores):
+    from ttsbatch.audio.export import FramesRemux, add_chapters, chapter_tag_bytes
+
+    live = tmp_path / "live.mp3"
+    doc, track, chapters, seconds = _segmented_track(tmp_path, monkeypatch, live)
+    titles = [f"Chapter {k}: {'ü' * (k % 7)} the long way home, part {k}" for k in range(60)]
+    many = [(t, k * seconds / 60) for k, t in enumerate(titles)]
+    before = live.read_bytes()
+    assert not add_chapters(live, many, doc.name, seconds)  # reserved for two short titles
+    assert live.read_bytes() == before
+    roomy = FramesRemux(tmp_path / "roomy.mp3", doc.name, padding=chapter_tag_bytes(titles))
+    roomy.write((tmp_path / "enc.tmp").read_bytes())
+    roomy.close()
+    size = (tmp_path / "roomy.mp3").stat().st_size
+    assert add_chapters(tmp_path / "roomy.mp3", many, doc.name, seconds)
+    assert (tmp_path / "roomy.mp3").stat().st_size == size
+
+
+def test_a_failing_live_remux_leaves_the_frames_for_the_remux_at_the_end(tmp_path, monkeypatch, many_cores):
+    from ttsbatch.audio.export import FramesRemux
+
+    def broken(self, frames):
+        raise FFmpegError("writing live.mp3 failed: No space left on device")
+
+    monkeypatch.setattr(FramesRemux, "write", broken)
+    live = tmp_path / "live.mp3"
+    doc, track, chapters, seconds = _segmented_track(tmp_path, monkeypatch, live)
+    assert track.remuxed is None and not live.exists()
+    out = tmp_path / "out.mp3"
+    finish_stream(tmp_path / "enc.tmp", out, chapters=chapters, title=doc.name, total_s=seconds)
+    got, _ = decode_audio(out, sr=SR)
+    assert abs(len(got) - round(seconds * SR)) <= 2
+
+
+def test_a_track_left_without_finish_removes_its_live_remux(tmp_path, many_cores, monkeypatch):
+    from ttsbatch.audio import segments
+
+    monkeypatch.setattr(segments, "SEGMENT_S", 0.3)
+    doc, plan = book(8)
+    store = ChunkStore(tmp_path / "work")
+    live = tmp_path / "live.mp3"
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with BookTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", ".mp3", remux_to=live) as track:
+            for i, p in enumerate(plan[:6]):
+                store.put(p.id, chunk_audio(i), SR)
+                track.stored(p)
+            enc = track._encoder
+            deadline = time.monotonic() + 30
+            while enc._remux is None and time.monotonic() < deadline:  # a segment joined: ffmpeg remuxes
+                time.sleep(0.05)
+            assert live.exists()
+            raise RuntimeError("engine failed")
+    assert not live.exists() and not (tmp_path / "enc.tmp").exists()

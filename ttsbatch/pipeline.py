@@ -402,6 +402,11 @@ def encode_verified(track: Path, output: Path, options: Options, watermarker, ch
     )
 
 
+def staged_path(output: Path) -> Path:
+    """Where :func:`publish_verified` has ``output`` written before it is checked and renamed."""
+    return output.with_name(f".{output.stem}.partial{output.suffix}")
+
+
 def publish_verified(write, output: Path, watermarker, frames: Path | None = None):
     """``write(path)`` the output beside ``output`` under a temporary name, check the mark, rename.
 
@@ -419,7 +424,7 @@ def publish_verified(write, output: Path, watermarker, frames: Path | None = Non
 
     from .audio.watermark import verify_file
 
-    staged = output.with_name(f".{output.stem}.partial{output.suffix}")
+    staged = staged_path(output)
     try:
         if frames is None:
             write(staged)
@@ -472,7 +477,7 @@ def render_book(
     lock_timeout: float = 0,
 ) -> RunReport:
     """The whole job for a book; resumable; the output appears only when complete and marked."""
-    from .audio.export import finish_stream
+    from .audio.export import add_chapters, finish_stream, sync_file
     from .engine.voice import VoiceCache
 
     report = RunReport(output=output)
@@ -487,7 +492,10 @@ def render_book(
         # the CPU, beside it on a GPU), into a temporary file the next run would clean up.
         encoded = work_dir / f".track-{os.getpid()}{TEMP_SUFFIX}"
         try:
-            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=_on_gpu(engine)) as track:
+            # an MP3 in segments is copied under its header as it is joined, where it is staged
+            remux_to = staged_path(output) if output.suffix.lower() == ".mp3" else None
+            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=_on_gpu(engine),
+                           remux_to=remux_to) as track:
                 run_chunks(
                     plan,
                     engine=engine,
@@ -506,11 +514,15 @@ def render_book(
                 for part, s in track.finish_seconds.items():  # finish = append + encode
                     report.tail_seconds[f"finish_{part}"] = s
                 frames_only = track.frames_only
+                remuxed = track.remuxed
             marks = chapters if len(chapters) > 1 else ()
 
             def write(staged):
                 t = time.perf_counter()
-                finish_stream(encoded, staged, chapters=marks, title=doc.name, total_s=seconds)
+                if remuxed == staged and add_chapters(staged, marks, doc.name, seconds):
+                    sync_file(staged)
+                else:  # one segment, another format, or the live remux failed
+                    finish_stream(encoded, staged, chapters=marks, title=doc.name, total_s=seconds)
                 report.tail_seconds["publish"] = time.perf_counter() - t
 
             t0 = time.perf_counter()

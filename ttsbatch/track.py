@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from .audio import segments
-from .audio.export import StreamEncoder
+from .audio.export import StreamEncoder, chapter_tag_bytes
 from .audio.segments import SegmentedEncoder
 from .audio.stitch import TrackWriter
 from .config import Options
@@ -49,11 +49,15 @@ class BookTrack:
         encoded: Path,
         ext: str,
         background: bool = False,
+        remux_to: Path | None = None,
     ):
+        """``remux_to``: where an MP3 track encoded in segments is copied under its header as
+        it is joined (:class:`SegmentedEncoder`); :attr:`remuxed` then names it."""
         if not plan:
             raise ValueError("a track needs at least one chunk")
         self.plan, self.doc, self.store, self.options = plan, doc, store, options
         self.encoded, self.ext = Path(encoded), ext
+        self.remux_to = remux_to
         self._next = 0  # plan index of the next chunk to append
         self._chapter = None
         self._ready = store.ids()  # ids known to be in the store
@@ -93,6 +97,12 @@ class BookTrack:
         join of several segments: no ID3 or Xing header), which a ``-c copy`` remux copies
         unchanged to the end of its output."""
         return isinstance(self._encoder, SegmentedEncoder) and self._encoder.frames_only
+
+    @property
+    def remuxed(self) -> Path | None:
+        """After :meth:`finish`: ``remux_to`` if it holds the whole track under an MP3 header
+        with the title (chapters to add: :func:`~ttsbatch.audio.export.add_chapters`), else None."""
+        return getattr(self._encoder, "remuxed", None)
 
     def finish(self) -> tuple[list[tuple[str, float]], float]:
         """Append the rest, close the encoder; returns (chapters, track seconds).
@@ -169,7 +179,11 @@ class BookTrack:
             wav, sr = self.store.get(p.id)
             if self._writer is None:
                 if self.ext == ".mp3" and segments.default_workers() > 1:
-                    encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S)
+                    # the tag's padding holds the chapters (their times are known at the end)
+                    titles = [(c.title or "") + self.doc.name for c in self.doc.chapters]
+                    encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S,
+                                               remux_to=self.remux_to, title=self.doc.name,
+                                               header_padding=chapter_tag_bytes(titles))
                     with self._cond:  # finish may be hurrying already
                         self._encoder = encoder
                         if self._stop:

@@ -17,7 +17,9 @@ at ~100x real time, whatever the GPU does. :class:`SegmentedEncoder` is a drop-i
   join is a byte concatenation: segments are written without ID3 or Xing headers, pure
   frames), so most of the book is joined while it renders; ``close`` waits for the rest and
   joins it. ``finish_stream`` then copies the frames into the output with a fresh header and
-  the chapters.
+  the chapters; or, with ``remux_to``, a :class:`~ttsbatch.audio.export.FramesRemux` has
+  made that copy as the frames were joined, and :func:`~ttsbatch.audio.export.add_chapters`
+  completes it.
 
 Each segment's MP3 holds LAME's start delay and end padding: about 50 ms more silence in the
 pause at each cut (a book of one segment is encoded exactly as before: gapless, its header
@@ -30,6 +32,7 @@ the durations before it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -41,8 +44,10 @@ import numpy as np
 
 from ..config import ExportOptions
 from ..store import StoreError
-from .export import encode_args
+from .export import FramesRemux, encode_args
 from .ffmpeg import FFmpegError, ff_path, run_ffmpeg
+
+log = logging.getLogger("ttsbatch")
 
 SEGMENT_S = 120.0  # a segment is cut at the first silent point past this length
 # Where samples land in the joined file, in samples of the output rate: LAME delays each
@@ -98,7 +103,14 @@ class SegmentedEncoder:
         opts: ExportOptions = ExportOptions(),
         workers: int | None = None,
         segment_s: float = SEGMENT_S,
+        remux_to: Path | None = None,
+        title: str | None = None,
+        header_padding: int = 4096,
     ):
+        """``remux_to``: where a :class:`FramesRemux` copies the joined frames as they come,
+        under a header with ``title`` and ``header_padding`` bytes for the chapters
+        (:attr:`remuxed` says whether it is complete). Only several segments are joined: a
+        book of one segment is never remuxed live."""
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.opts = opts
@@ -125,6 +137,9 @@ class SegmentedEncoder:
         self._joined_s = 0.0
         self._out = None
         self._join_error: OSError | None = None
+        self._remux_args = (Path(remux_to), title, header_padding) if remux_to is not None else None
+        self._remux: FramesRemux | None = None
+        self._remuxed = False
         self._new_segment()
 
     def _new_segment(self) -> None:
@@ -196,15 +211,36 @@ class SegmentedEncoder:
                 try:
                     if self._out is None:
                         self._out = open(self.path, "wb")
-                    with open(seg.mp3, "rb") as f:
-                        shutil.copyfileobj(f, self._out, 1 << 20)
+                        if self._remux_args is not None:
+                            self._remux = FramesRemux(*self._remux_args)
+                    frames = seg.mp3.read_bytes()  # ~2 MB: a segment's two minutes
+                    self._out.write(frames)
                     seg.mp3.unlink()
                 except OSError as e:
                     self._join_error = e
                     return
+                self._feed_remux(frames)
                 seg.out_start_s = self._joined_s + ENCODER_DELAY / self.out_rate
                 self._joined_s += seg.frames_s
                 self._joined += 1
+
+    def _feed_remux(self, frames: bytes) -> None:
+        """The live remux is a shortcut: if it fails, the book is remuxed from ``path`` at
+        the end, as without it."""
+        if self._remux is None:
+            return
+        try:
+            self._remux.write(frames)
+        except FFmpegError as e:
+            log.warning("the live MP3 remux failed (%s); the book is remuxed at the end", e)
+            self._remux.abort()
+            self._remux = None
+
+    @property
+    def remuxed(self) -> Path | None:
+        """The MP3 file with the whole track under a header, but no chapters yet (after
+        ``close``), if ``remux_to`` was given and the live remux completed; else None."""
+        return self._remux_args[0] if self._remuxed else None
 
     def _encode_now(self, seg: _Segment, gapless: bool) -> None:
         """One segment. ``gapless`` (the book is this one segment): with LAME's header, as
@@ -236,6 +272,14 @@ class SegmentedEncoder:
                     raise self._join_error
                 assert self._joined == len(self.segments), "every segment is encoded, none gapless"
                 self._out.close()
+                if self._remux is not None:
+                    try:
+                        self._remux.close()
+                        self._remuxed = True
+                    except FFmpegError as e:
+                        log.warning("the live MP3 remux failed (%s); the book is remuxed at the end", e)
+                        self._remux.abort()
+                    self._remux = None
         except OSError as e:  # joining: a full disk, most likely
             self.abort()
             raise StoreError(f"cannot write the track {self.path}: {e.strerror or e}") from None
@@ -278,6 +322,12 @@ class SegmentedEncoder:
         with self._join_lock, contextlib.suppress(Exception):
             if self._out is not None:
                 self._out.close()
+            if self._remux is not None:
+                self._remux.abort()
+                self._remux = None
+            if self._remuxed:  # closed, then given up (the caller's error)
+                self._remux_args[0].unlink(missing_ok=True)
+                self._remuxed = False
         # a running encode is not waited for: its files go with the directory
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.dir, ignore_errors=True)
