@@ -8,7 +8,8 @@ Each chunk is 4.6 s cut from SPEECH.f32 (mono float32 at 24 kHz, e.g. samples/vo
 tiled to 10 minutes), in 6 chapters with paragraph pauses, stored up front; ``BookTrack``
 is told of them at RATE x real time, as the engine would. Prints how long the track needs
 after the last one (finish: the encoder's backlog and the join) and for the final remux
-with chapters. BENCHMARKS.md, "MP3 encoding". To compare with an older commit, run it with
+with chapters (the chapters written into the live remux's tag where the track was
+encoded in segments). BENCHMARKS.md, "MP3 encoding". To compare with an older commit, run it with
 that commit's checkout first on PYTHONPATH.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ttsbatch.audio import segments
-from ttsbatch.audio.export import finish_stream
+from ttsbatch.audio.export import add_chapters, finish_stream
 from ttsbatch.config import GenerationOptions, Options
 from ttsbatch.plan import make_plan
 from ttsbatch.store import ChunkStore
@@ -56,7 +57,8 @@ def main() -> None:
     for i, p in enumerate(plan):
         off = (i * 7919) % (len(x) - L)
         store.put(p.id, x[off : off + L], SR)
-    track = BookTrack(plan, doc, store, Options(), work / "enc.tmp", ".mp3", background=True)
+    out = work / "out.mp3"
+    track = BookTrack(plan, doc, store, Options(), work / "enc.tmp", ".mp3", background=True, remux_to=out)
     t0 = time.time()
     for i, p in enumerate(plan):
         time.sleep(max(0.0, t0 + (i + 1) * CHUNK_S / rate - time.time()))
@@ -64,11 +66,13 @@ def main() -> None:
     t_last = time.time()
     chapters, seconds = track.finish()
     t_fin = time.time()
-    finish_stream(work / "enc.tmp", work / "out.mp3", chapters=chapters, title="book", total_s=seconds)
+    # the book's way: chapters into the live remux's tag; else the remux of the whole
+    if not (track.remuxed == out and add_chapters(out, chapters, "book", seconds)):
+        finish_stream(work / "enc.tmp", out, chapters=chapters, title="book", total_s=seconds)
     t_out = time.time()
     kind = type(getattr(track, "_encoder", None)).__name__
     print(f"{kind}: {n * CHUNK_S:.0f} s of audio at {rate:g}x: stored in {t_last - t0:.1f} s; "
-          f"finish {t_fin - t_last:.1f} s; remux {t_out - t_fin:.1f} s; {len(chapters)} chapters")
+          f"finish {t_fin - t_last:.1f} s; remux {t_out - t_fin:.2f} s (live: {track.remuxed is not None}); {len(chapters)} chapters")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,28 @@ def test_editing_one_paragraph_rerenders_only_its_chunks(tiny_checkpoint, tmp_pa
     assert summary(r) == {"rendered": 1, "reused": 3}
 
 
+def test_a_gpu_runs_track_process_stitches_what_the_inline_track_did(tiny_checkpoint, tmp_path, monkeypatch):
+    """A GPU run's track in a process of its own (``TRACK_PROCESS``), here from a finished
+    run's store: the same output, byte for byte, and nothing of the process left behind."""
+    from ttsbatch import pipeline, track_process
+
+    book = tmp_path / "short.txt"
+    book.write_text(SHORT)
+    out = tmp_path / "short.flac"
+    assert run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST).exit_code == 0
+    before = out.read_bytes()
+    out.unlink()
+    made = []
+    monkeypatch.setattr(pipeline, "_on_gpu", lambda engine: True)
+    monkeypatch.setattr(pipeline, "TRACK_PROCESS", True)
+    monkeypatch.setattr(pipeline, "TrackProcess", lambda *a, **k: made.append(1) or track_process.TrackProcess(*a, **k))
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert made and summary(r) == {"rendered": 0, "reused": 4}
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".short.flac.ttsbatch", "short.flac", "short.txt"]
+
+
 def test_output_is_not_written_when_perth_cannot_load(tiny_checkpoint, tmp_path, monkeypatch):
     import sys
 

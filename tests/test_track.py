@@ -11,9 +11,10 @@ from ttsbatch.audio.export import FFmpegError, StreamEncoder, decode_audio, enco
 from ttsbatch.audio.stitch import TrackWriter
 from ttsbatch.config import ExportOptions, GenerationOptions, Options
 from ttsbatch.plan import make_plan
-from ttsbatch.store import ChunkStore
+from ttsbatch.store import ChunkStore, StoreError
 from ttsbatch.text.document import Chapter, Chunk, Document
 from ttsbatch.track import BookTrack
+from ttsbatch.track_process import TrackProcess
 
 SR = 24000
 
@@ -464,3 +465,65 @@ def test_a_track_left_without_finish_removes_its_live_remux(tmp_path, many_cores
             assert live.exists()
             raise RuntimeError("engine failed")
     assert not live.exists() and not (tmp_path / "enc.tmp").exists()
+
+
+# -- the track in a process of its own (ttsbatch.track_process) ------------------------------
+
+
+def _stored_book(tmp_path, n=10):
+    doc, plan = book(n)
+    store = ChunkStore(tmp_path / "work")
+    for i, p in enumerate(plan):
+        store.put(p.id, chunk_audio(i), SR)
+    return doc, plan, store
+
+
+@pytest.mark.parametrize("ext", [".mp3", ".flac"])
+def test_the_process_makes_the_threads_track_byte_for_byte(tmp_path, ext):
+    doc, plan, store = _stored_book(tmp_path)
+    results = {}
+    for kind, make in {"thread": lambda enc: BookTrack(plan, doc, store, Options(), enc, ext, background=True),
+                       "process": lambda enc: TrackProcess(plan, doc, store, Options(), enc, ext)}.items():
+        enc = tmp_path / f"{kind}.tmp"
+        with make(enc) as track:
+            for p in reversed(plan):  # out of order, as an engine hands them over
+                track.stored(p)
+            chapters, seconds = track.finish()
+        results[kind] = (chapters, seconds, track.frames_only, track.finish_appended <= len(plan), enc.read_bytes())
+    assert results["process"] == results["thread"]
+    assert [t for t, _ in results["process"][0]] == ["One", "Two"] and results["process"][1] > 0
+
+
+def test_a_missing_chunk_is_the_threads_error_from_the_process(tmp_path):
+    doc, plan, store = _stored_book(tmp_path, 6)
+    store.path(plan[3].id).unlink()
+    enc = tmp_path / "enc.tmp"
+    with pytest.raises(StoreError, match="chunk 4 .* is not in the store"):
+        with TrackProcess(plan, doc, store, Options(), enc, ".flac") as track:
+            for p in plan[:3] + plan[4:]:
+                track.stored(p)
+            track.finish()
+    assert not enc.exists()
+
+
+def test_a_track_process_left_without_finish_removes_its_files_and_ends(tmp_path):
+    doc, plan, store = _stored_book(tmp_path, 6)
+    enc = tmp_path / "enc.tmp"
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with TrackProcess(plan, doc, store, Options(), enc, ".ogg") as track:
+            for p in plan[:3]:
+                track.stored(p)
+            raise RuntimeError("engine failed")
+    assert not track._proc.is_alive() and not enc.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
+def test_a_track_process_that_dies_is_one_clear_error(tmp_path):
+    doc, plan, store = _stored_book(tmp_path, 4)
+    with TrackProcess(plan, doc, store, Options(), tmp_path / "enc.tmp", ".flac") as track:
+        track._proc.kill()
+        track._proc.join()
+        with pytest.raises(StoreError, match="track's process ended unexpectedly"):
+            for p in plan:
+                track.stored(p)
+            track.finish()

@@ -292,7 +292,7 @@ def run_book_bench(
         x_realtime=round(report.audio_seconds / wall, 1), chunk_audio_s=round(chunk_audio, 1),
         chunk_x_realtime=round(chunk_audio / wall, 1), synth_s=round(synth, 2),
         synth_x_realtime=round(report.audio_seconds / synth, 1), after_synth_s=round(wall - synth, 2),  # the rest of the stitch and encode, chapters, verify
-        tail_s={k: round(v, 2) for k, v in report.tail_seconds.items()},
+        tail_s={k: round(v, 2) for k, v in report.tail_seconds.items()}, tail_chunks=report.tail_chunks,
         first_chunk_s=round(first, 2) if first is not None else None, watermark_score=report.watermark_score,
         t3={k: round(v - t3_stats0[k], 2) for k, v in engine.t3.stats.items()}, t3_rows=engine.t3.rows_used, t3_graph_error=engine.t3.graph_error,
         compile_errors={k: r.error for k, r in engine.regions().items() if r.error}, s3gen_items=engine.s3.times.items,
@@ -321,7 +321,7 @@ def run_book_bench(
         # FA4 launches through its public function (one per layout) and directly (fa4.FA4Varlen)
         s3gen_fa4_calls=None if engine.s3.fa4 is None else dict(
             public=engine.s3.fa4.public_calls, direct=engine.s3.fa4.direct_calls, recording=engine.s3.fa4.direct),
-        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), mark_group=pipeline.MARK_GROUP, gc=gc_time.report(),
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), mark_group=pipeline.MARK_GROUP, track_process=pipeline.TRACK_PROCESS, gc=gc_time.report(),
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,

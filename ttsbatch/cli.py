@@ -403,6 +403,7 @@ def bench(
     switch_interval_ms: Optional[float] = typer.Option(None, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval for the run (Python's default: 5 ms), for experiments: S3Gen's, T3's and the store's threads share the GIL."),
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
+    track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own, or on a thread of the run's (the default), for experiments."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
@@ -416,17 +417,20 @@ def bench(
     results: dict = {}
     from . import pipeline
 
-    switch, group = sys.getswitchinterval(), pipeline.MARK_GROUP
+    switch, group, track = sys.getswitchinterval(), pipeline.MARK_GROUP, pipeline.TRACK_PROCESS
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1000)
     if mark_group is not None:
         pipeline.MARK_GROUP = mark_group
+    if track_process is not None:
+        pipeline.TRACK_PROCESS = track_process
     try:
         _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
                      engine_options)
     finally:
         sys.setswitchinterval(switch)
         pipeline.MARK_GROUP = group
+        pipeline.TRACK_PROCESS = track
     if json_out:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 

@@ -26,6 +26,7 @@ from .progress import Progress
 from .store import TEMP_SUFFIX, ChunkStore, store_lock, write_manifest
 from .text import Chunk, Document
 from .track import BookTrack
+from .track_process import TrackProcess
 
 log = logging.getLogger("ttsbatch")
 
@@ -34,6 +35,9 @@ FORMAT_VERSION = 1  # of the manifest
 # Chunks the store threads of a GPU run mark with Perth at once (_ChunkSink's ``group``).
 # Module-level so that `ttsbatch bench --mark-group` can compare it with 1 (chunk by chunk).
 MARK_GROUP = 32
+# Whether a GPU run's track (stitching, encoding) runs in a process of its own
+# (ttsbatch.track_process) instead of a thread; `ttsbatch bench --track-process` sets it.
+TRACK_PROCESS = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class RunReport:
     # after synthesis: waiting for the track's encoders and joining (finish), writing the
     # output with its chapters (publish), checking its watermark (verify)
     tail_seconds: dict = field(default_factory=dict)
+    tail_chunks: int = 0  # chunks the track had still to append when synthesis ended
     # the engine's thread waiting for the store workers to catch up (their queue full)
     store_wait_seconds: float = 0.0
     rendered_ids: list[str] = field(default_factory=list)
@@ -494,8 +499,12 @@ def render_book(
         try:
             # an MP3 in segments is copied under its header as it is joined, where it is staged
             remux_to = staged_path(output) if output.suffix.lower() == ".mp3" else None
-            with BookTrack(plan, doc, store, options, encoded, output.suffix.lower(), background=_on_gpu(engine),
-                           remux_to=remux_to) as track:
+            ext = output.suffix.lower()
+            if _on_gpu(engine) and TRACK_PROCESS:
+                track_cm = TrackProcess(plan, doc, store, options, encoded, ext, remux_to=remux_to)
+            else:
+                track_cm = BookTrack(plan, doc, store, options, encoded, ext, background=_on_gpu(engine), remux_to=remux_to)
+            with track_cm as track:
                 run_chunks(
                     plan,
                     engine=engine,
@@ -513,6 +522,7 @@ def render_book(
                 report.tail_seconds["finish"] = time.perf_counter() - t0
                 for part, s in track.finish_seconds.items():  # finish = append + encode
                     report.tail_seconds[f"finish_{part}"] = s
+                report.tail_chunks = track.finish_appended
                 frames_only = track.frames_only
                 remuxed = track.remuxed
             marks = chapters if len(chapters) > 1 else ()

@@ -68,6 +68,7 @@ class BookTrack:
         self._writer: TrackWriter | None = None
         self._finished = False
         self.finish_seconds: dict[str, float] = {}
+        self.finish_appended = 0  # chunks that were left to append when finish began
         self._thread = threading.Thread(target=self._loop, name="ttsbatch-track", daemon=True) if background else None
         if self._thread is not None:
             self._thread.start()
@@ -111,6 +112,7 @@ class BookTrack:
         and the join)."""
         t0 = time.perf_counter()
         with self._cond:
+            before = self._next
             self._ready |= self.store.ids()
             self._stop = True
             self._cond.notify()
@@ -126,6 +128,7 @@ class BookTrack:
             missing = self.plan[self._next]
             raise StoreError(f"chunk {missing.chunk.index + 1} ({missing.id}) is not in the store; run again to render it")
         t1 = time.perf_counter()
+        self.finish_appended = self._next - before
         self._writer.close()  # closes the encoder: waits for ffmpeg
         self.finish_seconds = {"append": t1 - t0, "encode": time.perf_counter() - t1}
         self._finished = True
