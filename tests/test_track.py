@@ -494,6 +494,38 @@ def test_the_process_makes_the_threads_track_byte_for_byte(tmp_path, ext):
     assert [t for t, _ in results["process"][0]] == ["One", "Two"] and results["process"][1] > 0
 
 
+@pytest.mark.parametrize("ext", [".mp3", ".wav"])
+def test_chunks_prepared_ahead_of_the_cursor_make_the_same_track(tmp_path, monkeypatch, ext):
+    """Chunks rendered in reverse (the cursor waits for the first till the end): those stored
+    ahead of it are read, trimmed and faded ahead (up to ``prepare_ahead`` at once; the
+    rest as before), on threads or in the track's process; the track is the same."""
+    import os
+
+    doc, plan, staged = _stored_book(tmp_path, 10)
+    prepared = []
+    real = BookTrack._prepare
+    monkeypatch.setattr(BookTrack, "_prepare", lambda self, id: prepared.append(id) or real(self, id))
+    kinds = {
+        "plain": lambda store, enc: BookTrack(plan, doc, store, Options(), enc, ext, background=True),
+        "ahead": lambda store, enc: BookTrack(plan, doc, store, Options(), enc, ext, background=True, prepare_ahead=4),
+        "process": lambda store, enc: TrackProcess(plan, doc, store, Options(), enc, ext),
+    }
+    results = {}
+    for kind, make in kinds.items():
+        store = ChunkStore(tmp_path / kind)
+        enc = tmp_path / f"{kind}.tmp"
+        with make(store, enc) as track:
+            for p in reversed(plan):
+                store.path(p.id).parent.mkdir(parents=True, exist_ok=True)
+                os.link(staged.path(p.id), store.path(p.id))  # "rendered" now
+                track.stored(p)
+            chapters, seconds = track.finish()
+        results[kind] = (chapters, seconds, enc.read_bytes())
+        if kind == "ahead":
+            assert len(prepared) == 4  # the cap: the others were read at their turn
+    assert results["ahead"] == results["plain"] and results["process"] == results["plain"]
+
+
 def test_a_missing_chunk_is_the_threads_error_from_the_process(tmp_path):
     doc, plan, store = _stored_book(tmp_path, 6)
     store.path(plan[3].id).unlink()

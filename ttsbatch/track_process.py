@@ -10,13 +10,17 @@ with Perth: out of the process, S3Gen's launches took 7.6 s less of a 2-hour boo
 :class:`TrackProcess` runs the same ``BookTrack`` in a spawned child with a GIL of its own.
 The work is file-based already (chunks from the store, spool and MP3 files beside the
 output), so the child needs only the plan and the ids of the chunks stored: one small pipe
-write on the engine's side per ``SEND_EVERY`` of them. Its result is the thread's, byte for byte.
+write on the engine's side per ``SEND_EVERY`` of them. Its result is the thread's, byte for
+byte. With cores and a GIL to spare, the child also prepares the chunks stored ahead of the
+track's cursor (``PREPARE_AHEAD``), which a thread in the run's process would pay for in
+the engine's GIL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import threading
 from pathlib import Path
 
 from .config import Options
@@ -24,19 +28,25 @@ from .plan import PlannedChunk
 from .store import ChunkStore, StoreError
 from .text.document import Document
 
+# Chunks stored ahead of the track's cursor that the child prepares meanwhile (BookTrack's
+# prepare_ahead): ~340 MB at the mean chunk of bench/book.txt, in the child's memory.
+PREPARE_AHEAD = 768
 # Ids sent to the child at once: each send and each look for its errors is a system call,
 # a GIL hand-over on the engine's side. The track lags by at most this many chunks (ms of work).
 SEND_EVERY = 16
 
 
-def _serve(conn, plan, doc, root, options, encoded, ext, remux_to) -> None:
-    """The child: a threaded BookTrack fed the ids the pipe brings, until finish or abort."""
+def _serve(conn) -> None:
+    """The child: a threaded BookTrack made from the first message and fed the ids the pipe
+    brings, until finish or abort."""
     from .track import BookTrack
 
-    by_id = {p.id: p for p in plan}
     track = None
     try:
-        track = BookTrack(plan, doc, ChunkStore(root), options, encoded, ext, background=True, remux_to=remux_to)
+        _, plan, doc, root, options, encoded, ext, remux_to = conn.recv()
+        by_id = {p.id: p for p in plan}
+        track = BookTrack(plan, doc, ChunkStore(root), options, encoded, ext, background=True, remux_to=remux_to,
+                          prepare_ahead=PREPARE_AHEAD)
         while True:
             msg = conn.recv()
             if msg[0] == "stored":
@@ -76,10 +86,16 @@ class TrackProcess:
             raise ValueError("a track needs at least one chunk")
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, name="ttsbatch-track", daemon=True,
-                                 args=(child, plan, doc, store.root, options, Path(encoded), ext, remux_to))
+        self._proc = ctx.Process(target=_serve, args=(child,), name="ttsbatch-track", daemon=True)
         self._proc.start()
         child.close()
+        # The plan (~0.5 MB for a 2-hour book) waits in the pipe until the child has imported
+        # its modules (~0.6 s on the H200's host): a thread hands it over, the run goes on.
+        start = ("start", plan, doc, store.root, options, Path(encoded), ext, remux_to)
+        self._sender: threading.Thread | None = threading.Thread(
+            target=self._send_start, args=(start,), name="ttsbatch-track-start", daemon=True)
+        self._sent_error: BaseException | None = None
+        self._sender.start()
         self._done = False
         self._pending: list[str] = []  # ids stored, not yet sent
         self._error: BaseException | None = None
@@ -87,6 +103,12 @@ class TrackProcess:
         self.remuxed: Path | None = None
         self.finish_seconds: dict[str, float] = {}
         self.finish_appended = 0
+
+    def _send_start(self, start: tuple) -> None:
+        try:
+            self._conn.send(start)
+        except BaseException as e:  # raised by the next _send
+            self._sent_error = e
 
     def _reply(self) -> tuple:
         """The child's next message; its death is one clear error."""
@@ -117,7 +139,12 @@ class TrackProcess:
             self._pending = []
 
     def _send(self, msg: tuple) -> None:
+        if self._sender is not None:  # one writer on the pipe at a time: the plan first
+            self._sender.join()
+            self._sender = None
         try:
+            if self._sent_error is not None:
+                raise OSError(str(self._sent_error))
             self._conn.send(msg)
         except OSError:  # the child is gone; its reason, if it sent one, is in the pipe
             self._raise_early()
@@ -137,19 +164,19 @@ class TrackProcess:
         return chapters, seconds
 
     def _stop(self) -> None:
+        self._conn.close()  # a child still waiting for a message gets EOFError: it cleans up and ends
         self._proc.join(30)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
-        self._conn.close()
 
     def abort(self) -> None:
         """Stop the child's encoders and remove what they wrote."""
         if self._done:
             return
         self._done = True
-        with contextlib.suppress(OSError, EOFError):
-            self._conn.send(("abort",))
+        with contextlib.suppress(OSError, EOFError, StoreError):
+            self._send(("abort",))
             if self._conn.poll(60):
                 self._conn.recv()
         self._stop()

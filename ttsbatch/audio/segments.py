@@ -67,8 +67,12 @@ def _cores() -> int:
 
 
 def default_workers() -> int:
-    """Encoders at once: a quarter of the cores (the rest run the engine and the store).
-    One means no gain over a single streaming encoder (``BookTrack`` then uses that)."""
+    """Encoders at once: a quarter of the cores (the rest run the engine and the store), or
+    ``TTSBATCH_MP3_ENCODERS``. One means no gain over a single streaming encoder
+    (``BookTrack`` then uses that)."""
+    env = os.environ.get("TTSBATCH_MP3_ENCODERS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, min(8, _cores() // 4))
 
 

@@ -62,6 +62,15 @@ def apply_fades(wav: np.ndarray, sr: int, fade_ms: float) -> np.ndarray:
     return wav
 
 
+def prepare_chunk(wav: np.ndarray, sr: int, opts: StitchOptions = StitchOptions()) -> np.ndarray:
+    """A chunk as the track holds it: trimmed (if ``opts.trim_silence``), then faded; it
+    depends on nothing but the chunk, so it may be done in any order."""
+    wav = _as_mono(wav)
+    if opts.trim_silence:
+        wav = trim_silence(wav, sr, opts)
+    return apply_fades(wav, sr, opts.fade_ms)
+
+
 class TrackWriter:
     """Writes one mono track incrementally: chunk, pause, chunk, pause, ...
 
@@ -119,10 +128,11 @@ class TrackWriter:
         Returns the chunk's start sample."""
         if chapter_title is not None:
             self.start_chapter(chapter_title)
-        wav = _as_mono(wav)
-        if self.opts.trim_silence:
-            wav = trim_silence(wav, self.sample_rate, self.opts)
-        wav = apply_fades(wav, self.sample_rate, self.opts.fade_ms)
+        return self.add_prepared(prepare_chunk(wav, self.sample_rate, self.opts), boundary)
+
+    def add_prepared(self, wav: np.ndarray, boundary: Boundary = "sentence") -> int:
+        """``add`` for a chunk :func:`prepare_chunk` has trimmed and faded already (ahead of
+        its turn, on another thread, say). Returns its start sample."""
         start = self.samples
         self.chunk_starts.append(start)
         self._write(wav)
