@@ -403,7 +403,7 @@ def bench(
     switch_interval_ms: Optional[float] = typer.Option(None, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval for the run (Python's default: 5 ms), for experiments: S3Gen's, T3's and the store's threads share the GIL."),
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
-    track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own, or on a thread of the run's (the default), for experiments."),
+    track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own (the default on a GPU), or on a thread of the run's, for experiments."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
