@@ -559,3 +559,27 @@ def test_a_track_process_that_dies_is_one_clear_error(tmp_path):
             for p in plan:
                 track.stored(p)
             track.finish()
+
+
+def test_ctrl_c_leaves_the_track_process_to_the_run(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the track's process carries on
+    until the run (which unwinds on its own KeyboardInterrupt) tells it to stop."""
+    import os
+    import re
+    import signal
+
+    doc, plan, store = _stored_book(tmp_path, 4)
+    with TrackProcess(plan, doc, store, Options(), tmp_path / "enc.tmp", ".flac") as track:
+        def ignores_sigint():  # Linux: the process's SigIgn mask
+            status = open(f"/proc/{track._proc.pid}/status").read()
+            return bool(int(re.search(r"SigIgn:\s*([0-9a-f]+)", status).group(1), 16) & (1 << (signal.SIGINT - 1)))
+
+        deadline = time.monotonic() + 20
+        while not ignores_sigint() and time.monotonic() < deadline:  # the child starting up
+            time.sleep(0.02)
+        assert ignores_sigint()
+        os.kill(track._proc.pid, signal.SIGINT)
+        for p in plan:
+            track.stored(p)
+        chapters, seconds = track.finish()
+    assert seconds > 0 and (tmp_path / "enc.tmp").exists()

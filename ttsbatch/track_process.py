@@ -39,8 +39,13 @@ SEND_EVERY = 16
 def _serve(conn) -> None:
     """The child: a threaded BookTrack made from the first message and fed the ids the pipe
     brings, until finish or abort."""
+    import signal
+
     from .track import BookTrack
 
+    # Ctrl-C reaches the whole process group: the run decides (it unwinds and sends "abort",
+    # or its end closes the pipe), so the track is never torn down under it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     track = None
     try:
         _, plan, doc, root, options, encoded, ext, remux_to = conn.recv()
