@@ -499,9 +499,9 @@ def render_book(
         # the CPU, beside it on a GPU), into a temporary file the next run would clean up.
         encoded = work_dir / f".track-{os.getpid()}{TEMP_SUFFIX}"
         try:
-            # an MP3 in segments is copied under its header as it is joined, where it is staged
-            remux_to = staged_path(output) if output.suffix.lower() == ".mp3" else None
             ext = output.suffix.lower()
+            # an MP3 in segments is copied under its header as it is joined, where it is staged
+            remux_to = staged_path(output) if ext == ".mp3" else None
             if _on_gpu(engine) and TRACK_PROCESS:
                 track_cm = TrackProcess(plan, doc, store, options, encoded, ext, remux_to=remux_to)
             else:

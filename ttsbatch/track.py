@@ -16,9 +16,10 @@ happens inline in :meth:`stored` (on the CPU a second busy thread would slow the
 Either way only the chunk being stitched is in memory, and :meth:`finish` stitches whatever
 is left (the store is listed once more, so a missed notice cannot lose a chunk).
 
-The fast engine renders the longest sentences first, so a third of a book's chunks (475-504
-of 1,608, H200, twentieth session) are still to append when the engine ends: the cursor waits
-for short ones. ``prepare_ahead`` chunks stored ahead of the cursor are then read and
+The fast engine finishes chunks out of document order (T3 decodes 256 at once, each as long
+as it is; S3Gen vocodes a collection of them by length), so a third of a book's chunks
+(475-504 of 1,608, H200, twentieth session) are still to append when the engine ends: the
+cursor waits for long chunks that finish late. ``prepare_ahead`` chunks stored ahead of the cursor are then read and
 trimmed and faded on threads of their own as they come (:func:`prepare_chunk`, which
 depends on nothing but the chunk), so what is left at the end is writing them.
 """

@@ -215,8 +215,7 @@ class SegmentedEncoder:
                 try:
                     if self._out is None:
                         self._out = open(self.path, "wb")
-                        if self._remux_args is not None:
-                            self._remux = FramesRemux(*self._remux_args)
+                        self._start_remux()
                     frames = seg.mp3.read_bytes()  # ~2 MB: a segment's two minutes
                     self._out.write(frames)
                     seg.mp3.unlink()
@@ -227,6 +226,14 @@ class SegmentedEncoder:
                 seg.out_start_s = self._joined_s + ENCODER_DELAY / self.out_rate
                 self._joined_s += seg.frames_s
                 self._joined += 1
+
+    def _start_remux(self) -> None:
+        if self._remux_args is None:
+            return
+        try:
+            self._remux = FramesRemux(*self._remux_args)
+        except OSError as e:  # ffmpeg could not be started: the remux at the end will do
+            log.warning("the live MP3 remux could not start (%s); the book is remuxed at the end", e)
 
     def _feed_remux(self, frames: bytes) -> None:
         """The live remux is a shortcut: if it fails, the book is remuxed from ``path`` at
