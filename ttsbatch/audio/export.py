@@ -186,7 +186,58 @@ def _publish(tmp: Path, out: Path) -> None:
     sync_file(out.parent)  # make the rename itself durable
 
 
-class StreamEncoder:
+class _PipedFFmpeg:
+    """An ffmpeg process writing ``path`` from what is fed to its stdin (``cmd`` reads pipe:0).
+
+    ``_feed`` raises FFmpegError (with ffmpeg's complaint) if ffmpeg has died, e.g. of a full
+    disk; ``close`` waits for ffmpeg and raises likewise; ``abort`` kills it and removes ``path``.
+    """
+
+    _what = "encoding"  # what the error line says failed
+
+    def _start(self, cmd: list[str], path: Path) -> None:
+        import tempfile
+
+        self.path = Path(path)
+        # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
+        # deadlock both processes
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+
+    def _failed(self) -> FFmpegError:
+        self._proc.kill()
+        self._proc.wait()
+        self._stderr.seek(0)
+        return FFmpegError(f"{self._what} {self.path.name} failed: {stderr_tail(self._stderr.read())}")
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._proc.stdin.write(data)
+        except OSError:  # a broken pipe: ffmpeg is gone
+            raise self._failed() from None
+
+    def close(self) -> None:
+        """Finish the file; raises FFmpegError if ffmpeg failed."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            raise self._failed() from None
+        if self._proc.wait() != 0:
+            raise self._failed()
+        self._stderr.close()
+
+    def abort(self) -> None:
+        """Stop ffmpeg and remove what it wrote."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        self._stderr.close()
+        self.path.unlink(missing_ok=True)
+
+
+class StreamEncoder(_PipedFFmpeg):
     """ffmpeg encoding mono float PCM as it is written, into ``path`` in ``ext``'s format.
 
     The book's track is encoded while its later chunks are still being rendered: the stitcher
@@ -202,34 +253,18 @@ class StreamEncoder:
     """
 
     def __init__(self, path: Path, ext: str, sample_rate: int, opts: ExportOptions = ExportOptions()):
-        import tempfile
-
-        self.path = Path(path)
         self.sample_rate = sample_rate
         self.samples = 0
         ext = _extension(Path("x" + ext))
-        # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
-        # deadlock both processes
-        self._stderr = tempfile.TemporaryFile()
-        cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y",
-               "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0",
-               # faststart is left to finish_stream (it rewrites the file anyway)
-               *encode_args(ext, opts), *([] if ext in (".m4a", ".m4b") else _mux_args(ext)),
-               "-f", _MUXERS[ext], ff_path(self.path)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
-
-    def _failed(self, what: str) -> FFmpegError:
-        self._proc.kill()
-        self._proc.wait()
-        self._stderr.seek(0)
-        return FFmpegError(f"{what} {self.path.name} failed: {stderr_tail(self._stderr.read())}")
+        self._start([ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y",
+                     "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "pipe:0",
+                     # faststart is left to finish_stream (it rewrites the file anyway)
+                     *encode_args(ext, opts), *([] if ext in (".m4a", ".m4b") else _mux_args(ext)),
+                     "-f", _MUXERS[ext], ff_path(Path(path))], path)
 
     def write(self, wav: np.ndarray) -> None:
         data = np.ascontiguousarray(wav, dtype="<f4")
-        try:
-            self._proc.stdin.write(data.tobytes())
-        except OSError:  # a broken pipe: ffmpeg is gone
-            raise self._failed("encoding") from None
+        self._feed(data.tobytes())
         self.samples += len(data)
 
     def cut(self) -> None:
@@ -242,25 +277,6 @@ class StreamEncoder:
     def duration_s(self) -> float:
         return self.samples / self.sample_rate
 
-    def close(self) -> None:
-        """Finish the file; raises FFmpegError if ffmpeg failed."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            raise self._failed("encoding") from None
-        if self._proc.wait() != 0:
-            raise self._failed("encoding")
-        self._stderr.close()
-
-    def abort(self) -> None:
-        """Stop ffmpeg and remove what it wrote."""
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        with contextlib.suppress(OSError):
-            self._proc.stdin.close()
-        self._stderr.close()
-        self.path.unlink(missing_ok=True)
 
 
 def finish_stream(
@@ -331,7 +347,7 @@ def probe_duration(path: Path) -> float:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-class FramesRemux:
+class FramesRemux(_PipedFFmpeg):
     """ffmpeg copying bare MP3 frames (no ID3 or Xing header: segments joined by
     :class:`~ttsbatch.audio.segments.SegmentedEncoder`) from a pipe into ``out``, under the
     header :func:`finish_stream` would give them, as the frames come.
@@ -345,48 +361,16 @@ class FramesRemux:
     padding, which ``padding`` bytes reserve. ``title`` is written now.
     """
 
+    _what = "writing"
+
     def __init__(self, out: Path, title: str | None = None, padding: int = 4096):
-        import tempfile
-
-        self.out = Path(out)
-        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: see StreamEncoder
         meta = ["-metadata", f"title={title}"] if title else []
-        cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "mp3", "-i", "pipe:0",
-               "-map", "0:a:0", "-c", "copy", *meta, "-id3v2_version", "4",
-               "-metadata_header_padding", str(max(10, int(padding))), "-f", "mp3", ff_path(self.out)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
-
-    def _failed(self) -> FFmpegError:
-        self._proc.kill()
-        self._proc.wait()
-        self._stderr.seek(0)
-        return FFmpegError(f"writing {self.out.name} failed: {stderr_tail(self._stderr.read())}")
+        self._start([ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "mp3", "-i", "pipe:0",
+                     "-map", "0:a:0", "-c", "copy", *meta, "-id3v2_version", "4",
+                     "-metadata_header_padding", str(max(10, int(padding))), "-f", "mp3", ff_path(Path(out))], out)
 
     def write(self, frames: bytes) -> None:
-        try:
-            self._proc.stdin.write(frames)
-        except OSError:  # a broken pipe: ffmpeg is gone
-            raise self._failed() from None
-
-    def close(self) -> None:
-        """The file is complete, headers and all (but chapters); raises FFmpegError if ffmpeg failed."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            raise self._failed() from None
-        if self._proc.wait() != 0:
-            raise self._failed()
-        self._stderr.close()
-
-    def abort(self) -> None:
-        """Stop ffmpeg and remove what it wrote."""
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        with contextlib.suppress(OSError):
-            self._proc.stdin.close()
-        self._stderr.close()
-        self.out.unlink(missing_ok=True)
+        self._feed(frames)
 
 
 def chapter_tag_bytes(titles: Sequence[str]) -> int:
