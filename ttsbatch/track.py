@@ -200,6 +200,11 @@ class BookTrack:
                 self._error = e
                 return
 
+    def _chapter_title(self, k: int) -> str | None:
+        """Chapter ``k``'s mark: its heading, else the book's name for the first, "Part N" after
+        (TrackWriter names a blank one "Chapter N")."""
+        return self.doc.chapters[k].title or (self.doc.name if k == 0 else f"Part {k + 1}")
+
     def _next_is_ready(self) -> bool:
         return self._next < len(self.plan) and self.plan[self._next].id in self._ready
 
@@ -219,7 +224,7 @@ class BookTrack:
             if self._writer is None:
                 if self.ext == ".mp3" and segments.default_workers() > 1:
                     # the tag's padding holds the chapters (their times are known at the end)
-                    titles = [(c.title or "") + self.doc.name for c in self.doc.chapters]
+                    titles = [self._chapter_title(k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
                     encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S,
                                                remux_to=self.remux_to, title=self.doc.name,
                                                header_padding=chapter_tag_bytes(titles))
@@ -232,8 +237,7 @@ class BookTrack:
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)
             if p.chunk.chapter != self._chapter:
                 self._chapter = p.chunk.chapter
-                ch = self.doc.chapters[p.chunk.chapter]
-                self._writer.start_chapter(ch.title or (self.doc.name if p.chunk.chapter == 0 else f"Part {p.chunk.chapter + 1}"))
+                self._writer.start_chapter(self._chapter_title(p.chunk.chapter))
             self._writer.add_prepared(wav, p.chunk.boundary)
             if p.chunk.boundary in ("paragraph", "chapter"):
                 self._encoder.cut()  # after the pause: a silent place for a segment to end
