@@ -404,6 +404,7 @@ def bench(
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
     track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own (the default on a GPU), or on a thread of the run's, for experiments."),
+    track_parts: Optional[bool] = typer.Option(None, "--track-parts/--track-cursor", help="Stitch and encode the book part's MP3 in parts planned ahead, each as soon as its chunks are stored (the default), or after a cursor in document order, for experiments."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
@@ -416,14 +417,17 @@ def bench(
         raise InputError(f"--parts {parts}: expected t3, book or both")
     results: dict = {}
     from . import pipeline
+    from . import track as tracks
 
-    switch, group, track = sys.getswitchinterval(), pipeline.MARK_GROUP, pipeline.TRACK_PROCESS
+    switch, group, track, parts_default = sys.getswitchinterval(), pipeline.MARK_GROUP, pipeline.TRACK_PROCESS, tracks.TRACK_PARTS
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1000)
     if mark_group is not None:
         pipeline.MARK_GROUP = mark_group
     if track_process is not None:
         pipeline.TRACK_PROCESS = track_process
+    if track_parts is not None:
+        tracks.TRACK_PARTS = track_parts
     try:
         _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
                      engine_options)
@@ -431,6 +435,7 @@ def bench(
         sys.setswitchinterval(switch)
         pipeline.MARK_GROUP = group
         pipeline.TRACK_PROCESS = track
+        tracks.TRACK_PARTS = parts_default
     if json_out:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 
