@@ -313,6 +313,8 @@ def run_book_bench(
             consumer_s=round(engine.timeline.consumer_s, 2), collections=engine.timeline.collections,
             store_wait_s=round(report.store_wait_seconds, 2),  # of consumer_s: the store workers' queue full
             t3_done_s=None if engine.timeline.t3_done_at is None else round(engine.timeline.t3_done_at - t0, 2),
+            # the engine's last result handed over: the synthesis ends when the store has it all
+            engine_done_s=None if engine.timeline.done_at is None else round(engine.timeline.done_at - t0, 2),
         ),
         # CFM steps captured during the book (s3gen_graphs: one per shape; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,

@@ -53,6 +53,7 @@ class HostTimeline:
     collections: int = 0
     t3_done_at: float | None = None  # perf_counter when T3's thread handed over its last collection
     t3_cpu_s: float = 0.0  # T3's thread's CPU seconds (overlapped: its decoding's Python and launches)
+    done_at: float | None = None  # perf_counter when the last call's last result was handed over
 
 
 class FastEngine:
@@ -273,8 +274,9 @@ class FastEngine:
             items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
             tl.t3_wait_s += time.perf_counter() - t
             if items is None:
+                tl.done_at = time.perf_counter()
                 if not self.overlap:
-                    tl.t3_done_at = time.perf_counter()
+                    tl.t3_done_at = tl.done_at
                 return
             for i, kept in items:
                 if not kept:  # end-of-speech at once: nothing to say
