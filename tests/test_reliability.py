@@ -381,6 +381,46 @@ def test_background_sink_hands_over_a_short_group_when_the_engine_call_ends(tmp_
     assert all(store.has(p.id) for p in plan)
 
 
+def test_background_sink_stores_the_last_groups_with_more_threads_once_the_engine_is_done(tmp_path):
+    """Beside the engine ``workers`` threads mark and store; once its call has ended
+    (ready), the groups still queued (its last collection, handed over at once) get
+    ``end_workers``."""
+    import threading
+
+    from ttsbatch.pipeline import _ChunkSink
+    from ttsbatch.store import ChunkStore
+
+    running, most, phase = [0], {"engine": 0, "end": 0}, ["engine"]
+    lock = threading.Lock()
+
+    class Counted(_GroupMark):
+        def apply_batch(self, wavs, sr):
+            with lock:
+                running[0] += 1
+                most[phase[0]] = max(most[phase[0]], running[0])
+            time.sleep(0.1)  # long enough for another queued group to start if it may
+            with lock:
+                running[0] -= 1
+            return super().apply_batch(wavs, sr)
+
+    plan = _sink_plan(16)
+    store = ChunkStore(tmp_path)
+    sink = _ChunkSink(Counted(), store, "fast", 24000, background=True, workers=1, group=2, end_workers=3)
+    done = []
+    for p in plan[:8]:  # four groups queued beside the engine
+        done += sink.put(p, np.full(240, 0.1, np.float32), 1)
+    time.sleep(0.25)
+    phase[0] = "end"
+    for p in plan[8:]:  # the last collection, at once
+        done += sink.put(p, np.full(240, 0.1, np.float32), 1)
+    done += sink.ready()
+    done += sink.drain()
+    sink.close()
+    assert [d.planned.id for d in done] == [p.id for p in plan]
+    assert most["engine"] == 1 and most["end"] >= 2
+    assert all(store.has(p.id) for p in plan)
+
+
 def test_background_sink_marks_groups_with_perth_as_chunk_by_chunk(tmp_path):
     """With the real (CPU) Perth: what the store threads keep, marked a group at a time, is
     what marking each chunk alone keeps (1e-6: float rounding, under FLAC's 24-bit step

@@ -40,6 +40,10 @@ MARK_GROUP = 32
 # book against 35.5 s, GPU busy 85.5-88.4% against 80.6% (H200, twentieth session).
 # `ttsbatch bench --track-thread` compares.
 TRACK_PROCESS = True
+# Store threads (Perth and the FLAC encoder) once the engine is done: the last S3Gen collection
+# (~256 chunks) is handed over at once, and the run ends when it is stored; beside the
+# engine two are enough. `ttsbatch bench --store-workers-at-end 2` compares.
+STORE_WORKERS_AT_END = 4
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class _ChunkSink:
         background: bool = True,
         workers: int = 2,
         group: int = 32,
+        end_workers: int = 2,
     ):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -149,7 +154,11 @@ class _ChunkSink:
         # the GIL. group: Perth marking chunk by chunk held the GIL for ~2 s of a 2-hour book
         # (py-spy, eleventh session), time the engine's threads wait to launch; the fast
         # engine's collections are multiples of 32.
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
+        # end_workers: once the engine's call has ended (ready), the groups still queued are
+        # marked and stored by this many threads; until then a semaphore lets ``workers`` work
+        self._pool = ThreadPoolExecutor(max_workers=max(workers, end_workers), thread_name_prefix="ttsbatch-store") if background else None
+        self._slots = threading.Semaphore(workers)
+        self._extra_slots = max(0, end_workers - workers)
         self._waiting: deque = deque()  # (future of a group's samples stored, index in the group, planned, tokens)
         self._group: list = []  # (planned, wav, tokens) not yet handed to a worker
         self._group_size = max(1, min(group, depth))  # a full group never waits on itself
@@ -168,7 +177,7 @@ class _ChunkSink:
         return ChunkDone(planned, self._store_marked(planned, marked, tokens) / self._sr, tokens)
 
     def _mark_and_store_group(self, group: list) -> list[int]:
-        with self._gpu_stream():
+        with self._slots, self._gpu_stream():
             marked = self._watermarker.apply_batch([wav for _, wav, _ in group], self._sr)
         return [self._store_marked(planned, m, tokens) for (planned, _, tokens), m in zip(group, marked)]
 
@@ -221,9 +230,13 @@ class _ChunkSink:
 
     def ready(self) -> list[ChunkDone]:
         """Hands the open group over (the engine's call has ended: no more chunks to group with
-        it soon); the chunks stored so far."""
+        it soon, and the GPU and the cores are free for the store: ``end_workers`` threads
+        work from now on); the chunks stored so far."""
         if self._pool is not None:
             self._hand_over()
+            for _ in range(self._extra_slots):
+                self._slots.release()
+            self._extra_slots = 0
         return self._collect()
 
     def drain(self) -> list[ChunkDone]:
@@ -278,7 +291,8 @@ def synthesize_pending(
     remaining = list(todo)
     size = batch_size
     alone: list[PlannedChunk] = []  # chunks to retry one at a time after an error
-    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=_on_gpu(engine), group=MARK_GROUP)
+    sink = _ChunkSink(watermarker, store, engine.name, engine.sample_rate, background=_on_gpu(engine), group=MARK_GROUP,
+                      end_workers=STORE_WORKERS_AT_END)
     try:
         while remaining or alone:
             if alone:
