@@ -43,7 +43,7 @@ print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime'
       f"({f['s3gen_capture_s']} s), GC {f['gc']['seconds']} s (longest {f['gc']['longest_ms']} ms, "
       f"{f['gc']['objects']} objects), dynamo {f['dynamo']}, ffn {f.get('s3gen_ffn')} {f.get('s3gen_ffn_tuning')}, "
       f"FA4 calls {f.get('s3gen_fa4_calls')}, pack {f.get('s3gen_pack')}, CFM frames {f.get('s3gen_cfm_frames')}, "
-      f"S3Gen thread {f.get('host_timeline')}, mark group {f.get('mark_group')}, track process {f.get('track_process')}, track parts {f.get('track_parts')}, store workers at end {f.get('store_workers_at_end')}, T3 graphs captured {f['t3'].get('graphs_captured')} "
+      f"S3Gen thread {f.get('host_timeline')}, mark group {f.get('mark_group')}, track process {f.get('track_process')}, store workers at end {f.get('store_workers_at_end')}, T3 graphs captured {f['t3'].get('graphs_captured')} "
       f"({f['t3'].get('capture_s')} s), T3 rows {f.get('t3_rows')}")
 EOF
 done

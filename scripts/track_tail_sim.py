@@ -12,13 +12,9 @@ after the last one (finish: the encoder's backlog and the join) and for the fina
 with chapters (the chapters written into the live remux's tag where the track was
 encoded in segments). BENCHMARKS.md, "MP3 encoding". To compare with an older commit, run it with
 that commit's checkout first on PYTHONPATH. ``LATE``: this fraction of the chunks (every
-k-th) is told of last, as the fast engine renders the short sentences last; ``TAIL``: this
-fraction of the book's end is told of last, at once (the fast engine's last S3Gen
-collection); ``TRACK=process``: the track in a process of its own (``TrackProcess``), as a
-GPU run with ``--track-process``; ``PARTS=0``: an MP3 in segments after a cursor
-(``BookTrack``, preparing chunks ahead of it in a process) instead of parts planned ahead
-(``PartsTrack``), as ``bench --track-cursor``. Each chunk's text is 127 characters (the
-book's mean), which is what the parts are planned by.
+k-th) is told of last, as the fast engine renders the short sentences last; ``TRACK=process``:
+the track in a process of its own (``TrackProcess``, which prepares chunks ahead of its
+cursor), as a GPU run with ``--track-process``.
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ from ttsbatch.config import GenerationOptions, Options
 from ttsbatch.plan import make_plan
 from ttsbatch.store import ChunkStore
 from ttsbatch.text.document import Chapter, Chunk, Document
-from ttsbatch import track as tracks
-from ttsbatch.track import open_track
+from ttsbatch.track import BookTrack
 from ttsbatch.track_process import TrackProcess
 
 SR = 24000
@@ -57,8 +52,7 @@ def main() -> None:
             return "end"
         return "chapter" if (i + 1) % per == 0 else ("paragraph" if i % 3 == 2 else "sentence")
 
-    text = [f"s{i} ".ljust(127, "x") for i in range(n)]
-    chunks = [Chunk(index=i, text=text[i], source=text[i], chapter=min(5, i // per), paragraph=i // 3, boundary=boundary(i))
+    chunks = [Chunk(index=i, text=f"s{i}", source=f"s{i}", chapter=min(5, i // per), paragraph=i // 3, boundary=boundary(i))
               for i in range(n)]
     plan = make_plan(chunks, "voice", GenerationOptions(), "model")
     work = Path(tempfile.mkdtemp())
@@ -74,21 +68,15 @@ def main() -> None:
         track.stored(p)
 
     out = work / "out.mp3"
-    tracks.TRACK_PARTS = os.environ.get("PARTS", "1") != "0"
     if os.environ.get("TRACK") == "process":
         track = TrackProcess(plan, doc, store, Options(), work / "enc.tmp", ".mp3", remux_to=out)
     else:
-        track = open_track(plan, doc, store, Options(), work / "enc.tmp", ".mp3", background=True, remux_to=out)
+        track = BookTrack(plan, doc, store, Options(), work / "enc.tmp", ".mp3", background=True, remux_to=out)
     late = float(os.environ.get("LATE", "0"))
     every = round(1 / late) if late > 0 else 0
-    tail = n - round(float(os.environ.get("TAIL", "0")) * n)
-
-    def is_held(i):
-        return i >= tail or (every and i % every == every - 1)
-
-    held = [p for i, p in enumerate(plan) if is_held(i)]
+    held = [p for i, p in enumerate(plan) if every and i % every == every - 1]
     t0 = time.time()
-    for i, p in enumerate(p for i, p in enumerate(plan) if not is_held(i)):
+    for i, p in enumerate(p for i, p in enumerate(plan) if not every or i % every != every - 1):
         time.sleep(max(0.0, t0 + (i + 1) * CHUNK_S / rate - time.time()))
         stored(p)
     for p in held:  # at once, at the end, as the engine's last collection

@@ -91,14 +91,13 @@ def test_segmented_mp3_book_is_checked_in_its_frames_beside_the_remux(tiny_check
     and not again from the output, which ends with those very frames and is watermarked."""
     import subprocess
 
-    from ttsbatch import track
     from ttsbatch.audio import export, segments, watermark
     from ttsbatch.audio.ffmpeg import ffmpeg_exe
 
     monkeypatch.setattr(export, "finish_stream", lambda *a, **k: pytest.fail("remuxed at the end"))
 
     monkeypatch.setattr(segments, "default_workers", lambda: 2)  # segment encoders, as on a GPU host
-    monkeypatch.setattr(track, "PART_CHARS", 1)  # a part at every paragraph end
+    monkeypatch.setattr(segments, "SEGMENT_S", 0.2)  # a cut at every paragraph end
     read = []
     real = watermark.verify_file
     monkeypatch.setattr(watermark, "verify_file", lambda path, wm, *a, **kw: read.append(path.name) or real(path, wm, *a, **kw))

@@ -13,7 +13,7 @@ from ttsbatch.config import ExportOptions, GenerationOptions, Options
 from ttsbatch.plan import make_plan
 from ttsbatch.store import ChunkStore, StoreError
 from ttsbatch.text.document import Chapter, Chunk, Document
-from ttsbatch.track import BookTrack, PartsTrack, open_track, plan_parts
+from ttsbatch.track import BookTrack
 from ttsbatch.track_process import TrackProcess
 
 SR = 24000
@@ -25,18 +25,6 @@ def book(n=12):
     chunks = [
         Chunk(index=i, text=f"sentence {i}", source=f"sentence {i}", chapter=0 if i < n // 2 else 1, paragraph=i,
               boundary="chapter" if i == n // 2 - 1 else ("end" if i == n - 1 else "sentence"))
-        for i in range(n)
-    ]
-    return doc, make_plan(chunks, "voice", GenerationOptions(), "model")
-
-
-def paragraph_book(n=10, name="book", two="Two"):
-    """A document of two chapters (the second from chunk n // 2), a paragraph end after every
-    second chunk: a silent place to cut an MP3 segment at."""
-    doc = Document(name, (Chapter("One", ("p",)), Chapter(two, ("q",))))
-    chunks = [
-        Chunk(index=i, text=f"s {i}", source=f"s {i}", chapter=0 if i < n // 2 else 1, paragraph=i // 2,
-              boundary="chapter" if i == n // 2 - 1 else ("end" if i == n - 1 else ("paragraph" if i % 2 else "sentence")))
         for i in range(n)
     ]
     return doc, make_plan(chunks, "voice", GenerationOptions(), "model")
@@ -170,7 +158,14 @@ def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch, ma
     import subprocess
 
     monkeypatch.setattr(segments, "SEGMENT_S", 0.5)  # a cut at every paragraph end past 0.5 s
-    doc, plan = paragraph_book(10)
+    doc = Document("book", (Chapter("One", ("p",)), Chapter("Two", ("q",))))
+    n = 10
+    chunks = [
+        Chunk(index=i, text=f"s {i}", source=f"s {i}", chapter=0 if i < 5 else 1, paragraph=i // 2,
+              boundary="chapter" if i == 4 else ("end" if i == n - 1 else ("paragraph" if i % 2 else "sentence")))
+        for i in range(n)
+    ]
+    plan = make_plan(chunks, "voice", GenerationOptions(), "model")
     store = ChunkStore(tmp_path / "work")
     for i, p in enumerate(plan):
         store.put(p.id, chunk_audio(i), SR)
@@ -186,17 +181,7 @@ def test_segmented_mp3_is_cut_at_pauses_and_keeps_time(tmp_path, monkeypatch, ma
     assert abs(len(got) - round(seconds * SR)) <= 2
     offline_track(plan, doc, store, tmp_path / "ref.wav")
     ref, _ = sf.read(tmp_path / "ref.wav", dtype="float32")
-    assert_segments_play_where_said(enc, got, ref)
-    two = next(s for s in enc.segments if s.written_start == track._writer.chunk_starts[5])  # chapter Two's first chunk
-    assert chapters == [("One", 0.0), ("Two", two.out_start_s)]
-    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
-    assert f"start {two.out_start_s:.3f}" in banner
-
-
-def assert_segments_play_where_said(enc, got, ref):
-    """Every segment's samples of the written track ``ref`` play in the decoded file ``got``
-    where the encoder says (its ``out_start_s``), within 1 sample (cross-correlation)."""
-    for seg in (s for s in enc.segments if s.samples):
+    for seg in enc.segments:
         want = ref[seg.written_start : seg.written_start + seg.samples]
         at = round(seg.out_start_s * SR)  # = output_time(its start), but for the first (its mark stays at 0)
         lags = range(-40, 41)
@@ -205,6 +190,10 @@ def assert_segments_play_where_said(enc, got, ref):
         best = lags[int(np.argmax(corr))]
         assert abs(best) <= 1, f"segment at {seg.written_start}: off by {best} samples"
         assert max(corr) > 0.9 * float(np.dot(want, want))  # the same audio, through MP3
+    two = next(s for s in enc.segments if s.written_start == track._writer.chunk_starts[5])  # chapter Two's first chunk
+    assert chapters == [("One", 0.0), ("Two", two.out_start_s)]
+    banner = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    assert f"start {two.out_start_s:.3f}" in banner
 
 
 def test_segments_cut_only_when_long_enough_and_a_cut_at_the_end_is_harmless(tmp_path):
@@ -385,7 +374,13 @@ def _segmented_track(tmp_path, monkeypatch, remux_to, n=10):
     from ttsbatch.audio import segments
 
     monkeypatch.setattr(segments, "SEGMENT_S", 0.5)
-    doc, plan = paragraph_book(n, "My Book", "Twö")
+    doc = Document("My Book", (Chapter("One", ("p",)), Chapter("Twö", ("q",))))
+    chunks = [
+        Chunk(index=i, text=f"s {i}", source=f"s {i}", chapter=0 if i < n // 2 else 1, paragraph=i // 2,
+              boundary="chapter" if i == n // 2 - 1 else ("end" if i == n - 1 else ("paragraph" if i % 2 else "sentence")))
+        for i in range(n)
+    ]
+    plan = make_plan(chunks, "voice", GenerationOptions(), "model")
     store = ChunkStore(tmp_path / "work")
     for i, p in enumerate(plan):
         store.put(p.id, chunk_audio(i), SR)
@@ -487,7 +482,7 @@ def _stored_book(tmp_path, n=10):
 def test_the_process_makes_the_threads_track_byte_for_byte(tmp_path, ext):
     doc, plan, store = _stored_book(tmp_path)
     results = {}
-    for kind, make in {"thread": lambda enc: open_track(plan, doc, store, Options(), enc, ext, background=True),
+    for kind, make in {"thread": lambda enc: BookTrack(plan, doc, store, Options(), enc, ext, background=True),
                        "process": lambda enc: TrackProcess(plan, doc, store, Options(), enc, ext)}.items():
         enc = tmp_path / f"{kind}.tmp"
         with make(enc) as track:
@@ -588,163 +583,3 @@ def test_ctrl_c_leaves_the_track_process_to_the_run(tmp_path):
             track.stored(p)
         chapters, seconds = track.finish()
     assert seconds > 0 and (tmp_path / "enc.tmp").exists()
-
-
-# -- an MP3 in parts planned ahead (PartsTrack) -----------------------------------------------
-
-
-def test_plan_parts_end_at_paragraph_and_chapter_ends_and_are_finer_at_the_end():
-    doc, plan = paragraph_book(40)  # chunks of 3-4 characters, a paragraph end after every second
-    parts = plan_parts(plan, 14)
-    assert [i for r in parts for i in r] == list(range(40))  # consecutive, the whole plan
-    for r in parts[:-1]:
-        assert plan[r[-1]].chunk.boundary in ("paragraph", "chapter")
-    sizes = [sum(len(plan[i].chunk.text) for i in r) for r in parts]
-    total = sum(sizes)
-    seen = 0
-    for r, size in zip(parts[:-1], sizes):
-        seen += size
-        limit = 14 if seen - len(plan[r[-1]].chunk.text) < 0.8 * total else 14 / 4
-        assert size >= limit  # long enough ...
-        assert size - len(plan[r[-1]].chunk.text) - len(plan[r[-2]].chunk.text) < limit  # ... at its first chance
-    assert max(len(r) for r in parts[-4:]) < min(len(r) for r in parts[:3])  # the last fifth is cut finer
-    no_ends = [p for p in plan if p.chunk.boundary == "sentence"]
-    assert plan_parts(no_ends, 14) == [range(len(no_ends))]  # nowhere silent to cut: one part
-
-
-def test_open_track_plans_parts_for_an_mp3_that_several_encoders_make(tmp_path, monkeypatch):
-    from ttsbatch import track as tracks
-    from ttsbatch.audio import segments
-
-    doc, plan = paragraph_book(4)
-    store = ChunkStore(tmp_path / "work")
-
-    def kind(ext, workers=2, part_chars=None):
-        monkeypatch.setattr(segments, "default_workers", lambda: workers)
-        with open_track(plan, doc, store, Options(), tmp_path / "enc.tmp", ext, part_chars=part_chars) as track:
-            return type(track)
-
-    assert kind(".mp3") is PartsTrack
-    assert kind(".mp3", workers=1) is BookTrack  # one encoder: one gapless stream
-    assert kind(".wav") is BookTrack
-    assert kind(".mp3", part_chars=0) is BookTrack
-    monkeypatch.setattr(tracks, "TRACK_PARTS", False)  # bench --track-cursor
-    assert kind(".mp3") is BookTrack
-
-
-@pytest.mark.parametrize("background", [False, True])
-def test_a_part_is_encoded_once_its_own_chunks_are_stored_and_plays_where_it_should(tmp_path, many_cores, background):
-    """Chunks stored last to first: the last part is encoded before the first chunk exists;
-    the joined book is the offline stitch, each part where the encoder says, the chapter
-    mark at its part's start, the length what ``finish`` reports."""
-    doc, plan = paragraph_book(10)
-    store = ChunkStore(tmp_path / "work")
-    encoded = tmp_path / "enc.tmp"
-    with PartsTrack(plan, doc, store, Options(), encoded, background=background, part_chars=1) as track:
-        assert len(track.parts) == 6  # a part at every paragraph and chapter end
-        last = track.parts[-1]
-        for i in reversed(range(len(plan))):
-            store.put(plan[i].id, chunk_audio(i), SR)
-            track.stored(plan[i])
-            if i == last.start:  # the last part's chunks are all stored, the first's are not
-                track._jobs[len(track.parts) - 1].result()
-                segs = track._encoder.segments
-                assert segs[-1].job is not None and segs[0].job is None
-                assert track.stitched == len(last)
-        chapters, seconds = track.finish()
-    enc = track._encoder
-    assert track.frames_only and not enc.dir.exists()
-    out = tmp_path / "book.mp3"
-    finish_stream(encoded, out, chapters=chapters, title="book", total_s=seconds)
-    got, _ = decode_audio(out, sr=SR)
-    assert abs(len(got) - round(seconds * SR)) <= 2
-    offline_track(plan, doc, store, tmp_path / "ref.wav")
-    ref, _ = sf.read(tmp_path / "ref.wav", dtype="float32")
-    assert sum(seg.samples for seg in enc.segments) == len(ref)  # the offline stitch, cut in parts
-    assert_segments_play_where_said(enc, got, ref)
-    two = next(k for k, r in enumerate(track.parts) if 5 in r)  # chapter Two starts part `two`
-    assert track.parts[two].start == 5
-    assert chapters == [("One", 0.0), ("Two", enc.segments[two].out_start_s)]
-
-
-def test_parts_track_finish_with_a_chunk_missing_names_it_and_leaves_nothing(tmp_path, many_cores):
-    doc, plan = paragraph_book(10)
-    store = ChunkStore(tmp_path / "work")
-    with PartsTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", background=True, part_chars=1) as track:
-        for i, p in enumerate(plan):
-            if i not in (6, 8):
-                store.put(p.id, chunk_audio(i), SR)
-                track.stored(p)
-        with pytest.raises(StoreError, match="chunk 7 "):  # the first missing one
-            track.finish()
-    assert not (tmp_path / "enc.tmp").exists() and not track._encoder.dir.exists()
-
-
-def test_a_parts_track_left_without_finish_removes_its_files(tmp_path, many_cores):
-    doc, plan = paragraph_book(10)
-    store = ChunkStore(tmp_path / "work")
-    live = tmp_path / "live.mp3"
-    with pytest.raises(RuntimeError, match="engine failed"):
-        with PartsTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", background=True, remux_to=live,
-                        part_chars=1) as track:
-            for i, p in enumerate(plan[:6]):
-                store.put(p.id, chunk_audio(i), SR)
-                track.stored(p)
-            track._jobs[0].result()
-            raise RuntimeError("engine failed")
-    assert [p.name for p in tmp_path.iterdir()] == ["work"]
-
-
-def test_a_silent_part_without_pauses_adds_no_frames(tmp_path):
-    """A planned part can hold no samples at all (silent chunks, pauses of 0 ms): it is
-    joined as nothing, and the parts after it keep their times."""
-    from ttsbatch.audio.segments import SegmentedEncoder
-
-    path = tmp_path / "enc.tmp"
-    enc = SegmentedEncoder(path, SR, ExportOptions(), parts=3)
-    a = chunk_audio(2)
-    for k in (2, 1, 0):  # in any order
-        sink = enc.part(k)
-        if k != 1:
-            sink.write(a)
-        sink.close()
-    enc.close()
-    assert [s.samples for s in enc.segments] == [len(a), 0, len(a)]
-    assert enc.output_time(2 * len(a) / SR) > enc.output_time(len(a) / SR)
-    finish_stream(path, tmp_path / "out.mp3", total_s=enc.duration_s)
-    got, _ = decode_audio(tmp_path / "out.mp3", sr=SR)
-    assert abs(len(got) - round(enc.duration_s * SR)) <= 1
-    assert_segments_play_where_said(enc, got, np.concatenate([a, a]))
-
-
-def test_the_process_makes_the_parts_threads_track_byte_for_byte(tmp_path, monkeypatch):
-    monkeypatch.setenv("TTSBATCH_MP3_ENCODERS", "2")  # several encoders, in the child too
-    doc, plan = paragraph_book(10)
-    store = ChunkStore(tmp_path / "work")
-    for i, p in enumerate(plan):
-        store.put(p.id, chunk_audio(i), SR)
-    results = {}
-    for kind, make in {"thread": lambda enc: open_track(plan, doc, store, Options(), enc, ".mp3", background=True, part_chars=1),
-                       "process": lambda enc: TrackProcess(plan, doc, store, Options(), enc, ".mp3", part_chars=1)}.items():
-        enc = tmp_path / f"{kind}.tmp"
-        with make(enc) as track:
-            for p in reversed(plan):
-                track.stored(p)
-            chapters, seconds = track.finish()
-        results[kind] = (chapters, seconds, track.frames_only, enc.read_bytes())
-    assert results["process"] == results["thread"]
-    assert results["thread"][2] and len(results["thread"][0]) == 2  # several parts, joined; two chapters
-
-
-def test_a_resumed_runs_stored_parts_are_stitched_at_once(tmp_path, many_cores):
-    doc, plan = paragraph_book(10)
-    store = ChunkStore(tmp_path / "work")
-    for i, p in enumerate(plan[:4]):  # the first two parts, from the run before
-        store.put(p.id, chunk_audio(i), SR)
-    with PartsTrack(plan, doc, store, Options(), tmp_path / "enc.tmp", part_chars=1) as track:
-        assert track.stitched == 4 and sorted(track._jobs) == [0, 1]
-        for i, p in enumerate(plan[4:], 4):
-            store.put(p.id, chunk_audio(i), SR)
-            track.stored(p)
-        chapters, seconds = track.finish()
-    assert [t for t, _ in chapters] == ["One", "Two"] and seconds > 0

@@ -193,7 +193,6 @@ def run_book_bench(
     from .engine.stock import StockEngine, SynthesisRequest
     from .engine.voice import BUILTIN, VoiceCache
     from . import pipeline
-    from . import track as tracks
     from .store import ChunkStore
     from .text import chunk_document, read_document
 
@@ -324,7 +323,7 @@ def run_book_bench(
         # FA4 launches through its public function (one per layout) and directly (fa4.FA4Varlen)
         s3gen_fa4_calls=None if engine.s3.fa4 is None else dict(
             public=engine.s3.fa4.public_calls, direct=engine.s3.fa4.direct_calls, recording=engine.s3.fa4.direct),
-        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), mark_group=pipeline.MARK_GROUP, track_process=pipeline.TRACK_PROCESS, track_parts=tracks.TRACK_PARTS, store_workers_at_end=pipeline.STORE_WORKERS_AT_END, gc=gc_time.report(),
+        switch_interval_ms=round(sys.getswitchinterval() * 1000, 3), mark_group=pipeline.MARK_GROUP, track_process=pipeline.TRACK_PROCESS, store_workers_at_end=pipeline.STORE_WORKERS_AT_END, gc=gc_time.report(),
         output_bytes=output.stat().st_size,
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,

@@ -405,7 +405,6 @@ def bench(
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
     track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own (the default on a GPU), or on a thread of the run's, for experiments."),
     store_workers_at_end: Optional[int] = typer.Option(None, "--store-workers-at-end", min=1, help="Threads that mark and store the book part's last chunks once the engine is done (default 4; 2 as beside the engine), for experiments."),
-    track_parts: Optional[bool] = typer.Option(None, "--track-parts/--track-cursor", help="Stitch and encode the book part's MP3 in parts planned ahead, each as soon as its chunks are stored (the default), or after a cursor in document order, for experiments."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
@@ -418,18 +417,15 @@ def bench(
         raise InputError(f"--parts {parts}: expected t3, book or both")
     results: dict = {}
     from . import pipeline
-    from . import track as tracks
 
     saved = dict(switch=sys.getswitchinterval(), group=pipeline.MARK_GROUP, track=pipeline.TRACK_PROCESS,
-                 end=pipeline.STORE_WORKERS_AT_END, parts=tracks.TRACK_PARTS)
+                 end=pipeline.STORE_WORKERS_AT_END)
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1000)
     if mark_group is not None:
         pipeline.MARK_GROUP = mark_group
     if track_process is not None:
         pipeline.TRACK_PROCESS = track_process
-    if track_parts is not None:
-        tracks.TRACK_PARTS = track_parts
     if store_workers_at_end is not None:
         pipeline.STORE_WORKERS_AT_END = store_workers_at_end
     try:
@@ -440,7 +436,6 @@ def bench(
         pipeline.MARK_GROUP = saved["group"]
         pipeline.TRACK_PROCESS = saved["track"]
         pipeline.STORE_WORKERS_AT_END = saved["end"]
-        tracks.TRACK_PARTS = saved["parts"]
     if json_out:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 

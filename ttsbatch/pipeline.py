@@ -25,7 +25,7 @@ from .plan import PlannedChunk, make_plan, pending
 from .progress import Progress
 from .store import TEMP_SUFFIX, ChunkStore, store_lock, write_manifest
 from .text import Chunk, Document
-from .track import open_track
+from .track import BookTrack
 from .track_process import TrackProcess
 
 log = logging.getLogger("ttsbatch")
@@ -519,7 +519,7 @@ def render_book(
             if _on_gpu(engine) and TRACK_PROCESS:
                 track_cm = TrackProcess(plan, doc, store, options, encoded, ext, remux_to=remux_to)
             else:
-                track_cm = open_track(plan, doc, store, options, encoded, ext, background=_on_gpu(engine), remux_to=remux_to)
+                track_cm = BookTrack(plan, doc, store, options, encoded, ext, background=_on_gpu(engine), remux_to=remux_to)
             with track_cm as track:
                 run_chunks(
                     plan,

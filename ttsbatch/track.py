@@ -22,20 +22,12 @@ as it is; S3Gen vocodes a collection of them by length), so a third of a book's 
 cursor waits for long chunks that finish late. ``prepare_ahead`` chunks stored ahead of the cursor are then read and
 trimmed and faded on threads of their own as they come (:func:`prepare_chunk`, which
 depends on nothing but the chunk), so what is left at the end is writing them.
-
-Even so, the segments after the cursor can only be encoded once it reaches them: 1.06 s of
-encoding was left after a 2-hour book's synthesis (H200, twentieth session). An MP3 in
-segments therefore goes to a :class:`PartsTrack` instead (:func:`open_track`): the plan is
-cut into parts at paragraph ends before the run (:func:`plan_parts`), and each part is
-stitched and encoded as soon as its own chunks are stored, wherever the rest of the book is.
-What is left at the end is the parts the last chunks fall in.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,58 +39,6 @@ from .config import Options
 from .plan import PlannedChunk
 from .store import ChunkStore, StoreError
 from .text import Document
-
-# An MP3 book in several segments is stitched in parts planned ahead (PartsTrack); False:
-# after a cursor (BookTrack), for comparison (`bench --track-cursor`).
-TRACK_PARTS = True
-# A part ends at the first paragraph or chapter end past this many characters of text:
-# ~80-130 s of speech, one LAME process's work for ~0.3-0.5 s; each cut adds LAME's ~50 ms
-# of delay and padding to a pause. The book's last fifth, which the engine finishes last,
-# is cut four times finer, so that every core can encode it at the end.
-PART_CHARS = 2000
-PART_RENDERERS = 4  # parts stitched at once (reading, trimming, fading, spooling) beside the run
-
-
-def chapter_title(doc: Document, k: int) -> str | None:
-    """Chapter ``k``'s mark: its heading, else the book's name for the first, "Part N" after
-    (TrackWriter names a blank one "Chapter N")."""
-    return doc.chapters[k].title or (doc.name if k == 0 else f"Part {k + 1}")
-
-
-def default_part_chars() -> int:
-    """The parts' size an MP3 track is planned in now: :data:`PART_CHARS`, or 0 (a cursor) if
-    :data:`TRACK_PARTS` is off."""
-    return PART_CHARS if TRACK_PARTS else 0
-
-
-def open_track(plan: list[PlannedChunk], doc: Document, store: ChunkStore, options: Options, encoded: Path, ext: str,
-               background: bool = False, remux_to: Path | None = None, prepare_ahead: int = 0,
-               part_chars: int | None = None):
-    """The track for ``ext``: a :class:`PartsTrack` of ``part_chars`` (default
-    :func:`default_part_chars`; 0: none) for an MP3 that several encoders make, else a
-    :class:`BookTrack`; the same interface."""
-    chars = default_part_chars() if part_chars is None else part_chars
-    if chars > 0 and ext == ".mp3" and segments.default_workers() > 1:
-        return PartsTrack(plan, doc, store, options, encoded, background=background, remux_to=remux_to, part_chars=chars)
-    return BookTrack(plan, doc, store, options, encoded, ext, background=background, remux_to=remux_to,
-                     prepare_ahead=prepare_ahead)
-
-
-def plan_parts(plan: list[PlannedChunk], chars: int = PART_CHARS) -> list[range]:
-    """The plan's indices cut into consecutive parts, each ending after a paragraph's or a
-    chapter's pause (a silent place to join MP3 segments) once it holds ``chars`` characters
-    of text, ``chars / 4`` in the book's last fifth. A book without such ends is one part."""
-    total = sum(len(p.chunk.text) for p in plan)
-    parts, start, size, seen = [], 0, 0, 0
-    for i, p in enumerate(plan):
-        n = len(p.chunk.text)
-        size, seen = size + n, seen + n
-        limit = chars if seen < 0.8 * total else chars / 4
-        if size >= limit and p.chunk.boundary in ("paragraph", "chapter") and i + 1 < len(plan):
-            parts.append(range(start, i + 1))
-            start, size = i + 1, 0
-    parts.append(range(start, len(plan)))
-    return parts
 
 
 class BookTrack:
@@ -260,6 +200,11 @@ class BookTrack:
                 self._error = e
                 return
 
+    def _chapter_title(self, k: int) -> str | None:
+        """Chapter ``k``'s mark: its heading, else the book's name for the first, "Part N" after
+        (TrackWriter names a blank one "Chapter N")."""
+        return self.doc.chapters[k].title or (self.doc.name if k == 0 else f"Part {k + 1}")
+
     def _next_is_ready(self) -> bool:
         return self._next < len(self.plan) and self.plan[self._next].id in self._ready
 
@@ -279,7 +224,7 @@ class BookTrack:
             if self._writer is None:
                 if self.ext == ".mp3" and segments.default_workers() > 1:
                     # the tag's padding holds the chapters (their times are known at the end)
-                    titles = [chapter_title(self.doc, k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
+                    titles = [self._chapter_title(k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
                     encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S,
                                                remux_to=self.remux_to, title=self.doc.name,
                                                header_padding=chapter_tag_bytes(titles))
@@ -292,181 +237,8 @@ class BookTrack:
                 self._writer = TrackWriter(None, sr, self.options.stitch, sink=self._encoder)
             if p.chunk.chapter != self._chapter:
                 self._chapter = p.chunk.chapter
-                self._writer.start_chapter(chapter_title(self.doc, p.chunk.chapter))
+                self._writer.start_chapter(self._chapter_title(p.chunk.chapter))
             self._writer.add_prepared(wav, p.chunk.boundary)
             if p.chunk.boundary in ("paragraph", "chapter"):
                 self._encoder.cut()  # after the pause: a silent place for a segment to end
             self._next += 1
-
-
-class PartsTrack:
-    """An MP3 book's track stitched and encoded in parts planned ahead (:func:`plan_parts`),
-    each as soon as its chunks are stored: :class:`BookTrack`'s interface, its result the
-    same stitched audio (cut in other places). ``background``: parts are stitched on
-    :data:`PART_RENDERERS` threads; otherwise inline in :meth:`stored`. The parts' MP3s are
-    encoded and joined by a :class:`SegmentedEncoder` (``parts=``), live-remuxed to
-    ``remux_to`` as :class:`BookTrack`'s are."""
-
-    def __init__(
-        self,
-        plan: list[PlannedChunk],
-        doc: Document,
-        store: ChunkStore,
-        options: Options,
-        encoded: Path,
-        background: bool = False,
-        remux_to: Path | None = None,
-        part_chars: int = PART_CHARS,
-    ):
-        if not plan:
-            raise ValueError("a track needs at least one chunk")
-        self.plan, self.doc, self.store, self.options = plan, doc, store, options
-        self.encoded, self.remux_to = Path(encoded), remux_to
-        self.parts = plan_parts(plan, part_chars)
-        self._missing: list[set[str]] = [{plan[i].id for i in r} for r in self.parts]
-        self._parts_of: dict[str, list[int]] = defaultdict(list)
-        for k, r in enumerate(self.parts):
-            for i in r:
-                self._parts_of[plan[i].id].append(k)
-        self._lock = threading.Lock()
-        self._jobs: dict[int, Future] = {}  # part -> its stitching, once its chunks are all stored
-        self._marks: dict[int, list[tuple[str, float]]] = {}  # part -> its chapter marks, in its own seconds
-        self._encoder: SegmentedEncoder | None = None
-        self._hurried = False
-        self._stopped = False
-        self._finished = False
-        self._error: BaseException | None = None
-        self._stitched = 0
-        self._pool = ThreadPoolExecutor(PART_RENDERERS, thread_name_prefix="ttsbatch-part") if background else None
-        self.finish_seconds: dict[str, float] = {}
-        self.finish_appended = 0  # chunks not yet stitched into their part when finish began
-        self._have(store.ids())  # a resumed run's stored parts start at once
-
-    @property
-    def stitched(self) -> int:
-        """Chunks stitched into their parts so far."""
-        return self._stitched
-
-    @property
-    def frames_only(self) -> bool:
-        return self._encoder is not None and self._encoder.frames_only
-
-    @property
-    def remuxed(self) -> Path | None:
-        return None if self._encoder is None else self._encoder.remuxed
-
-    def stored(self, planned: PlannedChunk) -> None:
-        """Chunk ``planned`` is in the store now: its part is stitched if it is complete."""
-        self._have((planned.id,))
-        if self._error is not None:  # fail the run early, not at the end
-            raise self._error
-
-    def _have(self, ids) -> None:
-        complete = []
-        with self._lock:
-            for id in ids:
-                for k in self._parts_of.get(id, ()):
-                    missing = self._missing[k]
-                    missing.discard(id)
-                    if not missing and k not in self._jobs and not self._stopped:
-                        complete.append(k)
-                        self._jobs[k] = self._pool.submit(self._stitch, k) if self._pool is not None else Future()
-        for k in complete:
-            if self._pool is None:  # inline: now, on the caller's thread
-                try:
-                    self._stitch(k)
-                except BaseException as e:
-                    self._jobs[k].set_exception(e)
-                    raise
-                self._jobs[k].set_result(None)
-            else:
-                self._jobs[k].add_done_callback(self._note_error)
-
-    def _note_error(self, job: Future) -> None:
-        if not job.cancelled() and job.exception() is not None and self._error is None:
-            self._error = job.exception()
-
-    def _encoder_for(self, sr: int) -> SegmentedEncoder:
-        with self._lock:
-            if self._encoder is None:
-                # the tag's padding holds the chapters (their times are known at the end)
-                titles = [chapter_title(self.doc, k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
-                self._encoder = SegmentedEncoder(self.encoded, sr, self.options.export, remux_to=self.remux_to,
-                                                 title=self.doc.name, header_padding=chapter_tag_bytes(titles),
-                                                 parts=len(self.parts))
-                if self._hurried:
-                    self._encoder.hurry()
-            return self._encoder
-
-    def _stitch(self, k: int) -> None:
-        """Part ``k``, read from the store, trimmed, faded and paused as TrackWriter does,
-        into its spool file; then to the encoders."""
-        if self._stopped:
-            return
-        r = self.parts[k]
-        wav, sr = self.store.get(self.plan[r.start].id)
-        sink = self._encoder_for(sr).part(k)
-        writer = TrackWriter(None, sr, self.options.stitch, sink=sink)
-        try:
-            for i in r:
-                p = self.plan[i]
-                if i > r.start:
-                    wav, sr = self.store.get(p.id)
-                if i == 0 or p.chunk.chapter != self.plan[i - 1].chunk.chapter:
-                    writer.start_chapter(chapter_title(self.doc, p.chunk.chapter))
-                writer.add_prepared(prepare_chunk(wav, sr, self.options.stitch), p.chunk.boundary)
-        except BaseException:
-            sink.discard()
-            raise
-        self._marks[k] = writer.chapters
-        writer.close()  # to the encoders
-        with self._lock:
-            self._stitched += len(r)
-
-    def finish(self) -> tuple[list[tuple[str, float]], float]:
-        """Stitch the rest, close the encoder; returns (chapters, track seconds) as
-        :meth:`BookTrack.finish` does, and ``finish_seconds`` (append: waiting for the last
-        parts' stitching; encode: their encodes and the join)."""
-        t0 = time.perf_counter()
-        with self._lock:
-            before = self._stitched
-            self._hurried = True
-            encoder = self._encoder
-        if encoder is not None:
-            encoder.hurry()  # the engine is done: the cores are the encoders' now
-        self._have(self.store.ids())
-        for k in sorted(self._jobs):
-            self._jobs[k].result()  # a part's StoreError, if any
-        if len(self._jobs) < len(self.parts):
-            missing = min(i for k, r in enumerate(self.parts) if k not in self._jobs for i in r
-                          if self.plan[i].id in self._missing[k])
-            p = self.plan[missing]
-            raise StoreError(f"chunk {p.chunk.index + 1} ({p.id}) is not in the store; run again to render it")
-        t1 = time.perf_counter()
-        self.finish_appended = len(self.plan) - before
-        if self._pool is not None:
-            self._pool.shutdown()
-        enc = self._encoder
-        enc.close()
-        self.finish_seconds = {"append": t1 - t0, "encode": time.perf_counter() - t1}
-        self._finished = True
-        chapters = [(title, enc.output_time(enc.segments[k].written_start / enc.sample_rate + t))
-                    for k in range(len(self.parts)) for title, t in self._marks[k]]
-        return chapters, enc.duration_s
-
-    def abort(self) -> None:
-        with self._lock:
-            self._stopped = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._encoder is not None:
-            self._encoder.abort()
-        else:
-            self.encoded.unlink(missing_ok=True)
-
-    def __enter__(self) -> PartsTrack:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._finished:
-            self.abort()

@@ -37,21 +37,21 @@ SEND_EVERY = 16
 
 
 def _serve(conn) -> None:
-    """The child: a threaded track (``open_track``) made from the first message and fed the ids the pipe
+    """The child: a threaded BookTrack made from the first message and fed the ids the pipe
     brings, until finish or abort."""
     import signal
 
-    from .track import open_track
+    from .track import BookTrack
 
     # Ctrl-C reaches the whole process group: the run decides (it unwinds and sends "abort",
     # or its end closes the pipe), so the track is never torn down under it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     track = None
     try:
-        _, plan, doc, root, options, encoded, ext, remux_to, part_chars = conn.recv()
+        _, plan, doc, root, options, encoded, ext, remux_to = conn.recv()
         by_id = {p.id: p for p in plan}
-        track = open_track(plan, doc, ChunkStore(root), options, encoded, ext, background=True, remux_to=remux_to,
-                           prepare_ahead=PREPARE_AHEAD, part_chars=part_chars)
+        track = BookTrack(plan, doc, ChunkStore(root), options, encoded, ext, background=True, remux_to=remux_to,
+                          prepare_ahead=PREPARE_AHEAD)
         while True:
             msg = conn.recv()
             if msg[0] == "stored":
@@ -75,7 +75,7 @@ def _serve(conn) -> None:
 
 
 class TrackProcess:
-    """The tracks' interface (:class:`~ttsbatch.track.BookTrack`), its work done in a spawned process."""
+    """``BookTrack``'s interface (see there), its work done in a spawned process."""
 
     def __init__(
         self,
@@ -86,12 +86,7 @@ class TrackProcess:
         encoded: Path,
         ext: str,
         remux_to: Path | None = None,
-        part_chars: int | None = None,
     ):
-        """``part_chars``: as :func:`~ttsbatch.track.open_track`'s, decided here (a spawned
-        child imports the modules' defaults afresh)."""
-        from .track import default_part_chars
-
         if not plan:
             raise ValueError("a track needs at least one chunk")
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a CUDA context
@@ -101,8 +96,7 @@ class TrackProcess:
         child.close()
         # The plan (~0.5 MB for a 2-hour book) waits in the pipe until the child has imported
         # its modules (~0.6 s on the H200's host): a thread hands it over, the run goes on.
-        chars = default_part_chars() if part_chars is None else part_chars
-        start = ("start", plan, doc, store.root, options, Path(encoded), ext, remux_to, chars)
+        start = ("start", plan, doc, store.root, options, Path(encoded), ext, remux_to)
         self._sender: threading.Thread | None = threading.Thread(
             target=self._send_start, args=(start,), name="ttsbatch-track-start", daemon=True)
         self._sent_error: BaseException | None = None

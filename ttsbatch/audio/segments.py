@@ -13,9 +13,6 @@ at ~100x real time, whatever the GPU does. :class:`SegmentedEncoder` is a drop-i
   end is one segment's encode;
 - ``hurry`` (the engine is done) cuts shorter segments and lets every core but one encode,
   so the last burst of audio is encoded in parallel;
-- or, with ``parts=N``, the caller plans the segments (:class:`~ttsbatch.track.PartsTrack`
-  cuts the book's plan at paragraph ends) and fills each in any order (``part(k)``): a part
-  is encoded as soon as it is complete, wherever the rest of the book is;
 - each encoded segment is appended to ``path`` as soon as every one before it is (the
   join is a byte concatenation: segments are written without ID3 or Xing headers, pure
   frames), so most of the book is joined while it renders; ``close`` waits for the rest and
@@ -113,16 +110,11 @@ class SegmentedEncoder:
         remux_to: Path | None = None,
         title: str | None = None,
         header_padding: int = 4096,
-        parts: int | None = None,
     ):
         """``remux_to``: where a :class:`FramesRemux` copies the joined frames as they come,
         under a header with ``title`` and ``header_padding`` bytes for the chapters
         (:attr:`remuxed` says whether it is complete). Only several segments are joined: a
-        book of one segment is never remuxed live.
-
-        ``parts``: the track's segments are planned by the caller, this many of them, and
-        filled in any order (:meth:`part`) instead of written in order and ``cut``; each is
-        encoded as soon as it is filled, and joined once those before it are."""
+        book of one segment is never remuxed live."""
         self.path = Path(path)
         self.sample_rate = sample_rate
         self.opts = opts
@@ -152,53 +144,32 @@ class SegmentedEncoder:
         self._remux_args = (Path(remux_to), title, header_padding) if remux_to is not None else None
         self._remux: FramesRemux | None = None
         self._remuxed = False
-        self.planned = parts is not None
-        if self.planned:  # written_start is set by close, once every part's length is known
-            self.segments = [self._segment(k, 0) for k in range(max(1, parts))]
-        else:
-            self._new_segment()
+        self._new_segment()
 
-    def _segment(self, k: int, written_start: int) -> _Segment:
-        return _Segment(written_start, 0, self.dir / f"{k:05d}.f32", self.dir / f"{k:05d}.mp3")
-
-    def _open(self, seg: _Segment):
+    def _new_segment(self) -> None:
+        k = len(self.segments)
+        seg = _Segment(self.samples, 0, self.dir / f"{k:05d}.f32", self.dir / f"{k:05d}.mp3")
+        self.segments.append(seg)
         try:
-            return open(seg.pcm, "wb")
+            self._file = open(seg.pcm, "wb")
         except OSError as e:
             raise StoreError(f"cannot write the track's parts in {self.dir}: {e.strerror or e}") from None
 
-    def _new_segment(self) -> None:
-        seg = self._segment(len(self.segments), self.samples)
-        self.segments.append(seg)
-        self._file = self._open(seg)
-
-    def _spool(self, file, seg: _Segment, wav: np.ndarray) -> int:
+    def write(self, wav: np.ndarray) -> None:
         data = np.ascontiguousarray(wav, dtype="<f4")
         try:
-            file.write(data.tobytes())
+            self._file.write(data.tobytes())
         except OSError as e:  # a full disk, most likely
             raise StoreError(f"cannot write the track's parts in {self.dir}: {e.strerror or e}") from None
-        seg.samples += len(data)
-        return len(data)
-
-    def write(self, wav: np.ndarray) -> None:
-        self.samples += self._spool(self._file, self.segments[-1], wav)
+        self.segments[-1].samples += len(data)
+        self.samples += len(data)
 
     def cut(self) -> None:
         """A silent point: a new segment begins here if the current one is long enough.
         (``StreamEncoder`` has the same ``cut``/``output_time``/``duration_s``, trivially.)"""
         if self.segments[-1].samples >= self.min_samples:
-            self._file.close()
-            self._submit(self.segments[-1], gapless=False)
+            self._submit(gapless=False)
             self._new_segment()
-
-    def part(self, k: int) -> _PartSink:
-        """Planned segment ``k``'s sink (a :class:`~ttsbatch.audio.stitch.TrackWriter`'s):
-        ``write`` spools its samples, ``close`` hands it to the encoders. Each part once,
-        from any thread."""
-        assert self.planned, "parts are for a SegmentedEncoder made with parts="
-        seg = self.segments[k]
-        return _PartSink(self, seg, self._open(seg))
 
     def hurry(self, workers: int | None = None, segment_s: float | None = None) -> None:
         """The engine is done: what is still to come (a book's last S3Gen collection, ~1,000 s
@@ -216,16 +187,10 @@ class SegmentedEncoder:
         for _ in range(extra):
             self._slots.release()
 
-    def _submit(self, seg: _Segment, gapless: bool) -> None:
+    def _submit(self, gapless: bool) -> None:
+        self._file.close()
+        seg = self.segments[-1]
         seg.gapless = gapless
-        if seg.samples == 0 and not gapless:  # a planned part of silent chunks without pauses: no frames
-            seg.pcm.unlink()
-            seg.mp3.write_bytes(b"")
-            seg.job = Future()
-            seg.job.set_result(None)
-            seg.encoded = True
-            self._join_ready()
-            return
         seg.job = self._pool.submit(self._encode, seg, gapless)
 
     def _encode(self, seg: _Segment, gapless: bool) -> None:
@@ -301,23 +266,13 @@ class SegmentedEncoder:
         seg.frames_s = seg.samples / self.sample_rate if gapless else _frames_seconds(seg.mp3)
 
     def close(self) -> None:
-        """Encode what is left, wait for every segment, join them into ``path``. Planned
-        parts must all have been filled (closed) by then."""
-        if self.planned:
-            start = 0
-            for seg in self.segments:  # where each part begins in the written track
-                seg.written_start, start = start, start + seg.samples
-            self.samples = start
-        elif len(self.segments) > 1 and self.segments[-1].samples == 0:  # cut at the very end: nothing left
+        """Encode what is left, wait for every segment, join them into ``path``."""
+        if len(self.segments) > 1 and self.segments[-1].samples == 0:  # cut at the very end: nothing left
             self._file.close()
             self.segments.pop().pcm.unlink()
         else:
-            self._file.close()
-            self._submit(self.segments[-1], gapless=len(self.segments) == 1)
+            self._submit(gapless=len(self.segments) == 1)
         try:
-            unfilled = [k for k, seg in enumerate(self.segments) if seg.job is None]
-            if unfilled:
-                raise ValueError(f"part {unfilled[0]} of {self.path.name} was never filled")
             for seg in self.segments:
                 seg.job.result()  # raises the segment's FFmpegError
             if len(self.segments) == 1:  # gapless: the one segment is the track
@@ -367,7 +322,7 @@ class SegmentedEncoder:
         s = round(written_s * self.sample_rate)
         if len(self.segments) == 1 or s == 0:
             return written_s
-        seg = next((g for g in reversed(self.segments) if g.written_start <= s and g.samples), self.segments[0])
+        seg = next(g for g in reversed(self.segments) if g.written_start <= s)
         return seg.out_start_s + (s - seg.written_start) / self.sample_rate
 
     def abort(self) -> None:
@@ -388,26 +343,6 @@ class SegmentedEncoder:
         self._pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.path.unlink(missing_ok=True)
-
-
-class _PartSink:
-    """One planned part's spool file (see :meth:`SegmentedEncoder.part`)."""
-
-    def __init__(self, enc: SegmentedEncoder, seg: _Segment, file):
-        self._enc, self._seg, self._file = enc, seg, file
-
-    def write(self, wav: np.ndarray) -> None:
-        self._enc._spool(self._file, self._seg, wav)
-
-    def close(self) -> None:
-        """The part is complete: encode it (gapless if it is the whole track)."""
-        self._file.close()
-        self._enc._submit(self._seg, gapless=len(self._enc.segments) == 1)
-
-    def discard(self) -> None:
-        """The part could not be filled (its chunk is unreadable, say): nothing is encoded."""
-        with contextlib.suppress(OSError):
-            self._file.close()
 
 
 def _frames_seconds(mp3: Path) -> float:
