@@ -405,11 +405,13 @@ def test_background_sink_stores_the_last_groups_with_more_threads_once_the_engin
 
     plan = _sink_plan(16)
     store = ChunkStore(tmp_path)
-    sink = _ChunkSink(Counted(), store, "fast", 24000, background=True, workers=1, group=2, end_workers=3)
+    mark = Counted()
+    sink = _ChunkSink(mark, store, "fast", 24000, background=True, workers=1, group=2, end_workers=3)
     done = []
     for p in plan[:8]:  # four groups queued beside the engine
         done += sink.put(p, np.full(240, 0.1, np.float32), 1)
     time.sleep(0.25)
+    assert {n.split("_")[0] for n in mark.threads} == {"ttsbatch-store"}  # one thread beside the engine
     phase[0] = "end"
     for p in plan[8:]:  # the last collection, at once
         done += sink.put(p, np.full(240, 0.1, np.float32), 1)
@@ -418,6 +420,7 @@ def test_background_sink_stores_the_last_groups_with_more_threads_once_the_engin
     sink.close()
     assert [d.planned.id for d in done] == [p.id for p in plan]
     assert most["engine"] == 1 and most["end"] >= 2
+    assert any(n.startswith("ttsbatch-store-end") for n in mark.threads)  # the two made at the end
     assert all(store.has(p.id) for p in plan)
 
 

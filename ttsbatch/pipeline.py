@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,9 +41,12 @@ MARK_GROUP = 32
 # book against 35.5 s, GPU busy 85.5-88.4% against 80.6% (H200, twentieth session).
 # `ttsbatch bench --track-thread` compares.
 TRACK_PROCESS = True
-# Store threads (Perth and the FLAC encoder) once the engine is done: the last S3Gen collection
-# (~256 chunks) is handed over at once, and the run ends when it is stored; beside the
-# engine two are enough. `ttsbatch bench --store-workers-at-end 2` compares.
+# Store threads (Perth and the FLAC encoder) once the engine is done: its last S3Gen collection
+# (~256 chunks) is handed over at once, and the synthesis ends when it is stored: 0.9-1.1 s
+# after the engine with the two threads that work beside it, 0.2-0.4 s with four (H200,
+# twenty-first session). Two more threads start then (_ChunkSink.ready), not before: a pool
+# of four from the start (two at work) cost S3Gen's launches ~1.5 s of CPU in the same runs.
+# `ttsbatch bench --store-workers-at-end 2` compares.
 STORE_WORKERS_AT_END = 4
 
 
@@ -141,8 +145,6 @@ class _ChunkSink:
         group: int = 32,
         end_workers: int = 2,
     ):
-        from concurrent.futures import ThreadPoolExecutor
-
         # depth: the fast engine hands over a whole S3Gen collection (256 chunks, ~0.5 MB
         # each) at once, on S3Gen's thread, which launches nothing meanwhile; a shallow queue
         # made it wait for Perth chunk by chunk (14 s of a 2-hour book, profiled), and a depth
@@ -154,11 +156,12 @@ class _ChunkSink:
         # the GIL. group: Perth marking chunk by chunk held the GIL for ~2 s of a 2-hour book
         # (py-spy, eleventh session), time the engine's threads wait to launch; the fast
         # engine's collections are multiples of 32.
-        # end_workers: once the engine's call has ended (ready), the groups still queued are
-        # marked and stored by this many threads; until then a semaphore lets ``workers`` work
-        self._pool = ThreadPoolExecutor(max_workers=max(workers, end_workers), thread_name_prefix="ttsbatch-store") if background else None
-        self._slots = threading.Semaphore(workers)
-        self._extra_slots = max(0, end_workers - workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ttsbatch-store") if background else None
+        # end_workers: once the engine's call has ended (ready), groups not yet started are
+        # shared with end_workers - workers more threads (a pool of their own, made then)
+        self._workers, self._end_workers = workers, end_workers
+        self._end_pool: ThreadPoolExecutor | None = None
+        self._groups: dict = {}  # a handed-over group's future -> its chunks, until the first is collected
         self._waiting: deque = deque()  # (future of a group's samples stored, index in the group, planned, tokens)
         self._group: list = []  # (planned, wav, tokens) not yet handed to a worker
         self._group_size = max(1, min(group, depth))  # a full group never waits on itself
@@ -177,7 +180,7 @@ class _ChunkSink:
         return ChunkDone(planned, self._store_marked(planned, marked, tokens) / self._sr, tokens)
 
     def _mark_and_store_group(self, group: list) -> list[int]:
-        with self._slots, self._gpu_stream():
+        with self._gpu_stream():
             marked = self._watermarker.apply_batch([wav for _, wav, _ in group], self._sr)
         return [self._store_marked(planned, m, tokens) for (planned, _, tokens), m in zip(group, marked)]
 
@@ -216,10 +219,31 @@ class _ChunkSink:
             return
         group, self._group = self._group, []
         future = self._pool.submit(self._mark_and_store_group, group)
+        self._groups[future] = group
         self._waiting.extend((future, k, planned, tokens) for k, (planned, _, tokens) in enumerate(group))
+
+    def _widen(self) -> None:
+        """The engine is done: of the groups not yet started, those at positions ``workers``
+        to ``end_workers - 1`` of every ``end_workers`` (so the store still finishes them
+        roughly in order) move to ``end_workers - workers`` new threads."""
+        extra = self._end_workers - self._workers
+        if extra <= 0 or self._end_pool is not None:
+            return
+        self._end_pool = ThreadPoolExecutor(max_workers=extra, thread_name_prefix="ttsbatch-store-end")
+        moved, queued = {}, 0
+        for future, group in list(self._groups.items()):
+            if future.running() or future.done():
+                continue
+            if queued % self._end_workers >= self._workers and future.cancel():  # not started: it moves
+                moved[future] = self._end_pool.submit(self._mark_and_store_group, group)
+                self._groups[moved[future]] = self._groups.pop(future)
+            queued += 1
+        if moved:
+            self._waiting = deque((moved.get(f, f), k, planned, tokens) for f, k, planned, tokens in self._waiting)
 
     def _next(self) -> ChunkDone:
         future, k, planned, tokens = self._waiting.popleft()
+        self._groups.pop(future, None)  # its samples: stored or failed
         return ChunkDone(planned, future.result()[k] / self._sr, tokens)
 
     def _collect(self) -> list[ChunkDone]:
@@ -234,9 +258,7 @@ class _ChunkSink:
         work from now on); the chunks stored so far."""
         if self._pool is not None:
             self._hand_over()
-            for _ in range(self._extra_slots):
-                self._slots.release()
-            self._extra_slots = 0
+            self._widen()
         return self._collect()
 
     def drain(self) -> list[ChunkDone]:
@@ -250,6 +272,8 @@ class _ChunkSink:
         if self._pool is not None:
             self._hand_over()
             self._pool.shutdown(wait=True)
+            if self._end_pool is not None:
+                self._end_pool.shutdown(wait=True)
 
 
 def _on_gpu(engine) -> bool:
@@ -441,8 +465,6 @@ def publish_verified(write, output: Path, watermarker, frames: Path | None = Non
     does not end with them, the output itself is checked, as without ``frames``. (A 2-hour
     book: the remux ~2.2 s and the check ~1.5 s on the H100's host, one after the other.)
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from .audio.watermark import verify_file
 
     staged = staged_path(output)
