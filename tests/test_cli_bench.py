@@ -35,6 +35,12 @@ def test_book_bench_runs_stock_and_the_real_pipeline(tiny_checkpoint, tmp_path):
     assert tail["finish_append"] + tail["finish_encode"] <= tail["finish"] + 0.02
     assert b["chars"] < 600  # --max-chars cut the book
     assert "speedup_vs_stock" in b
+    # S3Gen's thread, span by span: a wait for T3's collection before each collection's work
+    spans = fast["host_timeline"]["spans"]
+    assert [s[0] for s in spans] == ["t3_wait", "s3gen"] * fast["host_timeline"]["collections"] + ["t3_wait"]
+    assert all(0 <= a <= b <= fast["wall_s"] for _, a, b, _ in spans)
+    assert all(x[2] <= y[1] for x, y in zip(spans, spans[1:]))  # one after another
+    assert sum(n for what, _, _, n in spans if what == "s3gen") == fast["s3gen_items"]
 
 
 def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):

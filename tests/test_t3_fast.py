@@ -167,6 +167,9 @@ def test_batch_invariance_and_budgets(model, conds, fast):
     emulated = FastT3(model, use_graphs="emulate")
     assert dict(emulated.generate(conds, reqs, gen, max_rows=3, check_every=3)) == batch
     assert emulated.stats["graphs_captured"] >= 3
+    log = emulated.capture_log  # when each capture ran and of what, for bench's timeline
+    assert len(log) == emulated.stats["graphs_captured"] and all(a <= b for a, b, _ in log)
+    assert all(what.startswith(("rows=", "prefill of ")) for _, _, what in log)
     # batch 1: every prefill is one row's, from the (emulated) graph of its padded length,
     # its buffers refilled sentence after sentence
     assert dict(emulated.generate(conds, reqs, gen, max_rows=1)) == batch

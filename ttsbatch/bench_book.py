@@ -314,6 +314,10 @@ def run_book_bench(
             t3_done_s=None if engine.timeline.t3_done_at is None else round(engine.timeline.t3_done_at - t0, 2),
             # the engine's last result handed over: the synthesis ends when the store has it all
             engine_done_s=None if engine.timeline.done_at is None else round(engine.timeline.done_at - t0, 2),
+            # S3Gen's thread in order: (what, start s, end s, chunks), "t3_wait" or "s3gen"; and
+            # T3's graph captures during the book: (start s, end s, what)
+            spans=[(what, round(a - t0, 3), round(b - t0, 3), n) for what, a, b, n in engine.timeline.spans],
+            t3_captures=[(round(a - t0, 3), round(b - t0, 3), what) for a, b, what in engine.t3.capture_log if a >= t0],
         ),
         # CFM steps captured during the book (s3gen_graphs: one per shape; the warm-up's are not counted)
         s3gen_graph_captures=engine.s3.times.graph_captures - captures0[0], s3gen_graph_error=engine.s3.graph_error,

@@ -14,7 +14,7 @@ memory); S3Gen's activations live in the rest (its largest attention tensor capp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -54,6 +54,9 @@ class HostTimeline:
     t3_done_at: float | None = None  # perf_counter when T3's thread handed over its last collection
     t3_cpu_s: float = 0.0  # T3's thread's CPU seconds (overlapped: its decoding's Python and launches)
     done_at: float | None = None  # perf_counter when the last call's last result was handed over
+    # (what, start, end, items) in perf_counter seconds: "t3_wait" (blocked on T3's next
+    # collection) and "s3gen" (launching a collection and handing its results over), in order
+    spans: list = field(default_factory=list)
 
 
 class FastEngine:
@@ -272,7 +275,9 @@ class FastEngine:
         while True:
             t = time.perf_counter()
             items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
-            tl.t3_wait_s += time.perf_counter() - t
+            got = time.perf_counter()
+            tl.t3_wait_s += got - t
+            tl.spans.append(("t3_wait", t, got, len(items or ())))
             if items is None:
                 tl.done_at = time.perf_counter()
                 if not self.overlap:
@@ -289,6 +294,7 @@ class FastEngine:
                 t = time.perf_counter()
                 yield res
                 tl.consumer_s += time.perf_counter() - t
+            tl.spans.append(("s3gen", got, time.perf_counter(), len(items)))
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
         results: list[SynthesisResult | None] = [None] * len(requests)

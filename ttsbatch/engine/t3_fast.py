@@ -697,6 +697,7 @@ class FastT3:
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
         self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, capture_s=0.0, prefills=0, compactions=0)
+        self.capture_log: list[tuple[float, float, str]] = []  # (start, end in perf_counter seconds, what) per capture
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -840,7 +841,7 @@ class FastT3:
             decode_one_token(self.w, st, n, kv_len, use_top_p)
 
         try:
-            replay = self._graph_of(run)
+            replay = self._graph_of(run, f"rows={n}, kv_len={kv_len}")
         except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
             self._graphs_failed(e, f"rows={n}, kv_len={kv_len}")
             replay = run
@@ -848,7 +849,7 @@ class FastT3:
             getattr(st, k).copy_(v)
         return replay
 
-    def _graph_of(self, run):
+    def _graph_of(self, run, what: str = ""):
         """``run`` (no arguments) run twice on a side stream (compiling, allocating), then
         captured on it: the replay. ``use_graphs="emulate"``: the two runs, then ``run`` itself.
 
@@ -859,8 +860,7 @@ class FastT3:
         if self.use_graphs == "emulate":
             for _ in range(2):
                 run()
-            self.stats["graphs_captured"] += 1
-            self.stats["capture_s"] += time.perf_counter() - t0
+            self._captured(t0, what)
             return run
         cur = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
@@ -881,9 +881,14 @@ class FastT3:
                 run()
         finally:
             cur.wait_stream(stream)  # the warm-up runs' writes come before the replays
-        self.stats["graphs_captured"] += 1
-        self.stats["capture_s"] += time.perf_counter() - t0
+        self._captured(t0, what)
         return graph.replay
+
+    def _captured(self, t0: float, what: str) -> None:
+        t1 = time.perf_counter()
+        self.stats["graphs_captured"] += 1
+        self.stats["capture_s"] += t1 - t0
+        self.capture_log.append((t0, t1, what))
 
     def _graphs_failed(self, e: Exception, what: str) -> None:
         synchronize(self.device)
@@ -947,7 +952,7 @@ class FastT3:
         if entry is None:
             run = functools.partial(prefill_layers, self.w, st, x, meta[0], meta[1])
             try:
-                replay = self._graph_of(run)
+                replay = self._graph_of(run, f"prefill of {b} rows x {Lmax} positions")
             except Exception as e:  # prefill and decode without graphs
                 self._graphs_failed(e, f"prefill of {b} rows x {Lmax} positions")
                 prefill_layers(self.w, st, x, meta[0], meta[1])
