@@ -146,6 +146,28 @@ def _reqs(budgets=(9, 14, 6, 11, 17, 8, 12, 5)):
     return [SynthesisRequest(t, 1000 + 17 * i, b) for i, (t, b) in enumerate(zip(TEXTS, budgets))]
 
 
+def test_a_floor_on_the_draining_batch_keeps_every_token(model, conds):
+    """``min_rows``: as the rows drain at the end the batch is compacted no smaller than it,
+    so fewer batch sizes are stepped (each a graph to capture on a GPU), and every request
+    decodes to the same tokens."""
+    from ttsbatch.engine.t3_fast import FastT3
+
+    gen = GenerationOptions(ignore_eos=True, top_p=0.95)
+    reqs = _reqs()
+    sizes = {}
+    for floor in (1, 4):
+        t3 = FastT3(model, use_graphs="emulate")
+        seen = []
+        real = t3.step
+        t3.step = lambda st, n, kv_len, top_p, real=real, seen=seen: seen.append(n) or real(st, n, kv_len, top_p)
+        sizes[floor] = (dict(t3.generate(conds, reqs, gen, max_rows=8, check_every=2, min_rows=floor)), set(seen),
+                        t3.stats["graphs_captured"])
+    (base, n1, g1), (floored, n4, g4) = sizes[1], sizes[4]
+    assert floored == base
+    assert min(n1) < 4 and min(n4) == 4  # the plain drain went below the floor; this one did not
+    assert g4 < g1
+
+
 def test_batch_invariance_and_budgets(model, conds, fast):
     """Each sentence of a batch of 8 decodes to the same tokens alone, and with 3 rows and refills."""
     from ttsbatch.engine.t3_fast import FastT3

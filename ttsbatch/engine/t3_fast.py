@@ -973,6 +973,7 @@ class FastT3:
         sort: bool = True,
         eos_token: int | None = None,
         refill_min: int | None = None,
+        min_rows: int = 1,
     ) -> Iterator[tuple[int, list[int]]]:
         """Speech tokens for every request, yielded as ``(request index, tokens)`` when each is done.
 
@@ -982,7 +983,10 @@ class FastT3:
         fits: a prefill costs the same host time for one row as for many (in a 2-hour book
         in document order, refilling row by row meant 700 prefills). The host reads the
         ``done`` flags once every ``check_every`` steps (sooner when every row's budget, or
-        enough of them for a refill, runs out sooner: :func:`_steps_to_run`).
+        enough of them for a refill, runs out sooner: :func:`_steps_to_run`). Once nothing is
+        left to start, live rows are compacted into smaller batches (:func:`row_buckets`),
+        none smaller than ``min_rows``: each new batch size is a graph to capture, and the
+        rows' tokens do not depend on it.
         """
         check_options(gen)
         if not requests:
@@ -1014,7 +1018,7 @@ class FastT3:
         st = self.new_state(rows, need, max_new, pairs, eos)
         self._ensure_template(st, conds, max(len(x) for x in ids))
         st.done.fill_(True)
-        buckets = row_buckets(rows)
+        buckets = [b for b in row_buckets(rows) if b >= min(min_rows, rows)]
         refill_min = max(1, rows // 16) if refill_min is None else max(1, int(refill_min))
         kv_cap = st.max_len
         kv_step = LEN_BUCKET if self.device.type == "cuda" else 64
