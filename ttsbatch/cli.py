@@ -404,7 +404,7 @@ def bench(
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
     track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own (the default on a GPU), or on a thread of the run's, for experiments."),
-    store_workers_at_end: Optional[int] = typer.Option(None, "--store-workers-at-end", min=1, help="Threads that mark and store the book part's last chunks once the engine is done (default 4; 2 as beside the engine), for experiments."),
+    store_workers_at_end: Optional[int] = typer.Option(None, "--store-workers-at-end", min=1, help="Threads that mark and store the book part's last chunks once the engine is done (default 2, as beside the engine; more are made at the end), for experiments."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""

@@ -44,10 +44,13 @@ TRACK_PROCESS = True
 # Store threads (Perth and the FLAC encoder) once the engine is done: its last S3Gen collection
 # (~256 chunks) is handed over at once, and the synthesis ends when it is stored: 0.9-1.1 s
 # after the engine with the two threads that work beside it, 0.2-0.4 s with four (H200,
-# twenty-first session). Two more threads start then (_ChunkSink.ready), not before: a pool
-# of four from the start (two at work) cost S3Gen's launches ~1.5 s of CPU in the same runs.
-# `ttsbatch bench --store-workers-at-end 2` compares.
-STORE_WORKERS_AT_END = 4
+# twenty-first session) when all four existed from the start, two held back by a semaphore;
+# but that pool cost S3Gen's launches ~1.5 s of CPU in the same runs, and the book gained
+# nothing. Now the extra threads are made when the engine is done (_ChunkSink.ready); one
+# 20-minute book on a fresh machine still took 0.98 s to store its last 194 chunks with them
+# (new threads' first Perth calls?). Two until an A/B on a whole book says more:
+# `ttsbatch bench --store-workers-at-end 4`.
+STORE_WORKERS_AT_END = 2
 
 
 @dataclass(frozen=True)
