@@ -37,13 +37,18 @@ for spec in "$@"; do
   python3 - "$json" "$label" "$opts" <<'EOF'
 import json, sys
 f = json.load(open(sys.argv[1]))["book"]["fast"]
+h = dict(f.get("host_timeline") or {})
+spans, captures = h.pop("spans", []), h.pop("t3_captures", [])
 print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime']}x, synth {f['synth_s']} s, "
       f"after {f['after_synth_s']} s {f['tail_s']} ({f.get('tail_chunks')} chunks left to append), busy {f['gpu_busy']} ({f['gpu_busy_source']}), attention {f['s3gen_attention']}, "
       f"reserved {f['peak_gpu_reserved_gib']} GiB, CFM graphs captured {f['s3gen_graph_captures']} {f.get('s3gen_graph_error') or ''} "
       f"({f['s3gen_capture_s']} s), GC {f['gc']['seconds']} s (longest {f['gc']['longest_ms']} ms, "
       f"{f['gc']['objects']} objects), dynamo {f['dynamo']}, ffn {f.get('s3gen_ffn')} {f.get('s3gen_ffn_tuning')}, "
       f"FA4 calls {f.get('s3gen_fa4_calls')}, pack {f.get('s3gen_pack')}, CFM frames {f.get('s3gen_cfm_frames')}, "
-      f"S3Gen thread {f.get('host_timeline')}, mark group {f.get('mark_group')}, track process {f.get('track_process')}, store workers at end {f.get('store_workers_at_end')}, T3 graphs captured {f['t3'].get('graphs_captured')} "
+      f"S3Gen thread {h}, mark group {f.get('mark_group')}, track process {f.get('track_process')}, store workers at end {f.get('store_workers_at_end')}, T3 graphs captured {f['t3'].get('graphs_captured')} "
       f"({f['t3'].get('capture_s')} s), T3 rows {f.get('t3_rows')}")
+# S3Gen's thread span by span, and T3's captures during the book (seconds from the book's start)
+print("    spans: " + " | ".join(f"{w} {a:.2f}-{b:.2f} ({n})" for w, a, b, n in spans))
+print("    T3 captures: " + " | ".join(f"{a:.2f}-{b:.2f} {w}" for a, b, w in captures))
 EOF
 done
