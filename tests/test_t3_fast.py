@@ -443,6 +443,31 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
     assert not any(t.name == "ttsbatch-t3" for t in threading.enumerate())
 
 
+def test_ready_groups_ask_a_changing_least_again_as_items_come():
+    """``least`` as a function (``s3gen_take="drain"``): full groups while it says so, then
+    whatever is there once it says less, before the producer is done."""
+    import threading
+
+    from ttsbatch.engine.fast import _ready_groups
+
+    draining, go, more = [False], threading.Event(), threading.Event()
+
+    def producer():
+        yield from range(8)
+        go.wait(10)
+        draining[0] = True  # T3 has started every request
+        yield from range(8, 11)
+        more.wait(10)  # the last rows still decoding
+        yield from range(11, 13)
+
+    it = _ready_groups(producer(), least=lambda: 2 if draining[0] else 4, most=4)
+    assert next(it) == [0, 1, 2, 3] and next(it) == [4, 5, 6, 7]  # full groups
+    go.set()
+    assert next(it) == [8, 9, 10]  # draining: what there is, the producer not done
+    more.set()
+    assert next(it) == [11, 12] and next(it, None) is None
+
+
 def test_fast_engine_taking_ready_chunks_equals_sequential(model, conds):
     """``s3gen_take="ready"``: S3Gen's collections are whatever T3 has finished (one batch's
     worth at least, ``s3gen_collect`` at most), and every chunk gets the sequential engine's
@@ -469,6 +494,32 @@ def test_fast_engine_taking_ready_chunks_equals_sequential(model, conds):
         np.testing.assert_allclose(got[i].wav, seq[i].wav, rtol=0, atol=1e-5 * max(scale, 1e-6))
     with pytest.raises(ValueError, match="s3gen_take"):
         FastEngine(model, s3gen_take="greedy")
+
+
+def test_fast_engine_taking_the_draining_chunks_as_they_come_equals_sequential(model, conds):
+    """``s3gen_take="drain"``: full collections until T3 has started every chunk, then what
+    has finished; every chunk gets the sequential engine's tokens and, within 1e-5 of its
+    range, its audio."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    texts = ["One two three.", "Four.", "Five six.", "Seven.", "Eight nine ten.", "Eleven.", "Twelve.", "Thirteen."]
+    reqs = [SynthesisRequest(t, 90 + i, 3 + (5 * i) % 8) for i, t in enumerate(texts)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = FastEngine(model, s3gen_batch=2, overlap=False).synthesize(reqs, conds, gen)
+        engine = FastEngine(model, max_rows=3, s3gen_batch=2, s3gen_collect=4, overlap=True, s3gen_take="drain")
+        got = dict(engine.synthesize_stream(reqs, conds, gen))
+    finally:
+        torch.set_num_threads(threads)
+    assert engine.t3.draining  # T3 drained its last rows
+    sizes = [n for what, _, _, n in engine.timeline.spans if what == "s3gen"]
+    assert sizes[0] == 2 and max(sizes) <= 4 and sum(sizes) == engine.s3.times.items
+    for i in range(len(reqs)):
+        assert got[i].tokens == seq[i].tokens and got[i].wav.shape == seq[i].wav.shape
+        scale = float(np.abs(seq[i].wav).max(initial=0.0))
+        np.testing.assert_allclose(got[i].wav, seq[i].wav, rtol=0, atol=1e-5 * max(scale, 1e-6))
 
 
 def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, fast):

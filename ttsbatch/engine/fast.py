@@ -134,7 +134,10 @@ class FastEngine:
         finished (or T3 is done), so S3Gen does not wait for T3 while a batch's worth is
         there (a 2-hour book on an H200 waited 3.5-8.3 s for full collections, seventeenth
         and eighteenth sessions); in steady state, with S3Gen the slower side, both make
-        full collections. Without ``overlap`` both are "full". ``t3_min_rows``: T3's smallest
+        full collections; "drain" is "full" until T3 has started every chunk and "ready" while its
+        last rows drain (S3Gen then vocodes the last chunks while T3 finishes the others,
+        instead of all of them after T3: a 20-minute book's last collection waited 1.0 s for
+        T3's drain, twenty-first session). Without ``overlap`` all are "full". ``t3_min_rows``: T3's smallest
         batch as its rows drain at the end (``FastT3.generate``'s ``min_rows``; 1: compacted
         down to the live rows, a graph captured for each smaller batch; an H200 spent ~0.8 s
         capturing 7 of them at a 20-minute book's end, twenty-first session)."""
@@ -168,8 +171,8 @@ class FastEngine:
         if s3gen_handoff not in ("collection", "batch"):
             raise ValueError(f"s3gen_handoff must be 'collection' or 'batch', got {s3gen_handoff!r}")
         self.handoff = s3gen_handoff
-        if s3gen_take not in ("full", "ready"):
-            raise ValueError(f"s3gen_take must be 'full' or 'ready', got {s3gen_take!r}")
+        if s3gen_take not in ("full", "ready", "drain"):
+            raise ValueError(f"s3gen_take must be 'full', 'ready' or 'drain', got {s3gen_take!r}")
         self.take = s3gen_take
         bucket_kw = {}
         if s3gen_bucket_frames is not None:
@@ -245,11 +248,14 @@ class FastEngine:
     def _groups(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
         """T3's finished requests grouped into S3Gen's collections, ``[(index, cleaned tokens),
         ...]``: the first one batch (the first audio comes early), then ``collect`` ("full") or
-        whatever has finished once a batch's worth has, up to ``collect`` ("ready"). With
+        whatever has finished once a batch's worth has, up to ``collect`` ("ready"; "drain":
+        once T3 has started every request). With
         ``overlap`` T3 runs on a thread of its own; without, as the collections are asked for."""
         if not self.overlap:
             return self._s3gen_batches(requests, conds, gen)
-        least = self.s3gen_batch if self.take == "ready" else self.collect
+        def least() -> int:  # "drain": full collections until T3 has nothing left to start
+            return self.s3gen_batch if self.take == "ready" or (self.take == "drain" and self.t3.draining) else self.collect
+
         return _ready_groups(self._finished(requests, conds, gen), self._t3_stream, least=least, most=self.collect,
                              first=self.s3gen_batch, timeline=self.timeline)
 
@@ -346,14 +352,15 @@ class FastEngine:
 
 
 def _ready_groups(
-    items: Iterator, stream=None, least: int = 1, most: int | None = None, first: int | None = None,
+    items: Iterator, stream=None, least=1, most: int | None = None, first: int | None = None,
     timeline: HostTimeline | None = None,
 ) -> Iterator[list]:
     """``items``, produced on a thread of their own (on CUDA ``stream``), handed over as lists:
     each is every item made and not yet handed over, up to ``most``, once at least ``least``
     are (fewer only when the producer is done); the first list, if ``first`` is given, is
-    ``first`` items once they are made. The producer never waits for the consumer (T3's
-    finished requests are a few token ids each).
+    ``first`` items once they are made. ``least`` may be a function, asked again as items
+    come (``s3gen_take="drain"``). The producer never waits for the consumer (T3's finished
+    requests are a few token ids each).
 
     The producer's exceptions are raised in the consumer once the items made before them are
     handed over; closing the consumer early stops the producer at its next item and waits for
@@ -397,14 +404,15 @@ def _ready_groups(
 
     thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
     thread.start()
-    lo, hi = (first, first) if first is not None else (least, most)
+    at_least = least if callable(least) else (lambda: least)  # asked again as items come
+    lo, hi = (lambda: first, first) if first is not None else (at_least, most)
     try:
         while True:
             with cond:
-                cond.wait_for(lambda: len(ready) >= lo or end)
+                cond.wait_for(lambda: len(ready) >= lo() or end)
                 n = len(ready) if hi is None else min(len(ready), hi)
                 group = [ready.popleft() for _ in range(n)]
-                lo, hi = least, most
+                lo, hi = at_least, most
                 error = end[0] if end and not ready else None
             if group:
                 yield group

@@ -698,6 +698,7 @@ class FastT3:
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
         self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, capture_s=0.0, prefills=0, compactions=0)
         self.capture_log: list[tuple[float, float, str]] = []  # (start, end in perf_counter seconds, what) per capture
+        self.draining = False  # generate has started every request: its rows only finish now
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -1030,6 +1031,7 @@ class FastT3:
         slot_pos = [0] * rows  # host bound of the highest position a row has written
         slot_left = [0] * rows  # host bound of steps a row has left
         self.trace = []
+        self.draining = False
 
         def advance() -> list[tuple[int, list[int]]]:
             """Refill free rows, run up to ``check_every`` steps, harvest the finished rows."""
@@ -1046,6 +1048,7 @@ class FastT3:
                     slot_left[s] = int(requests[i].budget)
                     self.trace.append(("start", i, s))
             elif not queue:
+                self.draining = True
                 self._compact(st, slot_req, slot_pos, slot_left, buckets)
             live = [s for s in range(rows) if slot_req[s] is not None]
             n = _bucket(max(live) + 1, buckets)
