@@ -45,21 +45,25 @@ def test_book_bench_runs_stock_and_the_real_pipeline(tiny_checkpoint, tmp_path):
 
 def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
     """--engine-opt KEY=VALUE is passed to the fast engine of the book part (typed: numbers,
-    true/false, words) and reported beside its numbers; --switch-interval-ms and
-    --mark-group hold for the run only."""
+    true/false, words) and reported beside its numbers; --switch-interval-ms and the
+    pipeline's settings (--mark-group, --track-thread, --store-workers-at-end) hold for the
+    run only."""
     from ttsbatch import pipeline
 
     out = tmp_path / "bench.json"
     r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--book", str(SAMPLES / "story.txt"),
                             "--parts", "book", "--sentences", "1", "--tokens-per-char", "0.2", "--max-chars", "300",
                             "--engine-opt", "s3gen_batch=1", "--engine-opt", "s3gen-attention=auto", "--engine-opt", "overlap=false",
-                            "--switch-interval-ms", "0.5", "--mark-group", "1", "--json", str(out)])
+                            "--switch-interval-ms", "0.5", "--mark-group", "1", "--track-thread", "--store-workers-at-end", "3",
+                            "--json", str(out)])
     assert r.exit_code == 0, r.output
     fast = json.loads(out.read_text())["book"]["fast"]
     assert fast["switch_interval_ms"] == 0.5  # read during the run
     assert fast["gc"]["objects"] > 100_000  # the GC report of the run
     assert sys.getswitchinterval() == pytest.approx(0.005)  # and put back after it
     assert fast["mark_group"] == 1 and pipeline.MARK_GROUP == 32
+    assert fast["track_process"] is False and pipeline.TRACK_PROCESS is True
+    assert fast["store_workers_at_end"] == 3 and pipeline.STORE_WORKERS_AT_END == 2
     assert fast["engine_options"] == {"s3gen_batch": 1, "s3gen_attention": "auto", "overlap": False}
     assert fast["s3gen_items"] >= 2 and fast["s3gen_batches"] == fast["s3gen_items"]  # one chunk per S3Gen batch
 

@@ -450,22 +450,60 @@ def test_ready_groups_ask_a_changing_least_again_as_items_come():
 
     from ttsbatch.engine.fast import _ready_groups
 
-    draining, go, more = [False], threading.Event(), threading.Event()
+    draining, go, made, more = [False], threading.Event(), threading.Event(), threading.Event()
 
     def producer():
         yield from range(8)
         go.wait(10)
         draining[0] = True  # T3 has started every request
         yield from range(8, 11)
+        made.set()
         more.wait(10)  # the last rows still decoding
         yield from range(11, 13)
 
     it = _ready_groups(producer(), least=lambda: 2 if draining[0] else 4, most=4)
     assert next(it) == [0, 1, 2, 3] and next(it) == [4, 5, 6, 7]  # full groups
     go.set()
+    assert made.wait(10)
     assert next(it) == [8, 9, 10]  # draining: what there is, the producer not done
     more.set()
     assert next(it) == [11, 12] and next(it, None) is None
+
+
+@pytest.mark.parametrize("take", ["full", "drain"])
+def test_drain_takes_what_has_finished_only_once_t3_drains(model, take):
+    """The engine's side of ``s3gen_take="drain"``: collections of ``s3gen_collect`` while T3
+    still has requests to start; once it drains (``FastT3.draining``), what has finished,
+    before T3 is done. "full" waits for a full collection or T3's end."""
+    import threading
+
+    from ttsbatch.engine.fast import FastEngine
+
+    engine = FastEngine(model, s3gen_batch=2, s3gen_collect=4, overlap=True, s3gen_take=take)
+    go, made, more = threading.Event(), threading.Event(), threading.Event()
+
+    def finished(requests, conds, gen):  # T3's finished requests, as the test lets them come
+        yield from ((i, [1]) for i in range(6))
+        go.wait(10)
+        engine.t3.draining = True
+        yield from ((i, [1]) for i in range(6, 9))
+        made.set()
+        more.wait(10)
+        yield 9, [1]
+
+    engine._finished = finished
+    it = engine._groups([], None, None)
+    assert [len(next(it)), len(next(it))] == [2, 4]  # the first collection one batch, then full
+    go.set()
+    assert made.wait(10)
+    if take == "drain":
+        assert [i for i, _ in next(it)] == [6, 7, 8]  # three of four, T3 not done
+        more.set()
+        assert [i for i, _ in next(it)] == [9]
+    else:
+        more.set()
+        assert [i for i, _ in next(it)] == [6, 7, 8, 9]
+    assert next(it, None) is None
 
 
 def test_fast_engine_taking_ready_chunks_equals_sequential(model, conds):

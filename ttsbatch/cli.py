@@ -418,24 +418,21 @@ def bench(
     results: dict = {}
     from . import pipeline
 
-    saved = dict(switch=sys.getswitchinterval(), group=pipeline.MARK_GROUP, track=pipeline.TRACK_PROCESS,
-                 end=pipeline.STORE_WORKERS_AT_END)
+    # the pipeline's settings these options change, for this run only
+    overrides = {"MARK_GROUP": mark_group, "TRACK_PROCESS": track_process, "STORE_WORKERS_AT_END": store_workers_at_end}
+    saved, switch = {name: getattr(pipeline, name) for name in overrides}, sys.getswitchinterval()
     if switch_interval_ms is not None:
         sys.setswitchinterval(switch_interval_ms / 1000)
-    if mark_group is not None:
-        pipeline.MARK_GROUP = mark_group
-    if track_process is not None:
-        pipeline.TRACK_PROCESS = track_process
-    if store_workers_at_end is not None:
-        pipeline.STORE_WORKERS_AT_END = store_workers_at_end
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(pipeline, name, value)
     try:
         _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
                      engine_options)
     finally:
-        sys.setswitchinterval(saved["switch"])
-        pipeline.MARK_GROUP = saved["group"]
-        pipeline.TRACK_PROCESS = saved["track"]
-        pipeline.STORE_WORKERS_AT_END = saved["end"]
+        sys.setswitchinterval(switch)
+        for name, value in saved.items():
+            setattr(pipeline, name, value)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2, default=str))
 

@@ -278,7 +278,6 @@ class StreamEncoder(_PipedFFmpeg):
         return self.samples / self.sample_rate
 
 
-
 def finish_stream(
     encoded: Path,
     out: Path,

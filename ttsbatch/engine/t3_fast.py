@@ -841,10 +841,11 @@ class FastT3:
         def run():
             decode_one_token(self.w, st, n, kv_len, use_top_p)
 
+        what = f"rows={n}, kv_len={kv_len}"
         try:
-            replay = self._graph_of(run, f"rows={n}, kv_len={kv_len}")
+            replay = self._graph_of(run, what)
         except Exception as e:  # decode eagerly rather than not at all; tests and bench report it
-            self._graphs_failed(e, f"rows={n}, kv_len={kv_len}")
+            self._graphs_failed(e, what)
             replay = run
         for k, v in saved.items():
             getattr(st, k).copy_(v)
@@ -952,10 +953,11 @@ class FastT3:
                                  [L for L in lens for _ in range(P)]], dtype=torch.int64))
         if entry is None:
             run = functools.partial(prefill_layers, self.w, st, x, meta[0], meta[1])
+            what = f"prefill of {b} rows x {Lmax} positions"
             try:
-                replay = self._graph_of(run, f"prefill of {b} rows x {Lmax} positions")
+                replay = self._graph_of(run, what)
             except Exception as e:  # prefill and decode without graphs
-                self._graphs_failed(e, f"prefill of {b} rows x {Lmax} positions")
+                self._graphs_failed(e, what)
                 prefill_layers(self.w, st, x, meta[0], meta[1])
                 return
             st.graphs[key] = entry = (meta, replay)
