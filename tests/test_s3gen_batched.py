@@ -170,6 +170,50 @@ def test_synthesize_iter_hands_over_each_batch_with_synthesize_s_audio(model, vo
             assert wav.dtype == np.float32 and np.array_equal(wav, want[i])
 
 
+@pytest.mark.parametrize("iterate", [False, True])
+def test_late_items_join_the_last_batch_with_their_own_audio(model, voice, iterate):
+    """``late`` (``FastEngine``'s last chunks): asked once, before the last batch is launched;
+    its items join that batch while it stays within ``join_limit`` (a quarter over
+    ``max_batch``), else they are batched with it as usual; either way every item, late or
+    not, gets the waveform it gets alone (within WAV_TOL), the late ones after the others
+    (``synthesize``) or with indices after theirs (``synthesize_iter``), empty ones skipped."""
+    bs = BatchedS3Gen(model, buckets=(32, 64, 128), max_batch=4)
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 40, 12, 33, 7, 21]  # two batches of three
+    toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in lengths]
+    late_toks = [torch.randint(0, 6561, (n,), generator=g).tolist() for n in (45, 0, 5, 30, 18)]
+    seeds = [11, 12, 13, 14, 15, 16]
+    late_seeds = [21, 22, 23, 24, 25]
+    alone = bs.synthesize(toks + late_toks, voice, n_timesteps=2, seeds=seeds + late_seeds)
+    assert bs.join_limit(128, voice) == 5
+    # the last batch's 3 items and 2 late ones (and an empty one) fit one batch of 5; with 4 they do not
+    for joining, batches in ((3, 2), (5, 3)):
+        extra = list(zip(late_toks, late_seeds))[:joining]
+        asked = []
+
+        def late():
+            asked.append(bs.times.batches)  # batches launched before it is asked
+            return extra
+
+        b0 = bs.times.batches
+        if iterate:
+            out = {i: w for batch in bs.synthesize_iter(toks, voice, n_timesteps=2, seeds=seeds, late=late) for i, w in batch}
+        else:
+            out = dict(enumerate(bs.synthesize(toks, voice, n_timesteps=2, seeds=seeds, late=late)))
+        assert asked == [b0 + 1]  # once, after the first of the two planned batches
+        assert bs.times.batches - b0 == batches
+        said = [i for i, (t, _) in enumerate(extra) if len(t)]
+        # the empty late item (index 7) only as an entry of synthesize's list
+        assert sorted(out) == sorted(list(range(6)) + [6 + i for i in said] + ([] if iterate else [7]))
+        for j in range(6):
+            assert float(np.abs(out[j] - alone[j]).max()) <= WAV_TOL
+        for i in said:
+            assert out[6 + i].shape == alone[6 + i].shape
+            assert float(np.abs(out[6 + i] - alone[6 + i]).max()) <= WAV_TOL
+    with pytest.raises(ValueError, match="late"):
+        bs.synthesize(toks, voice, n_timesteps=2, noise=[torch.zeros(80, 1)] * 6, late=lambda: [])
+
+
 def test_item_independent_of_neighbours_and_bucket(model, bs, voice):
     g = torch.Generator().manual_seed(11)
     item = torch.randint(0, 6561, (19,), generator=g)

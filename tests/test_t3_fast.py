@@ -470,6 +470,89 @@ def test_ready_groups_ask_a_changing_least_again_as_items_come():
     assert next(it) == [11, 12] and next(it, None) is None
 
 
+def test_ready_groups_rest_hands_over_the_last_few_only_once_the_producer_is_done():
+    """``ReadyGroups.rest`` (S3Gen's late joiners): nothing while the producer may still make
+    items or when more than ``most`` wait; once it is done, every waiting item, and the
+    groups then end without them."""
+    import threading
+
+    from ttsbatch.engine.fast import ReadyGroups
+
+    go, made = threading.Event(), threading.Event()
+
+    def producer():
+        yield from range(4)
+        made.set()
+        go.wait(10)
+        yield from range(4, 7)
+
+    it = groups = ReadyGroups(producer(), least=4, most=4)
+    assert next(it) == [0, 1, 2, 3]
+    assert groups.rest(8) == []  # not done: the next items may still come
+    go.set()
+    t3 = next(t for t in threading.enumerate() if t.name == "ttsbatch-t3")
+    t3.join(10)
+    assert groups.rest(2) == []  # done, but three wait: a group of their own
+    assert groups.rest(3) == [4, 5, 6]
+    assert groups.rest(3) == [] and next(it, None) is None
+
+
+@pytest.mark.parametrize("join", [False, True])
+def test_the_last_chunks_join_s3gen_s_last_batch_once_t3_is_done(model, conds, join):
+    """``s3gen_join_late``: the chunks T3 finishes while S3Gen launches a collection ride in
+    its last batch (one batch fewer, no collection of their own) once T3 is done; a chunk with
+    nothing to say among them still gets its empty result; every chunk's audio is what it
+    is without joining (within 1e-5 of its range)."""
+    import threading
+
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest("x", 40 + i, 4) for i in range(8)]
+    rng = np.random.default_rng(3)
+    toks = [rng.integers(0, 6561, 3 + (7 * i) % 11).tolist() for i in range(8)]
+    toks[7] = []  # end-of-speech at once
+    engine = FastEngine(model, s3gen_batch=2, s3gen_collect=4, overlap=True, s3gen_join_late=join)
+    go = threading.Event()
+
+    def finished(requests, conds, gen):  # T3: the last two chunks once S3Gen has the second collection
+        yield from ((i, toks[i]) for i in range(6))
+        go.wait(10)
+        yield from ((i, toks[i]) for i in (6, 7))
+
+    synthesize = engine.s3.synthesize
+
+    def s3gen(token_lists, *a, **k):
+        if len(token_lists) == 4:  # the second collection: T3 finishes before its launches
+            go.set()
+            next(t for t in threading.enumerate() if t.name == "ttsbatch-t3").join(10)
+        return synthesize(token_lists, *a, **k)
+
+    engine._finished, engine.s3.synthesize = finished, s3gen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = dict(engine.synthesize_stream(reqs, conds, gen))
+        want = engine.s3.synthesize_iter([toks[i] for i in range(7)], engine.voice_ref(conds), n_timesteps=2,
+                                         seeds=[r.seed for r in reqs[:7]])
+        want = {i: w for batch in want for i, w in batch}
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(got) == list(range(8))
+    sizes = [n for what, _, _, n in engine.timeline.spans if what == "s3gen"]
+    if join:
+        assert sizes == [2, 5] and engine.timeline.late_joined == 1  # the empty one not vocoded
+        assert engine.s3.times.batches - 4 == 3  # 1 + 2: the late one in the last batch
+    else:
+        assert sizes == [2, 4, 1] and engine.timeline.late_joined == 0  # a collection of its own
+        assert engine.s3.times.batches - 4 == 4
+    assert got[7].tokens == 0 and got[7].wav.size == 0
+    for i in range(7):
+        assert got[i].tokens == len(toks[i])
+        scale = float(np.abs(want[i]).max(initial=0.0))
+        np.testing.assert_allclose(got[i].wav, want[i], rtol=0, atol=1e-5 * max(scale, 1e-6))
+
+
 @pytest.mark.parametrize("take", ["full", "drain"])
 def test_drain_takes_what_has_finished_only_once_t3_drains(model, take):
     """The engine's side of ``s3gen_take="drain"``: collections of ``s3gen_collect`` while T3

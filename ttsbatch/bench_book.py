@@ -310,6 +310,7 @@ def run_book_bench(
             s3gen_launch_cpu_s=round(engine.s3.times.launch_cpu_s - s3_host0[2], 2),
             t3_cpu_s=round(engine.timeline.t3_cpu_s, 2),
             consumer_s=round(engine.timeline.consumer_s, 2), collections=engine.timeline.collections,
+            late_joined=engine.timeline.late_joined,  # the book's last chunks in a collection's last batch
             store_wait_s=round(report.store_wait_seconds, 2),  # of consumer_s: the store workers' queue full
             t3_done_s=None if engine.timeline.t3_done_at is None else round(engine.timeline.t3_done_at - t0, 2),
             # the engine's last result handed over: the synthesis ends when the store has it all

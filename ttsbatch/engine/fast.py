@@ -51,6 +51,7 @@ class HostTimeline:
     t3_wait_s: float = 0.0  # blocked on T3's next collection (T3 is behind)
     consumer_s: float = 0.0  # the caller's time between results (the pipeline storing and encoding)
     collections: int = 0
+    late_joined: int = 0  # chunks that joined a collection's last batch (``s3gen_join_late``)
     t3_done_at: float | None = None  # perf_counter when T3's thread handed over its last collection
     t3_cpu_s: float = 0.0  # T3's thread's CPU seconds (overlapped: its decoding's Python and launches)
     done_at: float | None = None  # perf_counter when the last call's last result was handed over
@@ -88,6 +89,7 @@ class FastEngine:
         s3gen_pack: bool | None = None,
         s3gen_take: str = "full",
         t3_min_rows: int = 1,
+        s3gen_join_late: bool = False,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -140,7 +142,13 @@ class FastEngine:
         T3's drain, twenty-first session). Without ``overlap`` all are "full". ``t3_min_rows``: T3's smallest
         batch as its rows drain at the end (``FastT3.generate``'s ``min_rows``; 1: compacted
         down to the live rows, a graph captured for each smaller batch; an H200 spent ~0.8 s
-        capturing 7 of them at a 20-minute book's end, twenty-first session)."""
+        capturing 7 of them at a 20-minute book's end, twenty-first session). ``s3gen_join_late``:
+        with ``overlap``, once T3 has finished every chunk, the chunks not yet taken (at most
+        one S3Gen batch's worth) join the last batch of the collection S3Gen is launching
+        (``BatchedS3Gen.join_limit``: up to a quarter over ``s3gen_batch``) instead of making
+        a collection of their own after it: T3's last rows are the book's longest chunks, and
+        an H200 spent 0.8-1.0 s of S3Gen's thread on a last collection of 3-8 chunks in every
+        2-hour book of the twenty-second session."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -174,6 +182,7 @@ class FastEngine:
         if s3gen_take not in ("full", "ready", "drain"):
             raise ValueError(f"s3gen_take must be 'full', 'ready' or 'drain', got {s3gen_take!r}")
         self.take = s3gen_take
+        self.join_late = bool(s3gen_join_late)
         bucket_kw = {}
         if s3gen_bucket_frames is not None:
             from .s3gen_batched import DEFAULT_BUCKETS
@@ -256,8 +265,8 @@ class FastEngine:
         def least() -> int:  # "drain": full collections until T3 has nothing left to start
             return self.s3gen_batch if self.take == "ready" or (self.take == "drain" and self.t3.draining) else self.collect
 
-        return _ready_groups(self._finished(requests, conds, gen), self._t3_stream, least=least, most=self.collect,
-                             first=self.s3gen_batch, timeline=self.timeline)
+        return ReadyGroups(self._finished(requests, conds, gen), self._t3_stream, least=least, most=self.collect,
+                           first=self.s3gen_batch, timeline=self.timeline)
 
     def _s3gen_batches(self, requests, conds, gen) -> Iterator[list[tuple[int, list[int]]]]:
         """T3's finished requests grouped for S3Gen as T3 makes them on this thread (``_groups``
@@ -284,6 +293,7 @@ class FastEngine:
         voice = self.voice_ref(conds)
         tl = self.timeline
         groups = self._groups(requests, conds, gen)
+        rest = getattr(groups, "rest", None) if self.join_late else None  # ReadyGroups.rest, with overlap
         while True:
             t = time.perf_counter()
             items = next(groups, None)  # without overlap: T3's own decoding, counted as waiting for it
@@ -302,11 +312,13 @@ class FastEngine:
             if not items:
                 continue
             tl.collections += 1
-            for res in self._vocode(items, requests, voice, gen):
+            n = 0
+            for res in self._vocode(items, requests, voice, gen, rest):
                 t = time.perf_counter()
                 yield res
+                n += res[1].tokens > 0  # chunks vocoded (a late one with nothing to say is not)
                 tl.consumer_s += time.perf_counter() - t
-            tl.spans.append(("s3gen", got, time.perf_counter(), len(items)))
+            tl.spans.append(("s3gen", got, time.perf_counter(), n))
 
     def synthesize(self, requests: Sequence[SynthesisRequest], conds, gen: GenerationOptions) -> list[SynthesisResult]:
         results: list[SynthesisResult | None] = [None] * len(requests)
@@ -327,15 +339,30 @@ class FastEngine:
         self._s3_stream.wait_stream(torch.cuda.current_stream(self._s3_stream.device))
         return torch.cuda.stream(self._s3_stream)
 
-    def _vocode(self, items, requests, voice, gen: GenerationOptions) -> Iterator[tuple[int, SynthesisResult]]:
+    def _vocode(self, items, requests, voice, gen: GenerationOptions, rest=None) -> Iterator[tuple[int, SynthesisResult]]:
         # The whole collection, then its results (s3gen_handoff="collection"). Handing them
         # over a padded batch at a time, each batch waited for before the next was launched,
         # was tried once on an H100 (2-hour book): 65.3 s against 58.3, on a machine whose
         # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
         # s3gen_handoff="batch" launches the batches back to back and hands each over once
         # its copy is complete, looked for between launches (BatchedS3Gen.synthesize_iter).
+        # ``rest`` (ReadyGroups.rest): the last chunks, once T3 is done, join the last batch
+        items, said_nothing = list(items), []
+
+        def late():
+            joined = []
+            for i, kept in rest(self.s3gen_batch):
+                if kept:
+                    items.append((i, kept))  # the index S3Gen gives it: after the collection's
+                    joined.append((kept, requests[i].seed))
+                else:  # end-of-speech at once: nothing to say
+                    said_nothing.append(i)
+            self.timeline.late_joined += len(joined)
+            return joined
+
         toks = [k for _, k in items]
-        kw = dict(n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items])
+        kw = dict(n_timesteps=gen.cfm_steps, seeds=[requests[i].seed for i, _ in items],
+                  late=late if rest is not None else None)
 
         def whole():
             yield list(enumerate(self.s3.synthesize(toks, voice, **kw)))
@@ -345,6 +372,8 @@ class FastEngine:
             with self._on_s3_stream():  # while S3Gen's work is launched, not around the caller's
                 batch = next(batches, None)
             if batch is None:
+                for i in said_nothing:
+                    yield i, SynthesisResult(np.zeros(0, dtype=np.float32), 0)
                 return
             for j, wav in batch:
                 i, kept = items[j]
@@ -355,71 +384,117 @@ def _ready_groups(
     items: Iterator, stream=None, least=1, most: int | None = None, first: int | None = None,
     timeline: HostTimeline | None = None,
 ) -> Iterator[list]:
-    """``items``, produced on a thread of their own (on CUDA ``stream``), handed over as lists:
-    each is every item made and not yet handed over, up to ``most``, once at least ``least``
-    are (fewer only when the producer is done); the first list, if ``first`` is given, is
-    ``first`` items once they are made. ``least`` may be a function, asked again as items
-    come (``s3gen_take="drain"``). The producer never waits for the consumer (T3's finished
-    requests are a few token ids each).
+    """``ReadyGroups(...)`` (see there): an iterator of lists."""
+    return ReadyGroups(items, stream, least, most, first, timeline)
+
+
+class ReadyGroups:
+    """``items``, produced on a thread of their own (on CUDA ``stream``), handed over as lists
+    by iterating: each is every item made and not yet handed over, up to ``most``, once at
+    least ``least`` are (fewer only when the producer is done); the first list, if ``first``
+    is given, is ``first`` items once they are made. ``least`` may be a function, asked again
+    as items come (``s3gen_take="drain"``). The producer never waits for the consumer (T3's
+    finished requests are a few token ids each). An iterator (its thread starts with the
+    first ``next``); :meth:`rest` hands over the last items outside a group (S3Gen's late
+    joiners).
 
     The producer's exceptions are raised in the consumer once the items made before them are
     handed over; closing the consumer early stops the producer at its next item and waits for
     it. ``timeline``: its ``t3_done_at`` is set when the producer has made its last item.
     """
-    import collections
-    import threading
 
-    ready: collections.deque = collections.deque()
-    cond = threading.Condition()
-    stop = threading.Event()
-    end: list = []  # [exception or None] once the producer has finished
+    def __init__(
+        self, items: Iterator, stream=None, least=1, most: int | None = None, first: int | None = None,
+        timeline: HostTimeline | None = None,
+    ):
+        import collections
+        import threading
 
-    def produce():
-        import contextlib
+        self.items, self.stream, self.least, self.most, self.first = items, stream, least, most, first
+        self.timeline = timeline
+        self._ready: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._end: list = []  # [exception or None] once the producer has finished
+        self._gen = None  # the groups' generator, made by the first next
 
-        import torch
+    def __iter__(self):
+        return self
 
-        error = None
-        try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for x in items:
-                    with cond:
-                        ready.append(x)
-                        cond.notify()
-                    if stop.is_set():
-                        return
+    def __next__(self) -> list:
+        if self._gen is None:
+            self._gen = self._groups()
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stops the producer at its next item and waits for its thread (an early stop)."""
+        if self._gen is not None:
+            self._gen.close()
+
+    def rest(self, most: int) -> list:
+        """Every item not yet handed over, if the producer has made its last one cleanly and
+        they are at most ``most``; else nothing (they come in the groups as usual). Asked by
+        S3Gen's thread before the last batch of a collection: the book's last few chunks join
+        that batch instead of making a small collection of their own."""
+        with self._cond:
+            if self._end != [None] or not self._ready or len(self._ready) > most:
+                return []
+            out = list(self._ready)
+            self._ready.clear()
+            return out
+
+    def _groups(self) -> Iterator[list]:
+        import threading
+
+        ready, cond, end, items, timeline = self._ready, self._cond, self._end, self.items, self.timeline
+        stop = threading.Event()
+
+        def produce():
+            import contextlib
+
+            import torch
+
+            error = None
+            try:
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    for x in items:
+                        with cond:
+                            ready.append(x)
+                            cond.notify()
+                        if stop.is_set():
+                            return
+                    if timeline is not None:
+                        timeline.t3_done_at = time.perf_counter()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                error = e
+            finally:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
                 if timeline is not None:
-                    timeline.t3_done_at = time.perf_counter()
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            error = e
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-            if timeline is not None:
-                timeline.t3_cpu_s += time.thread_time()  # a new thread's clock starts at 0
-            with cond:
-                end.append(error)
-                cond.notify()
+                    timeline.t3_cpu_s += time.thread_time()  # a new thread's clock starts at 0
+                with cond:
+                    end.append(error)
+                    cond.notify()
 
-    thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
-    thread.start()
-    at_least = least if callable(least) else (lambda: least)  # asked again as items come
-    lo, hi = (lambda: first, first) if first is not None else (at_least, most)
-    try:
-        while True:
-            with cond:
-                cond.wait_for(lambda: len(ready) >= lo() or end)
-                n = len(ready) if hi is None else min(len(ready), hi)
-                group = [ready.popleft() for _ in range(n)]
-                lo, hi = at_least, most
-                error = end[0] if end and not ready else None
-            if group:
-                yield group
-            elif error is not None:
-                raise error
-            else:  # the producer is done and everything is handed over
-                return
-    finally:
-        stop.set()
-        thread.join()
+        thread = threading.Thread(target=produce, name="ttsbatch-t3", daemon=True)
+        thread.start()
+        least, most, first = self.least, self.most, self.first
+        at_least = least if callable(least) else (lambda: least)  # asked again as items come
+        lo, hi = (lambda: first, first) if first is not None else (at_least, most)
+        try:
+            while True:
+                with cond:
+                    cond.wait_for(lambda: len(ready) >= lo() or end)
+                    n = len(ready) if hi is None else min(len(ready), hi)
+                    group = [ready.popleft() for _ in range(n)]
+                    lo, hi = at_least, most
+                    error = end[0] if end and not ready else None
+                if group:
+                    yield group
+                elif error is not None:
+                    raise error
+                else:  # the producer is done and everything is handed over
+                    return
+        finally:
+            stop.set()
+            thread.join()

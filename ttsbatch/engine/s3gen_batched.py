@@ -65,7 +65,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -434,9 +434,14 @@ class BatchedS3Gen:
         return out
 
     def batch_limit(self, bucket: int, voice: VoiceRef) -> int:
+        """The most items a batch of ``bucket`` takes: ``max_batch``, fewer where the flow
+        encoder's attention scores would pass ``max_attn_bytes``."""
+        return max(1, min(self.max_batch, self._attn_limit(bucket, voice)))
+
+    def _attn_limit(self, bucket: int, voice: VoiceRef) -> int:
         frames = 2 * (voice.n_prompt_tokens + bucket // 2)
         heads = self.flow.encoder.up_encoders[0].self_attn.h if len(self.flow.encoder.up_encoders) else 8
-        return max(1, min(self.max_batch, self.max_attn_bytes // (heads * frames * frames * 4)))
+        return self.max_attn_bytes // (heads * frames * frames * 4)
 
     def _padded_batch(self, b: int, limit: int) -> int:
         if not (self.compile or self.cuda_graphs):
@@ -455,16 +460,19 @@ class BatchedS3Gen:
         noise: Sequence[torch.Tensor] | None = None,
         source_noise: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         seeds: Sequence[int] | None = None,
+        late: Callable[[], list[tuple[Sequence, int]]] | None = None,
     ) -> list[np.ndarray]:
         """Waveforms (float32, 24 kHz) for each item of ``token_lists``.
 
         ``noise[i]``: item i's CFM start noise, (80, prompt_frames + item_frames) as stock's
         ``randn_like(mu)``; ``source_noise[i]``: (phase (9, 1), sine noise (9, samples)) as
         stock's SineGen draws them. Items without injected noise draw it from ``seeds[i]``
-        (default 0) through :func:`item_noise`.
+        (default 0) through :func:`item_noise`. ``late``: asked once, just before the last
+        batch is launched, for more items ``[(tokens, seed), ...]`` (see :meth:`_launch`);
+        their waveforms follow the others' in the returned list.
         """
         t0, c0 = time.perf_counter(), time.thread_time()
-        out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True)
+        out, pending = self._run(token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav=True, late=late)
         t1 = time.perf_counter()
         self.times.launch_cpu_s += time.thread_time() - c0
         if self.is_cuda and pending:
@@ -478,7 +486,8 @@ class BatchedS3Gen:
 
     @torch.inference_mode()
     def synthesize_iter(
-        self, token_lists: Sequence, voice: VoiceRef, n_timesteps: int = 10, seeds: Sequence[int] | None = None
+        self, token_lists: Sequence, voice: VoiceRef, n_timesteps: int = 10, seeds: Sequence[int] | None = None,
+        late: Callable[[], list[tuple[Sequence, int]]] | None = None,
     ) -> Iterator[list[tuple[int, np.ndarray]]]:
         """:meth:`synthesize`'s waveforms a padded batch at a time, ``[(item index, wav), ...]``,
         each batch as soon as its copy to the host is complete: the caller stores and encodes
@@ -488,13 +497,14 @@ class BatchedS3Gen:
         launches the finished ones are looked for without waiting (an event query), and the
         rest are waited for one by one at the end. The same audio as :meth:`synthesize` (bit
         for bit where the device's kernels are deterministic: on CUDA, with cuDNN's default
-        algorithms, two calls of either differ by ~1e-4)."""
+        algorithms, two calls of either differ by ~1e-4). ``late`` as in :meth:`synthesize`:
+        late items come with indices after the others' (empty ones not at all)."""
         toks = self._items(token_lists, None, None, seeds)
         empty = [(i, np.zeros(0, dtype=np.float32)) for i, t in enumerate(toks) if len(t) == 0]
         if empty:
             yield empty
         pending: list = []
-        launches = self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True)
+        launches = self._launch(toks, voice, n_timesteps, None, None, seeds, want_wav=True, late=late)
         while True:
             t0, c0 = time.perf_counter(), time.thread_time()
             res = next(launches, None)
@@ -609,18 +619,58 @@ class BatchedS3Gen:
                 raise ValueError(f"{name} has {len(lst)} entries for {n} items")
         return toks
 
-    def _launch(self, toks, voice, n_timesteps, noise, source_noise, seeds, want_wav):
-        """Each padded batch's work launched in turn; yields :meth:`_run_batch`'s results."""
-        for bucket, sub in self.batches([len(t) for t in toks], voice):
+    def _launch(self, toks, voice, n_timesteps, noise, source_noise, seeds, want_wav, late=None):
+        """Each padded batch's work launched in turn; yields :meth:`_run_batch`'s results.
+
+        ``late`` (with drawn noise only): asked once, just before the last batch is launched,
+        for more items ``[(tokens, seed), ...]``; they are appended to ``toks`` (indices after
+        the others') and join that batch, up to :meth:`join_limit` items in all, or are
+        batched with it as usual. ``FastEngine`` hands over the book's last few chunks so:
+        a batch of 3 chunks costs about as much launch time as a full one (~0.9 s of S3Gen's
+        thread on an H200, twenty-second session), so they ride along instead."""
+        if late is not None and (noise is not None or source_noise is not None):
+            raise ValueError("late items draw their noise from seeds: no injected noise with late")
+        plan = self.batches([len(t) for t in toks], voice)
+        seeds = list(seeds) if seeds is not None else [0] * len(toks)
+        while plan:
+            bucket, sub = plan.pop(0)
+            if not plan and late is not None:
+                plan = self._join_late(toks, seeds, sub, late(), voice)
+                bucket, sub = plan.pop(0)
+                late = None  # asked once
             limit = self.batch_limit(bucket, voice)
             yield self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav)
 
-    def _run(self, token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav):
+    def _join_late(self, toks: list, seeds: list, sub: list[int], extra, voice: VoiceRef) -> list[tuple[int, list[int]]]:
+        """The last batch ``sub`` with the ``extra`` items ``[(tokens, seed), ...]`` appended to
+        ``toks`` and ``seeds``: one batch where :meth:`join_limit` allows, else as :meth:`batches`
+        makes them (empty items skipped)."""
+        new = []
+        for t, seed in extra:
+            toks.append(self._as_tokens(t))
+            seeds.append(seed)
+            if len(toks[-1]):
+                new.append(len(toks) - 1)
+        both = sorted(sub + new, key=lambda i: -len(toks[i]))
+        bucket = self.bucket_for(len(toks[both[0]]))
+        if len(both) <= self.join_limit(bucket, voice):
+            return [(bucket, both)]
+        chosen = set(both)
+        return self.batches([len(t) if i in chosen else 0 for i, t in enumerate(toks)], voice)
+
+    def join_limit(self, bucket: int, voice: VoiceRef) -> int:
+        """The most items a batch takes when late items join it: a quarter over ``max_batch``
+        (the batch size the GPU runs well at, not a memory bound; at least one over), never
+        over the attention memory's bound (``max_attn_bytes``)."""
+        return max(1, min(self.max_batch + max(1, self.max_batch // 4), self._attn_limit(bucket, voice)))
+
+    def _run(self, token_lists, voice, n_timesteps, noise, source_noise, seeds, want_wav, late=None):
         toks = self._items(token_lists, noise, source_noise, seeds)
-        out: list = [
+        pending = list(self._launch(toks, voice, n_timesteps, noise, source_noise, seeds, want_wav, late))
+        out: list = [  # after the launches: ``late`` may have added items
             np.zeros(0, dtype=np.float32) if want_wav else torch.zeros(80, 0, device=self.device) for _ in toks
         ]
-        return out, list(self._launch(toks, voice, n_timesteps, noise, source_noise, seeds, want_wav))
+        return out, pending
 
     def _run_batch(self, idxs, toks, voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav):
         B = len(toks)
