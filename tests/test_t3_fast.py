@@ -553,6 +553,42 @@ def test_the_last_chunks_join_s3gen_s_last_batch_once_t3_is_done(model, conds, j
         np.testing.assert_allclose(got[i].wav, want[i], rtol=0, atol=1e-5 * max(scale, 1e-6))
 
 
+def test_drain_handoff_hands_over_by_batch_once_t3_drains(model, conds):
+    """``s3gen_handoff="drain"``: S3Gen's audio a collection at a time while T3 still has
+    chunks to start, a batch at a time once it drains (the store works on the last collection
+    while S3Gen renders its last batch); the audio is the collection handoff's."""
+    from ttsbatch.engine.fast import FastEngine
+
+    gen = GenerationOptions(ignore_eos=True, cfm_steps=2)
+    reqs = [SynthesisRequest("x", 60 + i, 4) for i in range(8)]
+    rng = np.random.default_rng(5)
+    toks = [rng.integers(0, 6561, 3 + (5 * i) % 9).tolist() for i in range(8)]
+    runs = {}
+    for handoff in ("collection", "drain"):
+        engine = FastEngine(model, s3gen_batch=2, s3gen_collect=4, overlap=False, s3gen_handoff=handoff)
+
+        def finished(requests, conds, gen, engine=engine):  # T3 drains before its last four
+            yield from ((i, toks[i]) for i in range(4))
+            engine.t3.draining = True
+            yield from ((i, toks[i]) for i in range(4, 8))
+
+        calls = []
+        whole, by_batch = engine.s3.synthesize, engine.s3.synthesize_iter
+        engine.s3.synthesize = lambda t, *a, **k: calls.append(("collection", len(t))) or whole(t, *a, **k)
+        engine.s3.synthesize_iter = lambda t, *a, **k: calls.append(("batch", len(t))) or by_batch(t, *a, **k)
+        engine._finished = finished
+        runs[handoff] = dict(engine.synthesize_stream(reqs, conds, gen)), calls
+    assert runs["collection"][1] == [("collection", 2), ("collection", 4), ("collection", 2)]
+    # the second collection is taken once T3 has made its sixth chunk: it is draining by then
+    assert runs["drain"][1] == [("collection", 2), ("batch", 4), ("batch", 2)]
+    got, want = runs["drain"][0], runs["collection"][0]
+    assert sorted(got) == sorted(want) == list(range(8))
+    for i in range(8):
+        assert got[i].tokens == want[i].tokens and np.array_equal(got[i].wav, want[i].wav)
+    with pytest.raises(ValueError, match="s3gen_handoff"):
+        FastEngine(model, s3gen_handoff="whenever")
+
+
 @pytest.mark.parametrize("take", ["full", "drain"])
 def test_drain_takes_what_has_finished_only_once_t3_drains(model, take):
     """The engine's side of ``s3gen_take="drain"``: collections of ``s3gen_collect`` while T3
