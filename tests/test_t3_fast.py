@@ -388,13 +388,13 @@ def test_fast_engine_keeps_the_callers_order(model, conds):
 
 
 def test_ready_groups_hand_over_what_is_made_once_enough_is():
-    """``_ready_groups`` (T3's thread and S3Gen's collections): a group is everything made so
+    """``ReadyGroups`` (T3's thread and S3Gen's collections): a group is everything made so
     far, up to ``most``, as soon as ``least`` are there, without waiting for ``most``; the first
     is ``first`` items; the producer's error comes after its items; closing the consumer stops
     the producer's thread."""
     import threading
 
-    from ttsbatch.engine.fast import HostTimeline, _ready_groups
+    from ttsbatch.engine.fast import HostTimeline, ReadyGroups
 
     go, made = threading.Event(), threading.Event()
 
@@ -405,7 +405,7 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
         made.set()
 
     tl = HostTimeline()
-    it = _ready_groups(producer(), least=3, most=10, first=2, timeline=tl)
+    it = ReadyGroups(producer(), least=3, most=10, first=2, timeline=tl)
     assert next(it) == [0, 1]  # the first group: ``first`` items
     assert next(it) == [2, 3, 4]  # not a full group of 10: what there is
     go.set()
@@ -418,7 +418,7 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
         yield from (1, 2)
         raise ValueError("t3 broke")
 
-    it = _ready_groups(failing(), least=1)
+    it = ReadyGroups(failing(), least=1)
     got = []
     with pytest.raises(ValueError, match="t3 broke"):
         for group in it:
@@ -436,7 +436,7 @@ def test_ready_groups_hand_over_what_is_made_once_enough_is():
         finally:
             closed.set()  # closed on the producer's thread when the consumer stops
 
-    it = _ready_groups(endless(), least=2, most=4)
+    it = ReadyGroups(endless(), least=2, most=4)
     assert 2 <= len(next(it)) <= 4
     it.close()  # an error downstream, an interrupt
     assert closed.is_set()
@@ -448,7 +448,7 @@ def test_ready_groups_ask_a_changing_least_again_as_items_come():
     whatever is there once it says less, before the producer is done."""
     import threading
 
-    from ttsbatch.engine.fast import _ready_groups
+    from ttsbatch.engine.fast import ReadyGroups
 
     draining, go, made, more = [False], threading.Event(), threading.Event(), threading.Event()
 
@@ -461,7 +461,7 @@ def test_ready_groups_ask_a_changing_least_again_as_items_come():
         more.wait(10)  # the last rows still decoding
         yield from range(11, 13)
 
-    it = _ready_groups(producer(), least=lambda: 2 if draining[0] else 4, most=4)
+    it = ReadyGroups(producer(), least=lambda: 2 if draining[0] else 4, most=4)
     assert next(it) == [0, 1, 2, 3] and next(it) == [4, 5, 6, 7]  # full groups
     go.set()
     assert made.wait(10)
@@ -486,15 +486,15 @@ def test_ready_groups_rest_hands_over_the_last_few_only_once_the_producer_is_don
         go.wait(10)
         yield from range(4, 7)
 
-    it = groups = ReadyGroups(producer(), least=4, most=4)
-    assert next(it) == [0, 1, 2, 3]
+    groups = ReadyGroups(producer(), least=4, most=4)
+    assert next(groups) == [0, 1, 2, 3]
     assert groups.rest(8) == []  # not done: the next items may still come
     go.set()
     t3 = next(t for t in threading.enumerate() if t.name == "ttsbatch-t3")
     t3.join(10)
     assert groups.rest(2) == []  # done, but three wait: a group of their own
     assert groups.rest(3) == [4, 5, 6]
-    assert groups.rest(3) == [] and next(it, None) is None
+    assert groups.rest(3) == [] and next(groups, None) is None
 
 
 @pytest.mark.parametrize("join", [False, True])

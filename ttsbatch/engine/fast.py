@@ -153,7 +153,9 @@ class FastEngine:
         (``BatchedS3Gen.join_limit``: up to a quarter over ``s3gen_batch``) instead of making
         a collection of their own after it: T3's last rows are the book's longest chunks, and
         an H200 spent 0.8-1.0 s of S3Gen's thread on a last collection of 3-8 chunks in every
-        2-hour book of the twenty-second session."""
+        2-hour book of the twenty-second session. Joined, the engine ended ~0.5 s sooner, but
+        the store got the whole last collection at once and took 0.7-0.9 s longer after it, so
+        the book did not gain: off until measured with ``s3gen_handoff="drain"``."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -351,14 +353,15 @@ class FastEngine:
         # CPU-only phases ran 23-33% slower than the other run's: not shown to help.
         # s3gen_handoff="batch" launches the batches back to back and hands each over once
         # its copy is complete, looked for between launches (BatchedS3Gen.synthesize_iter).
-        # ``rest`` (ReadyGroups.rest): the last chunks, once T3 is done, join the last batch
+        # ``rest`` (ReadyGroups.rest, with s3gen_join_late): once T3 is done, its last chunks
+        # join the collection's last batch, with S3Gen's indices after the collection's
         items, said_nothing = list(items), []
 
         def late():
             joined = []
             for i, kept in rest(self.s3gen_batch):
                 if kept:
-                    items.append((i, kept))  # the index S3Gen gives it: after the collection's
+                    items.append((i, kept))
                     joined.append((kept, requests[i].seed))
                 else:  # end-of-speech at once: nothing to say
                     said_nothing.append(i)
@@ -384,14 +387,6 @@ class FastEngine:
             for j, wav in batch:
                 i, kept = items[j]
                 yield i, SynthesisResult(np.ascontiguousarray(wav, dtype=np.float32), len(kept))
-
-
-def _ready_groups(
-    items: Iterator, stream=None, least=1, most: int | None = None, first: int | None = None,
-    timeline: HostTimeline | None = None,
-) -> Iterator[list]:
-    """``ReadyGroups(...)`` (see there): an iterator of lists."""
-    return ReadyGroups(items, stream, least, most, first, timeline)
 
 
 class ReadyGroups:

@@ -625,9 +625,9 @@ class BatchedS3Gen:
         ``late`` (with drawn noise only): asked once, just before the last batch is launched,
         for more items ``[(tokens, seed), ...]``; they are appended to ``toks`` (indices after
         the others') and join that batch, up to :meth:`join_limit` items in all, or are
-        batched with it as usual. ``FastEngine`` hands over the book's last few chunks so:
-        a batch of 3 chunks costs about as much launch time as a full one (~0.9 s of S3Gen's
-        thread on an H200, twenty-second session), so they ride along instead."""
+        batched with it as usual. ``FastEngine`` hands over the book's last few chunks so
+        (``s3gen_join_late``): a batch of 3 chunks costs about as much launch time as a full
+        one (~0.9 s of S3Gen's thread on an H200, twenty-second session)."""
         if late is not None and (noise is not None or source_noise is not None):
             raise ValueError("late items draw their noise from seeds: no injected noise with late")
         plan = self.batches([len(t) for t in toks], voice)
@@ -635,16 +635,17 @@ class BatchedS3Gen:
         while plan:
             bucket, sub = plan.pop(0)
             if not plan and late is not None:
-                plan = self._join_late(toks, seeds, sub, late(), voice)
-                bucket, sub = plan.pop(0)
-                late = None  # asked once
+                extra, late = late(), None  # asked once
+                if extra:
+                    plan = self._join_late(toks, seeds, sub, extra, voice)
+                    bucket, sub = plan.pop(0)
             limit = self.batch_limit(bucket, voice)
             yield self._run_batch(sub, [toks[i] for i in sub], voice, bucket, limit, n_timesteps, noise, source_noise, seeds, want_wav)
 
     def _join_late(self, toks: list, seeds: list, sub: list[int], extra, voice: VoiceRef) -> list[tuple[int, list[int]]]:
         """The last batch ``sub`` with the ``extra`` items ``[(tokens, seed), ...]`` appended to
         ``toks`` and ``seeds``: one batch where :meth:`join_limit` allows, else as :meth:`batches`
-        makes them (empty items skipped)."""
+        makes them (empty items skipped: ``sub`` alone when all are)."""
         new = []
         for t, seed in extra:
             toks.append(self._as_tokens(t))
