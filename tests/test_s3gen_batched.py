@@ -309,14 +309,17 @@ def _estimator_case(g, B, T):
     return (x, mask, mu, t, spks, cond), packed
 
 
-def test_fused_estimator_matches_the_stock_decoder(model, bs):
+@pytest.mark.parametrize("conv", ["cudnn", "gemm"])
+def test_fused_estimator_matches_the_stock_decoder(model, conv):
     """The CFM estimator as pure functions (cfm_estimator: prepared weights, q/k/v as one
     GEMM, the stream in rows layout) against chatterbox's ``ConditionalDecoder.forward``,
-    fp32, padded rows of mixed lengths: max abs diff <= 1e-5 (outputs up to ~4)."""
+    fp32, padded rows of mixed lengths: max abs diff <= 1e-5 (outputs up to ~4); the causal
+    convs as convolutions or as GEMMs over their shifted inputs (``conv="gemm"``)."""
     from ttsbatch.engine.s3gen_batched import attention_bias
 
     est = model.s3gen.flow.decoder.estimator
-    assert bs.fused is not None  # the checkpoint has the configuration chatterbox-tts ships
+    bs = BatchedS3Gen(model, conv=conv)
+    assert bs.fused is not None and bs.fused.conv == conv  # the checkpoint has the configuration chatterbox-tts ships
     g = torch.Generator().manual_seed(3)
     for B, T in ((1, 24), (3, 40), (4, 57)):
         args, packed = _estimator_case(g, B, T)
@@ -329,7 +332,8 @@ def test_fused_estimator_matches_the_stock_decoder(model, bs):
         assert ref.abs().max().item() > 0.5
 
 
-def test_compiled_regions_are_whole_graphs_and_compile_once(model):
+@pytest.mark.parametrize("conv", ["cudnn", "gemm"])
+def test_compiled_regions_are_whole_graphs_and_compile_once(model, conv):
     """Compiled, each region is one graph (``fullgraph``: a break would raise) that serves
     every bucket and batch size: after the first shape, new shapes add no graph. Dynamo's
     "eager" backend traces and guards exactly as Inductor's would, without generating code."""
@@ -341,8 +345,8 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model):
 
     torch._dynamo.reset()
     counters.clear()
-    eager = BatchedS3Gen(model)
-    compiled = BatchedS3Gen(model, compile_regions=True, regions_backend="eager")
+    eager = BatchedS3Gen(model, conv=conv)
+    compiled = BatchedS3Gen(model, compile_regions=True, regions_backend="eager", conv=conv)
     assert compiled.fused.r.compiled and not eager.fused.r.compiled
     g = torch.Generator().manual_seed(5)
     graphs = []
@@ -354,8 +358,9 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model):
             got = compiled._estimator(packed, mask, t, attention_bias(mask, eager.heads))
         assert torch.equal(got, ref)
         graphs.append(counters["stats"]["unique_graphs"])
-    # one per region, made for the first shape only (block_proj runs only beside cfm_ffn's kernel)
-    assert graphs == [len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS)] * 4
+    # one per region, made for the first shape only (block_proj runs only beside cfm_ffn's
+    # kernel; the convs' regions or their GEMM twins, not both)
+    assert graphs == [len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS) - len(cfm_estimator.MM_REGIONS)] * 4
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
 
@@ -534,10 +539,12 @@ def test_pack_layout_maps_every_item_frame_and_leaves_masked_gaps():
         pack_layout([3, 11], T, gap, "cpu")
 
 
-def test_packed_cfm_matches_stock(model, voice, case, stock):
+@pytest.mark.parametrize("conv", ["cudnn", "gemm"])
+def test_packed_cfm_matches_stock(model, voice, case, stock, conv):
     """The CFM over the items end to end (a batch of mixed lengths, one bucket) gives stock's
-    mel and waveform, with the padded path's tolerances, and runs over fewer frames."""
-    packed, padded = BatchedS3Gen(model, pack=True), BatchedS3Gen(model, buckets=(128,))
+    mel and waveform, with the padded path's tolerances, and runs over fewer frames; with the
+    convs as GEMMs too, whose shifted inputs reach across an item's end into the gap."""
+    packed, padded = BatchedS3Gen(model, pack=True, conv=conv), BatchedS3Gen(model, buckets=(128,))
     assert packed.pack and packed.pack_gap == 2 and not padded.pack  # CPU: no flash attention, off unless asked
     noise = [z[0] for z in case["z"]]
     mels = packed.synthesize_mels(case["toks"], voice, STEPS, noise=noise)
@@ -556,13 +563,19 @@ def test_packed_cfm_matches_stock(model, voice, case, stock):
         assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= WAV_TOL
 
 
-def test_packed_items_need_the_gap(model, voice, case, stock):
+@pytest.mark.parametrize("conv", ["cudnn", "gemm"])
+def test_packed_items_need_the_gap(model, voice, case, stock, conv):
     """Without the masked frames between items, an item's first frames would see its
     neighbour's last through the causal convs: the test above can fail."""
-    bs = BatchedS3Gen(model, pack=True)
+    bs = BatchedS3Gen(model, pack=True, conv=conv)
     bs.pack_gap = 0
     mels = bs.synthesize_mels(case["toks"], voice, STEPS, noise=[z[0] for z in case["z"]])
     assert max((got - ref).abs().max().item() for ref, got in zip(stock[0][1:], mels[1:])) > 100 * MEL_TOL
+
+
+def test_conv_choice_is_checked(model):
+    with pytest.raises(ValueError, match="conv must be"):
+        BatchedS3Gen(model, conv="winograd")
 
 
 def test_packing_needs_the_fused_estimator(model, monkeypatch):

@@ -123,7 +123,70 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "block_in", "block_out", "block_proj", "block_norm3", "causal_conv", "final")
+# The convolutions as GEMMs (``conv="gemm"``): the stream stays in rows layout (B, T, C) and a
+# causal conv of k taps is one GEMM over the k shifted copies of its input laid side by side
+# (B, T, k * Cin) @ (k * Cin, Cout), so neither cuDNN nor a channels-first transpose is in the
+# way (in a profile the convs' NCHW <-> NHWC transposes alone were ~4% of S3Gen's kernels).
+# The same products summed in another order: stock's math to fp32 rounding.
+
+
+def _taps(x, k: int):
+    """(B, T, C) -> (B, T, k * C): x[t - k + 1], ..., x[t - 1], x[t] side by side, zeros before
+    the row's start (a causal conv's left padding)."""
+    T = x.shape[1]
+    return torch.cat([F.pad(x, (0, 0, s, 0))[:, :T] for s in range(k - 1, 0, -1)] + [x], dim=-1)
+
+
+def _conv_mm(x, mask, w, b):
+    """``CausalConv1d(x * mask)`` in rows: x (B, T, Cin), mask (B, T, 1), w (Cout, k * Cin) (the
+    conv's weight with its taps outermost, :func:`_conv_weight`) -> (B, T, Cout) in w's dtype."""
+    return F.linear(_taps((x * mask).to(w.dtype), w.shape[1] // x.shape[-1]), w, b)
+
+
+def _conv_block_mm(x, mask, w, b, nw, nb, eps: float):
+    """``CausalBlock1D`` in rows (:func:`_conv_block`'s math): -> (B, T, Cout) fp32."""
+    y = F.layer_norm(_conv_mm(x, mask, w, b).float(), (w.shape[0],), nw, nb, eps)
+    return F.mish(y) * mask
+
+
+def _resnet_mm(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, rb, eps: float):
+    """``CausalResnetBlock1D`` in rows (:func:`_resnet`'s math): x (B, T, Cin) -> (B, T, C)."""
+    h = _conv_block_mm(x, mask, c1w, c1b, n1w, n1b, eps)
+    h = h + F.linear(F.mish(temb).to(mw.dtype), mw, mb).unsqueeze(1)
+    h = _conv_block_mm(h, mask, c2w, c2b, n2w, n2b, eps)
+    return h + F.linear((x * mask).to(rw.dtype), rw, rb)
+
+
+def resnet_down_mm(x, mask, temb, *w, eps: float):
+    """:func:`resnet_down` with GEMM convs: the packed input (B, Cin, T) -> (B, T, C) rows."""
+    return _resnet_mm(x.transpose(1, 2), mask.transpose(1, 2), temb, *w, eps=eps)
+
+
+def resnet_mid_mm(x, mask, temb, *w, eps: float):
+    """:func:`resnet_mid` with GEMM convs: (B, T, C) -> (B, T, C)."""
+    return _resnet_mm(x, mask.transpose(1, 2), temb, *w, eps=eps)
+
+
+def resnet_up_mm(x, mask, temb, *w, eps: float):
+    """:func:`resnet_up` with GEMM convs: (B, T, 2C) -> (B, T, C)."""
+    return _resnet_mm(x, mask.transpose(1, 2), temb, *w, eps=eps)
+
+
+def causal_conv_mm(x, mask, w, b):
+    """:func:`causal_conv` with a GEMM: (B, T, C) -> (B, T, C) fp32."""
+    return _conv_mm(x, mask.transpose(1, 2), w, b).float()
+
+
+def final_mm(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
+    """:func:`final` with GEMM convs: (B, T, C) -> (B, 80, T) fp32."""
+    m = mask.transpose(1, 2)
+    h = _conv_block_mm(x, m, cw, cb, nw, nb, eps)
+    return (F.linear((h * m).to(pw.dtype), pw, pb).float() * m).transpose(1, 2).contiguous()
+
+
+CONV_REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "causal_conv", "final")
+MM_REGIONS = tuple(n + "_mm" for n in CONV_REGIONS)  # compiled instead of CONV_REGIONS with conv="gemm"
+REGIONS = CONV_REGIONS + ("block_in", "block_out", "block_proj", "block_norm3") + MM_REGIONS
 FFN_REGIONS = ("block_proj", "block_norm3")  # compiled only beside a cfm_ffn kernel
 
 
@@ -166,15 +229,25 @@ class _Block:
     scale: float
 
 
-def _resnet_weights(r, dtype) -> _Resnet:
+def _conv_weight(w, dtype, gemm: bool):
+    """A conv's weight (Cout, Cin, k) as the conv takes it, or with ``gemm`` as :func:`_conv_mm`
+    takes it: (Cout, k * Cin), tap-major (the column block j multiplies x[t - k + 1 + j])."""
+    if not gemm:
+        return _w(w, dtype)
+    return w.detach().permute(0, 2, 1).reshape(w.shape[0], -1).to(dtype).contiguous()
+
+
+def _resnet_weights(r, dtype, gemm: bool = False) -> _Resnet:
     c1, n1 = r.block1.block[0], r.block1.block[2]
     c2, n2 = r.block2.block[0], r.block2.block[2]
     lin = r.mlp[1]
     n1w, n1b, eps = _ln(n1)
     n2w, n2b, _ = _ln(n2)
+    res = r.res_conv.weight
     args = (
-        _w(c1.weight, dtype), _w(c1.bias, dtype), n1w, n1b, _w(lin.weight, dtype), _w(lin.bias, dtype),
-        _w(c2.weight, dtype), _w(c2.bias, dtype), n2w, n2b, _w(r.res_conv.weight, dtype), _w(r.res_conv.bias, dtype),
+        _conv_weight(c1.weight, dtype, gemm), _w(c1.bias, dtype), n1w, n1b, _w(lin.weight, dtype), _w(lin.bias, dtype),
+        _conv_weight(c2.weight, dtype, gemm), _w(c2.bias, dtype), n2w, n2b,
+        _w(res[..., 0] if gemm else res, dtype), _w(r.res_conv.bias, dtype),  # 1x1: a plain linear in rows
     )
     return _Resnet(args, eps)
 
@@ -240,26 +313,40 @@ class FusedEstimator:
     with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
     per call by the caller (it knows the rows' layout and valid lengths)."""
 
-    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_input: str = "o"):
+    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_input: str = "o", conv: str = "cudnn"):
         """``ffn``: a kernel (``cfm_ffn.Tuned``) to run in ``block_out``'s place. ``ffn_input``
         says what it takes: "o", ``block_out``'s own arguments; "x", the same with the
         residual already through the output projection (the ``block_proj`` region's result);
         "h", the ``block_norm3`` region's normalized rows and residual, then the
-        feed-forward's weights (``cfm_ffn.ffn``)."""
+        feed-forward's weights (``cfm_ffn.ffn``). ``conv``: the causal convs as convolutions
+        over a channels-first view ("cudnn") or as GEMMs over their shifted inputs in rows
+        layout ("gemm", the ``*_mm`` regions)."""
         if ffn_input not in ("o", "x", "h"):
             raise ValueError(f"ffn_input must be 'o', 'x' or 'h', got {ffn_input!r}")
+        if conv not in ("cudnn", "gemm"):
+            raise ValueError(f"conv must be 'cudnn' or 'gemm', got {conv!r}")
         self.est = est
         self.r = regions
         self.ffn, self.ffn_input = ffn, ffn_input
+        self.conv = conv
+        g = conv == "gemm"
+        self._sfx = "_mm" if g else ""  # which regions: resnet_mid or resnet_mid_mm, ...
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
-        self.down = (_resnet_weights(r0, dtype), [_block_weights(b, dtype) for b in tbs0], (_w(down.weight, dtype), _w(down.bias, dtype)))
-        self.mid = [(_resnet_weights(r, dtype), [_block_weights(b, dtype) for b in tbs]) for r, tbs in est.mid_blocks]
-        self.up = (_resnet_weights(r1, dtype), [_block_weights(b, dtype) for b in tbs1], (_w(up.weight, dtype), _w(up.bias, dtype)))
+        self.down = (_resnet_weights(r0, dtype, g), [_block_weights(b, dtype) for b in tbs0],
+                     (_conv_weight(down.weight, dtype, g), _w(down.bias, dtype)))
+        self.mid = [(_resnet_weights(r, dtype, g), [_block_weights(b, dtype) for b in tbs]) for r, tbs in est.mid_blocks]
+        self.up = (_resnet_weights(r1, dtype, g), [_block_weights(b, dtype) for b in tbs1],
+                   (_conv_weight(up.weight, dtype, g), _w(up.bias, dtype)))
         fb = est.final_block.block
         nw, nb, eps = _ln(fb[2])
-        self.final = (_w(fb[0].weight, dtype), _w(fb[0].bias, dtype), nw, nb, _w(est.final_proj.weight, dtype), _w(est.final_proj.bias, dtype))
+        pw = est.final_proj.weight
+        self.final = (_conv_weight(fb[0].weight, dtype, g), _w(fb[0].bias, dtype), nw, nb,
+                      _w(pw[..., 0] if g else pw, dtype), _w(est.final_proj.bias, dtype))
         self.final_eps = eps
+
+    def _region(self, name: str):
+        return getattr(self.r, name + self._sfx)
 
     def _blocks(self, blocks, x, attend):
         """Transformer blocks over the (B, T, C) stream, as (B * T, C) rows."""
@@ -285,25 +372,26 @@ class FusedEstimator:
         """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32."""
         est, r = self.est, self.r
         temb = est.time_mlp(est.time_embeddings(t).to(t.dtype))  # (B, 1024), tiny: stock modules
+        resnet_down, resnet_mid, resnet_up, causal_conv, final = (self._region(n) for n in CONV_REGIONS)
         rw, blocks, conv = self.down
         r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0))
-        x = r.resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
+        x = resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
         skip = self._blocks(blocks, x, attend)
         r.dyn((skip, 0, 1))
-        x = r.causal_conv(skip, mask, *conv)
+        x = causal_conv(skip, mask, *conv)
         for rw, blocks in self.mid:
             r.dyn((x, 0, 1))
-            x = r.resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
+            x = resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
             x = self._blocks(blocks, x, attend)
         rw, blocks, conv = self.up
         x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
         r.dyn((x, 0, 1))
-        x = r.resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
+        x = resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
         x = self._blocks(blocks, x, attend)
         r.dyn((x, 0, 1))
-        x = r.causal_conv(x, mask, *conv)
+        x = causal_conv(x, mask, *conv)
         r.dyn((x, 0, 1))
-        return r.final(x, mask, *self.final, eps=self.final_eps)
+        return final(x, mask, *self.final, eps=self.final_eps)
 
 
 def sdpa_attend(bias: torch.Tensor, B: int, T: int):

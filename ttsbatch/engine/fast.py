@@ -90,6 +90,7 @@ class FastEngine:
         s3gen_take: str = "full",
         t3_min_rows: int = 1,
         s3gen_join_late: bool = False,
+        s3gen_conv: str = "cudnn",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -155,7 +156,10 @@ class FastEngine:
         an H200 spent 0.8-1.0 s of S3Gen's thread on a last collection of 3-8 chunks in every
         2-hour book of the twenty-second session. Joined, the engine ended ~0.5 s sooner, but
         the store got the whole last collection at once and took 0.7-0.9 s longer after it, so
-        the book did not gain: off until measured with ``s3gen_handoff="drain"``."""
+        the book did not gain: off until measured with ``s3gen_handoff="drain"``. ``s3gen_conv``:
+        the CFM estimator's causal convs through cuDNN over a channels-first view ("cudnn") or
+        as GEMMs over their shifted inputs, the stream kept in rows ("gemm";
+        ``cfm_estimator._conv_mm``): off until measured."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -204,7 +208,7 @@ class FastEngine:
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
-            attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, **bucket_kw,
+            attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, conv=s3gen_conv, **bucket_kw,
         )
         if cuda:
             gib = 1 << 30

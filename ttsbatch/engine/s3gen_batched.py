@@ -244,6 +244,7 @@ class BatchedS3Gen:
         attention: str = "auto",
         ffn: str = "region",
         pack: bool | None = None,
+        conv: str = "cudnn",
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -301,7 +302,7 @@ class BatchedS3Gen:
         self.ffn = "region"
         if cfm_estimator.supported(est):
             regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend, mode=regions_mode)
-            self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions)
+            self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions, conv=conv)
             # the transformer blocks' tail as one Triton kernel (cfm_ffn): the feed-forward's
             # hidden stays on the chip; CUDA and 16-bit weights only (GELU's tanh form, as the
             # compiled region's cuBLASLt epilogue there)
