@@ -126,7 +126,7 @@ def main() -> int:
             res["flops"] = 2 * 10 * sum(cache.setdefault(L, item_flops(est, L, "cuda")) for L in frames)
         t0 = time.perf_counter()
         for _ in range(2):
-            s3.synthesize(toks, voice, seeds=seeds)
+            wavs = s3.synthesize(toks, voice, seeds=seeds)
         torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0
         s3.times.encoder = s3.times.cfm = s3.times.hifigan = 0.0
@@ -163,9 +163,15 @@ def main() -> int:
             by_class={c: dict(ms=round(t, 1), pct=round(100 * t / total, 1)) for c, t in sorted(by_class.items(), key=lambda x: -x[1])},
             top=[dict(ms=round(t, 2), calls=c, pct=round(100 * t / total, 1), name=k[:120]) for t, c, k in sorted(kern, reverse=True)[:30]],
         )
+        if "first" not in res:  # the first setting's audio, for the others to be compared with
+            res["first"] = conv
+            first_wavs = wavs
+        run["max_wav_diff_vs_first"] = float(max(abs(a - b).max() for a, b in zip(wavs, first_wavs)))
+        run["max_wav"] = float(max(abs(a).max() for a in wavs))
         res["runs"][conv] = run
         print(f"conv={conv}: {run['wall_ms']} ms a batch ({run['x_realtime']}x), stages {stages}, CFM {run['cfm_tflops']} TFLOP/s "
-              f"({run['cfm_peak_pct']}% of {args.peak}), attention {s3.attention}, pack {s3.pack}, warm-up {run['warm_s']} s", flush=True)
+              f"({run['cfm_peak_pct']}% of {args.peak}), attention {s3.attention}, pack {s3.pack}, warm-up {run['warm_s']} s, "
+              f"audio vs {res['first']}: max diff {run['max_wav_diff_vs_first']:.2e} (peak {run['max_wav']:.3f})", flush=True)
         for name, d in regions.items():
             print(f"    {name:18s} {d['ms']:9.2f} ms {d['calls']:6d} calls", flush=True)
         for c, d in run["by_class"].items():
