@@ -237,11 +237,13 @@ def test_mask_helpers():
     assert length_mask_f(lengths, 5).shape == (3, 1, 5)
 
 
-def test_per_bucket_work_has_no_host_reads(monkeypatch, bs, voice):
+@pytest.mark.parametrize("conv", ["cudnn", "gemm"])
+def test_per_bucket_work_has_no_host_reads(monkeypatch, model, voice, conv):
     """The per-bucket work (encoder, CFM, HiFiGAN on staged device tensors) never reads a
     tensor back (.item, .tolist, bool/int/float of a tensor, .numpy, .cpu) and builds no
     tensor from Python data (torch.tensor). On CPU that is the observable part of "no host
     sync"; the GPU test below runs the same work under CUDA's sync-debug mode "error"."""
+    bs = BatchedS3Gen(model, conv=conv)
     toks = [list(range(1, 20)), list(range(100, 105))]
     n_tok = 32
     tokens, lengths = bs._stage_tokens(toks, voice, n_tok)

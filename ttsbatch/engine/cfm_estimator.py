@@ -123,65 +123,82 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-# The convolutions as GEMMs (``conv="gemm"``): the stream stays in rows layout (B, T, C) and a
-# causal conv of k taps is one GEMM over the k shifted copies of its input laid side by side
-# (B, T, k * Cin) @ (k * Cin, Cout), so neither cuDNN nor a channels-first transpose is in the
-# way (in a profile the convs' NCHW <-> NHWC transposes alone were ~4% of S3Gen's kernels).
-# The same products summed in another order: stock's math to fp32 rounding.
+# The convolutions as GEMMs (``conv="gemm"``). The stream is kept as flat rows (B * T, C), the
+# transformer blocks' own layout, and a causal conv of k taps is one GEMM over its input's k
+# shifted copies laid side by side, (B * T, k * Cin) @ (k * Cin, Cout). Everything between the
+# GEMMs then indexes rows by a constant channel count: with the (B, C, T) or (B, T, C) views
+# of the regions above, Inductor's kernels divide every flat index by the dynamic length T
+# (64-bit integer division, per element), and a profile of one S3Gen batch on an H200 had the
+# 120 mid-block resnets of its 10 steps take 118 ms, more than half of what the 560
+# transformer-block tails took (scripts/gpu_resnet_variants.py). Two small per-call tensors
+# stand in for T: ``keep`` (B * T, k), 1 where tap j's frame t - k + 1 + j is in the same row
+# (a row's start: the conv's zero padding), and ``rows_b`` (B * T,), each row's batch entry
+# (for the time embedding): :func:`rows_aux`. The same products summed in another order:
+# stock's math to fp32 rounding.
 
 
-def _taps(x, k: int):
-    """(B, T, C) -> (B, T, k * C): x[t - k + 1], ..., x[t - 1], x[t] side by side, zeros before
-    the row's start (a causal conv's left padding)."""
-    T = x.shape[1]
-    return torch.cat([F.pad(x, (0, 0, s, 0))[:, :T] for s in range(k - 1, 0, -1)] + [x], dim=-1)
+def rows_aux(B: int, T: int, k: int, dtype, device):
+    """(keep, rows_b) for B rows of T frames and convs of k taps (see above)."""
+    t = torch.arange(T, device=device)
+    keep = torch.stack([t >= k - 1 - j for j in range(k)], dim=1).to(dtype).repeat(B, 1)
+    return keep, torch.div(torch.arange(B * T, device=device), T, rounding_mode="floor")
 
 
-def _conv_mm(x, mask, w, b):
-    """``CausalConv1d(x * mask)`` in rows: x (B, T, Cin), mask (B, T, 1), w (Cout, k * Cin) (the
-    conv's weight with its taps outermost, :func:`_conv_weight`) -> (B, T, Cout) in w's dtype."""
-    return F.linear(_taps((x * mask).to(w.dtype), w.shape[1] // x.shape[-1]), w, b)
+def _taps(x, keep, k: int):
+    """(M, C) masked rows -> (M, k * C): x[t - k + 1], ..., x[t - 1], x[t] side by side, zero
+    where the frame is before its row's start."""
+    M = x.shape[0]
+    xp = F.pad(x, (0, 0, k - 1, 0))
+    return torch.cat([xp[j : j + M] * keep[:, j : j + 1] for j in range(k - 1)] + [x], dim=1)
 
 
-def _conv_block_mm(x, mask, w, b, nw, nb, eps: float):
-    """``CausalBlock1D`` in rows (:func:`_conv_block`'s math): -> (B, T, Cout) fp32."""
-    y = F.layer_norm(_conv_mm(x, mask, w, b).float(), (w.shape[0],), nw, nb, eps)
+def _conv_mm(x, mask, keep, w, b):
+    """``CausalConv1d(x * mask)`` over rows: x (M, Cin), mask (M, 1), w (Cout, k * Cin) (the
+    conv's weight with its taps outermost, :func:`_conv_weight`) -> (M, Cout) in w's dtype."""
+    return F.linear(_taps((x * mask).to(w.dtype), keep, w.shape[1] // x.shape[1]), w, b)
+
+
+def _conv_block_mm(x, mask, keep, w, b, nw, nb, eps: float):
+    """``CausalBlock1D`` over rows (:func:`_conv_block`'s math): -> (M, Cout) fp32."""
+    y = F.layer_norm(_conv_mm(x, mask, keep, w, b).float(), (w.shape[0],), nw, nb, eps)
     return F.mish(y) * mask
 
 
-def _resnet_mm(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, rb, eps: float):
-    """``CausalResnetBlock1D`` in rows (:func:`_resnet`'s math): x (B, T, Cin) -> (B, T, C)."""
-    h = _conv_block_mm(x, mask, c1w, c1b, n1w, n1b, eps)
-    h = h + F.linear(F.mish(temb).to(mw.dtype), mw, mb).unsqueeze(1)
-    h = _conv_block_mm(h, mask, c2w, c2b, n2w, n2b, eps)
+def _resnet_mm(x, mask, keep, rows_b, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, rb, eps: float):
+    """``CausalResnetBlock1D`` over rows (:func:`_resnet`'s math): x (M, Cin) -> (M, C)."""
+    h = _conv_block_mm(x, mask, keep, c1w, c1b, n1w, n1b, eps)
+    h = h + F.linear(F.mish(temb).to(mw.dtype), mw, mb)[rows_b]
+    h = _conv_block_mm(h, mask, keep, c2w, c2b, n2w, n2b, eps)
     return h + F.linear((x * mask).to(rw.dtype), rw, rb)
 
 
-def resnet_down_mm(x, mask, temb, *w, eps: float):
-    """:func:`resnet_down` with GEMM convs: the packed input (B, Cin, T) -> (B, T, C) rows."""
-    return _resnet_mm(x.transpose(1, 2), mask.transpose(1, 2), temb, *w, eps=eps)
+def resnet_down_mm(x, mask, keep, rows_b, temb, *w, eps: float):
+    """:func:`resnet_down` with GEMM convs: the packed input (B, Cin, T) -> (B * T, C) rows;
+    ``mask`` (B, 1, T)."""
+    return _resnet_mm(x.transpose(1, 2).reshape(-1, x.shape[1]), mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
-def resnet_mid_mm(x, mask, temb, *w, eps: float):
-    """:func:`resnet_mid` with GEMM convs: (B, T, C) -> (B, T, C)."""
-    return _resnet_mm(x, mask.transpose(1, 2), temb, *w, eps=eps)
+def resnet_mid_mm(x, mask, keep, rows_b, temb, *w, eps: float):
+    """:func:`resnet_mid` with GEMM convs: (M, C) -> (M, C)."""
+    return _resnet_mm(x, mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
-def resnet_up_mm(x, mask, temb, *w, eps: float):
-    """:func:`resnet_up` with GEMM convs: (B, T, 2C) -> (B, T, C)."""
-    return _resnet_mm(x, mask.transpose(1, 2), temb, *w, eps=eps)
+def resnet_up_mm(x, mask, keep, rows_b, temb, *w, eps: float):
+    """:func:`resnet_up` with GEMM convs: (M, 2C) (stream + skip) -> (M, C)."""
+    return _resnet_mm(x, mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
-def causal_conv_mm(x, mask, w, b):
-    """:func:`causal_conv` with a GEMM: (B, T, C) -> (B, T, C) fp32."""
-    return _conv_mm(x, mask.transpose(1, 2), w, b).float()
+def causal_conv_mm(x, mask, keep, w, b):
+    """:func:`causal_conv` with a GEMM: (M, C) -> (M, C) fp32."""
+    return _conv_mm(x, mask.reshape(-1, 1), keep, w, b).float()
 
 
-def final_mm(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
-    """:func:`final` with GEMM convs: (B, T, C) -> (B, 80, T) fp32."""
-    m = mask.transpose(1, 2)
-    h = _conv_block_mm(x, m, cw, cb, nw, nb, eps)
-    return (F.linear((h * m).to(pw.dtype), pw, pb).float() * m).transpose(1, 2).contiguous()
+def final_mm(x, mask, keep, cw, cb, nw, nb, pw, pb, eps: float):
+    """:func:`final` with GEMM convs: (M, C) rows, ``mask`` (B, 1, T) -> (B, 80, T) fp32."""
+    m = mask.reshape(-1, 1)
+    h = _conv_block_mm(x, m, keep, cw, cb, nw, nb, eps)
+    y = F.linear((h * m).to(pw.dtype), pw, pb).float() * m
+    return y.view(mask.shape[0], mask.shape[2], -1).transpose(1, 2).contiguous()
 
 
 CONV_REGIONS = ("resnet_down", "resnet_mid", "resnet_up", "causal_conv", "final")
@@ -319,8 +336,8 @@ class FusedEstimator:
         residual already through the output projection (the ``block_proj`` region's result);
         "h", the ``block_norm3`` region's normalized rows and residual, then the
         feed-forward's weights (``cfm_ffn.ffn``). ``conv``: the causal convs as convolutions
-        over a channels-first view ("cudnn") or as GEMMs over their shifted inputs in rows
-        layout ("gemm", the ``*_mm`` regions)."""
+        over a channels-first view ("cudnn") or as GEMMs over their shifted inputs, the stream
+        as flat rows ("gemm", the ``*_mm`` regions)."""
         if ffn_input not in ("o", "x", "h"):
             raise ValueError(f"ffn_input must be 'o', 'x' or 'h', got {ffn_input!r}")
         if conv not in ("cudnn", "gemm"):
@@ -329,8 +346,8 @@ class FusedEstimator:
         self.r = regions
         self.ffn, self.ffn_input = ffn, ffn_input
         self.conv = conv
+        self.dtype = dtype
         g = conv == "gemm"
-        self._sfx = "_mm" if g else ""  # which regions: resnet_mid or resnet_mid_mm, ...
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
         self.down = (_resnet_weights(r0, dtype, g), [_block_weights(b, dtype) for b in tbs0],
@@ -344,14 +361,19 @@ class FusedEstimator:
         self.final = (_conv_weight(fb[0].weight, dtype, g), _w(fb[0].bias, dtype), nw, nb,
                       _w(pw[..., 0] if g else pw, dtype), _w(est.final_proj.bias, dtype))
         self.final_eps = eps
-
-    def _region(self, name: str):
-        return getattr(self.r, name + self._sfx)
+        # the causal convs' taps (rows_aux's keep serves them all: one kernel size)
+        sizes = {m.kernel_size[0] for m in est.modules() if isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1}
+        if g and len(sizes) != 1:
+            raise ValueError(f"conv='gemm' needs one kernel size for the estimator's causal convs, found {sorted(sizes)}")
+        self.taps = sizes.pop() if sizes else 1
 
     def _blocks(self, blocks, x, attend):
         """Transformer blocks over the (B, T, C) stream, as (B * T, C) rows."""
         B, T, C = x.shape
-        h = x.reshape(B * T, C)
+        return self._row_blocks(blocks, x.reshape(B * T, C), attend).view(B, T, C)
+
+    def _row_blocks(self, blocks, h, attend):
+        """Transformer blocks over (M, C) rows."""
         for b in blocks:
             self.r.dyn((h, 0))
             qkv = self.r.block_in(h, b.nw1, b.nb1, b.w_qkv, b.b_qkv, eps=b.eps1)
@@ -366,32 +388,59 @@ class FusedEstimator:
                 if self.ffn_input == "x":
                     h = self.r.block_proj(o, h, b.wo, b.bo)
                 h = self.ffn(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3)
-        return h.view(B, T, C)
+        return h
 
     def __call__(self, x, mask, t, attend):
         """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32."""
         est, r = self.est, self.r
         temb = est.time_mlp(est.time_embeddings(t).to(t.dtype))  # (B, 1024), tiny: stock modules
-        resnet_down, resnet_mid, resnet_up, causal_conv, final = (self._region(n) for n in CONV_REGIONS)
+        if self.conv == "gemm":
+            return self._rows(x, mask, temb, attend)
         rw, blocks, conv = self.down
         r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0))
-        x = resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
+        x = r.resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
         skip = self._blocks(blocks, x, attend)
         r.dyn((skip, 0, 1))
-        x = causal_conv(skip, mask, *conv)
+        x = r.causal_conv(skip, mask, *conv)
         for rw, blocks in self.mid:
             r.dyn((x, 0, 1))
-            x = resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
+            x = r.resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
             x = self._blocks(blocks, x, attend)
         rw, blocks, conv = self.up
         x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
         r.dyn((x, 0, 1))
-        x = resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
+        x = r.resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
         x = self._blocks(blocks, x, attend)
         r.dyn((x, 0, 1))
-        x = causal_conv(x, mask, *conv)
+        x = r.causal_conv(x, mask, *conv)
         r.dyn((x, 0, 1))
-        return final(x, mask, *self.final, eps=self.final_eps)
+        return r.final(x, mask, *self.final, eps=self.final_eps)
+
+    def _rows(self, x, mask, temb, attend):
+        """``__call__`` with the convs as GEMMs (``conv="gemm"``): the stream as (B * T, C) rows
+        from the first resnet to the last conv."""
+        r = self.r
+        B, _, T = x.shape
+        keep, rows_b = rows_aux(B, T, self.taps, self.dtype, x.device)
+        rw, blocks, conv = self.down
+        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0), (keep, 0), (rows_b, 0))
+        x = r.resnet_down_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
+        skip = self._row_blocks(blocks, x, attend)
+        r.dyn((skip, 0))
+        x = r.causal_conv_mm(skip, mask, keep, *conv)
+        for rw, blocks in self.mid:
+            r.dyn((x, 0))
+            x = r.resnet_mid_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
+            x = self._row_blocks(blocks, x, attend)
+        rw, blocks, conv = self.up
+        x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
+        r.dyn((x, 0))
+        x = r.resnet_up_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
+        x = self._row_blocks(blocks, x, attend)
+        r.dyn((x, 0))
+        x = r.causal_conv_mm(x, mask, keep, *conv)
+        r.dyn((x, 0))
+        return r.final_mm(x, mask, keep, *self.final, eps=self.final_eps)
 
 
 def sdpa_attend(bias: torch.Tensor, B: int, T: int):
