@@ -101,8 +101,17 @@ def main() -> int:
         if name.endswith("+expmish"):
             F.mish = expmish  # the regions call F.mish when traced (and dynamo guards on it: kept until done)
         try:
-            c = torch.compile(lambda *a, fn=fn: fn(*a, eps=1e-5), dynamic=True, fullgraph=True, options=opts or None)
+            # as the engine marks them (Regions.dyn): the rows dynamic, channels and weights static
+            c = torch.compile(lambda *a, fn=fn: fn(*a, eps=1e-5), dynamic=False, fullgraph=True, options=opts or None)
             a = (*ins[gemm], *w)
+            if gemm:
+                for t, dims in ((a[0], (0,)), (a[1], (2,)), (a[2], (0,)), (a[3], (0,))):
+                    for d_ in dims:
+                        torch._dynamo.mark_dynamic(t, d_)
+            else:
+                for t, dims in ((a[0], (1,)), (a[1], (2,))):
+                    for d_ in dims:
+                        torch._dynamo.mark_dynamic(t, d_)
             t0 = time.perf_counter()
             c(*a)
             torch.cuda.synchronize()
