@@ -104,14 +104,10 @@ def main() -> int:
             # as the engine marks them (Regions.dyn): the rows dynamic, channels and weights static
             c = torch.compile(lambda *a, fn=fn: fn(*a, eps=1e-5), dynamic=False, fullgraph=True, options=opts or None)
             a = (*ins[gemm], *w)
-            if gemm:
-                for t, dims in ((a[0], (0,)), (a[1], (2,)), (a[2], (0,)), (a[3], (0,))):
-                    for d_ in dims:
-                        torch._dynamo.mark_dynamic(t, d_)
-            else:
-                for t, dims in ((a[0], (1,)), (a[1], (2,))):
-                    for d_ in dims:
-                        torch._dynamo.mark_dynamic(t, d_)
+            marks = ((0,), (0, 2), (0,), (0,), (0,)) if gemm else ((0, 1), (0, 2), (0,))  # x, mask, [keep, rows_b,] temb
+            for t, dims in zip(a, marks):
+                for d_ in dims:
+                    torch._dynamo.mark_dynamic(t, d_)
             t0 = time.perf_counter()
             c(*a)
             torch.cuda.synchronize()
