@@ -24,17 +24,22 @@ class Regions:
     """``functions`` (name -> function) as attributes, eager or compiled; ``what`` names
     them in the fallback warning."""
 
-    def __init__(self, functions: dict, what: str, compile: bool = False, backend="inductor", mode: str | None = None):
+    def __init__(self, functions: dict, what: str, compile: bool = False, backend="inductor", mode: str | None = None,
+                 options: dict | None = None):
         """``mode``: torch.compile's (e.g. "max-autotune-no-cudagraphs": Triton GEMM templates
         with the elementwise work fused into their epilogues, minutes of autotuning per region
-        the first time). Never a CUDA-graph mode: the callers capture graphs themselves."""
+        the first time). Never a CUDA-graph mode: the callers capture graphs themselves.
+        ``options``: function name -> Inductor options for that region alone (with Inductor,
+        without ``mode``: torch.compile takes one or the other)."""
+        options = options or {}
         self._functions = dict(functions)
         self.what = what
         self.compiled = compile
         self.error: str | None = None  # why compiling failed, if it did
         for name, fn in self._functions.items():
             if compile:
-                fn = _Guarded(self, fn, torch.compile(fn, fullgraph=True, backend=backend, mode=mode))
+                kw = {"options": options[name]} if name in options and backend == "inductor" and mode is None else {"mode": mode}
+                fn = _Guarded(self, fn, torch.compile(fn, fullgraph=True, backend=backend, **kw))
             setattr(self, name, fn)
 
     def fall_back(self, e: BaseException) -> None:
