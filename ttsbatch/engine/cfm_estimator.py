@@ -348,7 +348,7 @@ class FusedEstimator:
     with the attention given as a callable ``attend(qkv, heads, scale) -> (N, inner)`` built
     per call by the caller (it knows the rows' layout and valid lengths)."""
 
-    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_input: str = "o", conv: str = "cudnn"):
+    def __init__(self, est, dtype: torch.dtype, regions: Regions, ffn=None, ffn_input: str = "o", conv: str = "gemm"):
         """``ffn``: a kernel (``cfm_ffn.Tuned``) to run in ``block_out``'s place. ``ffn_input``
         says what it takes: "o", ``block_out``'s own arguments; "x", the same with the
         residual already through the output projection (the ``block_proj`` region's result);

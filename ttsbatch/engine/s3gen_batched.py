@@ -219,7 +219,9 @@ class BatchedS3Gen:
     tensor of the encoder's upsampled stack (batch × 8 heads × frames² fp32, its largest
     activation), which lowers the batch of long buckets. ``pack``: the CFM over each batch's
     items end to end (:class:`PackedLayout`) instead of padded rows; None: where the attention
-    is varlen flash and neither ``compile`` nor ``cuda_graphs`` is on.
+    is varlen flash and neither ``compile`` nor ``cuda_graphs`` is on. ``conv``: the CFM
+    estimator's causal convs as GEMMs over flat rows ("gemm") or through cuDNN ("cudnn"; see
+    ``cfm_estimator.FusedEstimator``).
     """
 
     def __init__(
@@ -244,7 +246,7 @@ class BatchedS3Gen:
         attention: str = "auto",
         ffn: str = "region",
         pack: bool | None = None,
-        conv: str = "cudnn",
+        conv: str = "gemm",
     ):
         s3 = model.s3gen
         self.s3 = s3
