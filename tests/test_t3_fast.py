@@ -651,6 +651,8 @@ def test_fast_engine_taking_ready_chunks_equals_sequential(model, conds):
         np.testing.assert_allclose(got[i].wav, seq[i].wav, rtol=0, atol=1e-5 * max(scale, 1e-6))
     with pytest.raises(ValueError, match="s3gen_take"):
         FastEngine(model, s3gen_take="greedy")
+    with pytest.raises(ValueError, match="stream_priority"):
+        FastEngine(model, stream_priority="t5")
 
 
 def test_fast_engine_taking_the_draining_chunks_as_they_come_equals_sequential(model, conds):

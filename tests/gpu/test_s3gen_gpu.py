@@ -335,6 +335,10 @@ def test_overlapped_engine_runs_s3gen_first_and_matches_sequential(cuda_model):
     assert seq._s3_stream is None and seq._t3_stream is None
     engine = FastEngine(cuda_model, overlap=True, **kw)
     assert engine._s3_stream.priority < engine._t3_stream.priority  # lower number: higher priority
+    flipped = FastEngine(cuda_model, overlap=True, stream_priority="t3", **kw)
+    assert flipped._t3_stream.priority < flipped._s3_stream.priority
+    same = FastEngine(cuda_model, overlap=True, stream_priority="same", **kw)
+    assert same._t3_stream.priority == same._s3_stream.priority
     with det:
         want = seq.synthesize(reqs, conds, gen)
         got = dict(engine.synthesize_stream(reqs, conds, gen))

@@ -91,6 +91,7 @@ class FastEngine:
         t3_min_rows: int = 1,
         s3gen_join_late: bool = False,
         s3gen_conv: str = "gemm",
+        stream_priority: str = "s3gen",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -161,7 +162,11 @@ class FastEngine:
         as flat rows ("gemm", the default: ``cfm_estimator._conv_mm``), or through cuDNN over a
         channels-first view ("cudnn"): on an H200 a batch of 64 book chunks' CFM took 615
         instead of 688 ms, and S3Gen's thread launched a 2-hour book for 26.7-28.4 s instead
-        of 31.5-32.7 (twenty-third session)."""
+        of 31.5-32.7 (twenty-third session). ``stream_priority``: with ``overlap``, whose CUDA
+        stream the GPU's scheduler favours: "s3gen" (S3Gen's the highest priority, T3's the
+        lowest), "t3" (the other way round) or "same"; with the GEMM convs T3 finished the
+        2-hour book at 31.9-32.9 s whatever S3Gen did and S3Gen waited 6.9-9.5 s for it
+        (twenty-third session): "t3" is the measurement to make."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -183,11 +188,15 @@ class FastEngine:
         # work goes on a stream of the highest priority, T3's on one of the lowest, so the
         # GPU's scheduler starts S3Gen's blocks first. On an H100 (2-hour book, T3 and S3Gen
         # only, scripts/gpu_book_stages.py): 48.4 s with both at the same priority, 42.0 s so.
+        if stream_priority not in ("s3gen", "t3", "same"):
+            raise ValueError(f"stream_priority must be 's3gen', 't3' or 'same', got {stream_priority!r}")
+        self.stream_priority = stream_priority
         self._t3_stream = self._s3_stream = None
         if cuda and self.overlap:
-            low, high = torch.cuda.Stream.priority_range()
-            self._t3_stream = torch.cuda.Stream(self.t3.device, priority=low)
-            self._s3_stream = torch.cuda.Stream(self.t3.device, priority=high)
+            low, high = torch.cuda.Stream.priority_range()  # numerically: low is the larger number
+            t3_p, s3_p = {"s3gen": (low, high), "t3": (high, low), "same": (low, low)}[stream_priority]
+            self._t3_stream = torch.cuda.Stream(self.t3.device, priority=t3_p)
+            self._s3_stream = torch.cuda.Stream(self.t3.device, priority=s3_p)
         self.t3_vram_gb = None
         if s3gen_handoff not in ("collection", "batch", "drain"):
             raise ValueError(f"s3gen_handoff must be 'collection', 'batch' or 'drain', got {s3gen_handoff!r}")
