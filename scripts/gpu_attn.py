@@ -237,6 +237,20 @@ def classify(name: str) -> str:
     return "other"
 
 
+def kernel_tally(prof) -> tuple[list, float, dict]:
+    """A torch.profiler run's device kernels: ([(ms, calls, name)], total ms, {class: ms})."""
+    kern = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        if t > 0:
+            kern.append((t / 1000, e.count, e.key))
+    by_class: dict[str, float] = {}
+    for t, _, k in kern:
+        by_class[classify(k)] = by_class.get(classify(k), 0.0) + t
+    return kern, sum(t for t, _, _ in kern) or 1.0, by_class
+
+
 def s3gen_profile(ckpt: str, batch: int, tokens: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -265,16 +279,7 @@ def s3gen_profile(ckpt: str, batch: int, tokens: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         s3.synthesize(toks, voice, seeds=seeds)
         torch.cuda.synchronize()
-    kern = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
-        if t > 0:
-            kern.append((t / 1000, e.count, e.key))
-    total = sum(t for t, _, _ in kern) or 1.0
-    by_class: dict[str, float] = {}
-    for t, _, k in kern:
-        by_class[classify(k)] = by_class.get(classify(k), 0.0) + t
+    kern, total, by_class = kernel_tally(prof)
     audio = sum(len(t) for t in toks) / 25
     return dict(
         batch=batch, audio_s=round(audio, 1), warm_s=round(warm, 2), wall_ms=round(wall * 1000, 1),

@@ -98,7 +98,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from gpu_attn import classify
+    from gpu_attn import kernel_tally
     from ttsbatch.engine.model import load_model, write_random_checkpoint
     from ttsbatch.engine.s3gen_batched import BatchedS3Gen
     from ttsbatch.engine.voice import BUILTIN, VoiceCache
@@ -145,16 +145,7 @@ def main() -> int:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             s3.synthesize(toks, voice, seeds=seeds)
             torch.cuda.synchronize()
-        kern = []
-        for e in prof.key_averages():
-            t = getattr(e, "self_device_time_total", None)
-            t = getattr(e, "self_cuda_time_total", 0) if t is None else t
-            if t > 0:
-                kern.append((t / 1000, e.count, e.key))
-        total = sum(t for t, _, _ in kern) or 1.0
-        by_class: dict = {}
-        for t, _, k in kern:
-            by_class[classify(k)] = by_class.get(classify(k), 0.0) + t
+        kern, total, by_class = kernel_tally(prof)
         run = dict(
             warm_s=round(warm_s, 1), wall_ms=round(1000 * wall, 1), walls_ms=[round(1000 * w, 1) for w in walls],
             x_realtime=round(res["audio_s"] / wall, 1), stages_ms=stages, cfm_tflops=round(tflops, 1),
