@@ -46,7 +46,8 @@ print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime'
       f"{f['gc']['objects']} objects), dynamo {f['dynamo']}, ffn {f.get('s3gen_ffn')} {f.get('s3gen_ffn_tuning')}, "
       f"FA4 calls {f.get('s3gen_fa4_calls')}, pack {f.get('s3gen_pack')}, CFM frames {f.get('s3gen_cfm_frames')}, "
       f"S3Gen thread {h}, mark group {f.get('mark_group')}, track process {f.get('track_process')}, store workers at end {f.get('store_workers_at_end')}, T3 graphs captured {f['t3'].get('graphs_captured')} "
-      f"({f['t3'].get('capture_s')} s), T3 rows {f.get('t3_rows')}")
+      f"({f['t3'].get('capture_s')} s), T3 rows {f.get('t3_rows')}, T3 host: prefills {f['t3'].get('prefill_s')} s, "
+      f"steps {f['t3'].get('step_launch_s')} s, looks waiting {f['t3'].get('look_wait_s')} s ({f['t3'].get('host_checks')} looks)")
 # S3Gen's thread span by span, and T3's captures during the book (seconds from the book's start)
 print("    spans: " + " | ".join(f"{w} {a:.2f}-{b:.2f} ({n})" for w, a, b, n in spans))
 print("    T3 captures: " + " | ".join(f"{a:.2f}-{b:.2f} {w}" for a, b, w in captures))

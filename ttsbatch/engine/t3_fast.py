@@ -696,7 +696,11 @@ class FastT3:
         self._graph_pool = None
         self._cond_cache: dict[int, tuple[object, torch.Tensor]] = {}
         self.trace: list[tuple] = []  # ("start"/"finish", request, row) and ("move", request, from, to): for tests
-        self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, capture_s=0.0, prefills=0, compactions=0)
+        # the host's seconds in generate: launching refills' prefills and decode steps, and
+        # waiting in the host looks for the device to finish them (on CUDA, time T3's stream
+        # spent behind its own work or, beside S3Gen, behind S3Gen's)
+        self.stats = dict(steps=0, row_steps=0, host_checks=0, graphs_captured=0, capture_s=0.0, prefills=0, compactions=0,
+                          prefill_s=0.0, step_launch_s=0.0, look_wait_s=0.0)
         self.capture_log: list[tuple[float, float, str]] = []  # (start, end in perf_counter seconds, what) per capture
         self.draining = False  # generate has started every request: its rows only finish now
 
@@ -1042,7 +1046,9 @@ class FastT3:
                 take = free[: len(queue)]
                 reqs = [queue.popleft() for _ in take]
                 inputs = [prepared.pop(i, None) or self.row_input(conds, requests[i], gen, pairs, ids[i]) for i in reqs]
+                t0 = time.perf_counter()
                 self.prefill(st, take, inputs)
+                self.stats["prefill_s"] += time.perf_counter() - t0
                 self.stats["prefills"] += 1
                 for s, i in zip(take, reqs):
                     slot_req[s] = i
@@ -1056,8 +1062,10 @@ class FastT3:
             n = _bucket(max(live) + 1, buckets)
             k = _steps_to_run(sorted(slot_left[s] for s in live), check_every, rows - len(live), min(refill_min, len(queue)) if queue else None)
             kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
+            t0 = time.perf_counter()
             for _ in range(k):
                 self.step(st, n, kv_len, use_top_p)
+            self.stats["step_launch_s"] += time.perf_counter() - t0
             # while the GPU runs them, the prompts of the next refill (host work that otherwise
             # kept the GPU waiting: 0.3 ms a sentence, 4% of a full batch's time on an H100)
             for i in itertools.islice(queue, lookahead):
@@ -1070,7 +1078,9 @@ class FastT3:
                 slot_left[s] -= k
             # One host sync per k steps: which rows are done, and how far they got.
             # (as lists: indexing the tensor element by element cost ~0.6 ms a check at 256 rows)
+            t0 = time.perf_counter()
             done_now, steps_now = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu().tolist()
+            self.stats["look_wait_s"] += time.perf_counter() - t0
             self.stats["host_checks"] += 1
             finished = [s for s in live if done_now[s]]
             if not finished:
