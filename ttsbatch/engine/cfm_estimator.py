@@ -123,18 +123,18 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-# The convolutions as GEMMs (``conv="gemm"``). The stream is kept as flat rows (B * T, C), the
-# transformer blocks' own layout, and a causal conv of k taps is one GEMM over its input's k
-# shifted copies laid side by side, (B * T, k * Cin) @ (k * Cin, Cout). Everything between the
-# GEMMs then indexes rows by a constant channel count: with the (B, C, T) or (B, T, C) views
-# of the regions above, Inductor's kernels divide every flat index by the dynamic length T
-# (64-bit integer division, per element), and a profile of one S3Gen batch on an H200 had the
-# 120 mid-block resnets of its 10 steps take 118 ms, more than half of what the 560
-# transformer-block tails took (scripts/gpu_resnet_variants.py). Two small per-call tensors
-# stand in for T: ``keep`` (B * T, k), 1 where tap j's frame t - k + 1 + j is in the same row
-# (a row's start: the conv's zero padding), and ``rows_b`` (B * T,), each row's batch entry
-# (for the time embedding): :func:`rows_aux`. The same products summed in another order:
-# stock's math to fp32 rounding.
+# The convolutions as GEMMs (``conv="gemm"``, the default). A profile of one S3Gen batch on an
+# H200 had the 120 mid-block resnets of its 10 steps take 118 ms, more than half of what the
+# 560 transformer-block tails took: cuDNN ran the convs at ~690 TFLOP/s, but its NCHW <-> NHWC
+# transposes and Inductor's kernels around the channels-first view took four fifths of the
+# resnet's 1.0 ms (scripts/gpu_resnet_variants.py). Here the stream stays as flat rows
+# (B * T, C), the transformer blocks' own layout, and a causal conv of k taps is one GEMM over
+# its input's k shifted copies laid side by side, (B * T, k * Cin) @ (k * Cin, Cout); the
+# whole resnet then took 0.50 ms (with :data:`MM_OPTIONS`). Two small per-call tensors stand
+# in for the row structure: ``keep`` (B * T, k), 1 where tap j's frame t - k + 1 + j is in the
+# same row (a row's start: the conv's zero padding), and ``rows_b`` (B * T,), each row's batch
+# entry (for the time embedding): :func:`rows_aux`. The same products summed in another
+# order: stock's math to fp32 rounding.
 
 
 def rows_aux(B: int, T: int, k: int, dtype, device):
