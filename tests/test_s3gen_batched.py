@@ -367,6 +367,28 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model, conv):
     torch._dynamo.reset()
 
 
+def test_the_gemm_convs_regions_are_compiled_with_their_own_inductor_options(monkeypatch):
+    """``MM_OPTIONS`` (Inductor writes the conv block's output once instead of recomputing it
+    for each tap) reach torch.compile for the GEMM convs' regions only; another backend or a
+    compile mode gets none."""
+    from ttsbatch.engine import cfm_estimator
+
+    seen = {}
+
+    def fake_compile(fn, **kw):
+        seen[fn.__name__] = kw
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfm_estimator.regions(compile=True)
+    for name in cfm_estimator.REGIONS:
+        want = {"realize_reads_threshold": 1} if name in cfm_estimator.MM_REGIONS else None
+        assert seen[name].get("options") == want and seen[name].get("mode") is None
+    seen.clear()
+    cfm_estimator.regions(compile=True, mode="max-autotune-no-cudagraphs")
+    assert all("options" not in kw and kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen.values())
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_regions(model, caplog):
     """Where torch.compile cannot work (no Triton, a backend error), the estimator runs its
     regions eagerly with one warning, and the book goes on."""
