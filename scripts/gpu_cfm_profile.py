@@ -2,7 +2,7 @@
 """Where one S3Gen batch's GPU time goes, as the engine runs it (CUDA GPU), for each way of
 running the CFM estimator's convs (``BatchedS3Gen(conv=...)``).
 
-    python scripts/gpu_cfm_profile.py [--batch 64] [--tokens 100] [--spread 40] [--convs cudnn,gemm]
+    python scripts/gpu_cfm_profile.py [--batch 64] [--tokens 100] [--spread 40] [--convs native,gemm]
 
 A batch of book-like chunks (``--tokens`` +- ``--spread`` speech tokens, 25 a second, each
 with the built-in voice's prompt), the engine's defaults otherwise (regions and HiFiGAN
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=100, help="mean speech tokens per chunk (25/s; the book's chunks are ~4 s)")
     ap.add_argument("--spread", type=int, default=40)
-    ap.add_argument("--convs", default="cudnn,gemm")
+    ap.add_argument("--convs", default="native,gemm", help="BatchedS3Gen conv settings (native: cuDNN's convs)")
     ap.add_argument("--peak", type=float, default=989.0, help="bf16 dense TFLOP/s of the GPU")
     args = ap.parse_args()
 

@@ -123,7 +123,7 @@ def final(x, mask, cw, cb, nw, nb, pw, pb, eps: float):
     return F.conv1d((h * mask).to(pw.dtype), pw, pb).float() * mask
 
 
-# The convolutions as GEMMs (``conv="gemm"``, the default). A profile of one S3Gen batch on an
+# The convolutions as GEMMs (``conv="gemm"``, the default on CUDA). A profile of one S3Gen batch on an
 # H200 had the 120 mid-block resnets of its 10 steps take 118 ms, more than half of what the
 # 560 transformer-block tails took: cuDNN ran the convs at ~690 TFLOP/s, but its NCHW <-> NHWC
 # transposes and Inductor's kernels around the channels-first view took four fifths of the
@@ -353,13 +353,13 @@ class FusedEstimator:
         says what it takes: "o", ``block_out``'s own arguments; "x", the same with the
         residual already through the output projection (the ``block_proj`` region's result);
         "h", the ``block_norm3`` region's normalized rows and residual, then the
-        feed-forward's weights (``cfm_ffn.ffn``). ``conv``: the causal convs as convolutions
-        over a channels-first view ("cudnn") or as GEMMs over their shifted inputs, the stream
-        as flat rows ("gemm", the ``*_mm`` regions)."""
+        feed-forward's weights (``cfm_ffn.ffn``). ``conv``: the causal convs as the backend's own
+        convolutions over a channels-first view ("native": cuDNN, oneDNN on the CPU) or as GEMMs
+        over their shifted inputs, the stream as flat rows ("gemm", the ``*_mm`` regions)."""
         if ffn_input not in ("o", "x", "h"):
             raise ValueError(f"ffn_input must be 'o', 'x' or 'h', got {ffn_input!r}")
-        if conv not in ("cudnn", "gemm"):
-            raise ValueError(f"conv must be 'cudnn' or 'gemm', got {conv!r}")
+        if conv not in ("native", "gemm"):
+            raise ValueError(f"conv must be 'native' or 'gemm', got {conv!r}")
         self.est = est
         self.r = regions
         self.ffn, self.ffn_input = ffn, ffn_input

@@ -90,7 +90,7 @@ class FastEngine:
         s3gen_take: str = "full",
         t3_min_rows: int = 1,
         s3gen_join_late: bool = False,
-        s3gen_conv: str = "gemm",
+        s3gen_conv: str | None = None,
         stream_priority: str = "s3gen",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
@@ -159,10 +159,10 @@ class FastEngine:
         the store got the whole last collection at once and took 0.7-0.9 s longer after it, so
         the book did not gain: off until measured with ``s3gen_handoff="drain"``. ``s3gen_conv``:
         the CFM estimator's causal convs as GEMMs over their shifted inputs, the stream kept
-        as flat rows ("gemm", the default: ``cfm_estimator._conv_mm``), or through cuDNN over a
-        channels-first view ("cudnn"): on an H200 a batch of 64 book chunks' CFM took 615
-        instead of 688 ms, and S3Gen's thread launched a 2-hour book for 26.7-28.4 s instead
-        of 31.5-32.7 (twenty-third session). ``stream_priority``: with ``overlap``, whose CUDA
+        as flat rows ("gemm": ``cfm_estimator._conv_mm``), or as the backend's convolutions
+        over a channels-first view ("native"); None: "gemm" on CUDA, where on an H200 a batch
+        of 64 book chunks' CFM took 615 instead of 688 ms and S3Gen's thread launched a 2-hour
+        book for 26.7-28.4 s instead of 31.5-32.7 (twenty-third session), "native" on the CPU. ``stream_priority``: with ``overlap``, whose CUDA
         stream the GPU's scheduler favours: "s3gen" (S3Gen's the highest priority, T3's the
         lowest), "t3" (the other way round) or "same"; with the GEMM convs T3 finished the
         2-hour book at 31.9-32.9 s whatever S3Gen did and S3Gen waited 6.9-9.5 s for it
