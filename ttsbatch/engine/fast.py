@@ -87,11 +87,11 @@ class FastEngine:
         s3gen_bucket_frames: int | None = None,
         s3gen_handoff: str = "collection",
         s3gen_pack: bool | None = None,
-        s3gen_take: str = "full",
+        s3gen_take: str = "ready",
         t3_min_rows: int = 1,
         s3gen_join_late: bool = False,
         s3gen_conv: str | None = None,
-        stream_priority: str = "s3gen",
+        stream_priority: str = "t3",
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -104,11 +104,13 @@ class FastEngine:
         ``ttsbatch warmup`` persists the compiled code); ``compile_t3``: torch.compile T3's
         layers the same way (None: on CUDA); ``compile_vocoder``: HiFiGAN's upsampling stages
         the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
-        of its own, decoding the next chunks while S3Gen vocodes, S3Gen's stream of higher
-        priority than T3's (None: on CUDA);
-        ``compile_encoder``: S3Gen's flow encoder as one compiled region (off: exact and one
-        graph, but on an H100 it took S3Gen from 254.6x to 255.3x real time for 41 s more
-        compiling; ``scripts/gpu_s3gen.py --encoder-compiled``);
+        of its own, decoding the next chunks while S3Gen vocodes, the streams' priorities set
+        by ``stream_priority`` (None: on CUDA);
+        ``compile_encoder``: S3Gen's flow encoder as one compiled region, one graph for every
+        batch and bucket (off: on an H100 it took S3Gen alone from 254.6x to 255.3x real time,
+        ``scripts/gpu_s3gen.py --encoder-compiled``; in 2-hour books on an H200 it saved the
+        book 0.8-2.4 s, but loading its compiled code from the cache cost each process 3.5-6 s
+        more before its first chunk, twenty-fourth session);
         ``s3gen_attention``: the CFM estimator's attention kernel, "auto" (FlashAttention 4
         where flash-attn-4 is installed and runs: a Hopper GPU; else PyTorch's FA2), "fa2" or
         "fa4" (warning if it cannot run; ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM Euler step
@@ -142,8 +144,9 @@ class FastEngine:
         to ``s3gen_collect``, as soon as S3Gen is free and at least one batch's worth have
         finished (or T3 is done), so S3Gen does not wait for T3 while a batch's worth is
         there (a 2-hour book on an H200 waited 3.5-8.3 s for full collections, seventeenth
-        and eighteenth sessions); in steady state, with S3Gen the slower side, both make
-        full collections; "drain" is "full" until T3 has started every chunk and "ready" while its
+        and eighteenth sessions; with "ready" and ``stream_priority="t3"`` it waited 1.5 s and
+        the book took 36.8 s against 37.7 s, twenty-fourth session: the default); in steady
+        state, with S3Gen the slower side, both make full collections; "drain" is "full" until T3 has started every chunk and "ready" while its
         last rows drain (S3Gen then vocodes the last chunks while T3 finishes the others,
         instead of all of them after T3: a 20-minute book's last collection waited 1.0 s for
         T3's drain, twenty-first session). Without ``overlap`` all are "full". ``t3_min_rows``: T3's smallest
@@ -163,10 +166,11 @@ class FastEngine:
         over a channels-first view ("native"); None: "gemm" on CUDA, where on an H200 a batch
         of 64 book chunks' CFM took 615 instead of 688 ms and S3Gen's thread launched a 2-hour
         book for 26.7-28.4 s instead of 31.5-32.7 (twenty-third session), "native" on the CPU. ``stream_priority``: with ``overlap``, whose CUDA
-        stream the GPU's scheduler favours: "s3gen" (S3Gen's the highest priority, T3's the
-        lowest), "t3" (the other way round) or "same"; with the GEMM convs T3 finished the
-        2-hour book at 31.9-32.9 s whatever S3Gen did and S3Gen waited 6.9-9.5 s for it
-        (twenty-third session): "t3" is the measurement to make."""
+        stream the GPU's scheduler favours: "t3" (T3's the highest priority, S3Gen's the
+        lowest: the default), "s3gen" (the other way round) or "same". With the GEMM convs T3
+        bounds the book: with "s3gen" it finished a 2-hour book at 30.7-32.9 s and S3Gen waited
+        5-9.5 s for it (twenty-third and twenty-fourth sessions); with "t3" it finished at
+        29.5 s and the book took 37.0 s against 37.7 (one H200, twenty-fourth session)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -184,10 +188,11 @@ class FastEngine:
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
         self.collect = s3gen_collect or 4 * self.s3gen_batch
         self.overlap = cuda if overlap is None else overlap
-        # S3Gen is the critical path and T3 (bandwidth-bound, graphed) fills its gaps: S3Gen's
-        # work goes on a stream of the highest priority, T3's on one of the lowest, so the
-        # GPU's scheduler starts S3Gen's blocks first. On an H100 (2-hour book, T3 and S3Gen
-        # only, scripts/gpu_book_stages.py): 48.4 s with both at the same priority, 42.0 s so.
+        # The two models' streams at different priorities, so the GPU's scheduler starts the
+        # favoured one's blocks first. While S3Gen was the slower side, S3Gen's stream came
+        # first (an H100, 2-hour book, T3 and S3Gen only, scripts/gpu_book_stages.py: 48.4 s
+        # with both at the same priority, 42.0 s so); since S3Gen's convs are GEMMs T3 bounds
+        # the book, and T3 first finishes it sooner (stream_priority above).
         if stream_priority not in ("s3gen", "t3", "same"):
             raise ValueError(f"stream_priority must be 's3gen', 't3' or 'same', got {stream_priority!r}")
         self.stream_priority = stream_priority
