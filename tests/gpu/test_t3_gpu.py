@@ -260,6 +260,31 @@ def test_decode_steps_never_sync_with_the_host(model, conds, fast_bf16, no_host_
     assert int(st.step[:4].min()) == 9
 
 
+def test_refills_never_sync_with_the_host(model, conds, fast_bf16, no_host_sync):
+    """A refill (its prompts embedded, the eager prefill of many rows and the graphed one of
+    one row, the rows' state reset) queues its work without waiting for the GPU: in a book
+    beside S3Gen every blocking copy waited for T3's queued work and gave up the GIL."""
+    from ttsbatch.engine import t3_fast as tf
+
+    gen = GenerationOptions(ignore_eos=True)
+    f = fast_bf16
+    st = f.new_state(rows=4, max_len=512, max_new=64, pairs=2)
+    st.done.fill_(True)
+    reqs = [SynthesisRequest(t, i, 40) for i, t in enumerate(TEXTS[:4])]
+    again = [SynthesisRequest(t, 10 + i, 30) for i, t in enumerate(TEXTS[:4])]
+    with torch.inference_mode():
+        tf.prefill(f.w, st, [0, 1, 2, 3], [f.row_input(conds, r, gen, 2) for r in reqs])
+        f.prefill(st, [2], [f.row_input(conds, reqs[2], gen, 2)])  # captures its graph (syncs) here
+        f.step(st, 4, 512, False)
+        with no_host_sync():
+            inputs = [f.row_input(conds, r, gen, 2) for r in again]
+            tf.prefill(f.w, st, [0, 1, 2, 3], inputs)
+            f.prefill(st, [2], inputs[2:3])
+            f.step(st, 4, 512, False)
+    assert st.budget[:4].tolist() == [30] * 4 and st.step[:4].tolist() == [1] * 4
+    assert st.seed_lo[:4].tolist() == [tf.split_seed(10 + i)[0] for i in range(4)]
+
+
 def test_rows_from_free_memory_and_the_cap(model, conds):
     from ttsbatch.engine.t3_fast import FastT3
 

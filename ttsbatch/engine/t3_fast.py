@@ -77,6 +77,19 @@ GRAPHED_PREFILL_TOKENS = 2048
 FUSED_MAX_SEQS = 2
 
 
+def _staged(values: Sequence[Sequence[int]], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """Lists of numbers as one (len(values), n) tensor on ``dev``, copied from pinned host
+    memory without a host sync. ``torch.tensor(..., device="cuda")`` is a blocking copy that
+    waits for everything queued on the stream (PyTorch's ``memcpy_and_sync``); a refill made
+    ~10 of them, the first waiting for the whole prefill, and in a book each wait also handed
+    the GIL to S3Gen's thread (T3's refills took 7.4-10.1 s of its host time in a 2-hour book
+    on an H200, twenty-fourth session)."""
+    t = torch.tensor(values, dtype=dtype)
+    if dev.type == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)
+    return t
+
+
 def _prefill_pad(n: int, dev: torch.device) -> int:
     """The padded length of an eager prefill of ``n`` positions: a multiple of 16 on CUDA
     (whole tiles; the compiled layers take any length), ``n`` on the CPU."""
@@ -392,8 +405,7 @@ def _prefill_group(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: S
     x = torch.zeros(n, Lmax, w.dim, dtype=torch.float32, device=dev)
     for i, inp in enumerate(inputs):
         x[i * P : (i + 1) * P, : inp.embeds.shape[1]] = inp.embeds
-    seq_idx = torch.tensor([r * P + j for r in rows for j in range(P)], dtype=torch.int64, device=dev)
-    length = torch.tensor(lens, dtype=torch.int64, device=dev)
+    seq_idx, length = _staged([[r * P + j for r in rows for j in range(P)], lens], torch.int64, dev)
     prefill_layers(w, st, x, seq_idx, length)
 
 
@@ -431,18 +443,20 @@ def prefill_layers(w: T3Weights, st: DecodeState, x: torch.Tensor, seq_idx: torc
 
 def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequence[RowInput]) -> None:
     """Reset the per-row state of ``rows`` for their new sentences."""
-    dev = w.device
-    idx = torch.tensor(list(rows), dtype=torch.int64, device=dev)
-    st.step[idx] = 0
-    st.budget[idx] = torch.tensor([x.budget for x in inputs], dtype=torch.int64, device=dev)
-    st.ignore_eos[idx] = torch.tensor([x.ignore_eos for x in inputs], dtype=torch.bool, device=dev)
+    dev, P = w.device, st.pairs
     seeds = [split_seed(int(x.seed)) for x in inputs]
-    st.seed_lo[idx] = torch.tensor([s[0] for s in seeds], dtype=torch.int64, device=dev)
-    st.seed_hi[idx] = torch.tensor([s[1] for s in seeds], dtype=torch.int64, device=dev)
+    idx, budget, ignore_eos, seed_lo, seed_hi = _staged(
+        [list(rows), [int(x.budget) for x in inputs], [int(x.ignore_eos) for x in inputs],
+         [s[0] for s in seeds], [s[1] for s in seeds]], torch.int64, dev)
+    seqs, shared = _staged([[r * P + j for r in rows for j in range(P)],
+                            [x.shared[j] if x.shared else 0 for x in inputs for j in range(P)]], torch.int64, dev)
+    st.step[idx] = 0
+    st.budget[idx] = budget
+    st.ignore_eos[idx] = ignore_eos.bool()
+    st.seed_lo[idx] = seed_lo
+    st.seed_hi[idx] = seed_hi
     st.seen[idx] = False
-    P = st.pairs
-    seqs = torch.tensor([r * P + j for r in rows for j in range(P)], dtype=torch.int64, device=dev)
-    st.shared[seqs] = torch.tensor([x.shared[j] if x.shared else 0 for x in inputs for j in range(P)], dtype=torch.int32, device=dev)
+    st.shared[seqs] = shared.to(torch.int32)
     st.seen[idx, w.t3.hp.start_speech_token] = True  # stock's generated_ids start with BOS
     st.out[idx] = 0
     st.tokens[idx] = 0
@@ -452,7 +466,7 @@ def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequ
         by_gen.setdefault(id(x.gen), []).append(r)
     gens = {id(x.gen): x.gen for x in inputs}
     for key, rs in by_gen.items():
-        st.params.set_rows(torch.tensor(rs, dtype=torch.int64, device=dev), gens[key])
+        st.params.set_rows(idx if len(by_gen) == 1 else _staged([rs], torch.int64, dev)[0], gens[key])
     st.done[idx] = False
 
 
@@ -619,10 +633,10 @@ def cond_embedding(t3, t3_cond) -> torch.Tensor:
 def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: int) -> torch.Tensor:
     """The prefill of one sentence: (pairs, L, D) fp32, stock's layout (see the module docstring)."""
     with torch.inference_mode():
-        tt = text_tokens.to(device=t3.device, dtype=torch.long)[None]  # (1, T)
+        tt = _staged([text_tokens.tolist()], torch.long, t3.device)  # (1, T), no host sync
         te = t3.text_emb(tt)[0]
         tpos = t3.text_pos_emb(tt)  # (T, D): positions 0..T-1
-        bos = torch.tensor([[t3.hp.start_speech_token]], device=t3.device)
+        bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
         bos_e = (t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0))[0]  # (1, D)
         rows = [torch.cat([cond_emb, te + tpos, bos_e, bos_e])]
         if pairs == 2:
@@ -953,8 +967,8 @@ class FastT3:
             x[n * P :].view(b - n, P, Lmax, -1).copy_(x[(n - 1) * P : n * P][None].expand(b - n, -1, -1, -1))
         pad = [rows[-1]] * (b - n)
         lens = [inp.embeds.shape[1] for inp in inputs] + [inputs[-1].embeds.shape[1]] * (b - n)
-        meta.copy_(torch.tensor([[r * P + j for r in list(rows) + pad for j in range(P)],
-                                 [L for L in lens for _ in range(P)]], dtype=torch.int64))
+        meta.copy_(_staged([[r * P + j for r in list(rows) + pad for j in range(P)],
+                            [L for L in lens for _ in range(P)]], torch.int64, self.device))
         if entry is None:
             run = functools.partial(prefill_layers, self.w, st, x, meta[0], meta[1])
             what = f"prefill of {b} rows x {Lmax} positions"
@@ -1087,7 +1101,7 @@ class FastT3:
                 return []
             count = {s: steps_now[s] for s in finished}
             width = max(count.values())
-            got = st.out[torch.tensor(finished, device=self.device), :width].cpu()
+            got = st.out[_staged([finished], torch.int64, self.device)[0], :width].cpu()
             out = []
             for j, s in enumerate(finished):
                 i = slot_req[s]
