@@ -1035,6 +1035,7 @@ class FastT3:
         rows = max_rows or self.pick_rows(need, pairs, max_vram_gb, len(requests))
         rows = max(1, min(rows, len(requests)))
         use_top_p = gen.top_p < 1.0
+        cuda = self.device.type == "cuda"
         self.rows_used = rows
         st = self.new_state(rows, need, max_new, pairs, eos)
         self._ensure_template(st, conds, max(len(x) for x in ids))
@@ -1090,22 +1091,24 @@ class FastT3:
             for s in live:
                 slot_pos[s] += k
                 slot_left[s] -= k
-            # One host sync per k steps: which rows are done, and how far they got.
+            # One host sync per k steps: which rows are done, how far they got, and their
+            # tokens so far (all rows' up to the most steps launched for any: ~0.1 ms of copy
+            # at 256 rows, where fetching the finished rows' after the look was a second sync)
             # (as lists: indexing the tensor element by element cost ~0.6 ms a check at 256 rows)
             t0 = time.perf_counter()
-            done_now, steps_now = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).cpu().tolist()
+            width = min(st.out.shape[1], max(int(requests[slot_req[s]].budget) - slot_left[s] for s in live))
+            flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).to("cpu", non_blocking=cuda)
+            tokens = st.out[:n, :width].to("cpu", non_blocking=cuda)
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            done_now, steps_now = flags.tolist()
             self.stats["look_wait_s"] += time.perf_counter() - t0
             self.stats["host_checks"] += 1
             finished = [s for s in live if done_now[s]]
-            if not finished:
-                return []
-            count = {s: steps_now[s] for s in finished}
-            width = max(count.values())
-            got = st.out[_staged([finished], torch.int64, self.device)[0], :width].cpu()
             out = []
-            for j, s in enumerate(finished):
+            for s in finished:
                 i = slot_req[s]
-                out.append((i, _tokens_without_eos(got[j, : count[s]].tolist(), eos, gen.ignore_eos)))
+                out.append((i, _tokens_without_eos(tokens[s, : steps_now[s]].tolist(), eos, gen.ignore_eos)))
                 slot_req[s] = None
                 self.trace.append(("finish", i, s))
             return out
