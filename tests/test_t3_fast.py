@@ -684,6 +684,24 @@ def test_fast_engine_taking_the_draining_chunks_as_they_come_equals_sequential(m
         np.testing.assert_allclose(got[i].wav, seq[i].wav, rtol=0, atol=1e-5 * max(scale, 1e-6))
 
 
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_steps_launched_past_a_look_change_no_tokens(conds, fast, ahead):
+    """``look_ahead`` steps are queued after a look's copies: rows done by the look are
+    harvested from the look's copy (not from the steps after it), rows finishing in those
+    steps at the next look, and no row runs past its budget."""
+    gen = GenerationOptions(ignore_eos=False)
+    reqs = [SynthesisRequest(f"Sentence number {i} here.", 300 + i, 2 + (5 * i) % 11) for i in range(9)]
+    plain = dict(fast.generate(conds, reqs, gen, max_rows=3, check_every=4, sort=False, refill_min=1))
+    got = dict(fast.generate(conds, reqs, gen, max_rows=3, check_every=4, sort=False, refill_min=1, look_ahead=ahead))
+    assert got == plain
+    assert all(len(got[i]) <= reqs[i].budget for i in range(9))
+    assert sorted(e[1] for e in fast.trace if e[0] == "finish") == list(range(9))
+    aheads = [e[1] for e in fast.trace if e[0] == "ahead"]
+    assert aheads and max(aheads) == ahead  # it did queue steps past looks, never more than asked
+    with pytest.raises(ValueError, match="look_ahead"):
+        list(fast.generate(conds, reqs, gen, look_ahead=-1))
+
+
 def test_refills_wait_for_refill_min_free_rows_and_tokens_do_not_change(conds, fast):
     """Rows are refilled in groups of ``refill_min`` (fewer prefills); a request's tokens do not
     depend on when it started."""

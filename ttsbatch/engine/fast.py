@@ -92,6 +92,7 @@ class FastEngine:
         s3gen_join_late: bool = False,
         s3gen_conv: str | None = None,
         stream_priority: str = "t3",
+        t3_look_ahead: int = 0,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -170,7 +171,10 @@ class FastEngine:
         lowest: the default), "s3gen" (the other way round) or "same". With the GEMM convs T3
         bounds the book: with "s3gen" it finished a 2-hour book at 30.7-32.9 s and S3Gen waited
         5-9.5 s for it (twenty-third and twenty-fourth sessions); with "t3" it finished at
-        29.5 s and the book took 37.0 s against 37.7 (one H200, twenty-fourth session)."""
+        29.5 s and the book took 37.0 s against 37.7 (one H200, twenty-fourth session).
+        ``t3_look_ahead``: T3 decode steps queued after each host look's copies and before its
+        wait (``FastT3.generate``'s ``look_ahead``), so T3's stream is not idle while its
+        thread harvests, refills and launches (0: none, until measured)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -183,6 +187,7 @@ class FastEngine:
         self.max_vram_gb = max_vram_gb
         self.check_every = check_every
         self.t3_min_rows = max(1, int(t3_min_rows))
+        self.t3_look_ahead = int(t3_look_ahead)
         self.t3 = FastT3(model, use_graphs=use_graphs, compile_layers=compile_t3)
         cuda = self.t3.device.type == "cuda"
         self.s3gen_batch = s3gen_batch or (64 if cuda else 8)
@@ -274,6 +279,7 @@ class FastEngine:
             max_vram_gb=self.t3_vram_gb,
             sort=False,  # the caller's order (document order): chunks finish about when the track needs them
             min_rows=self.t3_min_rows,
+            look_ahead=self.t3_look_ahead,
         )
 
     def _finished(self, requests, conds, gen) -> Iterator[tuple[int, list[int]]]:

@@ -995,6 +995,7 @@ class FastT3:
         eos_token: int | None = None,
         refill_min: int | None = None,
         min_rows: int = 1,
+        look_ahead: int = 0,
     ) -> Iterator[tuple[int, list[int]]]:
         """Speech tokens for every request, yielded as ``(request index, tokens)`` when each is done.
 
@@ -1007,13 +1008,18 @@ class FastT3:
         enough of them for a refill, runs out sooner: :func:`_steps_to_run`). Once nothing is
         left to start, live rows are compacted into smaller batches (:func:`row_buckets`),
         none smaller than ``min_rows``: each new batch size is a graph to capture, and the
-        rows' tokens do not depend on it.
+        rows' tokens do not depend on it. ``look_ahead``: decode steps launched after a look's
+        copies and before its wait, so T3's stream has work queued while the host harvests,
+        refills and launches the next steps (a row that finished by the look idles through
+        them; rows that finish in them are harvested at the next look).
         """
         check_options(gen)
         if not requests:
             return
         if check_every < 1:
             raise ValueError("check_every must be >= 1")
+        if look_ahead < 0:
+            raise ValueError("look_ahead must be >= 0")
         t3 = self.model.t3
         hp = t3.hp
         pairs = 2 if gen.cfg_weight > 0 else 1
@@ -1076,7 +1082,9 @@ class FastT3:
             live = [s for s in range(rows) if slot_req[s] is not None]
             n = _bucket(max(live) + 1, buckets)
             k = _steps_to_run(sorted(slot_left[s] for s in live), check_every, rows - len(live), min(refill_min, len(queue)) if queue else None)
-            kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k, kv_step))
+            # steps past the look: none once every live row's budget runs out by it
+            ahead = max(0, min(look_ahead, max(slot_left[s] for s in live) - k))
+            kv_len = min(kv_cap, _round_up(max(slot_pos[s] for s in live) + k + ahead, kv_step))
             t0 = time.perf_counter()
             for _ in range(k):
                 self.step(st, n, kv_len, use_top_p)
@@ -1098,7 +1106,19 @@ class FastT3:
             t0 = time.perf_counter()
             width = min(st.out.shape[1], max(int(requests[slot_req[s]].budget) - slot_left[s] for s in live))
             flags = torch.stack([st.done[:n].to(torch.int64), st.step[:n]]).to("cpu", non_blocking=cuda)
-            tokens = st.out[:n, :width].to("cpu", non_blocking=cuda)
+            tokens = st.out[:n, :width].to("cpu", non_blocking=cuda, copy=True)  # a copy on the CPU too: steps may follow
+            if ahead:
+                t1 = time.perf_counter()
+                for _ in range(ahead):
+                    self.step(st, n, kv_len, use_top_p)
+                self.stats["steps"] += ahead
+                self.stats["row_steps"] += ahead * len(live)
+                for s in live:
+                    slot_pos[s] += ahead
+                    slot_left[s] -= ahead
+                self.stats["step_launch_s"] += time.perf_counter() - t1
+                t0 += time.perf_counter() - t1
+                self.trace.append(("ahead", ahead))
             if cuda:
                 torch.cuda.current_stream(self.device).synchronize()
             done_now, steps_now = flags.tolist()
