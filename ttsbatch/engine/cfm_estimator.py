@@ -409,56 +409,41 @@ class FusedEstimator:
         return h
 
     def __call__(self, x, mask, t, attend):
-        """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32."""
+        """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32.
+
+        With ``conv="native"`` the stream between regions is (B, T, C); with "gemm" it is
+        (B * T, C) rows from the first resnet to the last conv, and the GEMM convs' regions
+        (``*_mm``) take ``rows_aux``'s tensors after the mask."""
         est, r = self.est, self.r
         temb = est.time_mlp(est.time_embeddings(t).to(t.dtype))  # (B, 1024), tiny: stock modules
         if self.conv == "gemm":
-            return self._rows(x, mask, temb, attend)
-        rw, blocks, conv = self.down
-        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0))
-        x = r.resnet_down(x, mask, temb, *rw.args, eps=rw.eps)
-        skip = self._blocks(blocks, x, attend)
-        r.dyn((skip, 0, 1))
-        x = r.causal_conv(skip, mask, *conv)
-        for rw, blocks in self.mid:
-            r.dyn((x, 0, 1))
-            x = r.resnet_mid(x, mask, temb, *rw.args, eps=rw.eps)
-            x = self._blocks(blocks, x, attend)
-        rw, blocks, conv = self.up
+            keep, rows_b = rows_aux(x.shape[0], x.shape[2], self.taps, self.dtype, x.device)
+            resnet_aux, conv_aux, aux_marks, stream_dims = (keep, rows_b), (keep,), ((keep, 0), (rows_b, 0)), (0,)
+            resnet_down, resnet_mid, resnet_up = r.resnet_down_mm, r.resnet_mid_mm, r.resnet_up_mm
+            causal_conv, final, blocks = r.causal_conv_mm, r.final_mm, self._row_blocks
+        else:
+            resnet_aux, conv_aux, aux_marks, stream_dims = (), (), (), (0, 1)
+            resnet_down, resnet_mid, resnet_up = r.resnet_down, r.resnet_mid, r.resnet_up
+            causal_conv, final, blocks = r.causal_conv, r.final, self._blocks
+        rw, tbs, conv = self.down
+        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0), *aux_marks)
+        x = resnet_down(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
+        skip = blocks(tbs, x, attend)
+        r.dyn((skip, *stream_dims))
+        x = causal_conv(skip, mask, *conv_aux, *conv)
+        for rw, tbs in self.mid:
+            r.dyn((x, *stream_dims))
+            x = resnet_mid(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
+            x = blocks(tbs, x, attend)
+        rw, tbs, conv = self.up
         x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
-        r.dyn((x, 0, 1))
-        x = r.resnet_up(x, mask, temb, *rw.args, eps=rw.eps)
-        x = self._blocks(blocks, x, attend)
-        r.dyn((x, 0, 1))
-        x = r.causal_conv(x, mask, *conv)
-        r.dyn((x, 0, 1))
-        return r.final(x, mask, *self.final, eps=self.final_eps)
-
-    def _rows(self, x, mask, temb, attend):
-        """``__call__`` with the convs as GEMMs (``conv="gemm"``): the stream as (B * T, C) rows
-        from the first resnet to the last conv."""
-        r = self.r
-        B, _, T = x.shape
-        keep, rows_b = rows_aux(B, T, self.taps, self.dtype, x.device)
-        rw, blocks, conv = self.down
-        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0), (keep, 0), (rows_b, 0))
-        x = r.resnet_down_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
-        skip = self._row_blocks(blocks, x, attend)
-        r.dyn((skip, 0))
-        x = r.causal_conv_mm(skip, mask, keep, *conv)
-        for rw, blocks in self.mid:
-            r.dyn((x, 0))
-            x = r.resnet_mid_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
-            x = self._row_blocks(blocks, x, attend)
-        rw, blocks, conv = self.up
-        x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
-        r.dyn((x, 0))
-        x = r.resnet_up_mm(x, mask, keep, rows_b, temb, *rw.args, eps=rw.eps)
-        x = self._row_blocks(blocks, x, attend)
-        r.dyn((x, 0))
-        x = r.causal_conv_mm(x, mask, keep, *conv)
-        r.dyn((x, 0))
-        return r.final_mm(x, mask, keep, *self.final, eps=self.final_eps)
+        r.dyn((x, *stream_dims))
+        x = resnet_up(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
+        x = blocks(tbs, x, attend)
+        r.dyn((x, *stream_dims))
+        x = causal_conv(x, mask, *conv_aux, *conv)
+        r.dyn((x, *stream_dims))
+        return final(x, mask, *conv_aux, *self.final, eps=self.final_eps)
 
 
 def sdpa_attend(bias: torch.Tensor, B: int, T: int):

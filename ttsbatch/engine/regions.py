@@ -83,6 +83,8 @@ class _Guarded:
     def __call__(self, *args, **kwargs):
         if self.proven:
             return self.compiled(*args, **kwargs)
+        if not self.regions.compiled:  # another region's failure made them all eager (a caller may hold this one)
+            return self.eager(*args, **kwargs)
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # a compiler failure (Triton missing, a backend error, ...)
