@@ -312,18 +312,24 @@ def _estimator_case(g, B, T):
 
 
 @pytest.mark.parametrize("conv", ["native", "gemm"])
-def test_fused_estimator_matches_the_stock_decoder(model, conv):
+def test_fused_estimator_matches_the_stock_decoder(model, conv, monkeypatch):
     """The CFM estimator as pure functions (cfm_estimator: prepared weights, q/k/v as one
     GEMM, the stream in rows layout) against chatterbox's ``ConditionalDecoder.forward``,
     fp32, padded rows of mixed lengths: max abs diff <= 1e-5 (outputs up to ~4); the causal
-    convs as convolutions or as GEMMs over their shifted inputs (``conv="gemm"``)."""
+    convs as convolutions or as GEMMs over their shifted inputs (``conv="gemm"``), whose row
+    tensors are made once for each run of calls of one shape (a batch's Euler steps)."""
+    from ttsbatch.engine import cfm_estimator
     from ttsbatch.engine.s3gen_batched import attention_bias
 
+    made = []
+    real_rows_aux = cfm_estimator.rows_aux
+    monkeypatch.setattr(cfm_estimator, "rows_aux", lambda B, T, *a: made.append((B, T)) or real_rows_aux(B, T, *a))
     est = model.s3gen.flow.decoder.estimator
     bs = BatchedS3Gen(model, conv=conv)
     assert bs.fused is not None and bs.fused.conv == conv  # the checkpoint has the configuration chatterbox-tts ships
     g = torch.Generator().manual_seed(3)
-    for B, T in ((1, 24), (3, 40), (4, 57)):
+    shapes = ((1, 24), (3, 40), (3, 40), (4, 57), (1, 24))
+    for B, T in shapes:
         args, packed = _estimator_case(g, B, T)
         mask = args[1]
         with torch.inference_mode():
@@ -332,6 +338,7 @@ def test_fused_estimator_matches_the_stock_decoder(model, conv):
         assert got.shape == ref.shape == (B, 80, T)
         assert (got - ref).abs().max().item() <= 1e-5
         assert ref.abs().max().item() > 0.5
+    assert made == ([(1, 24), (3, 40), (4, 57), (1, 24)] if conv == "gemm" else [])
 
 
 @pytest.mark.parametrize("conv", ["native", "gemm"])

@@ -384,6 +384,21 @@ class FusedEstimator:
         if g and len(sizes) != 1:
             raise ValueError(f"conv='gemm' needs one kernel size for the estimator's causal convs, found {sorted(sizes)}")
         self.taps = sizes.pop() if sizes else 1
+        self._aux = None  # ((B, T, device, stream), rows_aux's tensors) of the last call
+
+    def _rows_aux(self, B: int, T: int, device):
+        """:func:`rows_aux`, kept for the last (B, T): a batch's 10 Euler steps share it (six
+        launches a step from S3Gen's launch-bound thread). Under a CUDA graph capture they are
+        made afresh and not kept: the graph owns them (a kept pair is freed when the next
+        shape replaces it, under a graph that would still read it)."""
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return rows_aux(B, T, self.taps, self.dtype, device)
+        # and per stream: a pair made on one stream and freed after use on another could be
+        # reused by the first while the second still reads it
+        key = (B, T, device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+        if self._aux is None or self._aux[0] != key:
+            self._aux = (key, rows_aux(B, T, self.taps, self.dtype, device))
+        return self._aux[1]
 
     def _blocks(self, blocks, x, attend):
         """Transformer blocks over the (B, T, C) stream, as (B * T, C) rows."""
@@ -417,7 +432,7 @@ class FusedEstimator:
         est, r = self.est, self.r
         temb = est.time_mlp(est.time_embeddings(t).to(t.dtype))  # (B, 1024), tiny: stock modules
         if self.conv == "gemm":
-            keep, rows_b = rows_aux(x.shape[0], x.shape[2], self.taps, self.dtype, x.device)
+            keep, rows_b = self._rows_aux(x.shape[0], x.shape[2], x.device)
             resnet_aux, conv_aux, aux_marks, stream_dims = (keep, rows_b), (keep,), ((keep, 0), (rows_b, 0)), (0,)
             resnet_down, resnet_mid, resnet_up = r.resnet_down_mm, r.resnet_mid_mm, r.resnet_up_mm
             causal_conv, final, blocks = r.causal_conv_mm, r.final_mm, self._row_blocks
