@@ -637,7 +637,8 @@ def prompt_embeds(t3, cond_emb: torch.Tensor, text_tokens: torch.Tensor, pairs: 
         te = t3.text_emb(tt)[0]
         tpos = t3.text_pos_emb(tt)  # (T, D): positions 0..T-1
         bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
-        bos_e = (t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0))[0]  # (1, D)
+        # position 0's embedding: stock's get_fixed_embedding(0), without its blocking torch.tensor(0, device=...)
+        bos_e = t3.speech_emb(bos)[0] + t3.speech_pos_emb.emb.weight[:1]  # (1, D)
         rows = [torch.cat([cond_emb, te + tpos, bos_e, bos_e])]
         if pairs == 2:
             rows.append(torch.cat([cond_emb, torch.zeros_like(te) + tpos, bos_e, bos_e]))
