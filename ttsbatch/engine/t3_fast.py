@@ -886,9 +886,11 @@ class FastT3:
         cur = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(cur)
+        runs = []  # the host seconds of each warm-up run, then of the capture (in the log's line)
         with torch.cuda.stream(stream):
             for _ in range(2):
                 run()
+                runs.append(time.perf_counter())
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -902,7 +904,8 @@ class FastT3:
                 run()
         finally:
             cur.wait_stream(stream)  # the warm-up runs' writes come before the replays
-        self._captured(t0, what)
+        laps = [b - a for a, b in zip([t0, *runs], [*runs, time.perf_counter()])]
+        self._captured(t0, f"{what} (runs {laps[0]:.3f} + {laps[1]:.3f} s, capture {laps[2]:.3f} s)")
         return graph.replay
 
     def _captured(self, t0: float, what: str) -> None:
