@@ -450,16 +450,18 @@ def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequ
          [s[0] for s in seeds], [s[1] for s in seeds]], torch.int64, dev)
     seqs, shared = _staged([[r * P + j for r in rows for j in range(P)],
                             [x.shared[j] if x.shared else 0 for x in inputs for j in range(P)]], torch.int64, dev)
-    st.step[idx] = 0
+    # A constant goes in with index_fill_, never as ``t[idx] = 0``: advanced-index assignment
+    # of a Python scalar copies it to the GPU first, a blocking copy (the refill GPU test).
+    st.step.index_fill_(0, idx, 0)
     st.budget[idx] = budget
     st.ignore_eos[idx] = ignore_eos.bool()
     st.seed_lo[idx] = seed_lo
     st.seed_hi[idx] = seed_hi
-    st.seen[idx] = False
+    st.seen.index_fill_(0, idx, False)
     st.shared[seqs] = shared.to(torch.int32)
-    st.seen[idx, w.t3.hp.start_speech_token] = True  # stock's generated_ids start with BOS
-    st.out[idx] = 0
-    st.tokens[idx] = 0
+    st.seen[:, w.t3.hp.start_speech_token].index_fill_(0, idx, True)  # stock's generated_ids start with BOS
+    st.out.index_fill_(0, idx, 0)
+    st.tokens.index_fill_(0, idx, 0)
     # Options: one GenerationOptions per call in practice; grouped so any mix works.
     by_gen: dict[int, list[int]] = {}
     for r, x in zip(rows, inputs):
@@ -467,7 +469,7 @@ def _start_rows(w: T3Weights, st: DecodeState, rows: Sequence[int], inputs: Sequ
     gens = {id(x.gen): x.gen for x in inputs}
     for key, rs in by_gen.items():
         st.params.set_rows(idx if len(by_gen) == 1 else _staged([rs], torch.int64, dev)[0], gens[key])
-    st.done[idx] = False
+    st.done.index_fill_(0, idx, False)
 
 
 def record_tokens(st: DecodeState, n: int, tok: torch.Tensor) -> None:
