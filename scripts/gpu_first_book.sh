@@ -16,3 +16,5 @@ WARMUP=0 SENTENCES=1 bash scripts/gpu_book_ab.sh "first:" "${@}"
 find "$TTSBATCH_CACHE_DIR" -type f -newer /tmp/first_book.mark -printf '%s\t%P\n' | sort -k2 > "$OUT/first_book_new.txt"
 echo "files the book runs added to $TTSBATCH_CACHE_DIR: $(wc -l < "$OUT/first_book_new.txt")"
 grep -v "/work/\|voices/" "$OUT/first_book_new.txt" | head -40
+# the driver's PTX JIT cache (a kernel without code for this GPU compiles once per machine)
+echo "driver JIT cache files added: $(find "$HOME/.nv" /tmp -maxdepth 4 -path '*ComputeCache*' -type f -newer /tmp/first_book.mark 2>/dev/null | wc -l)"
