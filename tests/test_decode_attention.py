@@ -117,6 +117,47 @@ def test_kernel_in_bf16_within_rounding(kernel):
     assert torch.equal(k_cache, kr) and torch.equal(v_cache, vr)
 
 
+@pytest.mark.parametrize("template", [False, True], ids=["", "template"])
+@pytest.mark.parametrize("rope", [False, True], ids=["", "rope"])
+def test_one_kernel_signature_whatever_the_split_count(kernel, monkeypatch, rope, template):
+    """Triton compiles a kernel per signature, each pointer's dtype in it, and the split count
+    is a plain argument: a step with one split (many rows, as in a book) and one with many
+    (few rows, as in the warm-up) must pass the same dtypes, unused buffers included. With
+    bf16 `out` standing in for the fp32 split buffers, a machine's first book compiled a
+    kernel the warm-up had not: 1.5-2.0 s on its first step (H100, twenty-seventh session)."""
+    real = kernel._attend_split
+    signatures = []
+
+    class Spy:  # records what the kernel is launched with, then launches it
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                signatures.append((grid[1], tuple(a.dtype if torch.is_tensor(a) else type(a).__name__ for a in args)))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernel, "_attend_split", Spy())
+    g = torch.Generator().manual_seed(3)
+    S, H, D, L = 2, 4, 64, 256
+    k_cache, v_cache = (torch.randn(S, H, L, D, generator=g).bfloat16() for _ in range(2))
+    q, k_new, v_new = (torch.randn(S, H, 1, D, generator=g).bfloat16() for _ in range(3))
+    pos = torch.tensor([255, 40])
+    extra = {}
+    if rope:
+        extra["rope"] = (torch.randn(L, D, generator=g), torch.randn(L, D, generator=g))
+    if template:
+        tk, tv = (torch.randn(H, 64, D, generator=g).bfloat16() for _ in range(2))
+        extra["template"] = (tk, tv, torch.tensor([10, 0], dtype=torch.int32))
+    outs = []
+    for target in (2048, 1):  # many splits, then one
+        monkeypatch.setattr(kernel, "TARGET_PROGRAMS", target)
+        outs.append(kernel.attend_and_cache(q, k_new.clone(), v_new.clone(), k_cache.clone(), v_cache.clone(), pos, L, D**-0.5, **extra))
+    (many, sig_many), (one, sig_one) = signatures
+    assert many > 1 and one == 1
+    assert sig_one == sig_many
+    assert (outs[0].float() - outs[1].float()).abs().max().item() <= 1e-2  # the same attention either way (bf16 output)
+
+
 def test_splits_spread_few_sequences_over_the_keys(kernel):
     B = kernel.BLOCK_N
     assert kernel.splits_for(2, 16, 8 * B) == 8  # batch 1 (a CFG pair): a block of keys per program

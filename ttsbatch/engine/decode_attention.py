@@ -197,6 +197,11 @@ def splits_for(seqs: int, heads: int, kv_len: int) -> int:
     return n
 
 
+def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A pointer argument the kernel will not read, of the dtype it has when it does."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale: float, rope=None, template=None) -> torch.Tensor:
     """Write ``k_new``/``v_new`` into the caches at ``pos`` and attend: out (S, H, 1, D).
 
@@ -217,25 +222,31 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
     nsplit = splits_for(S, H, kv_len)
     chunk = -(-kv_len // nsplit)
     chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    # Arguments a call does not use get placeholders of the dtypes they have when used:
+    # Triton compiles one kernel per signature, pointer dtypes included, so `out` (bf16) in
+    # place of the split buffers (fp32) made one split (a book's first step at ~200 rows) a
+    # kernel of its own that the warm-up (few rows, many splits) never compiled: 1.5-2.0 s
+    # in a machine's first book (BENCHMARKS.md, twenty-seventh session).
     if nsplit > 1:
         op = torch.empty((S * H * nsplit, D), dtype=torch.float32, device=q.device)
         mp = torch.empty((S * H * nsplit,), dtype=torch.float32, device=q.device)
         lp = torch.empty_like(mp)
     else:
-        op = mp = lp = out  # unused
+        op = mp = lp = _placeholder(torch.float32, q.device)  # unused
     if rope is not None:
         cos, sin = rope
         if cos.shape[-1] != D or not (cos.is_contiguous() and sin.is_contiguous()):
             raise ValueError("attend_and_cache: the rope tables must be contiguous (L, head_dim)")
     else:
-        cos = sin = q  # unused
+        cos = sin = _placeholder(torch.float32, q.device)  # unused
     if template is not None:
         tk, tv, shared = template
         if tk.shape[0] != H or tk.shape[-1] != D or tk.stride(-1) != 1 or tk.stride() != tv.stride():
             raise ValueError("attend_and_cache: the template must be (heads, L, head_dim), laid out alike, head dim contiguous")
         st_h, st_l = tk.stride(0), tk.stride(1)
     else:
-        tk = tv = shared = q  # unused
+        tk = tv = k_cache  # unused
+        shared = _placeholder(torch.int32, q.device)
         st_h = st_l = 0
     launch = pdl.launch_options(q.device)
     _attend_split[(S * H, nsplit)](
