@@ -245,7 +245,7 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
             raise ValueError("attend_and_cache: the template must be (heads, L, head_dim), laid out alike, head dim contiguous")
         st_h, st_l = tk.stride(0), tk.stride(1)
     else:
-        tk = tv = k_cache  # unused
+        tk = tv = _placeholder(k_cache.dtype, q.device)  # unused (small: Triton's interpreter copies every tensor argument)
         shared = _placeholder(torch.int32, q.device)
         st_h = st_l = 0
     launch = pdl.launch_options(q.device)
