@@ -32,6 +32,8 @@ this kernel there under Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -197,8 +199,11 @@ def splits_for(seqs: int, heads: int, kv_len: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)
 def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A pointer argument the kernel will not read, of the dtype it has when it does."""
+    """A pointer argument the kernel will not read, of the dtype it has when it does: one
+    element (Triton's interpreter copies every tensor argument), made once per dtype and
+    device, not at every layer of every step (never read or written, so any stream may pass it)."""
     return torch.empty(1, dtype=dtype, device=device)
 
 
@@ -245,7 +250,7 @@ def attend_and_cache(q, k_new, v_new, k_cache, v_cache, pos, kv_len: int, scale:
             raise ValueError("attend_and_cache: the template must be (heads, L, head_dim), laid out alike, head dim contiguous")
         st_h, st_l = tk.stride(0), tk.stride(1)
     else:
-        tk = tv = _placeholder(k_cache.dtype, q.device)  # unused (small: Triton's interpreter copies every tensor argument)
+        tk = tv = _placeholder(k_cache.dtype, q.device)  # unused
         shared = _placeholder(torch.int32, q.device)
         st_h = st_l = 0
     launch = pdl.launch_options(q.device)
