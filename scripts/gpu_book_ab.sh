@@ -51,5 +51,12 @@ print(f"{sys.argv[2]:>10} [{sys.argv[3]}]: wall {f['wall_s']} s, {f['x_realtime'
 # S3Gen's thread span by span, and T3's captures during the book (seconds from the book's start)
 print("    spans: " + " | ".join(f"{w} {a:.2f}-{b:.2f} ({n})" for w, a, b, n in spans))
 print("    T3 captures: " + " | ".join(f"{a:.2f}-{b:.2f} {w}" for a, b, w in captures))
+tr = f.get("gpu_trace")  # --gpu-trace: busy from every kernel the GPU ran, and where its time went
+if tr:
+    print(f"    trace: busy {tr['busy']} over {tr.get('window_s')} s ({tr.get('window')}, clock skew {tr.get('clock_skew_s')} s), {tr['activities']} activities")
+    for s, v in (tr.get("streams") or {}).items():
+        print(f"    stream {s}: {v['seconds']} s of activity, longest {v['longest']}")
+    for name, sec, n in tr.get("kernels") or []:
+        print(f"    {sec:8.3f} s {n:7d}x {name}")
 EOF
 done

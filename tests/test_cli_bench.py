@@ -47,7 +47,7 @@ def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
     """--engine-opt KEY=VALUE is passed to the fast engine of the book part (typed: numbers,
     true/false, words) and reported beside its numbers; --switch-interval-ms and the
     pipeline's settings (--mark-group, --track-thread, --store-workers-at-end) hold for the
-    run only."""
+    run only; --gpu-trace is taken (a CUDA GPU's, so nothing on the CPU)."""
     from ttsbatch import pipeline
 
     out = tmp_path / "bench.json"
@@ -55,7 +55,7 @@ def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
                             "--parts", "book", "--sentences", "1", "--tokens-per-char", "0.2", "--max-chars", "300",
                             "--engine-opt", "s3gen_batch=1", "--engine-opt", "s3gen-attention=auto", "--engine-opt", "overlap=false",
                             "--switch-interval-ms", "0.5", "--mark-group", "1", "--track-thread", "--store-workers-at-end", "3",
-                            "--json", str(out)])
+                            "--gpu-trace", "--json", str(out)])
     assert r.exit_code == 0, r.output
     fast = json.loads(out.read_text())["book"]["fast"]
     assert fast["switch_interval_ms"] == 0.5  # read during the run
@@ -66,6 +66,7 @@ def test_engine_options_reach_the_fast_engine(tiny_checkpoint, tmp_path):
     assert fast["store_workers_at_end"] == 3 and pipeline.STORE_WORKERS_AT_END == 2
     assert fast["engine_options"] == {"s3gen_batch": 1, "s3gen_attention": "auto", "overlap": False}
     assert fast["s3gen_items"] >= 2 and fast["s3gen_batches"] == fast["s3gen_items"]  # one chunk per S3Gen batch
+    assert fast["gpu_trace"] is None  # --gpu-trace traces a CUDA GPU only
 
 
 def test_bench_rejects_an_unknown_engine_option():

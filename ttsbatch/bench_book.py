@@ -184,6 +184,7 @@ def run_book_bench(
     max_chars: int | None = None,
     out=None,
     engine_options: dict | None = None,
+    gpu_trace: bool = False,
 ) -> dict:
     import torch
 
@@ -274,7 +275,9 @@ def run_book_bench(
     s3_host0 = engine.s3.times.launch_s, engine.s3.times.sync_s, engine.s3.times.launch_cpu_s
     t3_stats0 = dict(engine.t3.stats)
     engine.timeline = HostTimeline()  # the book's own, not the warm-up's
-    with GpuBusy() as gpu, GcTimer() as gc_time:
+    from .gpu_trace import GpuTrace
+
+    with GpuBusy() as gpu, GcTimer() as gc_time, GpuTrace(gpu_trace and cuda) as trace:
         t0, wall_clock = time.perf_counter(), time.time()
         report = pipeline.render_book(
             doc, chunks, source=book, output=output, work_dir=work / "work", voice=BUILTIN, options=options,
@@ -333,6 +336,9 @@ def run_book_bench(
         peak_gpu_gib=round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if cuda else None,
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / (1 << 30), 2) if cuda else None,
         gpu_busy=gpu.busy(t0 + (first or 0), t0 + synth), gpu_busy_source=gpu.source,
+        # --gpu-trace: the same window's busy fraction from every kernel and copy the GPU ran
+        # (its records held in host memory until the end: peak RSS is not comparable then)
+        gpu_trace=trace.report(t0 + (first or 0), t0 + synth) if trace.enabled else None,
         peak_host_rss_gib=round(_peak_rss_gib(), 2),
         dynamo={k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("graph_break", "stats", "recompiles")},
     )

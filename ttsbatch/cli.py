@@ -405,6 +405,7 @@ def bench(
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
     track_process: Optional[bool] = typer.Option(None, "--track-process/--track-thread", help="Stitch and encode the book part's track in a process of its own (the default on a GPU), or on a thread of the run's, for experiments."),
     store_workers_at_end: Optional[int] = typer.Option(None, "--store-workers-at-end", min=1, help="Threads that mark and store the book part's last chunks once the engine is done (default 2, as beside the engine; more are made at the end), for experiments."),
+    gpu_trace: bool = typer.Option(False, "--gpu-trace", help="Record every kernel the GPU runs in the book part (torch.profiler) and report its busy time from the trace, beside NVML's samples, and the kernels that took longest (slows the run a little; its RSS is not comparable)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every number here."),
 ):
     """Measure: stock Chatterbox and ttsbatch side by side in one process, on the same text and token budget."""
@@ -428,7 +429,7 @@ def bench(
             setattr(pipeline, name, value)
     try:
         _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
-                     engine_options)
+                     engine_options, gpu_trace)
     finally:
         sys.setswitchinterval(switch)
         for name, value in saved.items():
@@ -438,7 +439,7 @@ def bench(
 
 
 def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, tokens_per_char, max_vram, book, max_chars,
-                 engine_options) -> None:
+                 engine_options, gpu_trace=False) -> None:
     from .bench import run_bench
     from .bench_book import run_book_bench
 
@@ -450,7 +451,7 @@ def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, 
 
         results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
                                          tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars,
-                                         engine_options=engine_options)
+                                         engine_options=engine_options, gpu_trace=gpu_trace)
 
 
 from .cli_srt import srt as _srt  # noqa: E402  (cli_srt uses the helpers above)
