@@ -54,8 +54,8 @@ print("    T3 captures: " + " | ".join(f"{a:.2f}-{b:.2f} {w}" for a, b, w in cap
 tr = f.get("gpu_trace")  # --gpu-trace: busy from every kernel the GPU ran, and where its time went
 if tr:
     print(f"    trace: busy {tr['busy']} over {tr.get('window_s')} s ({tr.get('window')}, clock skew {tr.get('clock_skew_s')} s), {tr['activities']} activities")
-    for s, v in (tr.get("streams") or {}).items():
-        print(f"    stream {s}: {v['seconds']} s of activity, longest {v['longest']}")
+    for s, v in list((tr.get("streams") or {}).items())[:4]:
+        print(f"    stream {s}: {v['seconds']} s of activity, busy {v.get('busy')}, longest {v['longest']}")
     for name, sec, n in tr.get("kernels") or []:
         print(f"    {sec:8.3f} s {n:7d}x {name}")
 EOF

@@ -21,6 +21,10 @@ def test_the_window_clips_activities_that_cross_its_edges():
     acts = [A(0, 40), A(30, 60), A(80, 100)]
     assert busy_ns(acts, 50, 90) == 10 + 10  # 50-60 and 80-90
     assert busy_ns(acts, 60, 80) == 0
+    # activities wholly after the window, while the busy time so far ends before its end
+    assert busy_ns([A(0, 10), A(50, 60), A(70, 90)], 0, 20) == 10
+    assert busy_ns([A(0, 10), A(50, 60)], 5, 20) == 5
+    assert busy_ns([A(0, 10), A(50, 60)], 20, 40) == 0
     assert busy_ns([], 0, 10) == 0
 
 
@@ -32,7 +36,8 @@ def test_summary_sums_streams_and_kernels_over_the_whole_trace():
     assert s["activities"] == 4 and s["busy"] == 0.9 and s["window_s"] == 0.1
     assert s["kernels"][0] == ("gemm", 0.05, 2)
     assert list(s["streams"]) == ["7", "13"]  # stream 7 ran 60 ms, stream 13 40 ms
-    assert s["streams"]["13"] == dict(seconds=0.04, longest=[("attention", 0.03), ("gemm", 0.01)])
+    assert s["streams"]["13"] == dict(seconds=0.04, busy=0.4, longest=[("attention", 0.03), ("gemm", 0.01)])
+    assert s["streams"]["7"]["busy"] == 0.6
     whole = summarize(acts)  # default window: first start to last end
     assert whole["busy"] == 0.9 and whole["window_s"] == 0.1
     assert summarize(acts, 0, 200 * ms)["busy"] == 0.45
@@ -44,7 +49,7 @@ def test_kernel_times_are_summed_per_name_in_seconds():
     acts = [A(0, 300 * ms, 1, "cfm"), A(300 * ms, 400 * ms, 2, "t3"), A(500 * ms, 700 * ms, 1, "cfm")]
     s = summarize(acts)
     assert s["kernels"] == [("cfm", 0.5, 2), ("t3", 0.1, 1)]
-    assert s["streams"]["1"] == dict(seconds=0.5, longest=[("cfm", 0.5)])
+    assert s["streams"]["1"] == dict(seconds=0.5, busy=round(500 / 700, 3), longest=[("cfm", 0.5)])
     assert s["busy"] == round(600 / 700, 3)
 
 

@@ -40,16 +40,16 @@ def busy_ns(activities, start_ns: int, end_ns: int) -> int:
     spans = sorted((max(a.start_ns, start_ns), min(a.end_ns, end_ns)) for a in activities)
     busy, reach = 0, start_ns
     for a, b in spans:
-        if b <= reach:
+        if b <= max(a, reach):  # outside the window (clipped to nothing), or covered already
             continue
         busy += b - max(a, reach)
         reach = b
     return busy
 
 
-def summarize(activities, start_ns: int | None = None, end_ns: int | None = None, top: int = 20) -> dict:
+def summarize(activities, start_ns: int | None = None, end_ns: int | None = None, top: int = 40) -> dict:
     """The busy fraction of [start_ns, end_ns) (default: the first activity's start to the
-    last's end), each stream's summed activity time and its longest kernels, and the
+    last's end), each stream's summed activity time, busy fraction and longest kernels, and the
     ``top`` kernels by summed time over the whole trace. Seconds, rounded to the ms."""
     if not activities:
         return dict(activities=0, busy=None)
@@ -57,19 +57,24 @@ def summarize(activities, start_ns: int | None = None, end_ns: int | None = None
     end_ns = max(a.end_ns for a in activities) if end_ns is None else end_ns
     by_name: dict[str, list] = defaultdict(lambda: [0, 0])
     by_stream: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    on_stream: dict[int, list] = defaultdict(list)
     for a in activities:
         d = a.end_ns - a.start_ns
         by_name[a.name][0] += d
         by_name[a.name][1] += 1
         by_stream[a.stream][a.name] += d
+        on_stream[a.stream].append(a)
     window = max(end_ns - start_ns, 1)
     return dict(
         activities=len(activities),
         window_s=round(window / 1e9, 3),
         busy=round(busy_ns(activities, start_ns, end_ns) / window, 3),
         streams={
+            # seconds: the stream's activities summed over the trace; busy: the share of the
+            # window it had something running
             str(s): dict(seconds=round(sum(names.values()) / 1e9, 3),
-                         longest=[(n[:90], round(t / 1e9, 3)) for n, t in sorted(names.items(), key=lambda kv: -kv[1])[:3]])
+                         busy=round(busy_ns(on_stream[s], start_ns, end_ns) / window, 3),
+                         longest=[(n[:90], round(t / 1e9, 3)) for n, t in sorted(names.items(), key=lambda kv: -kv[1])[:5]])
             for s, names in sorted(by_stream.items(), key=lambda kv: -sum(kv[1].values()))
         },
         kernels=[(n[:120], round(t / 1e9, 3), c) for n, (t, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
