@@ -35,6 +35,11 @@ def eager(model):
     return BatchedS3Gen(model)
 
 
+@pytest.fixture(scope="module")
+def eager2d(model):
+    return BatchedS3Gen(model, vocoder_conv2d=True)
+
+
 def _batch(g, lengths, T):
     """Mels (B, 80, T) zero past each row's ``lengths`` frames, and stock-shaped source noise:
     the uniform draws u (B, 9, 1), the phase stock makes of them, sine noise (B, 9, T * 480)."""
@@ -62,12 +67,18 @@ def _stock(s3, mel, u, sine):
     return wav[0]
 
 
-def test_vocoder_regions_match_stock_hifigan(model, eager):
-    """Rows of mixed lengths padded to one batch: each row equals stock on its own frames."""
+@pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
+def test_vocoder_regions_match_stock_hifigan(model, eager, eager2d, conv2d):
+    """Rows of mixed lengths padded to one batch: each row equals stock on its own frames,
+    with the convs as conv1d or as (1, k) conv2d over channels-last tensors."""
     lengths = (40, 23, 31)
     mel, n, u, phase, sine = _batch(torch.Generator().manual_seed(0), lengths, 40)
+    vocoder = eager2d if conv2d else eager
+    if conv2d:  # the regions' tensors really are 4-D and channels-last
+        w = vocoder.vocoder.stages[0].weights[0]
+        assert w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        got = eager._vocode(mel, n, phase, sine)
+        got = vocoder._vocode(mel, n, phase, sine)
         for i, f in enumerate(lengths):
             ref = _stock(model.s3gen, mel[i : i + 1, :, :f], u[i : i + 1], sine[i : i + 1])
             assert ref.shape == (f * 480,) and ref.abs().max() > 100 * WAV_TOL
@@ -86,13 +97,15 @@ def test_bf16_vocoder_stays_close(model, eager):
     assert ((got - ref).norm() / ref.norm()).item() < 0.02
 
 
-def test_compiled_vocoder_is_whole_graphs_and_compiles_once(model, eager):
+@pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
+def test_compiled_vocoder_is_whole_graphs_and_compiles_once(model, eager, conv2d):
     """Compiled, each region (one per upsampling stage, and post) is one graph (fullgraph: a
     break would raise) made on the first call and serving every later batch size, one row
-    included, and every length: no new graph, no recompile."""
+    included, and every length: no new graph, no recompile. Either layout equals the eager
+    conv1d vocoder."""
     torch._dynamo.reset()
     counters.clear()
-    comp = BatchedS3Gen(model, compile_vocoder=True, regions_backend="eager")
+    comp = BatchedS3Gen(model, compile_vocoder=True, regions_backend="eager", vocoder_conv2d=conv2d)
     assert comp.vocoder.r.compiled and not eager.vocoder.r.compiled
     n_regions = len(model.s3gen.mel2wav.ups) + 1
     g = torch.Generator().manual_seed(2)

@@ -75,12 +75,14 @@ def test_compiled_regions_match_eager_and_compile_once(cuda_model, no_host_sync)
     torch._dynamo.reset()
 
 
-def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model, no_host_sync):
-    """HiFiGAN's regions compiled by Inductor against the same regions eager, strict fp32
-    (cuDNN's TF32 off on both sides, so the difference is the compiler's; the tiny checkpoint's
-    HiFiGAN has the full size): waveform max abs diff <= 1e-4 (amplitude ~0.1), one graph per
-    region serves three batch sizes (one row included) and three lengths, and the compiled
-    vocoder does not sync with the host."""
+@pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
+def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model, no_host_sync, conv2d):
+    """HiFiGAN's regions compiled by Inductor against the same regions eager (conv1d), strict
+    fp32 (cuDNN's TF32 off on both sides, so the difference is the compiler's and the layout's;
+    the tiny checkpoint's HiFiGAN has the full size): waveform max abs diff <= 1e-4 (amplitude
+    ~0.1), one graph per region serves three batch sizes (one row included) and three lengths,
+    and the compiled vocoder does not sync with the host. ``conv2d``: the convs as conv2d over
+    channels-last tensors (``vocoder_conv2d``), with no cuDNN layout transpose left inside."""
     from torch._dynamo.utils import counters
 
     from ttsbatch.engine.s3gen_batched import BatchedS3Gen
@@ -88,7 +90,7 @@ def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model, no_host_sy
     torch._dynamo.reset()
     counters.clear()
     eager = BatchedS3Gen(cuda_model)
-    comp = BatchedS3Gen(cuda_model, compile_vocoder=True)
+    comp = BatchedS3Gen(cuda_model, compile_vocoder=True, vocoder_conv2d=conv2d)
     n_regions = len(cuda_model.s3gen.mel2wav.ups) + 1
     g = torch.Generator().manual_seed(0)
     tf32 = torch.backends.cudnn.allow_tf32
@@ -109,6 +111,12 @@ def test_compiled_vocoder_matches_eager_and_compiles_once(cuda_model, no_host_sy
             assert ref.abs().max().item() > 0.01
         with torch.inference_mode(), no_host_sync():
             comp._vocode(*args)
+        if conv2d:  # cuDNN's NCHW <-> NHWC transposes were what the layout is for
+            with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                comp._vocode(*args)
+                torch.cuda.synchronize()
+            names = {e.name() for e in prof.profiler.kineto_results.events()}
+            assert not [k for k in names if "ToNhwc" in k or "ToNchw" in k], sorted(names)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert comp.vocoder.r.compiled, comp.vocoder.r.error

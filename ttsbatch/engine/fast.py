@@ -93,6 +93,7 @@ class FastEngine:
         s3gen_conv: str | None = None,
         stream_priority: str = "t3",
         t3_look_ahead: int = 0,
+        vocoder_conv2d: bool = False,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -176,7 +177,10 @@ class FastEngine:
         wait (``FastT3.generate``'s ``look_ahead``), so T3's stream is not idle while its
         thread harvests, refills and launches (0: none). Measured on an H100 (twenty-sixth
         session): 2 ran a 2-hour book in 38.60 s against 38.80-39.34 with 0, within the noise,
-        and finished T3 1.8 s later (its extra steps), so it stays off."""
+        and finished T3 1.8 s later (its extra steps), so it stays off. ``vocoder_conv2d``:
+        HiFiGAN's convs as (1, k) conv2d over channels-last (B, C, 1, T) tensors, without
+        cuDNN's layout transposes around each fp32 conv (``vocoder``'s module docstring;
+        off until measured in a book)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -231,7 +235,8 @@ class FastEngine:
             model, max_batch=self.s3gen_batch, compile=compile_s3gen, cuda_graphs=compile_s3gen or s3gen_graphs,
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
-            attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, conv=s3gen_conv, **bucket_kw,
+            attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, conv=s3gen_conv, vocoder_conv2d=vocoder_conv2d,
+            **bucket_kw,
         )
         if cuda:
             gib = 1 << 30

@@ -244,6 +244,7 @@ class BatchedS3Gen:
         vocoder_rows: int | None = None,
         compile_vocoder: bool = False,
         vocoder_dtype: torch.dtype = torch.float32,
+        vocoder_conv2d: bool = False,
         compile_encoder: bool = False,
         attention: str = "auto",
         ffn: str = "region",
@@ -365,8 +366,10 @@ class BatchedS3Gen:
         self.pack_gap = max([m.kernel_size[0] - 1 for m in est.modules() if isinstance(m, torch.nn.Conv1d)] + [0])
         # HiFiGAN after conv_pre as pure functions of prepared weights (vocoder), one region per
         # upsampling stage; compile_vocoder compiles them as compile_regions does the estimator's
+        # (vocoder_conv2d: the convs as conv2d over channels-last tensors, vocoder's docstring)
         self.vocoder = vocoder.FusedVocoder(
-            h, vocoder_dtype, vocoder.regions(len(h.ups), compile=compile_vocoder, backend=regions_backend)
+            h, vocoder_dtype, vocoder.regions(len(h.ups), compile=compile_vocoder, backend=regions_backend, conv2d=vocoder_conv2d),
+            conv2d=vocoder_conv2d,
         )
 
         # the flow encoder (the conformer stacks up to encoder_proj) as one region: one graph

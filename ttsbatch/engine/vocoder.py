@@ -18,6 +18,14 @@ graphs per code object, and one function called with three geometries (strides, 
 kernel sizes, channels) would be recompiled with them turned into symbols; per stage, each
 compiles once with its geometry static, as the convs want it.
 
+Layout (``conv2d``): cuDNN runs an fp32 (TF32) conv on a Hopper GPU in NHWC, so every conv
+of a channels-first (B, C, T) tensor is wrapped in two transposes (NCHW -> NHWC and back:
+~0.5 s of a 2-hour book's GPU time for the NHWC -> NCHW ones alone, twenty-eighth session's
+trace). With ``conv2d`` the regions hold (B, C, 1, T) tensors in channels-last memory and call
+``conv2d`` with (1, k) kernels: the same math (PyTorch runs a conv1d as that conv2d), the
+convs in cuDNN's layout, and Inductor's elementwise kernels over the same layout
+(``force_layout_optimization``: Inductor's own heuristic skips graphs with dynamic shapes).
+
 Numerics: convs in ``dtype`` with fp32 outputs; Snake, masks and the residual stream fp32;
 ``conv_post`` fp32 (its output is exponentiated; it is ~2% of the FLOPs). In fp32 the
 functions are stock's math: the CPU tests compare them with stock ``S3Gen.inference``. The
@@ -46,13 +54,28 @@ def snake(x, alpha, inv_alpha):
 
 
 def _conv(x, w, b, geometry):
-    """``conv1d`` in the weights' dtype, fp32 out; geometry (stride, padding, dilation)."""
+    """``conv1d`` in the weights' dtype, fp32 out; geometry (stride, padding, dilation). With
+    a 4-D weight (C_out, C_in, 1, k) the same conv as ``conv2d`` over (B, C, 1, T)."""
+    if w.dim() == 4:
+        stride, padding, dilation = geometry
+        return F.conv2d(x.to(w.dtype), w, b, (1, stride), (0, padding), (1, dilation)).float()
     return F.conv1d(x.to(w.dtype), w, b, *geometry).float()
 
 
+def _conv_transpose(x, w, b, up):
+    """``conv_transpose1d`` (``up``: stride, padding, output padding, groups, dilation), as
+    ``conv_transpose2d`` over (B, C, 1, T) with a 4-D weight."""
+    if w.dim() == 4:
+        stride, padding, out_padding, groups, dilation = up
+        return F.conv_transpose2d(x, w, b, (1, stride), (0, padding), (0, out_padding), groups, (1, dilation))
+    return F.conv_transpose1d(x, w, b, *up)
+
+
 def _valid(lengths, x):
-    """(B, 1, T) fp32: 1 where a frame of x is within its row's length, else 0."""
-    return (torch.arange(x.shape[-1], device=x.device) < lengths.unsqueeze(1)).unsqueeze(1).float()
+    """(B, 1, T) fp32 ((B, 1, 1, T) for a 4-D x): 1 where a frame of x is within its row's
+    length, else 0."""
+    keep = torch.arange(x.shape[-1], device=x.device) < lengths.unsqueeze(1)
+    return keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1]).float()
 
 
 def _resblock(x, mask, units, geometries):
@@ -74,9 +97,9 @@ def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, sl
     stage) -> + the source branch (strided conv of ``s_stft`` (B, n_fft + 2, F) fp32, then a
     ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32."""
     x = F.leaky_relu(x, slope)
-    x = F.conv_transpose1d(x.to(up_w.dtype), up_w, up_b, *up).float()
-    if reflect:
-        x = F.pad(x, reflect, mode="reflect")
+    x = _conv_transpose(x.to(up_w.dtype), up_w, up_b, up).float()
+    if reflect:  # (reflection padding of the last dim takes a 2-D or 3-D tensor)
+        x = F.pad(x.squeeze(2), reflect, mode="reflect").unsqueeze(2) if x.dim() == 4 else F.pad(x, reflect, mode="reflect")
     mask = _valid(lengths, x)
     x = x * mask
     si = _conv(s_stft, down_w, down_b, down) * mask
@@ -92,7 +115,7 @@ def post(x, w, b, *, padding: int, bins: int):
     """leaky ReLU (stock's default slope) -> ``conv_post`` -> stock's magnitude (exp of the
     first ``bins`` channels) and phase (sin of the rest) -> the clip and polar form its
     inverse STFT starts with: (real, imag), each (B, bins, F) fp32."""
-    x = F.conv1d(F.leaky_relu(x), w, b, padding=padding)
+    x = _conv(F.leaky_relu(x), w, b, (1, padding, 1))
     magnitude = torch.clip(torch.exp(x[:, :bins]), max=1e2)
     phase = torch.sin(x[:, bins:])
     return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
@@ -114,9 +137,16 @@ def stage_function(i: int):
 # Weights and geometry, prepared once
 
 
-def _w(t, dtype):
-    """A weight as a plain tensor (weight norm's parametrization evaluated once) in ``dtype``."""
-    return None if t is None else t.detach().to(dtype).contiguous()
+def _w(t, dtype, conv2d: bool = False):
+    """A weight as a plain tensor (weight norm's parametrization evaluated once) in ``dtype``;
+    a conv's (C_out, C_in, k) as (C_out, C_in, 1, k) in channels-last memory with ``conv2d``
+    (biases stay 1-D)."""
+    if t is None:
+        return None
+    t = t.detach().to(dtype)
+    if conv2d and t.dim() == 3:
+        return t.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
 
 
 def _geometry(conv) -> tuple:
@@ -126,19 +156,21 @@ def _geometry(conv) -> tuple:
     return int(conv.stride[0]), int(conv.padding[0]), int(conv.dilation[0])
 
 
-def _snake(act):
-    """(alpha, 1 / (alpha + eps)) of a ``Snake``, (1, C, 1) fp32, as its forward computes them."""
-    alpha = act.alpha.detach().float().view(1, -1, 1)
+def _snake(act, conv2d: bool = False):
+    """(alpha, 1 / (alpha + eps)) of a ``Snake``, (1, C, 1) fp32 ((1, C, 1, 1) with ``conv2d``),
+    as its forward computes them."""
+    alpha = act.alpha.detach().float().view(1, -1, 1, 1) if conv2d else act.alpha.detach().float().view(1, -1, 1)
     if act.alpha_logscale:
         alpha = torch.exp(alpha)
     return alpha.contiguous(), (1.0 / (alpha + act.no_div_by_zero)).contiguous()
 
 
-def _resblock_weights(rb, dtype):
+def _resblock_weights(rb, dtype, conv2d: bool = False):
     """A ``ResBlock``'s (units, geometries), as :func:`_resblock` takes them."""
     units, geometries = [], []
     for c1, c2, a1, a2 in zip(rb.convs1, rb.convs2, rb.activations1, rb.activations2):
-        units.append((*_snake(a1), _w(c1.weight, dtype), _w(c1.bias, dtype), *_snake(a2), _w(c2.weight, dtype), _w(c2.bias, dtype)))
+        units.append((*_snake(a1, conv2d), _w(c1.weight, dtype, conv2d), _w(c1.bias, dtype),
+                      *_snake(a2, conv2d), _w(c2.weight, dtype, conv2d), _w(c2.bias, dtype)))
         geometries.append((_geometry(c1), _geometry(c2)))
     return tuple(units), tuple(geometries)
 
@@ -151,16 +183,16 @@ class _Stage:
     extra: int
 
 
-def _stage_weights(hift, i: int, dtype) -> _Stage:
+def _stage_weights(hift, i: int, dtype, conv2d: bool = False) -> _Stage:
     up, down = hift.ups[i], hift.source_downs[i]
     if up.groups != 1 or up.padding_mode != "zeros":
         raise ValueError(f"unsupported HiFiGAN upsampling conv: {up}")
-    source_units, source_geometry = _resblock_weights(hift.source_resblocks[i], dtype)
-    kernels = [_resblock_weights(rb, dtype) for rb in hift.resblocks[i * hift.num_kernels : (i + 1) * hift.num_kernels]]
+    source_units, source_geometry = _resblock_weights(hift.source_resblocks[i], dtype, conv2d)
+    kernels = [_resblock_weights(rb, dtype, conv2d) for rb in hift.resblocks[i * hift.num_kernels : (i + 1) * hift.num_kernels]]
     last = i == hift.num_upsamples - 1
     reflect = tuple(int(p) for p in hift.reflection_pad.padding) if last else ()
     weights = (
-        _w(up.weight, dtype), _w(up.bias, dtype), _w(down.weight, dtype), _w(down.bias, dtype),
+        _w(up.weight, dtype, conv2d), _w(up.bias, dtype), _w(down.weight, dtype, conv2d), _w(down.bias, dtype),
         source_units, tuple(units for units, _ in kernels),
     )
     geometry = dict(
@@ -174,14 +206,16 @@ def _stage_weights(hift, i: int, dtype) -> _Stage:
 
 class FusedVocoder:
     """``HiFTGenerator.decode`` from the mel and the source's STFT to the spectrum its inverse
-    STFT takes, over prepared weights (``dtype``: the convs but conv_post's) and :func:`regions`."""
+    STFT takes, over prepared weights (``dtype``: the convs but conv_post's) and :func:`regions`
+    (made with the same ``conv2d``: see the module docstring)."""
 
-    def __init__(self, hift, dtype: torch.dtype, regions: Regions):
+    def __init__(self, hift, dtype: torch.dtype, regions: Regions, conv2d: bool = False):
         self.r = regions
+        self.conv2d = conv2d
         self.pre = (_w(hift.conv_pre.weight, dtype), _w(hift.conv_pre.bias, dtype), _geometry(hift.conv_pre))
-        self.stages = [_stage_weights(hift, i, dtype) for i in range(hift.num_upsamples)]
+        self.stages = [_stage_weights(hift, i, dtype, conv2d) for i in range(hift.num_upsamples)]
         cp = hift.conv_post
-        self.post = (_w(cp.weight, torch.float32), _w(cp.bias, torch.float32))  # exponentiated after: fp32
+        self.post = (_w(cp.weight, torch.float32, conv2d), _w(cp.bias, torch.float32))  # exponentiated after: fp32
         self.post_geometry = dict(padding=_geometry(cp)[1], bins=int(hift.istft_params["n_fft"]) // 2 + 1)
 
     def __call__(self, mel, mel_mask, s_stft, n_frames):
@@ -189,13 +223,16 @@ class FusedVocoder:
         each row's STFT frames, n_frames (B,) -> (real, imag) (B, n_fft / 2 + 1, F) fp32."""
         w, b, g = self.pre
         x = _conv(mel, w, b, g) * mel_mask  # conv_pre at the frame rate: one conv, nothing to fuse
+        if self.conv2d:  # into the regions' layout once: (B, C, 1, T), channels last
+            x, s_stft = (t.unsqueeze(2).contiguous(memory_format=torch.channels_last) for t in (x, s_stft))
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
             self._dyn(x, s_stft, lengths)
             x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry)
         self._dyn(x)
-        return self.r.post(x, *self.post, **self.post_geometry)
+        real, imag = self.r.post(x, *self.post, **self.post_geometry)
+        return (real.squeeze(2), imag.squeeze(2)) if self.conv2d else (real, imag)
 
     def _dyn(self, *tensors):
         """Before a compiled call: the rows (dim 0) of every tensor one unbacked size, so that a
@@ -205,9 +242,11 @@ class FusedVocoder:
         self.r.dyn(*((t, t.dim() - 1) for t in tensors if t.dim() > 1))
 
 
-def regions(n_stages: int, compile: bool = False, backend="inductor") -> Regions:
+def regions(n_stages: int, compile: bool = False, backend="inductor", conv2d: bool = False) -> Regions:
     """The vocoder's regions: ``stage_0`` .. ``stage_{n_stages - 1}`` and ``post``, eager or
-    compiled (see ``engine.regions``)."""
+    compiled (see ``engine.regions``); with ``conv2d``, Inductor keeps their tensors in
+    channels-last memory (its layout optimization forced on)."""
     functions = {f"stage_{i}": stage_function(i) for i in range(n_stages)}
     functions["post"] = post
-    return Regions(functions, "S3Gen's HiFiGAN vocoder", compile, backend)
+    options = {name: {"force_layout_optimization": True} for name in functions} if conv2d else None
+    return Regions(functions, "S3Gen's HiFiGAN vocoder", compile, backend, options=options)
