@@ -228,11 +228,19 @@ class FusedVocoder:
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
+            x = self._layout(x)
             self._dyn(x, s_stft, lengths)
             x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry)
+        x = self._layout(x)
         self._dyn(x)
         real, imag = self.r.post(x, *self.post, **self.post_geometry)
         return (real.squeeze(2), imag.squeeze(2)) if self.conv2d else (real, imag)
+
+    def _layout(self, x):
+        """x in the layout its region was compiled for: channels-last with ``conv2d`` (a no-op
+        when it is already; a compiled region asserts its inputs' strides, and a (B, C, 1, T)
+        region output's are not always those of channels-last)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.conv2d else x
 
     def _dyn(self, *tensors):
         """Before a compiled call: the rows (dim 0) of every tensor one unbacked size, so that a
