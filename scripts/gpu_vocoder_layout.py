@@ -49,7 +49,7 @@ def main() -> None:
     mel, n, phase, sine = (t.cuda() for t in (mel, lengths, phase, sine))
 
     results, ref = {}, None
-    for layout in ("conv1d", "conv2d", "conv1d"):  # the default again last: the drift between
+    for layout in os.environ.get("LAYOUTS", "conv1d,conv2d,conv1d").split(","):  # the default again last: the drift
         s3 = BatchedS3Gen(model, compile_vocoder=True, vocoder_conv2d=layout == "conv2d")
         with torch.inference_mode():
             for _ in range(3):  # compile (or recompile for the other layout), then warm

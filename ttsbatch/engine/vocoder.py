@@ -90,14 +90,15 @@ def _resblock(x, mask, units, geometries):
 
 
 def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, slope: float, up: tuple,
-          reflect: tuple, down: tuple, source_geometry: tuple, kernel_geometries: tuple):
+          reflect: tuple, down: tuple, source_geometry: tuple, kernel_geometries: tuple, upsampled: bool = False):
     """One upsampling stage of ``HiFTGenerator.decode``, each conv's output masked to the
     row's ``lengths`` (B,) at the stage's output rate: leaky ReLU -> transposed conv (``up``:
     stride, padding, output padding, groups, dilation) -> reflection pad (``reflect``, the last
     stage) -> + the source branch (strided conv of ``s_stft`` (B, n_fft + 2, F) fp32, then a
-    ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32."""
-    x = F.leaky_relu(x, slope)
-    x = _conv_transpose(x.to(up_w.dtype), up_w, up_b, up).float()
+    ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32.
+    ``upsampled``: x is already past the transposed conv (:func:`upsample`)."""
+    if not upsampled:
+        x = upsample(x, up_w, up_b, slope=slope, up=up)
     if reflect:  # (reflection padding of the last dim takes a 2-D or 3-D tensor)
         x = F.pad(x.squeeze(2), reflect, mode="reflect").unsqueeze(2) if x.dim() == 4 else F.pad(x, reflect, mode="reflect")
     mask = _valid(lengths, x)
@@ -109,6 +110,14 @@ def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, sl
         y = _resblock(x, mask, units, geometries)
         xs = y if xs is None else xs + y
     return xs / len(kernels)
+
+
+def upsample(x, up_w, up_b, *, slope: float, up: tuple):
+    """A stage's start: leaky ReLU -> the transposed conv, fp32 out. With ``conv2d`` it runs
+    outside the compiled regions: Inductor's layout optimization takes a transposed conv's
+    output for channels-first, where cuDNN returns it channels-last, and the compiled region's
+    stride check fails."""
+    return _conv_transpose(F.leaky_relu(x, slope).to(up_w.dtype), up_w, up_b, up).float()
 
 
 def post(x, w, b, *, padding: int, bins: int):
@@ -228,9 +237,11 @@ class FusedVocoder:
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
+            if self.conv2d:  # the transposed conv eager (see upsample), the rest compiled
+                x = upsample(x, *st.weights[:2], slope=st.geometry["slope"], up=st.geometry["up"])
             x = self._layout(x)
             self._dyn(x, s_stft, lengths)
-            x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry)
+            x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry, upsampled=self.conv2d)
         x = self._layout(x)
         self._dyn(x)
         real, imag = self.r.post(x, *self.post, **self.post_geometry)
