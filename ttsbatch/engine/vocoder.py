@@ -232,8 +232,8 @@ class FusedVocoder:
         each row's STFT frames, n_frames (B,) -> (real, imag) (B, n_fft / 2 + 1, F) fp32."""
         w, b, g = self.pre
         x = _conv(mel, w, b, g) * mel_mask  # conv_pre at the frame rate: one conv, nothing to fuse
-        if self.conv2d:  # into the regions' layout once: (B, C, 1, T), channels last
-            x, s_stft = (t.unsqueeze(2).contiguous(memory_format=torch.channels_last) for t in (x, s_stft))
+        if self.conv2d:  # (B, C, 1, T): the regions make it channels-last inside (see _layout)
+            x, s_stft = x.unsqueeze(2), s_stft.unsqueeze(2).contiguous()
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
@@ -248,10 +248,12 @@ class FusedVocoder:
         return (real.squeeze(2), imag.squeeze(2)) if self.conv2d else (real, imag)
 
     def _layout(self, x):
-        """x in the layout its region was compiled for: channels-last with ``conv2d`` (a no-op
-        when it is already; a compiled region asserts its inputs' strides, and a (B, C, 1, T)
-        region output's are not always those of channels-last)."""
-        return x.contiguous(memory_format=torch.channels_last) if self.conv2d else x
+        """With ``conv2d``, a region's input channels-first contiguous, as dynamo sees it: for a
+        channels-last (B, C, 1, T) tensor with T dynamic, dynamo's fake input came out
+        channels-first (the size-1 dim leaves the stride order ambiguous), and the compiled
+        region's stride check failed on the real one (an H100, twenty-eighth session). Inside,
+        Inductor's layout optimization makes it channels-last once, before the first conv."""
+        return x.contiguous() if self.conv2d else x
 
     def _dyn(self, *tensors):
         """Before a compiled call: the rows (dim 0) of every tensor one unbacked size, so that a
