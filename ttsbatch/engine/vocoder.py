@@ -113,10 +113,7 @@ def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, sl
 
 
 def upsample(x, up_w, up_b, *, slope: float, up: tuple):
-    """A stage's start: leaky ReLU -> the transposed conv, fp32 out. With ``conv2d`` it runs
-    outside the compiled regions: Inductor's layout optimization takes a transposed conv's
-    output for channels-first, where cuDNN returns it channels-last, and the compiled region's
-    stride check fails."""
+    """A stage's start: leaky ReLU -> the transposed conv, fp32 out."""
     return _conv_transpose(F.leaky_relu(x, slope).to(up_w.dtype), up_w, up_b, up).float()
 
 
@@ -237,11 +234,9 @@ class FusedVocoder:
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
-            if self.conv2d:  # the transposed conv eager (see upsample), the rest compiled
-                x = upsample(x, *st.weights[:2], slope=st.geometry["slope"], up=st.geometry["up"])
             x = self._layout(x)
             self._dyn(x, s_stft, lengths)
-            x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry, upsampled=self.conv2d)
+            x = getattr(self.r, f"stage_{i}")(x, s_stft, lengths, *st.weights, **st.geometry)
         x = self._layout(x)
         self._dyn(x)
         real, imag = self.r.post(x, *self.post, **self.post_geometry)
