@@ -179,8 +179,11 @@ class FastEngine:
         session): 2 ran a 2-hour book in 38.60 s against 38.80-39.34 with 0, within the noise,
         and finished T3 1.8 s later (its extra steps), so it stays off. ``vocoder_conv2d``:
         HiFiGAN's convs as (1, k) conv2d over channels-last (B, C, 1, T) tensors, without
-        cuDNN's layout transposes around each fp32 conv (``vocoder``'s module docstring;
-        off until measured in a book)."""
+        cuDNN's layout transposes around each fp32 conv (``vocoder``'s module docstring).
+        Experimental, off: on an H100 the compiled regions fail Inductor's stride check and
+        fall back to eager, 240 ms a batch of 64 chunks against 127 compiled with conv1d;
+        eager, its convs took 57 ms against conv1d's 82 plus 36 of transposes
+        (``scripts/gpu_vocoder_layout.py``, twenty-eighth session)."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen

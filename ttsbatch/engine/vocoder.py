@@ -25,6 +25,12 @@ trace). With ``conv2d`` the regions hold (B, C, 1, T) tensors in channels-last m
 ``conv2d`` with (1, k) kernels: the same math (PyTorch runs a conv1d as that conv2d), the
 convs in cuDNN's layout, and Inductor's elementwise kernels over the same layout
 (``force_layout_optimization``: Inductor's own heuristic skips graphs with dynamic shapes).
+**Not working compiled yet** (``BatchedS3Gen(vocoder_conv2d=True)``, off): on an H100 every
+try failed Inductor's generated stride check on a (B, 256, 1, T) buffer (expected
+channels-first, cuDNN's was channels-last), whether the regions' inputs were channels-last
+or channels-first and the transposed conv inside them or not, so the regions fell back to
+eager. The eager run measured what it is worth: the batch's convs 57 ms against 82 ms plus
+36 ms of transposes with conv1d (64 book-like chunks, ``scripts/gpu_vocoder_layout.py``).
 
 Numerics: convs in ``dtype`` with fp32 outputs; Snake, masks and the residual stream fp32;
 ``conv_post`` fp32 (its output is exponentiated; it is ~2% of the FLOPs). In fp32 the
@@ -90,15 +96,13 @@ def _resblock(x, mask, units, geometries):
 
 
 def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, slope: float, up: tuple,
-          reflect: tuple, down: tuple, source_geometry: tuple, kernel_geometries: tuple, upsampled: bool = False):
+          reflect: tuple, down: tuple, source_geometry: tuple, kernel_geometries: tuple):
     """One upsampling stage of ``HiFTGenerator.decode``, each conv's output masked to the
     row's ``lengths`` (B,) at the stage's output rate: leaky ReLU -> transposed conv (``up``:
     stride, padding, output padding, groups, dilation) -> reflection pad (``reflect``, the last
     stage) -> + the source branch (strided conv of ``s_stft`` (B, n_fft + 2, F) fp32, then a
-    ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32.
-    ``upsampled``: x is already past the transposed conv (:func:`upsample`)."""
-    if not upsampled:
-        x = upsample(x, up_w, up_b, slope=slope, up=up)
+    ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32."""
+    x = upsample(x, up_w, up_b, slope=slope, up=up)
     if reflect:  # (reflection padding of the last dim takes a 2-D or 3-D tensor)
         x = F.pad(x.squeeze(2), reflect, mode="reflect").unsqueeze(2) if x.dim() == 4 else F.pad(x, reflect, mode="reflect")
     mask = _valid(lengths, x)
