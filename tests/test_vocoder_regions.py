@@ -70,11 +70,11 @@ def _stock(s3, mel, u, sine):
 @pytest.mark.parametrize("conv2d", [False, True], ids=["conv1d", "conv2d"])
 def test_vocoder_regions_match_stock_hifigan(model, eager, eager2d, conv2d):
     """Rows of mixed lengths padded to one batch: each row equals stock on its own frames,
-    with the convs as conv1d or as (1, k) conv2d over channels-last tensors."""
+    with the convs as conv1d or as (1, k) conv2d over (B, C, 1, T) (weights channels-last)."""
     lengths = (40, 23, 31)
     mel, n, u, phase, sine = _batch(torch.Generator().manual_seed(0), lengths, 40)
     vocoder = eager2d if conv2d else eager
-    if conv2d:  # the regions' tensors really are 4-D and channels-last
+    if conv2d:  # the regions' weights really are 4-D and channels-last
         w = vocoder.vocoder.stages[0].weights[0]
         assert w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

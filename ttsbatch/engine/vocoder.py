@@ -21,16 +21,19 @@ compiles once with its geometry static, as the convs want it.
 Layout (``conv2d``): cuDNN runs an fp32 (TF32) conv on a Hopper GPU in NHWC, so every conv
 of a channels-first (B, C, T) tensor is wrapped in two transposes (NCHW -> NHWC and back:
 ~0.5 s of a 2-hour book's GPU time for the NHWC -> NCHW ones alone, twenty-eighth session's
-trace). With ``conv2d`` the regions hold (B, C, 1, T) tensors in channels-last memory and call
-``conv2d`` with (1, k) kernels: the same math (PyTorch runs a conv1d as that conv2d), the
-convs in cuDNN's layout, and Inductor's elementwise kernels over the same layout
-(``force_layout_optimization``: Inductor's own heuristic skips graphs with dynamic shapes).
+trace). With ``conv2d`` the regions take (B, C, 1, T) tensors and call ``conv2d`` with (1, k)
+kernels (weights channels-last): the same math (PyTorch runs a conv1d as that conv2d), and,
+compiled, Inductor keeps them channels-last inside each region, the convs in cuDNN's layout
+and its elementwise kernels over the same (``force_layout_optimization``: Inductor's own
+heuristic skips graphs with dynamic shapes).
 **Not working compiled yet** (``BatchedS3Gen(vocoder_conv2d=True)``, off): on an H100 every
 try failed Inductor's generated stride check on a (B, 256, 1, T) buffer (expected
 channels-first, cuDNN's was channels-last), whether the regions' inputs were channels-last
 or channels-first and the transposed conv inside them or not, so the regions fell back to
-eager. The eager run measured what it is worth: the batch's convs 57 ms against 82 ms plus
-36 ms of transposes with conv1d (64 book-like chunks, ``scripts/gpu_vocoder_layout.py``).
+eager. The eager run measured what it is worth (64 book-like chunks,
+``scripts/gpu_vocoder_layout.py``): cuDNN's layout work 10 ms (its convertTensor 8.9, transposes
+1.2) against conv1d's 35.6 ms of transposes, its conv kernels about as fast as conv1d's (the 12
+longest kernels of each: 38.5 ms of convs against 44.6): ~25 ms of the compiled batch's 127.
 
 Numerics: convs in ``dtype`` with fp32 outputs; Snake, masks and the residual stream fp32;
 ``conv_post`` fp32 (its output is exponentiated; it is ~2% of the FLOPs). In fp32 the
@@ -102,7 +105,8 @@ def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, sl
     stride, padding, output padding, groups, dilation) -> reflection pad (``reflect``, the last
     stage) -> + the source branch (strided conv of ``s_stft`` (B, n_fft + 2, F) fp32, then a
     ResBlock) -> the mean of the kernels' ResBlocks. x (B, C, T) fp32 -> (B, C / 2, T') fp32."""
-    x = upsample(x, up_w, up_b, slope=slope, up=up)
+    x = F.leaky_relu(x, slope)
+    x = _conv_transpose(x.to(up_w.dtype), up_w, up_b, up).float()
     if reflect:  # (reflection padding of the last dim takes a 2-D or 3-D tensor)
         x = F.pad(x.squeeze(2), reflect, mode="reflect").unsqueeze(2) if x.dim() == 4 else F.pad(x, reflect, mode="reflect")
     mask = _valid(lengths, x)
@@ -114,11 +118,6 @@ def stage(x, s_stft, lengths, up_w, up_b, down_w, down_b, source, kernels, *, sl
         y = _resblock(x, mask, units, geometries)
         xs = y if xs is None else xs + y
     return xs / len(kernels)
-
-
-def upsample(x, up_w, up_b, *, slope: float, up: tuple):
-    """A stage's start: leaky ReLU -> the transposed conv, fp32 out."""
-    return _conv_transpose(F.leaky_relu(x, slope).to(up_w.dtype), up_w, up_b, up).float()
 
 
 def post(x, w, b, *, padding: int, bins: int):
@@ -234,7 +233,7 @@ class FusedVocoder:
         w, b, g = self.pre
         x = _conv(mel, w, b, g) * mel_mask  # conv_pre at the frame rate: one conv, nothing to fuse
         if self.conv2d:  # (B, C, 1, T): the regions make it channels-last inside (see _layout)
-            x, s_stft = x.unsqueeze(2), s_stft.unsqueeze(2).contiguous()
+            x, s_stft = x.unsqueeze(2), s_stft.unsqueeze(2)
         lengths = n_frames
         for i, st in enumerate(self.stages):
             lengths = lengths * st.rate + st.extra
