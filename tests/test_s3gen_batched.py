@@ -368,8 +368,79 @@ def test_compiled_regions_are_whole_graphs_and_compile_once(model, conv):
         assert torch.equal(got, ref)
         graphs.append(counters["stats"]["unique_graphs"])
     # one per region, made for the first shape only (block_proj runs only beside cfm_ffn's
-    # kernel; the convs' regions or their GEMM twins, not both)
-    assert graphs == [len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS) - len(cfm_estimator.MM_REGIONS)] * 4
+    # kernel; the convs' regions or their GEMM twins, not both; the tiny checkpoint's stacks
+    # have one block each, so no block's tail is chained to another's head: the next test)
+    assert graphs == [len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS) - len(cfm_estimator.MM_REGIONS)
+                      - len(cfm_estimator.CHAIN_REGIONS)] * 4
+    assert not counters["graph_break"] and not counters["recompiles"]
+    torch._dynamo.reset()
+
+
+def _two_blocks_a_stack(est, seed: int):
+    """A copy of the tiny estimator with a second transformer block in every stack (the tiny
+    checkpoint keeps one; the real one has 4): the first's weights, perturbed."""
+    import copy
+
+    est = copy.deepcopy(est)
+    g = torch.Generator().manual_seed(seed)
+    stacks = [tbs for _, tbs, _ in est.down_blocks] + [tbs for _, tbs in est.mid_blocks]
+    stacks += [tbs for _, tbs, _ in est.up_blocks]
+    for tbs in stacks:
+        extra = copy.deepcopy(tbs[0])
+        with torch.no_grad():
+            for p in extra.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        tbs.append(extra)
+    return est, len(stacks)
+
+
+@pytest.mark.parametrize("conv", ["native", "gemm"])
+def test_chained_blocks_match_the_stock_decoder_and_the_unchained_regions(model, conv):
+    """``chain`` (the default): where a stack goes on, a block's tail and the next block's
+    head run as one region (``block_out_in``). Against chatterbox's decoder with two blocks a
+    stack, fp32, padded rows of mixed lengths: max abs diff <= 1e-5 (outputs up to ~4); against
+    the same estimator unchained: equal (the same ops in the same order); one chained call per
+    stack. Compiled (dynamo's "eager" backend), the chained region is one graph for every
+    shape, with no break or recompile."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ttsbatch.engine import cfm_estimator
+    from ttsbatch.engine.s3gen_batched import attention_bias
+
+    est, stacks = _two_blocks_a_stack(model.s3gen.flow.decoder.estimator, seed=11)
+    chained = cfm_estimator.FusedEstimator(est, torch.float32, cfm_estimator.regions(), conv=conv)
+    plain = cfm_estimator.FusedEstimator(est, torch.float32, cfm_estimator.regions(), conv=conv, chain=False)
+    calls = []
+    real = chained.r.block_out_in
+    chained.r.block_out_in = lambda *a, **k: calls.append(1) or real(*a, **k)
+    heads = est.down_blocks[0][1][0].attn1.heads
+    g = torch.Generator().manual_seed(4)
+    for B, T in ((3, 40), (2, 24)):
+        args, packed = _estimator_case(g, B, T)
+        mask, t = args[1], args[3]
+        attend = cfm_estimator.sdpa_attend(attention_bias(mask, heads), B, T)
+        calls.clear()
+        with torch.inference_mode():
+            ref = est(*args)
+            got = chained(packed, mask, t, attend)
+            unchained = plain(packed, mask, t, attend)
+        assert len(calls) == stacks
+        assert torch.equal(got, unchained)
+        assert (got - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.5
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = cfm_estimator.FusedEstimator(est, torch.float32, cfm_estimator.regions(compile=True, backend="eager"), conv=conv)
+    for B, T in ((3, 40), (5, 56), (2, 24)):
+        args, packed = _estimator_case(g, B, T)
+        mask, t = args[1], args[3]
+        attend = cfm_estimator.sdpa_attend(attention_bias(mask, heads), B, T)
+        with torch.inference_mode():
+            assert torch.equal(compiled(packed, mask, t, attend), chained(packed, mask, t, attend))
+    used = len(cfm_estimator.REGIONS) - len(cfm_estimator.FFN_REGIONS)
+    used -= len(cfm_estimator.MM_REGIONS if conv == "native" else cfm_estimator.CONV_REGIONS)
+    assert counters["stats"]["unique_graphs"] == used
     assert not counters["graph_break"] and not counters["recompiles"]
     torch._dynamo.reset()
 

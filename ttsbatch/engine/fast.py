@@ -94,6 +94,7 @@ class FastEngine:
         stream_priority: str = "t3",
         t3_look_ahead: int = 0,
         vocoder_conv2d: bool = False,
+        s3gen_chain: bool = True,
     ):
         """``max_rows``: T3 rows (None: from memory); ``max_vram_gb``: cap on GPU memory for
         both models' work; ``check_every``: T3 steps between host looks at "all done?";
@@ -183,7 +184,10 @@ class FastEngine:
         Experimental, off: on an H100 the compiled regions fail Inductor's stride check and
         fall back to eager, 240 ms a batch of 64 chunks against 127 compiled with conv1d;
         eager, cuDNN's layout work took 10 ms against conv1d's 36, worth ~25 ms a batch if it
-        compiled (``scripts/gpu_vocoder_layout.py``, twenty-eighth session)."""
+        compiled (``scripts/gpu_vocoder_layout.py``, twenty-eighth session). ``s3gen_chain``:
+        each CFM transformer block's tail and the next block's head in one compiled region
+        (``cfm_estimator.block_out_in``), so that the feed-forward's residual add and the next
+        norm1 are one kernel; False: two regions, as before the twenty-ninth session."""
         import torch
 
         from .s3gen_batched import BatchedS3Gen
@@ -239,6 +243,7 @@ class FastEngine:
             compile_regions=cuda if compile_estimator is None else compile_estimator,
             compile_vocoder=cuda if compile_vocoder is None else compile_vocoder, compile_encoder=compile_encoder,
             attention=s3gen_attention, ffn=s3gen_ffn, pack=s3gen_pack, conv=s3gen_conv, vocoder_conv2d=vocoder_conv2d,
+            chain=s3gen_chain,
             **bucket_kw,
         )
         if cuda:

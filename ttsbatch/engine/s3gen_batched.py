@@ -223,7 +223,8 @@ class BatchedS3Gen:
     estimator's causal convs as GEMMs over flat rows ("gemm") or as the backend's own
     convolutions ("native"; see ``cfm_estimator.FusedEstimator``); None: "gemm" on CUDA (an
     H200's CFM 11% faster), "native" on the CPU (oneDNN's convs: the GEMM path's CFM took 6-9%
-    longer with the full-size checkpoint on two cores).
+    longer with the full-size checkpoint on two cores). ``chain``: a transformer block's tail
+    and the next block's head as one region (``cfm_estimator.FusedEstimator``'s ``chain``).
     """
 
     def __init__(
@@ -250,6 +251,7 @@ class BatchedS3Gen:
         ffn: str = "region",
         pack: bool | None = None,
         conv: str | None = None,
+        chain: bool = True,
     ):
         s3 = model.s3gen
         self.s3 = s3
@@ -308,7 +310,7 @@ class BatchedS3Gen:
         if cfm_estimator.supported(est):
             regions = cfm_estimator.regions(compile=compile_regions, backend=regions_backend, mode=regions_mode)
             conv = conv or ("gemm" if self.is_cuda else "native")
-            self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions, conv=conv)
+            self.fused = cfm_estimator.FusedEstimator(est, self.dtype, regions, conv=conv, chain=chain)
             # the transformer blocks' tail as one Triton kernel (cfm_ffn): the feed-forward's
             # hidden stays on the chip; CUDA and 16-bit weights only (GELU's tanh form, as the
             # compiled region's cuBLASLt epilogue there)
