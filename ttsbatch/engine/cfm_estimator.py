@@ -56,9 +56,15 @@ def _resnet(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, r
 # layout; the convs' channels-first view is taken inside the regions, where a compiler fuses
 # the transposes into the elementwise kernels instead of copying. One function (one code
 # object, one compiled graph) per resnet site: their inputs differ in channels and layout.
-def resnet_down(x, mask, temb, *w, eps: float):
-    """The first resnet: the packed input (B, Cin, T) channels first -> (B, T, C) rows."""
-    return _resnet(x, mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
+# The concatenations around the stream ([x | mu | spks | cond] before the first resnet, [x |
+# skip] before the up-block's) are made inside the regions that read them: eager, each was a
+# copy of every row in fp32 per Euler step (CatArrayBatchedCopy, 0.24 s of a 2-hour book's GPU
+# time on an H100 for one of them, twenty-ninth session's trace); inside, the region's first
+# kernels read both parts where they are.
+def resnet_down(x, static, mask, temb, *w, eps: float):
+    """The first resnet: x (B, 80, T) and the rest of the packed input [mu | spks | cond]
+    (B, Cin - 80, T), channels first -> (B, T, C) rows."""
+    return _resnet(torch.cat([x, static], dim=1), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
 
 
 def resnet_mid(x, mask, temb, *w, eps: float):
@@ -66,9 +72,10 @@ def resnet_mid(x, mask, temb, *w, eps: float):
     return _resnet(x.transpose(1, 2), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
 
 
-def resnet_up(x, mask, temb, *w, eps: float):
-    """The up-block resnet: (B, T, 2C) (stream + skip) -> (B, T, C)."""
-    return _resnet(x.transpose(1, 2), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
+def resnet_up(x, skip, mask, temb, *w, eps: float):
+    """The up-block resnet: the stream and the skip, (B, T, C) each, -> (B, T, C) (stock: [x |
+    skip] on channels)."""
+    return _resnet(torch.cat([x, skip], dim=-1).transpose(1, 2), mask, temb, *w, eps=eps).transpose(1, 2).contiguous()
 
 
 def block_in(x, nw, nb, w_qkv, b_qkv, eps: float):
@@ -193,9 +200,10 @@ def _resnet_mm(x, mask, keep, rows_b, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b
     return h + F.linear((x * mask).to(rw.dtype), rw, rb)
 
 
-def resnet_down_mm(x, mask, keep, rows_b, temb, *w, eps: float):
-    """:func:`resnet_down` with GEMM convs: the packed input (B, Cin, T) -> (B * T, C) rows;
-    ``mask`` (B, 1, T)."""
+def resnet_down_mm(x, static, mask, keep, rows_b, temb, *w, eps: float):
+    """:func:`resnet_down` with GEMM convs: x (B, 80, T) and the rest of the packed input ->
+    (B * T, C) rows; ``mask`` (B, 1, T)."""
+    x = torch.cat([x, static], dim=1)
     return _resnet_mm(x.transpose(1, 2).reshape(-1, x.shape[1]), mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
@@ -204,9 +212,9 @@ def resnet_mid_mm(x, mask, keep, rows_b, temb, *w, eps: float):
     return _resnet_mm(x, mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
-def resnet_up_mm(x, mask, keep, rows_b, temb, *w, eps: float):
-    """:func:`resnet_up` with GEMM convs: (M, 2C) (stream + skip) -> (M, C)."""
-    return _resnet_mm(x, mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
+def resnet_up_mm(x, skip, mask, keep, rows_b, temb, *w, eps: float):
+    """:func:`resnet_up` with GEMM convs: the stream and the skip, (M, C) each, -> (M, C)."""
+    return _resnet_mm(torch.cat([x, skip], dim=-1), mask.reshape(-1, 1), keep, rows_b, temb, *w, eps=eps)
 
 
 def causal_conv_mm(x, mask, keep, w, b):
@@ -447,8 +455,10 @@ class FusedEstimator:
                 h = self.ffn(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, eps=b.eps3)
         return h
 
-    def __call__(self, x, mask, t, attend):
-        """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32.
+    def __call__(self, x, mask, t, attend, static=None):
+        """x (B, 320, T) packed input, mask (B, 1, T) fp32, t (B,) -> (B, 80, T) fp32; or x
+        (B, 80, T) alone and ``static`` the rest of the packed input [mu | spks | cond] (B,
+        240, T), concatenated by the first region (a batch's Euler steps share ``static``).
 
         With ``conv="native"`` the stream between regions is (B, T, C); with "gemm" it is
         (B * T, C) rows from the first resnet to the last conv, and the GEMM convs' regions
@@ -464,9 +474,12 @@ class FusedEstimator:
             resnet_aux, conv_aux, aux_marks, stream_dims = (), (), (), (0, 1)
             resnet_down, resnet_mid, resnet_up = r.resnet_down, r.resnet_mid, r.resnet_up
             causal_conv, final, blocks = r.causal_conv, r.final, self._blocks
+        if static is None:  # a packed input: the regions take its parts
+            n = self.final[-2].shape[0]  # the mel's channels (final_proj's outputs)
+            x, static = x[:, :n], x[:, n:]
         rw, tbs, conv = self.down
-        r.dyn((x, 0, 2), (mask, 0, 2), (temb, 0), *aux_marks)
-        x = resnet_down(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
+        r.dyn((x, 0, 2), (static, 0, 2), (mask, 0, 2), (temb, 0), *aux_marks)
+        x = resnet_down(x, static, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
         skip = blocks(tbs, x, attend)
         r.dyn((skip, *stream_dims))
         x = causal_conv(skip, mask, *conv_aux, *conv)
@@ -475,9 +488,8 @@ class FusedEstimator:
             x = resnet_mid(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
             x = blocks(tbs, x, attend)
         rw, tbs, conv = self.up
-        x = torch.cat([x, skip], dim=-1)  # stock: [x | skip] on channels
-        r.dyn((x, *stream_dims))
-        x = resnet_up(x, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
+        r.dyn((x, *stream_dims), (skip, *stream_dims))
+        x = resnet_up(x, skip, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
         x = blocks(tbs, x, attend)
         r.dyn((x, *stream_dims))
         x = causal_conv(x, mask, *conv_aux, *conv)

@@ -980,15 +980,16 @@ class BatchedS3Gen:
         x_in = torch.cat([x, x], dim=0)
         t_in = t.expand(2 * B)
         with self._autocast():
-            d = self._estimator(torch.cat([x_in, static], dim=1), mask_in, t_in, bias, q_len)
+            d = self._estimator(x_in, mask_in, t_in, bias, q_len, static=static)
         d = d.float()
         d, dc = torch.split(d, [B, B], dim=0)
         d = (1.0 + self.cfg_rate) * d - self.cfg_rate * dc
         return x + (r - t) * d
 
-    def _estimator(self, x, mask, t, bias, q_len=None):
+    def _estimator(self, x, mask, t, bias, q_len=None, static=None):
         """``ConditionalDecoder.forward`` (chatterbox 0.1.7) on an already packed input
-        [x | mu | spks | cond], with the attention bias given: stock derives it through
+        [x | mu | spks | cond] (or x and, in ``static``, the rest: the fused estimator's first
+        region packs them), with the attention bias given: stock derives it through
         ``add_optional_chunk_mask``, whose check calls ``.item()`` every block. The fused
         estimator when the configuration allows (``self.fused``), else the stock modules."""
         if self.fused is not None:
@@ -997,7 +998,9 @@ class BatchedS3Gen:
                 attend = cfm_estimator.flash_attend(self._flash, bias[0], bias[1, :-1], q_len or T)
             else:
                 attend = cfm_estimator.sdpa_attend(bias, B, T)
-            return self.fused(x, mask, t, attend)
+            return self.fused(x, mask, t, attend, static=static)
+        if static is not None:
+            x = torch.cat([x, static], dim=1)
         est = self.flow.decoder.estimator
         t = est.time_embeddings(t).to(t.dtype)
         t = est.time_mlp(t)
