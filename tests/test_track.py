@@ -460,7 +460,9 @@ def test_a_track_left_without_finish_removes_its_live_remux(tmp_path, many_cores
                 track.stored(p)
             enc = track._encoder
             deadline = time.monotonic() + 30
-            while enc._remux is None and time.monotonic() < deadline:  # a segment joined: ffmpeg remuxes
+            # a segment joined: ffmpeg remuxes (and opens its output once it has read the input's
+            # header: under load that came after the remux had started, so wait for both)
+            while (enc._remux is None or not live.exists()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert live.exists()
             raise RuntimeError("engine failed")
