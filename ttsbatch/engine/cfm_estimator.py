@@ -57,10 +57,9 @@ def _resnet(x, mask, temb, c1w, c1b, n1w, n1b, mw, mb, c2w, c2b, n2w, n2b, rw, r
 # the transposes into the elementwise kernels instead of copying. One function (one code
 # object, one compiled graph) per resnet site: their inputs differ in channels and layout.
 # The concatenations around the stream ([x | mu | spks | cond] before the first resnet, [x |
-# skip] before the up-block's) are made inside the regions that read them: eager, each was a
-# copy of every row in fp32 per Euler step (CatArrayBatchedCopy, 0.24 s of a 2-hour book's GPU
-# time on an H100 for one of them, twenty-ninth session's trace); inside, the region's first
-# kernels read both parts where they are.
+# skip] before the up-block's) are made inside the regions that read them: eager, each was one
+# more copy of every row in fp32 per Euler step; inside, the region's first kernels read both
+# parts where they are.
 def resnet_down(x, static, mask, temb, *w, eps: float):
     """The first resnet: x (B, 80, T) and the rest of the packed input [mu | spks | cond]
     (B, Cin - 80, T), channels first -> (B, T, C) rows."""
@@ -108,7 +107,8 @@ def block_out_in(o, x, wo, bo, nw, nb, w1, b1, w2, b2, nw1, nb1, w_qkv, b_qkv, e
     next norm1 were two kernels, the add re-read by the norm: 1.45 + 0.71 s of a 2-hour
     book's GPU time on an H100, against 0.99 s for the same pair fused after the attention's
     output projection (``triton_per_fused__to_copy_add_native_layer_norm``, twenty-ninth
-    session's trace). Together Inductor fuses them so. The same ops in the same order."""
+    session's trace). Together Inductor fuses them so (on an H200: 1.29 s against 1.58 s for
+    the pair). The same ops in the same order."""
     x = block_out(o, x, wo, bo, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approximate)
     return x, block_in(x, nw1, nb1, w_qkv, b_qkv, eps=eps1)
 
@@ -390,6 +390,7 @@ class FusedEstimator:
         self.conv = conv
         self.chain = bool(chain)
         self.dtype = dtype
+        self.mel_channels = est.final_proj.out_channels  # x's part of a packed input
         g = conv == "gemm"
         (r0, tbs0, down), = est.down_blocks
         (r1, tbs1, up), = est.up_blocks
@@ -434,12 +435,12 @@ class FusedEstimator:
         """Transformer blocks over (M, C) rows."""
         qkv = None  # the block's q, k, v when the last block's region made them (chain)
         for i, b in enumerate(blocks):
+            self.r.dyn((h, 0))
             if qkv is None:
-                self.r.dyn((h, 0))
                 qkv = self.r.block_in(h, b.nw1, b.nb1, b.w_qkv, b.b_qkv, eps=b.eps1)
             o = attend(qkv, b.heads, b.scale)
             qkv = None
-            self.r.dyn((o, 0), (h, 0))
+            self.r.dyn((o, 0))
             if self.ffn is None and self.chain and i + 1 < len(blocks):
                 n = blocks[i + 1]
                 h, qkv = self.r.block_out_in(o, h, b.wo, b.bo, b.nw3, b.nb3, b.w1, b.b1, b.w2, b.b2, n.nw1, n.nb1,
@@ -475,8 +476,7 @@ class FusedEstimator:
             resnet_down, resnet_mid, resnet_up = r.resnet_down, r.resnet_mid, r.resnet_up
             causal_conv, final, blocks = r.causal_conv, r.final, self._blocks
         if static is None:  # a packed input: the regions take its parts
-            n = self.final[-2].shape[0]  # the mel's channels (final_proj's outputs)
-            x, static = x[:, :n], x[:, n:]
+            x, static = x[:, : self.mel_channels], x[:, self.mel_channels :]
         rw, tbs, conv = self.down
         r.dyn((x, 0, 2), (static, 0, 2), (mask, 0, 2), (temb, 0), *aux_marks)
         x = resnet_down(x, static, mask, *resnet_aux, temb, *rw.args, eps=rw.eps)
