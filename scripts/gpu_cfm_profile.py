@@ -34,17 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def item_flops(est, L: int, device) -> int:
-    """FLOPs of one estimator call over one item of L frames (one CFG half), stock modules."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x, mu, cond = (torch.zeros(1, 80, L, device=device) for _ in range(3))
-    mask = torch.ones(1, 1, L, device=device)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        est(x, mask, mu, torch.zeros(1, device=device), torch.zeros(1, 80, device=device), cond)
-    return fc.get_total_flops()
+from ttsbatch.bench_s3gen import estimator_flops  # noqa: E402
 
 
 class RegionTimer:
@@ -123,7 +113,7 @@ def main() -> int:
         if "flops" not in res:
             frames = [2 * (voice.n_prompt_tokens + n) for n in lens]
             cache: dict = {}
-            res["flops"] = 2 * 10 * sum(cache.setdefault(L, item_flops(est, L, "cuda")) for L in frames)
+            res["flops"] = 2 * 10 * sum(cache.setdefault(L, estimator_flops(est, L, "cuda")) for L in frames)
         t0 = time.perf_counter()
         for _ in range(2):
             wavs = s3.synthesize(toks, voice, seeds=seeds)

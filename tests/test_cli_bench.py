@@ -79,7 +79,7 @@ def test_bench_rejects_an_unknown_engine_option():
 def test_bench_rejects_unknown_parts():
     r = runner.invoke(app, ["bench", "--parts", "t3,gpu"])
     assert r.exit_code == 2
-    assert "--parts t3,gpu: expected t3, book or both" in r.stderr
+    assert "--parts t3,gpu: expected some of t3, s3gen, book" in r.stderr
 
 
 def test_t3_bench_runs_the_fast_engine_on_the_asked_number_of_sentences(tiny_checkpoint, tmp_path):
@@ -134,3 +134,50 @@ def test_gpu_busy_reads_nvml_else_nvidia_smi_else_nothing(monkeypatch):
     with busy:
         pass
     assert busy.source is None and busy.busy(0, 1e12) is None
+
+
+def test_s3gen_bench_renders_every_chunk_and_reports_the_cfm_rate(tiny_checkpoint, tmp_path):
+    """--parts s3gen: the S3Gen stage alone over the book's chunks, its stages split, and the
+    CFM estimator's useful work counted from the items' lengths."""
+    out = tmp_path / "bench.json"
+    r = runner.invoke(app, ["bench", "--model-dir", str(tiny_checkpoint), "--device", "cpu", "--book", str(SAMPLES / "story.txt"),
+                            "--parts", "s3gen", "--tokens-per-char", "0.1", "--max-chars", "300", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    s = json.loads(out.read_text())["s3gen"]
+    assert s["chunks"] >= 2 and s["batches"] >= 1
+    # every chunk rendered: 2 mel frames a token, 480 samples a frame at 24 kHz
+    assert 0.6 * s["tokens"] < s["s3gen_tokens"] < s["tokens"]  # T3's special ids dropped, as the engine does
+    assert s["chunk_audio_s"] == pytest.approx(s["s3gen_tokens"] * 0.04, abs=0.05)
+    assert s["x_realtime"] == pytest.approx(s["chunk_audio_s"] / s["wall_s"], rel=0.05)
+    assert all(v > 0 for v in s["stages_s"].values())
+    # the useful frames are each item's prompt + its own frames; the estimator ran over at least those
+    assert s["cfm_useful_frames"] == s["chunks"] * s["prompt_frames"] + 2 * s["s3gen_tokens"]
+    assert s["cfm_frames"] >= s["cfm_useful_frames"]
+    m = s["cfm_flop_model"]
+    L = s["cfm_useful_frames"] / s["chunks"]
+    assert s["cfm_useful_tflop"] > 0 and m["c2"] > 0 and m["c1"] > 0
+    assert s["cfm_tflops"] == pytest.approx(s["cfm_useful_tflop"] / s["stages_s"]["cfm"], rel=0.05)
+    assert s["peak_tflops"] is None and "ceiling" not in s  # a CPU has no bf16 peak in the table
+    assert L > s["prompt_frames"]
+
+
+def test_cfm_flop_model_matches_the_flop_counter_at_other_lengths(tiny_checkpoint):
+    """The quadratic fitted at three lengths is exact at others: the estimator's FLOPs are a
+    constant, a per-frame and a per-frame-pair term (the attention)."""
+    from ttsbatch.bench_s3gen import cfm_flop_model, estimator_flops
+    from ttsbatch.engine.model import load_model
+
+    est = load_model(tiny_checkpoint, "cpu").s3gen.flow.decoder.estimator
+    m = cfm_flop_model(est)
+    for L in (5, 37, 100):
+        assert m(L) == estimator_flops(est, L, "cpu")
+    assert m.item(37, 10) == 2 * 10 * m(37)
+
+
+def test_peak_tflops_by_gpu_name():
+    from ttsbatch.bench_s3gen import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None

@@ -173,6 +173,29 @@ def _option_value(raw: str):
     return raw
 
 
+def book_chunks(book: Path, options, max_chars: int | None = None):
+    """``(document, chunks)`` of ``book`` as ``ttsbatch BOOK`` chunks it; ``max_chars``: a
+    shorter book, the same text cut after the paragraph that reaches ``max_chars``."""
+    from dataclasses import replace
+
+    from .text import chunk_document, read_document
+
+    doc = read_document(book)
+    if max_chars:
+        kept, n = [], 0
+        for ch in doc.chapters:
+            paras = []
+            for p in ch.paragraphs:
+                if n >= max_chars:
+                    break
+                paras.append(p)
+                n += len(p)
+            if paras:
+                kept.append(replace(ch, paragraphs=tuple(paras)))
+        doc = replace(doc, chapters=tuple(kept))
+    return doc, chunk_document(doc, options.text)
+
+
 def run_book_bench(
     model_dir: Path | None,
     book: Path,
@@ -195,7 +218,6 @@ def run_book_bench(
     from .engine.voice import BUILTIN, VoiceCache
     from . import pipeline
     from .store import ChunkStore
-    from .text import chunk_document, read_document
 
     def say(msg: str) -> None:
         print(msg, file=out or sys.stdout, flush=True)  # stdout as it is now, not at import
@@ -211,22 +233,7 @@ def run_book_bench(
     options = load_options(None, {"generation": {"tokens_per_char": tokens_per_char, "ignore_eos": True}})
     gen = options.generation
     t_text = time.perf_counter()
-    doc = read_document(book)
-    if max_chars:  # a shorter book: the same text, cut after the paragraph that reaches max_chars
-        from dataclasses import replace
-
-        kept, n = [], 0
-        for ch in doc.chapters:
-            paras = []
-            for p in ch.paragraphs:
-                if n >= max_chars:
-                    break
-                paras.append(p)
-                n += len(p)
-            if paras:
-                kept.append(replace(ch, paragraphs=tuple(paras)))
-        doc = replace(doc, chapters=tuple(kept))
-    chunks = chunk_document(doc, options.text)
+    doc, chunks = book_chunks(book, options, max_chars)
     t_text = time.perf_counter() - t_text
     chars = sum(len(c.text) for c in chunks)
     model = load_model(model_dir, device)

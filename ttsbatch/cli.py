@@ -399,7 +399,7 @@ def bench(
     fast_sentences: Optional[int] = typer.Option(None, "--fast-sentences", min=1, help="Chunks for the fast T3 at scale (default: 256 on a GPU, one wave of rows; more keeps the rows refilled, as a book does)."),
     tokens_per_char: float = typer.Option(1.0, "--tokens-per-char", help="Speech-token budget per character, the same for stock and fast."),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Use only the first N characters of the book (a shorter book)."),
-    parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), book (the whole book to MP3)."),
+    parts: str = typer.Option("t3,book", "--parts", help="Comma-separated: t3 (stock vs fast T3 tokens/s, batch 1, full batch, profile), s3gen (the S3Gen stage alone over the book's chunks, the CFM estimator's TFLOP/s), book (the whole book to MP3)."),
     switch_interval_ms: Optional[float] = typer.Option(None, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval for the run (Python's default: 5 ms), for experiments: S3Gen's, T3's and the store's threads share the GIL."),
     engine_opt: list[str] = typer.Option([], "--engine-opt", metavar="KEY=VALUE", help="A fast-engine option for the book part, e.g. s3gen_attention=fa4 or s3gen_graphs=true (repeatable; for experiments)."),
     mark_group: Optional[int] = typer.Option(None, "--mark-group", min=1, help="Chunks the store threads watermark with Perth at once in the book part (default 32; 1: chunk by chunk, for experiments)."),
@@ -414,8 +414,8 @@ def bench(
     setup_logging(quiet=True)
     engine_options = parse_engine_options(engine_opt)
     wanted = {p.strip() for p in parts.split(",") if p.strip()}
-    if not wanted or wanted - {"t3", "book"}:
-        raise InputError(f"--parts {parts}: expected t3, book or both")
+    if not wanted or wanted - {"t3", "s3gen", "book"}:
+        raise InputError(f"--parts {parts}: expected some of t3, s3gen, book")
     results: dict = {}
     from . import pipeline
 
@@ -446,9 +446,14 @@ def _bench_parts(wanted, results, model_dir, device, sentences, fast_sentences, 
     if "t3" in wanted:
         results["t3"] = run_bench(model_dir, device.value, n_sentences=sentences, n_fast=fast_sentences,
                                   tokens_per_char=tokens_per_char, max_vram_gb=max_vram, book=book)
-    if "book" in wanted:
-        from .bench import SAMPLE
+    from .bench import SAMPLE
 
+    if "s3gen" in wanted:
+        from .bench_s3gen import run_s3gen_bench
+
+        results["s3gen"] = run_s3gen_bench(model_dir, book or SAMPLE, device=device.value, tokens_per_char=tokens_per_char,
+                                           max_chars=max_chars, engine_options=engine_options)
+    if "book" in wanted:
         results["book"] = run_book_bench(model_dir, book or SAMPLE, device=device.value, max_vram_gb=max_vram,
                                          tokens_per_char=tokens_per_char, stock_sentences=sentences, max_chars=max_chars,
                                          engine_options=engine_options, gpu_trace=gpu_trace)
