@@ -167,13 +167,13 @@ def run_s3gen_bench(
     peak = peak_tflops(name) if cuda else None
     cfm_tflops = useful / stage["cfm"] / 1e12 if stage["cfm"] > 0 else None
     r |= dict(
-        chunk_audio_s=round(audio, 1), wall_s=round(wall, 2), x_realtime=round(audio / wall, 1),
-        stages_s={k: round(stage[k], 2) for k in ("encoder", "cfm", "hifigan")}, batches=stage["batches"],
+        chunk_audio_s=round(audio, 1), wall_s=round(wall, 2), x_realtime=round(audio / wall, 2),
+        stages_s={k: round(stage[k], 3) for k in ("encoder", "cfm", "hifigan")}, batches=stage["batches"],
         # frames the estimator ran over (one CFG half, padding or packing gaps included) and the
         # frames it had to (each item's own: prompt + item)
         cfm_frames=stage["cfm_frames"], cfm_useful_frames=sum(lengths), prompt_frames=2 * voice.n_prompt_tokens,
         cfm_flop_model=dict(c0=flops.c0, c1=flops.c1, c2=flops.c2),
-        cfm_useful_tflop=round(useful / 1e12, 3), cfm_tflop_per_audio_s=round(useful / 1e12 / audio, 3),
+        cfm_useful_flop=useful, cfm_useful_tflop=round(useful / 1e12, 3), cfm_tflop_per_audio_s=round(useful / 1e12 / audio, 3),
         cfm_tflops=None if cfm_tflops is None else round(cfm_tflops, 3), peak_tflops=peak,
         cfm_peak_share=None if peak is None or cfm_tflops is None else round(cfm_tflops / peak, 3),
     )
