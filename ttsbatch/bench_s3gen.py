@@ -1,11 +1,14 @@
 """The S3Gen stage alone over a whole book, and the CFM estimator's achieved TFLOP/s.
 
-``ttsbatch bench --parts s3gen``: the book is chunked as ``ttsbatch BOOK`` does, every chunk
-gets its token budget's worth of speech tokens (random ids: S3Gen's work depends on how
-many tokens an item has, not which), and the fast engine's S3Gen renders them in the
-collections its pipeline hands over (document order, ``FastEngine.collect`` chunks a call)
-with the engine's own batching, buckets, compiled regions and attention. No T3, Perth, store
-or encoder: this is the stage the issue's ">= 600x" and ">= 45% of bf16 peak" are about.
+``ttsbatch bench --parts s3gen``: the book is chunked as ``ttsbatch BOOK`` does, and every
+chunk gets its token budget's worth of random speech ids as T3 with random weights makes
+them (drawn over T3's speech vocabulary, then cleaned up as the engine does: about a fifth
+are T3's special ids and dropped). S3Gen's work depends on how many tokens an item has, not
+which. The fast engine's S3Gen renders them in document order, ``FastEngine.collect`` chunks
+a call (the full collections that ``s3gen_take="full"`` hands over; in a book the default
+``"ready"`` hands over whatever T3 has finished, at least a batch's worth), with the
+engine's own batching, buckets, compiled regions and attention. No T3, Perth, store or MP3:
+this is the stage the issue's ">= 600x" and ">= 45% of bf16 peak" are about.
 
 Two passes over the same items: one timed end to end (the stage's real-time factor: chunk
 audio over wall), one with ``BatchedS3Gen.profile`` on, whose CUDA events split the GPU
@@ -118,9 +121,9 @@ def run_s3gen_bench(
     _, chunks = book_chunks(book, options, max_chars)
     budgets = [gen.token_budget(len(c.text)) for c in chunks]
     model = load_model(model_dir, device)
-    # what T3 with random weights and ignore_eos hands S3Gen: ids drawn over T3's whole speech
-    # vocabulary but its end-of-speech, cleaned up as the engine does (about a fifth are T3's
-    # special ids, dropped): in the 2-hour book 6,506 s of chunk audio for 205,071 tokens
+    # what T3 with random weights and ignore_eos hands S3Gen: ids over T3's speech vocabulary
+    # but its end-of-speech, cleaned up as the engine does (in the 2-hour book 162,150 of the
+    # 205,071 tokens are kept here: 6,486 s of chunk audio; the book runs stored 6,506 s)
     vocab = model.t3.hp.speech_tokens_dict_size
     rng = np.random.default_rng(0)
     toks = []
