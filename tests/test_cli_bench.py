@@ -147,8 +147,8 @@ def test_s3gen_bench_renders_every_chunk_and_reports_the_cfm_rate(tiny_checkpoin
     assert s["chunks"] >= 2 and s["batches"] >= 1
     # every chunk rendered: 2 mel frames a token, 480 samples a frame at 24 kHz
     assert 0.6 * s["tokens"] < s["s3gen_tokens"] < s["tokens"]  # T3's special ids dropped, as the engine does
-    assert s["chunk_audio_s"] == pytest.approx(s["s3gen_tokens"] * 0.04, abs=0.05)
-    assert s["x_realtime"] == pytest.approx(s["chunk_audio_s"] / s["wall_s"], rel=0.05)
+    assert s["chunk_audio_s"] == pytest.approx(s["s3gen_tokens"] * 0.04, abs=0.01)
+    assert s["x_realtime"] == pytest.approx(s["chunk_audio_s"] / s["wall_s"], rel=0.02, abs=0.006)  # both rounded
     assert all(v > 0 for v in s["stages_s"].values())
     # the useful frames are each item's prompt + its own frames; the estimator ran over at least those
     assert s["cfm_useful_frames"] == s["chunks"] * s["prompt_frames"] + 2 * s["s3gen_tokens"]
@@ -160,7 +160,7 @@ def test_s3gen_bench_renders_every_chunk_and_reports_the_cfm_rate(tiny_checkpoin
     # (at least the model at the mean length: the attention's term is convex)
     assert s["cfm_useful_flop"] >= 20 * s["chunks"] * (m["c0"] + m["c1"] * L + m["c2"] * L * L) * (1 - 1e-9)
     assert s["cfm_useful_flop"] <= 20 * s["chunks"] * (m["c0"] + m["c1"] * L + m["c2"] * L * L) * 1.1
-    assert s["cfm_tflops"] == pytest.approx(s["cfm_useful_flop"] / 1e12 / s["stages_s"]["cfm"], rel=0.01)
+    assert s["cfm_tflops"] == pytest.approx(s["cfm_useful_flop"] / 1e12 / s["stages_s"]["cfm"], rel=0.01, abs=5e-4)  # both rounded
     assert s["peak_tflops"] is None and "ceiling" not in s  # a CPU has no bf16 peak in the table
 
 

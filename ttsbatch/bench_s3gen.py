@@ -170,7 +170,7 @@ def run_s3gen_bench(
     peak = peak_tflops(name) if cuda else None
     cfm_tflops = useful / stage["cfm"] / 1e12 if stage["cfm"] > 0 else None
     r |= dict(
-        chunk_audio_s=round(audio, 1), wall_s=round(wall, 2), x_realtime=round(audio / wall, 2),
+        chunk_audio_s=round(audio, 2), wall_s=round(wall, 3), x_realtime=round(audio / wall, 2),
         stages_s={k: round(stage[k], 3) for k in ("encoder", "cfm", "hifigan")}, batches=stage["batches"],
         # frames the estimator ran over (one CFG half, padding or packing gaps included) and the
         # frames it had to (each item's own: prompt + item)
@@ -188,4 +188,11 @@ def run_s3gen_bench(
         r["ceiling"] = dict(share=target_share, cfm_s=round(cfm_at, 2), x_realtime=round(audio / (cfm_at + rest), 1),
                             x_realtime_cfm_only=round(audio / cfm_at, 1))
     say(f"s3gen: {r}")
+    # a book part may follow in this process: its peak GPU memory is its own
+    del engine, s3, voice, model
+    import gc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     return r
