@@ -5,7 +5,7 @@ best isolated rate, at a book batch's shapes (CUDA GPU).
     python scripts/gpu_cfm_ceiling.py [--rows 90000] [--seqs 128] [--frames 704]
 
 The estimator's useful FLOPs per frame and per frame pair are those of
-``ttsbatch.bench_s3gen.cfm_flop_model`` (stock's module, ``FlopCounterMode``). Here every
+``ttsbatch.bench_s3gen.cfm_flop_model`` (stock's module, ``FlopCounterMode``, counted here). Here every
 GEMM shape the estimator runs (per transformer block: q/k/v 256->1536, output 512->256, the
 feed-forward 256->1024 and 1024->256; per resnet: a k=3 causal conv as a (3 x 256)->256 GEMM
 and the 1x1 residual) is timed alone by cuBLAS in bf16 over ``--rows`` frames, and the
@@ -54,7 +54,9 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from ttsbatch.bench_s3gen import CfmFlops
+    from chatterbox.models.s3gen import S3Gen
+
+    from ttsbatch.bench_s3gen import cfm_flop_model
 
     dev, bf = "cuda", torch.bfloat16
     M = args.rows
@@ -104,8 +106,10 @@ def main() -> int:
     for name, d in attn.items():
         print(f"attention {name}: {S} x {H} heads x {T} frames: {d}", flush=True)
 
-    # the estimator per call at this length, from stock's own FLOP count (c1: frames, c2: pairs)
-    m = CfmFlops(c0=10_092_544, c1=132_161_536, c2=114_688)  # cfm_flop_model(stock estimator), chatterbox-tts 0.1.7
+    # the estimator per call at this length, from stock's own FLOP count (c1: frames, c2: pairs),
+    # on the CPU over an S3Gen as chatterbox builds it (its shapes; the weights do not matter)
+    m = cfm_flop_model(S3Gen().flow.decoder.estimator.eval(), "cpu")
+    res["cfm_flop_model"] = dict(c0=m.c0, c1=m.c1, c2=m.c2)
     best_attn = max(d.get("tflops", 0) for d in attn.values())
     frames = S * T
     useful = m.c1 * frames + m.c2 * S * T * T

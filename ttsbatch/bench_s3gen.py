@@ -101,11 +101,10 @@ def run_s3gen_bench(
 ) -> dict:
     import numpy as np
     import torch
+    from chatterbox.models.s3tokenizer import EOS
 
     from .bench_book import book_chunks
     from .config import load_options
-    from chatterbox.models.s3tokenizer import EOS
-
     from .engine.fast import FastEngine, speech_tokens_for_s3gen
     from .engine.model import load_model, pick_device
     from .engine.voice import BUILTIN, VoiceCache
