@@ -32,6 +32,17 @@ def kernel():
     return importlib.import_module(MODULE)
 
 
+@pytest.fixture
+def engine_kernel(kernel, monkeypatch):
+    """The kernel for the whole-engine tests below: 128 key positions a loop iteration, not the
+    GPU's 32. The interpreter runs each iteration in Python, so the engine tests (every layer
+    of every step) took ~190 s of the CPU suite at 32 and take ~100 s at 128; the kernel at 32,
+    its splits and its template boundaries are the kernel tests' (above). At these engines'
+    lengths (> 256 positions) the keys are still split in two."""
+    monkeypatch.setattr(kernel, "BLOCK_N", 128)
+    return kernel
+
+
 def _reference(q, k_new, v_new, k_cache, v_cache, pos):
     """The engine's SDPA path: write at pos, attend over positions <= pos, in fp32."""
     S = q.shape[0]
@@ -188,7 +199,7 @@ def conds(model):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-gemv-layers", "layer-halves"])
-def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, conds, fused):
+def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(engine_kernel, model, conds, fused):
     """Forced tokens, CFG pairs: every step's logits as stock's. One sentence (one pair: the
     fused GEMV layers of decode_gemv), or two sentences of one batch in swapped rows (four
     sequences: the layer halves around the kernel). The shared prompt positions come from
@@ -221,6 +232,7 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, con
                 assert st.shared[s] == n_sh
                 st.k[:, s, :, :n_sh] = float("nan")
                 st.v[:, s, :, :n_sh] = float("nan")
+        assert engine_kernel.splits_for(2 * n, st.k.shape[2], st.max_len) == 2  # split keys at 128 a block
         for step in range(steps + 1):
             for i in range(n):
                 diff = (st.logits[rows[i] * 2 : rows[i] * 2 + 2] - ref[i][step]).abs().max().item()
@@ -234,7 +246,7 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(kernel, model, con
             tf.forward_tokens(fast.w, st, n, st.max_len, tok)
 
 
-def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, monkeypatch):
+def test_fast_t3_with_the_kernel_gives_the_same_tokens(engine_kernel, model, conds, monkeypatch):
     """A batch of 4 mixed-length sentences in 2 rows (refills; the last one alone in one row,
     through the fused GEMV layers): the same tokens with and without the kernels."""
     from ttsbatch.engine import t3_fast as tf
@@ -253,7 +265,7 @@ def test_fast_t3_with_the_kernel_gives_the_same_tokens(kernel, model, conds, mon
     assert fused_steps  # the tail, one row alone, went through the fused layers
 
 
-def test_without_cfg_the_template_holds_the_conditioning(kernel, model, conds):
+def test_without_cfg_the_template_holds_the_conditioning(engine_kernel, model, conds):
     """cfg_weight 0 (one sequence a sentence): only the conditioning is shared, and the tokens
     are the plain path's."""
     from ttsbatch.engine import t3_fast as tf
@@ -267,7 +279,7 @@ def test_without_cfg_the_template_holds_the_conditioning(kernel, model, conds):
     assert fast.state.pairs == 1 and fast.state.shared[:2].tolist() == [n_cond, n_cond]
 
 
-def test_the_template_adds_no_compiled_graph(kernel, model, conds):
+def test_the_template_adds_no_compiled_graph(engine_kernel, model, conds):
     """The template's prefill runs the compiled layer halves as the refills do (two rows, a
     dynamic length): the same 6 graphs as without it (test_t3_fast), no recompile, no break."""
     import torch._dynamo
@@ -287,7 +299,7 @@ def test_the_template_adds_no_compiled_graph(kernel, model, conds):
     torch._dynamo.reset()
 
 
-def test_the_voice_template_follows_the_voice(kernel, model):
+def test_the_voice_template_follows_the_voice(engine_kernel, model):
     """One engine, two voices (a new exaggeration is a new conditioning): the second call
     rebuilds the template, to what a fresh state gets for that voice; and a prompt longer
     than the template holds reads its own cache past the conditioning."""
@@ -313,13 +325,13 @@ def test_the_voice_template_follows_the_voice(kernel, model):
     assert fast.row_input(b, reqs[0], gen, 2).shared == (n_cond, n_cond)
 
 
-def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog):
+def test_a_failing_kernel_falls_back_to_sdpa(engine_kernel, monkeypatch, model, caplog):
     from ttsbatch.engine.t3_fast import FastT3
 
     def broken(*a, **k):
         raise RuntimeError("no Triton compiler here")
 
-    monkeypatch.setattr(kernel, "attend_and_cache", broken)
+    monkeypatch.setattr(engine_kernel, "attend_and_cache", broken)
     with caplog.at_level(logging.WARNING, logger="ttsbatch"):
         fast = FastT3(model, decode_kernel=True)
     assert not fast.w.decode_kernel
@@ -327,7 +339,7 @@ def test_a_failing_kernel_falls_back_to_sdpa(kernel, monkeypatch, model, caplog)
     assert "Triton decode kernels failed" in caplog.text
 
 
-def test_a_wrong_fused_gemv_is_caught_at_start(kernel, monkeypatch, model):
+def test_a_wrong_fused_gemv_is_caught_at_start(engine_kernel, monkeypatch, model):
     """The start-up check runs the fused batch-1 layer too: a GEMV that drops its product
     (the residual alone) turns the kernels off instead of producing noise."""
     from ttsbatch.engine import decode_gemv
