@@ -37,9 +37,13 @@ def engine_kernel(kernel, monkeypatch):
     """The kernel for the whole-engine tests below: 128 key positions a loop iteration, not the
     GPU's 32. The interpreter runs each iteration in Python, so the engine tests (every layer
     of every step) took ~190 s of the CPU suite at 32 and take ~100 s at 128; the kernel at 32,
-    its splits and its template boundaries are the kernel tests' (above). At these engines'
-    lengths (> 256 positions) the keys are still split in two."""
+    its splits and its template boundaries are the kernel tests' (above). ``splits_seen``
+    records the split count of every call, for a test to check its keys are still split."""
     monkeypatch.setattr(kernel, "BLOCK_N", 128)
+    seen: list[int] = []
+    real = kernel.splits_for
+    monkeypatch.setattr(kernel, "splits_for", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(kernel, "splits_seen", seen, raising=False)
     return kernel
 
 
@@ -208,6 +212,7 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(engine_kernel, mod
 
     fast = tf.FastT3(model, decode_kernel=True)
     assert fast.w.decode_kernel and fast.decode_kernel_error is None
+    engine_kernel.splits_seen.clear()  # the start-up check's short probes run one split
     gen = GenerationOptions(cfg_weight=0.5)
     texts, rows, steps = ([TEXTS[1]], [0], 4) if fused else ([TEXTS[1], TEXTS[3]], [1, 0], 4)
     n = len(texts)
@@ -232,7 +237,6 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(engine_kernel, mod
                 assert st.shared[s] == n_sh
                 st.k[:, s, :, :n_sh] = float("nan")
                 st.v[:, s, :, :n_sh] = float("nan")
-        assert engine_kernel.splits_for(2 * n, st.k.shape[2], st.max_len) == 2  # split keys at 128 a block
         for step in range(steps + 1):
             for i in range(n):
                 diff = (st.logits[rows[i] * 2 : rows[i] * 2 + 2] - ref[i][step]).abs().max().item()
@@ -244,6 +248,7 @@ def test_fast_t3_with_the_kernel_matches_stock_teacher_forced(engine_kernel, mod
                 tok[rows[i]] = forced[i, step]
             tf.record_tokens(st, n, tok)
             tf.forward_tokens(fast.w, st, n, st.max_len, tok)
+    assert set(engine_kernel.splits_seen) == {2}  # every decode step's keys split, at 128 a block
 
 
 def test_fast_t3_with_the_kernel_gives_the_same_tokens(engine_kernel, model, conds, monkeypatch):
