@@ -89,6 +89,24 @@ def cfm_flop_model(est, device="cpu", lengths: tuple[int, int, int] = (8, 16, 24
     return CfmFlops(c0=fa - c1 * a - c2 * a * a, c1=c1, c2=c2)
 
 
+def random_speech_tokens(budgets, vocab: int, seed: int = 0) -> list:
+    """What T3 with random weights and ``ignore_eos`` hands S3Gen for chunks of these token
+    ``budgets``: ids over T3's speech vocabulary (``vocab``) but its end-of-speech, cleaned up
+    as the engine does (in the 2-hour book 162,150 of the 205,071 tokens are kept: 6,486 s of
+    chunk audio; the book runs stored 6,506 s)."""
+    import numpy as np
+    from chatterbox.models.s3tokenizer import EOS
+
+    from .engine.fast import speech_tokens_for_s3gen
+
+    rng = np.random.default_rng(seed)
+    toks = []
+    for n in budgets:
+        ids = rng.integers(0, vocab - 1, n)
+        toks.append(speech_tokens_for_s3gen(np.where(ids >= EOS, ids + 1, ids).tolist()))
+    return toks
+
+
 def run_s3gen_bench(
     model_dir: Path | None,
     book: Path,
@@ -99,13 +117,11 @@ def run_s3gen_bench(
     target_share: float = 0.45,
     out=None,
 ) -> dict:
-    import numpy as np
     import torch
-    from chatterbox.models.s3tokenizer import EOS
 
     from .bench_book import book_chunks
     from .config import load_options
-    from .engine.fast import FastEngine, speech_tokens_for_s3gen
+    from .engine.fast import FastEngine
     from .engine.model import load_model, pick_device
     from .engine.voice import BUILTIN, VoiceCache
 
@@ -120,15 +136,7 @@ def run_s3gen_bench(
     _, chunks = book_chunks(book, options, max_chars)
     budgets = [gen.token_budget(len(c.text)) for c in chunks]
     model = load_model(model_dir, device)
-    # what T3 with random weights and ignore_eos hands S3Gen: ids over T3's speech vocabulary
-    # but its end-of-speech, cleaned up as the engine does (in the 2-hour book 162,150 of the
-    # 205,071 tokens are kept here: 6,486 s of chunk audio; the book runs stored 6,506 s)
-    vocab = model.t3.hp.speech_tokens_dict_size
-    rng = np.random.default_rng(0)
-    toks = []
-    for n in budgets:
-        ids = rng.integers(0, vocab - 1, n)
-        toks.append(speech_tokens_for_s3gen(np.where(ids >= EOS, ids + 1, ids).tolist()))
+    toks = random_speech_tokens(budgets, model.t3.hp.speech_tokens_dict_size)
     seeds = list(range(len(toks)))
     name = torch.cuda.get_device_name() if cuda else "cpu"
     conds = VoiceCache(model).get(BUILTIN, gen.exaggeration)
