@@ -103,17 +103,17 @@ def main() -> int:
             L = np.array([2 * (voice.n_prompt_tokens + len(t)) for t in items])
             lay = pack_layout(L.tolist(), T_mel, s3.pack_gap, "cuda")
             bounds = lay.bounds.cpu().numpy()
-            t_packed = attend_ms(bounds[0], bounds[1], 2 * lay.n, lay.max_len)
+            t_packed = attend_ms(bounds[0], bounds[1, :-1], 2 * lay.n, lay.max_len)  # as the engine: used without cu's end
             # each range (an item and its gap) padded to whole tiles
             span_al = -(-(L + s3.pack_gap) // TILE) * TILE
             starts = np.concatenate([[0], np.cumsum(span_al)[:-1]])
             n_al = int(span_al.sum())
             cu = np.concatenate([starts, n_al + starts, [2 * n_al]])
-            used = np.concatenate([L, L, [2 * n_al]])
+            used = np.concatenate([L, L])
             t_aligned = attend_ms(cu, used, 2 * n_al, int(span_al.max()))
             rms = int(round(float(np.sqrt((L.astype(np.float64) ** 2).mean()))))
             cu_u = np.arange(0, 2 * Bp * rms + 1, rms)
-            t_uniform = attend_ms(cu_u, np.append(np.full(2 * Bp, rms), 2 * Bp * rms), 2 * Bp * rms, rms)
+            t_uniform = attend_ms(cu_u, np.full(2 * Bp, rms), 2 * Bp * rms, rms)
             real = L[:B].astype(np.int64)
             work = int(4 * heads * dim * 2 * (real**2).sum()) * calls  # both CFG halves, every block and step
             useful += work
