@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--book", type=Path, default=ROOT / "bench" / "book.txt")
     ap.add_argument("--max-chars", type=int, default=None)
+    ap.add_argument("--lookup-aid", action="store_true",
+                    help="FA4's varlen batch-lookup aid at any batch size (BIN_BATCH_SEARCH_THRESH = 0)")
     args = ap.parse_args()
 
     import numpy as np
@@ -82,6 +84,8 @@ def main() -> int:
     blocks = flops.c2 // (4 * heads * dim)  # the attention's two products per frame pair, per block
     calls = blocks * gen.cfm_steps
     fa = fa4.FA4Varlen()
+    if args.lookup_aid:
+        fa.iface.BIN_BATCH_SEARCH_THRESH = 0
     scale = dim**-0.5
 
     def attend_ms(cu: np.ndarray, used: np.ndarray, n_rows: int, max_len: int) -> float:
@@ -123,7 +127,7 @@ def main() -> int:
                              packed_ms=round(t_packed, 4), aligned_ms=round(t_aligned, 4), uniform_ms=round(t_uniform, 4),
                              packed_tflops=round(work / calls / (t_packed / 1e3) / 1e12, 1)))
             print(rows[-1], flush=True)
-    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book), chunks=len(chunks), batches=len(rows), blocks=blocks,
+    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book), lookup_aid=args.lookup_aid, chunks=len(chunks), batches=len(rows), blocks=blocks,
                steps=gen.cfm_steps, useful_pflop=round(useful / 1e15, 3), direct_calls=fa.direct_calls, public_calls=fa.public_calls,
                book_s={k: round(v, 3) for k, v in totals.items()},
                book_tflops={k: round(useful / v / 1e12, 1) for k, v in totals.items()}, rows=rows)

@@ -6,7 +6,8 @@ dense 128 x 704 call at ~364 in gpu_cfm_ceiling.py).
     python scripts/gpu_fa4_variants.py [--seqs 128] [--frames 704]
 
 dense/contiguous (S, T, H, D); dense from a strided qkv view; varlen contiguous; varlen from a
-strided qkv view (the engine's q/k/v); the latter with seqused_k (the engine's call).
+strided qkv view (the engine's q/k/v); the latter with seqused_k (the engine's call), and
+that with FA4's varlen batch-lookup aid forced on (by default only above 256 sequences).
 Writes $OUT/fa4_variants.json when OUT is set.
 """
 
@@ -38,7 +39,21 @@ def main() -> int:
     ap.add_argument("--frames", type=str, default="704,672,576,850")
     args = ap.parse_args()
     import torch
+    from flash_attn.cute import interface
     from flash_attn.cute.interface import flash_attn_func, flash_attn_varlen_func
+
+    def with_aid(fn):
+        """``fn`` with FA4's varlen batch-lookup aid (a tile -> sequence table built on the GPU
+        per call) at any batch size: by default only above BIN_BATCH_SEARCH_THRESH (256)."""
+
+        def run():
+            old, interface.BIN_BATCH_SEARCH_THRESH = interface.BIN_BATCH_SEARCH_THRESH, 0
+            try:
+                return fn()
+            finally:
+                interface.BIN_BATCH_SEARCH_THRESH = old
+
+        return run
 
     H, D, S = 8, 64, args.seqs
     res = {}
@@ -56,6 +71,7 @@ def main() -> int:
             "varlen strided": lambda: flash_attn_varlen_func(qs, ks, vs, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T),
             "varlen strided seqused_k": lambda: flash_attn_varlen_func(qs, ks, vs, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, seqused_k=used),
         }
+        ways["varlen strided seqused_k, lookup aid"] = with_aid(ways["varlen strided seqused_k"])
         for name, fn in ways.items():
             try:
                 ms = timed_ms(fn)
