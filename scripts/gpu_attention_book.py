@@ -83,9 +83,7 @@ def main() -> int:
     heads, dim = 8, 64
     blocks = flops.c2 // (4 * heads * dim)  # the attention's two products per frame pair, per block
     calls = blocks * gen.cfm_steps
-    fa = fa4.FA4Varlen()
-    if args.lookup_aid:
-        fa.iface.BIN_BATCH_SEARCH_THRESH = 0
+    fa = fa4.FA4Varlen(lookup_aid=args.lookup_aid)
     scale = dim**-0.5
 
     def attend_ms(cu: np.ndarray, used: np.ndarray, n_rows: int, max_len: int) -> float:
