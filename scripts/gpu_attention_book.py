@@ -13,6 +13,8 @@ engine's own launcher (``fa4.FA4Varlen``) on q/k/v strided as the estimator's qk
 them, then the book's attention time is that times the estimator's blocks times the Euler
 steps. Beside it, the same items:
 
+- ``packed_aid``: the engine's layout with FA4's varlen tile-to-sequence table built at
+  these 128 sequences (``FA4Varlen(lookup_aid=True)``; FA4 builds it only above 256);
 - ``aligned``: each item's query range padded to a multiple of 128 rows (FA4's tile), so no
   range starts inside a tile (the same tiles are computed; only their placement changes);
 - ``uniform``: 2B sequences, each the batch's root-mean-square item length, no packing: the
@@ -55,8 +57,6 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--book", type=Path, default=ROOT / "bench" / "book.txt")
     ap.add_argument("--max-chars", type=int, default=None)
-    ap.add_argument("--lookup-aid", action="store_true",
-                    help="FA4's varlen batch-lookup aid at any batch size (BIN_BATCH_SEARCH_THRESH = 0)")
     args = ap.parse_args()
 
     import numpy as np
@@ -83,10 +83,10 @@ def main() -> int:
     heads, dim = 8, 64
     blocks = flops.c2 // (4 * heads * dim)  # the attention's two products per frame pair, per block
     calls = blocks * gen.cfm_steps
-    fa = fa4.FA4Varlen(lookup_aid=args.lookup_aid)
+    fa, fa_aid = fa4.FA4Varlen(), fa4.FA4Varlen(lookup_aid=True)
     scale = dim**-0.5
 
-    def attend_ms(cu: np.ndarray, used: np.ndarray, n_rows: int, max_len: int) -> float:
+    def attend_ms(cu: np.ndarray, used: np.ndarray, n_rows: int, max_len: int, fa=fa) -> float:
         qkv = torch.randn(n_rows, 3 * heads * dim, device="cuda", dtype=torch.bfloat16)
         q, k, v = (t.reshape(n_rows, heads, dim) for t in qkv.split(heads * dim, dim=-1))
         cu_d = torch.as_tensor(cu, dtype=torch.int32, device="cuda")
@@ -106,6 +106,7 @@ def main() -> int:
             lay = pack_layout(L.tolist(), T_mel, s3.pack_gap, "cuda")
             bounds = lay.bounds.cpu().numpy()
             t_packed = attend_ms(bounds[0], bounds[1, :-1], 2 * lay.n, lay.max_len)  # as the engine: used without cu's end
+            t_aid = attend_ms(bounds[0], bounds[1, :-1], 2 * lay.n, lay.max_len, fa=fa_aid)
             # each range (an item and its gap) padded to whole tiles
             span_al = -(-(L + s3.pack_gap) // TILE) * TILE
             starts = np.concatenate([[0], np.cumsum(span_al)[:-1]])
@@ -119,14 +120,14 @@ def main() -> int:
             real = L[:B].astype(np.int64)
             work = int(4 * heads * dim * 2 * (real**2).sum()) * calls  # both CFG halves, every block and step
             useful += work
-            for name, t in (("packed", t_packed), ("aligned", t_aligned), ("uniform", t_uniform)):
+            for name, t in (("packed", t_packed), ("packed_aid", t_aid), ("aligned", t_aligned), ("uniform", t_uniform)):
                 totals[name] += t * calls / 1e3
             rows.append(dict(bucket=bucket, items=B, padded_to=Bp, frames_mean=round(float(L.mean()), 1), max_len=lay.max_len,
-                             packed_ms=round(t_packed, 4), aligned_ms=round(t_aligned, 4), uniform_ms=round(t_uniform, 4),
+                             packed_ms=round(t_packed, 4), packed_aid_ms=round(t_aid, 4), aligned_ms=round(t_aligned, 4), uniform_ms=round(t_uniform, 4),
                              packed_tflops=round(work / calls / (t_packed / 1e3) / 1e12, 1)))
             print(rows[-1], flush=True)
-    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book), lookup_aid=args.lookup_aid, chunks=len(chunks), batches=len(rows), blocks=blocks,
-               steps=gen.cfm_steps, useful_pflop=round(useful / 1e15, 3), direct_calls=fa.direct_calls, public_calls=fa.public_calls,
+    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book),  chunks=len(chunks), batches=len(rows), blocks=blocks,
+               steps=gen.cfm_steps, useful_pflop=round(useful / 1e15, 3), direct_calls=fa.direct_calls + fa_aid.direct_calls, public_calls=fa.public_calls + fa_aid.public_calls,
                book_s={k: round(v, 3) for k, v in totals.items()},
                book_tflops={k: round(useful / v / 1e12, 1) for k, v in totals.items()}, rows=rows)
     print({k: v for k, v in res.items() if k != "rows"}, flush=True)
