@@ -93,7 +93,7 @@ def main() -> int:
         used_d = torch.as_tensor(used, dtype=torch.int32, device="cuda")
         return timed_ms(lambda: fa(q, k, v, cu_d, used_d, max_len, scale))
 
-    rows, totals = [], dict(packed=0.0, aligned=0.0, uniform=0.0)
+    rows, totals = [], dict(packed=0.0, packed_aid=0.0, aligned=0.0, uniform=0.0)
     useful = 0
     for a in range(0, len(toks), engine.collect):
         span = toks[a : a + engine.collect]
@@ -126,7 +126,7 @@ def main() -> int:
                              packed_ms=round(t_packed, 4), packed_aid_ms=round(t_aid, 4), aligned_ms=round(t_aligned, 4), uniform_ms=round(t_uniform, 4),
                              packed_tflops=round(work / calls / (t_packed / 1e3) / 1e12, 1)))
             print(rows[-1], flush=True)
-    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book),  chunks=len(chunks), batches=len(rows), blocks=blocks,
+    res = dict(gpu=torch.cuda.get_device_name(), book=str(args.book), chunks=len(chunks), batches=len(rows), blocks=blocks,
                steps=gen.cfm_steps, useful_pflop=round(useful / 1e15, 3), direct_calls=fa.direct_calls + fa_aid.direct_calls, public_calls=fa.public_calls + fa_aid.public_calls,
                book_s={k: round(v, 3) for k, v in totals.items()},
                book_tflops={k: round(useful / v / 1e12, 1) for k, v in totals.items()}, rows=rows)
