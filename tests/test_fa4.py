@@ -118,28 +118,3 @@ def test_an_unexpected_launch_turns_direct_calls_off_and_stays_correct(caplog):
             assert torch.equal(out, _reference(q, k, v, cu, used, T, 0.5))
     assert (fa.public_calls, fa.direct_calls, fa.direct, fa.plan) == (3, 0, False, None)
     assert "not recorded as expected (2 launches)" in caplog.text
-
-
-def test_the_lookup_aid_is_asked_for_in_the_public_call_only_and_the_threshold_restored():
-    """``lookup_aid``: FA4's public call sees BIN_BATCH_SEARCH_THRESH at 0 (so it builds its
-    tile-to-sequence table at the estimator's 128 sequences); FA4's own value is back after
-    it, and the recorded launches after it are as without the aid."""
-    iface = fake_interface()
-    iface.BIN_BATCH_SEARCH_THRESH = 256
-    seen = []
-    public = iface.flash_attn_varlen_func
-
-    def watching(*a, **kw):
-        seen.append(iface.BIN_BATCH_SEARCH_THRESH)
-        return public(*a, **kw)
-
-    iface.flash_attn_varlen_func = watching
-    q, k, v, cu, used, T = _inputs()
-    for aid, want in ((True, 0), (False, 256)):
-        fa = FA4Varlen(iface, lookup_aid=aid)
-        seen.clear()
-        for seed in range(3):
-            q2, k2, v2, *_ = _inputs(seed=seed)
-            assert torch.equal(fa(q2, k2, v2, cu, used, T, 0.5), _reference(q2, k2, v2, cu, used, T, 0.5))
-        assert seen == [want] and iface.BIN_BATCH_SEARCH_THRESH == 256
-        assert (fa.public_calls, fa.direct_calls) == (1, 2)

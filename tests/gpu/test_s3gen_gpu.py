@@ -226,33 +226,6 @@ def test_fa4_direct_launch_is_the_public_call_bit_for_bit(cuda_model):
     assert s3.fa4.direct and public == 2 and public + direct == 2 * blocks  # one public call per Euler step
 
 
-def test_fa4_lookup_aid_is_the_plain_varlen_call_bit_for_bit():
-    """``FA4Varlen(lookup_aid=True)``: FA4's tile-to-sequence table at the estimator's 128
-    sequences (a packed book-like batch: 64 items with the 10-s prompt, both CFG halves)
-    changes which CTA computes a tile, not what it computes: the output is FA4's plain varlen
-    call's, bit for bit, on the public call and on the direct launches after it."""
-    iface = pytest.importorskip("flash_attn.cute.interface")
-    import numpy as np
-
-    from ttsbatch.engine.fa4 import FA4Varlen
-    from ttsbatch.engine.s3gen_batched import pack_layout
-
-    H, D = 8, 64
-    L = np.random.default_rng(0).integers(560, 860, 64)
-    lay = pack_layout(L.tolist(), int(L.max()), 2, "cuda")
-    cu, used = lay.bounds[0], lay.bounds[1, :-1]
-    fa = FA4Varlen(lookup_aid=True)
-    for seed in range(3):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        qkv = torch.randn(2 * lay.n, 3 * H * D, device="cuda", generator=g, dtype=torch.bfloat16)
-        q, k, v = (t.reshape(2 * lay.n, H, D) for t in qkv.split(H * D, dim=-1))
-        want = iface.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=lay.max_len,
-                                            max_seqlen_k=lay.max_len, seqused_k=used, softmax_scale=0.125)
-        want = want[0] if isinstance(want, tuple) else want
-        assert torch.equal(fa(q, k, v, cu, used, lay.max_len, 0.125), want)
-    assert fa.direct and (fa.public_calls, fa.direct_calls) == (1, 2)
-
-
 _FA4_DISK_RUN = """
 import sys
 import torch

@@ -84,14 +84,10 @@ class FA4Varlen:
     keys valid), q/k/v (N, heads, D). ``interface`` is ``flash_attn.cute.interface`` (a
     stand-in in the CPU tests)."""
 
-    def __init__(self, interface=None, lookup_aid: bool = False):
+    def __init__(self, interface=None):
         if interface is None:
             from flash_attn.cute import interface
         self.iface = interface
-        # FA4's varlen tile-to-sequence table (built on the GPU by two small kernels in the
-        # public call, then held by the recorded launch's arguments) at any number of
-        # sequences; FA4 itself builds it only above BIN_BATCH_SEARCH_THRESH (256)
-        self.lookup_aid = lookup_aid
         self.plan: _Plan | None = None
         self.direct = True  # False once recording failed: the public path from then on
         self.public_calls = 0
@@ -121,9 +117,6 @@ class FA4Varlen:
         calls: list = []
         if cache is not None:
             fwd.compile_cache = _RecordingCache(cache, calls)
-        thresh = getattr(self.iface, "BIN_BATCH_SEARCH_THRESH", None)
-        if self.lookup_aid and thresh is not None:
-            self.iface.BIN_BATCH_SEARCH_THRESH = 0
         try:
             out = self.iface.flash_attn_varlen_func(
                 q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, seqused_k=used,
@@ -132,8 +125,6 @@ class FA4Varlen:
         finally:
             if cache is not None:
                 fwd.compile_cache = cache
-            if thresh is not None:
-                self.iface.BIN_BATCH_SEARCH_THRESH = thresh
         out = out[0] if isinstance(out, tuple) else out
         if cache is not None:
             self.plan = self._record(calls, q, k, v, out, cu, used, T, scale)
