@@ -272,12 +272,14 @@ def _tone(p, s):
     return p
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, dry_run):
+    # --dry-run fails on the same input: a plan printed for a command that cannot run misleads
     make, expect = BAD_INPUTS[case]
     args = make(tmp_path)
     before = set(tmp_path.rglob("*"))
-    r = run(*args, "--device", "cpu")
+    r = run(*args, "--device", "cpu", *(["--dry-run"] if dry_run else []))
     assert r.exit_code == 2, (case, r.output)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

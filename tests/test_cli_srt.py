@@ -226,19 +226,28 @@ BAD = {
     "max stretch": ("b.srt", SUBS, ["--max-stretch", "3"], "--max-stretch"),
     "duration": ("b.srt", SUBS, ["--duration", "0"], "--duration"),
     "output format": ("b.srt", SUBS, ["-o", "x.xyz"], "unsupported"),
+    "output dir missing": ("b.srt", SUBS, ["-o", "no/dir/x.wav"], "does not exist"),
+    "missing voice": ("b.srt", SUBS, ["--voice", "none.wav"], "not found"),
     "sample rate": ("b.srt", SUBS, ["--sample-rate", "100"], "--sample-rate"),
 }
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, monkeypatch):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, dry_run, monkeypatch):
+    # --dry-run fails on the same input (but lists a file whose cues are all skipped: it says why)
     name, text, extra, expect = BAD[case]
+    if dry_run:
+        extra = [*extra, "--dry-run"]
     monkeypatch.chdir(tmp_path)
     path = tmp_path / name
     if text is not None:
         path.write_text(text)
     before = set(tmp_path.rglob("*"))
     r = run(path, *extra, "--device", "cpu")
+    if dry_run and case == "nothing speakable":
+        assert r.exit_code == 0 and "2 cue(s): 0 spoken, 2 skipped" in r.stdout, r.output
+        return
     assert r.exit_code == 2, (case, r.output)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

@@ -12,7 +12,7 @@ import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import click
 import typer
@@ -89,6 +89,30 @@ class ProgressMode(str, Enum):
 _json_errors = False  # set by commands running with --progress json
 
 
+# Options that `book` and `srt` share, declared once so that their help says the same.
+VoiceOpt = Annotated[Optional[Path], typer.Option("--voice", "-v", help="Reference voice (wav/flac/mp3/ogg, 2+ s). Default: the model's built-in voice.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file.")]
+ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another ttsbatch is working in the same work dir, wait for it instead of exiting.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; warnings and errors only.")]
+ProgressOpt = Annotated[ProgressMode, typer.Option("--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="auto: fast on a CUDA GPU, stock elsewhere; stock: Chatterbox as shipped; fast: ttsbatch's batched engine.")]
+MaxVramOpt = Annotated[Optional[float], typer.Option("--max-vram", metavar="GB", help="Cap on GPU memory for the fast engine (e.g. 24 to fit a 24 GB card).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Chunks per engine call. Default: 1 for stock, 4096 for fast.")]
+# generation flags; None (not given) keeps the preset's value
+ExaggerationOpt = Annotated[Optional[float], typer.Option(help="Emotion exaggeration (0-2).")]
+CfgWeightOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guidance weight.")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(help="Sampling temperature.")]
+MinPOpt = Annotated[Optional[float], typer.Option(help="Min-p sampling threshold.")]
+TopPOpt = Annotated[Optional[float], typer.Option(help="Top-p (nucleus) sampling mass.")]
+RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(help="Repetition penalty.")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option(help="Most speech tokens per chunk (25 = 1 s).")]
+TokensPerCharOpt = Annotated[Optional[float], typer.Option(help="Speech-token budget per character (benchmarks, random weights).")]
+IgnoreEosOpt = Annotated[Optional[bool], typer.Option("--ignore-eos/--stop-at-eos", help="Sample until the budget even past end-of-speech.")]
+CfmStepsOpt = Annotated[Optional[int], typer.Option(help="Flow-matching steps of S3Gen.")]
+
+
 def fail(message: str, code: int) -> typer.Exit:
     if _json_errors:
         typer.echo(json.dumps({"event": "error", "message": message, "exit_code": code}), err=True)
@@ -150,32 +174,32 @@ def generation_overrides(**flags) -> dict:
 @user_errors
 def book(
     book_path: str = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md, or - for standard input."),
-    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3/ogg, 2+ s). Default: the model's built-in voice."),
+    voice: VoiceOpt = None,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, format by extension (.wav .flac .mp3 .m4a .m4b .ogg), or - for standard output (with --format). Default: BOOK with .mp3."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output format when writing to standard output: wav, flac, mp3, m4a, ogg."),
     input_format: str = typer.Option("txt", "--input-format", help="How to read standard input: txt or md."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file."),
-    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox."),
-    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    preset: PresetOpt = None,
+    model_dir: ModelDirOpt = None,
+    device: DeviceOpt = Device.auto,
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output (in the cache dir for standard input/output)."),
-    wait: bool = typer.Option(False, "--wait", help="If another ttsbatch is working in the same work dir, wait for it instead of exiting."),
+    wait: WaitOpt = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (chapters, every chunk, estimated length) without loading the model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
-    progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none."),
-    engine: str = typer.Option("auto", "--engine", help="auto: fast on a CUDA GPU, stock elsewhere; stock: Chatterbox as shipped; fast: ttsbatch's batched engine."),
-    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on GPU memory for the fast engine (e.g. 24 to fit a 24 GB card)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Chunks per engine call. Default: 1 for stock, 4096 for fast."),
-    exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
-    cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
-    min_p: Optional[float] = typer.Option(None, help="Min-p sampling threshold."),
-    top_p: Optional[float] = typer.Option(None, help="Top-p (nucleus) sampling mass."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty."),
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = ProgressMode.auto,
+    engine: EngineOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    batch_size: BatchSizeOpt = None,
+    exaggeration: ExaggerationOpt = None,
+    cfg_weight: CfgWeightOpt = None,
+    temperature: TemperatureOpt = None,
+    min_p: MinPOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     max_chars: Optional[int] = typer.Option(None, help="Longest chunk of text, in characters."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Most speech tokens per chunk (25 = 1 s)."),
-    tokens_per_char: Optional[float] = typer.Option(None, help="Speech-token budget per character (benchmarks, random weights)."),
-    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="Sample until the budget even past end-of-speech."),
-    cfm_steps: Optional[int] = typer.Option(None, help="Flow-matching steps of S3Gen."),
+    max_new_tokens: MaxNewTokensOpt = None,
+    tokens_per_char: TokensPerCharOpt = None,
+    ignore_eos: IgnoreEosOpt = None,
+    cfm_steps: CfmStepsOpt = None,
 ):
     """Speak a book: BOOK text in, one watermarked audio file out. Rerun the same command to resume."""
     from .config import load_options
@@ -225,23 +249,24 @@ def book(
     chunks, skipped = chunk_document_report(doc, options.text)
     if not chunks:
         raise InputError(f"{source}: nothing speakable in it")
+    from .audio.export import SUPPORTED_FORMATS, check_writable_output
+    from .engine.voice import BUILTIN, read_voice
+
+    # checked before --dry-run returns: a plan that says nothing of a bad -o or --voice misleads
+    if out_path is not None:
+        check_writable_output(out_path)
+    elif f".{fmt}" not in SUPPORTED_FORMATS:
+        raise InputError(f"--format {fmt}: unsupported; choose one of {', '.join(sorted(f[1:] for f in SUPPORTED_FORMATS))}")
+    the_voice = read_voice(voice) if voice else BUILTIN
     if dry_run:
         print_plan(doc, chunks, skipped, estimate_seconds(chunks))
         return
 
-    from .audio.export import SUPPORTED_FORMATS, check_writable_output
-
     if out_path is not None:
-        check_writable_output(out_path)
         work = work_dir or default_work_dir(out_path)
     else:
         work = work_dir or cache_dir() / "work" / f"{identity}-{fmt}"
         out_path = work / f"output.{fmt}"
-        if f".{fmt}" not in SUPPORTED_FORMATS:
-            raise InputError(f"--format {fmt}: unsupported; choose one of {', '.join(sorted(f[1:] for f in SUPPORTED_FORMATS))}")
-    from .engine.voice import BUILTIN, read_voice
-
-    the_voice = read_voice(voice) if voice else BUILTIN
 
     from .engine.select import load_for_run
     from .pipeline import render_book

@@ -12,42 +12,46 @@ from typing import Optional
 import typer
 
 from . import cli as _cli
-from .cli import Device, ProgressMode, check_options, generation_overrides, log, setup_logging, user_errors
+from .cli import (
+    BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
+    MaxVramOpt, MinPOpt, ModelDirOpt, PresetOpt, ProgressMode, ProgressOpt, QuietOpt, RepetitionPenaltyOpt, TemperatureOpt,
+    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_options, generation_overrides, log, setup_logging, user_errors,
+)
 from .errors import InputError
 
 
 @user_errors
 def srt(
     subs_path: Path = typer.Argument(..., metavar="SUBS", help="Subtitles to speak: .srt or .vtt."),
-    voice: Optional[Path] = typer.Option(None, "--voice", "-v", help="Reference voice (wav/flac/mp3, 2+ s). Default: the model's built-in voice."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; format by extension (.wav .flac .mp3 .m4a). Default: SUBS with .wav."),
+    voice: VoiceOpt = None,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, format by extension (.wav .flac .mp3 .m4a .m4b .ogg). Default: SUBS with .wav."),
     max_stretch: float = typer.Option(1.3, "--max-stretch", help="Speed speech up (pitch kept) at most this much to fit its cue, 1.0-2.0; 1.0 never stretches."),
     shift: bool = typer.Option(False, "--shift", help="When speech still runs over, move every later cue later (default: delay only the cues it collides with)."),
-    keep_sounds: bool = typer.Option(False, "--keep-sounds", help="Also speak sound descriptions ([laughs], (door creaks)) and music lines (♪ ... ♪)."),
+    keep_sounds: bool = typer.Option(False, "--keep-sounds", help="Also speak sound descriptions (\\[laughs], (door creaks)) and music lines (♪ ... ♪)."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Track length in seconds. Default: the last cue's end."),
     sample_rate: Optional[int] = typer.Option(None, "--sample-rate", help="Output sample rate in Hz. Default: the model's 24000."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (default, audiobook, draft) or a .toml file."),
-    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="Local checkpoint directory (the five Chatterbox files). Default: download ResembleAI/chatterbox."),
-    device: Device = typer.Option(Device.auto, "--device", help="Where the model runs."),
+    preset: PresetOpt = None,
+    model_dir: ModelDirOpt = None,
+    device: DeviceOpt = Device.auto,
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where finished chunks are kept for resuming. Default: .OUTPUT.ttsbatch beside the output."),
-    wait: bool = typer.Option(False, "--wait", help="If another ttsbatch is working in the same work dir, wait for it instead of exiting."),
+    wait: WaitOpt = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every cue and what will be spoken, without loading the model."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings and errors only."),
-    progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help="auto: a bar when stderr is a terminal; bar; json: one JSON event per line on stderr; none."),
-    engine: str = typer.Option("auto", "--engine", help="auto: fast on a CUDA GPU, stock elsewhere; stock: Chatterbox as shipped; fast: ttsbatch's batched engine."),
-    max_vram: Optional[float] = typer.Option(None, "--max-vram", metavar="GB", help="Cap on GPU memory for the fast engine (e.g. 24 to fit a 24 GB card)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Chunks per engine call. Default: 1 for stock, 4096 for fast."),
-    exaggeration: Optional[float] = typer.Option(None, help="Emotion exaggeration (0-2)."),
-    cfg_weight: Optional[float] = typer.Option(None, help="Classifier-free guidance weight."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
-    min_p: Optional[float] = typer.Option(None, help="Min-p sampling threshold."),
-    top_p: Optional[float] = typer.Option(None, help="Top-p (nucleus) sampling mass."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty."),
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = ProgressMode.auto,
+    engine: EngineOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    batch_size: BatchSizeOpt = None,
+    exaggeration: ExaggerationOpt = None,
+    cfg_weight: CfgWeightOpt = None,
+    temperature: TemperatureOpt = None,
+    min_p: MinPOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     max_chars: Optional[int] = typer.Option(None, help="Longest chunk of text, in characters (longer cues are split)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Most speech tokens per chunk (25 = 1 s)."),
-    tokens_per_char: Optional[float] = typer.Option(None, help="Speech-token budget per character (benchmarks, random weights)."),
-    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--stop-at-eos", help="Sample until the budget even past end-of-speech."),
-    cfm_steps: Optional[int] = typer.Option(None, help="Flow-matching steps of S3Gen."),
+    max_new_tokens: MaxNewTokensOpt = None,
+    tokens_per_char: TokensPerCharOpt = None,
+    ignore_eos: IgnoreEosOpt = None,
+    cfm_steps: CfmStepsOpt = None,
 ):
     """Dub subtitles: SUBS (.srt/.vtt) in, one watermarked track out, each cue spoken at its start.
 
@@ -89,18 +93,17 @@ def srt(
 
     cues = read_subtitles(subs_path, keep_sounds=keep_sounds, text_options=options.text)
     spoken = [c for c in cues if not c.skipped]
+    from .audio.export import check_writable_output
+    from .engine.voice import BUILTIN, read_voice
+
+    # checked before --dry-run returns: a plan that says nothing of a bad -o or --voice misleads
+    check_writable_output(output)
+    the_voice = read_voice(voice) if voice else BUILTIN
     if dry_run:
         print_cues(cues)
         return
     if not spoken:
         raise InputError(f"{subs_path}: no cue has anything speakable ({len(cues)} cue(s), all skipped; see --dry-run)")
-
-    from .audio.export import check_writable_output
-
-    check_writable_output(output)
-    from .engine.voice import BUILTIN, read_voice
-
-    the_voice = read_voice(voice) if voice else BUILTIN
 
     from .dub import render_subtitles
     from .engine.select import load_for_run
