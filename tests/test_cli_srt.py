@@ -254,3 +254,13 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, dry_run, monkeyp
     assert lines[0].startswith("ttsbatch: error:") and expect in lines[0].lower(), lines[0]
     assert "Traceback" not in r.output
     assert set(tmp_path.rglob("*")) == before  # nothing written, not even a work dir
+
+
+def test_the_overrun_line_names_the_delayed_cues_or_the_longer_track():
+    from ttsbatch.cli_srt import overrun_line
+
+    delayed = {"overrun_cues": 2, "overrun_seconds": 1.5, "delayed_cues": 3, "max_delay": 0.75}
+    assert overrun_line(delayed, "t.json") == "2 cue(s) ran over their window by 1.50 s in all; 3 cue(s) start late, by up to 0.75 s; see t.json"
+    last_only = {"overrun_cues": 1, "overrun_seconds": 23.25, "delayed_cues": 0, "max_delay": 0.0}
+    line = overrun_line(last_only, "t.json")
+    assert "no cue starts late: the track runs past its planned end" in line and "0.00" not in line

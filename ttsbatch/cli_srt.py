@@ -131,8 +131,7 @@ def srt(
         reasons = ", ".join(f"{n} {why}" for why, n in t["skipped_by_reason"].items())
         log.info("skipped %d cue(s) with nothing to speak (%s)", t["skipped"], reasons)
     if t["overrun_cues"]:
-        log.info("%d cue(s) ran over their window by %.2f s in all (up to %.2f s late); see %s",
-                 t["overrun_cues"], t["overrun_seconds"], t["max_delay"], report.report_path)
+        log.info("%s", overrun_line(t, report.report_path))
     done = {
         "output": str(output), "srt": str(report.srt_path), "report": str(report.report_path),
         "audio_s": round(report.audio_seconds, 2), "rendered": report.chunks_rendered, "reused": report.chunks_cached,
@@ -149,6 +148,17 @@ def srt(
         f"{report.report_path.name}",
         err=True,
     )
+
+
+def overrun_line(totals: dict, report_path) -> str:
+    """What running over did to the track, in one line: the cues it delayed, or (the last cue
+    ran over, so nothing followed it) a track longer than planned."""
+    head = f"{totals['overrun_cues']} cue(s) ran over their window by {totals['overrun_seconds']:.2f} s in all"
+    if totals["delayed_cues"]:
+        what = f"{totals['delayed_cues']} cue(s) start late, by up to {totals['max_delay']:.2f} s"
+    else:
+        what = "no cue starts late: the track runs past its planned end"
+    return f"{head}; {what}; see {report_path}"
 
 
 def _clock(seconds: float) -> str:
