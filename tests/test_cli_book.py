@@ -205,20 +205,29 @@ def test_output_is_not_written_when_perth_cannot_load(tiny_checkpoint, tmp_path,
     assert not out.exists()
 
 
-def test_no_ffmpeg_is_one_line_and_exit_3_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken", ["missing", "not executable", "cannot run"])
+def test_no_ffmpeg_is_one_line_and_exit_3_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch, broken):
     from ttsbatch.audio import ffmpeg
     from ttsbatch.engine import model
-    from ttsbatch.errors import ModelError
 
-    def missing():
-        raise ModelError("cannot find ffmpeg (no binary); reinstall with `uv sync`")
-
-    monkeypatch.setattr(ffmpeg, "ffmpeg_exe", missing)
+    exe = tmp_path / "ffmpeg"
+    if broken != "missing":
+        exe.write_bytes(b"\x7fELF")  # a file, but not a program this machine runs
+    if broken == "cannot run":
+        exe.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(exe))  # imageio-ffmpeg hands this path back unchecked
+    ffmpeg.ffmpeg_exe.cache_clear()
     monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("loaded the model without ffmpeg"))
-    r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--model-dir", tiny_checkpoint, *FAST)
-    assert r.exit_code == 3
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot find ffmpeg" in lines[0]
+    try:
+        for out in ("x.mp3", "x.wav"):
+            r = run(SAMPLES / "story.txt", "-o", tmp_path / out, "--model-dir", tiny_checkpoint, *FAST)
+            assert r.exit_code == 3, r.output
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("ttsbatch: error: cannot run ffmpeg"), lines
+            assert str(exe) in lines[0] or "Exec format error" in lines[0], lines
+            assert not (tmp_path / out).exists()
+    finally:
+        ffmpeg.ffmpeg_exe.cache_clear()  # the next test finds the real binary again
 
 
 def test_no_weights_is_one_line_and_exit_3(tmp_path):

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from ..config import ExportOptions
 from ..errors import InputError
-from .ffmpeg import FFmpegError, stderr_tail, ff_path, ffmpeg_exe, probe, run_ffmpeg
+from .ffmpeg import FFmpegError, stderr_tail, ff_path, ffmpeg_exe, probe, run_ffmpeg, starting_ffmpeg
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -202,7 +202,8 @@ class _PipedFFmpeg:
         # stderr to a file, not a pipe: a pipe nobody reads while we write stdin could fill and
         # deadlock both processes
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        with starting_ffmpeg():
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def _failed(self) -> FFmpegError:
         self._proc.kill()
@@ -338,7 +339,8 @@ def probe_duration(path: Path) -> float:
     if p.duration_s is not None:
         return p.duration_s
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ff_path(path), "-map", "0:a:0", "-f", "null", "-"]
-    stderr = subprocess.run(cmd, capture_output=True).stderr
+    with starting_ffmpeg():
+        stderr = subprocess.run(cmd, capture_output=True).stderr
     times = _TIME.findall(stderr.decode("utf-8", "replace"))
     if not times:
         raise InputError(f"{path}: cannot determine its duration")

@@ -5,7 +5,9 @@ No system ffmpeg (and no ffprobe) is assumed anywhere; probing parses ``ffmpeg -
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,13 +22,35 @@ class FFmpegError(InputError):
 
 @functools.lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
-    """Path of the static ffmpeg binary inside the imageio-ffmpeg wheel."""
+    """Path of the static ffmpeg binary inside the imageio-ffmpeg wheel (or $IMAGEIO_FFMPEG_EXE),
+    checked to be a program we can run: found missing only when the first chunk is encoded,
+    it would stop a run after the model load, with a traceback."""
     try:
         import imageio_ffmpeg
 
-        return imageio_ffmpeg.get_ffmpeg_exe()
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as e:  # missing wheel or binary: the environment is broken, not the input
         raise ModelError(f"cannot find ffmpeg ({e}); reinstall with `uv sync`") from None
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):  # imageio-ffmpeg returns $IMAGEIO_FFMPEG_EXE unchecked
+        why = "is not an executable file" if os.path.exists(exe) else "does not exist"
+        raise ModelError(f"cannot run ffmpeg: {exe} {why}; {_fix()}")
+    return exe
+
+
+def _fix() -> str:
+    if os.environ.get("IMAGEIO_FFMPEG_EXE"):
+        return "it comes from $IMAGEIO_FFMPEG_EXE: point that at an ffmpeg binary, or unset it"
+    return "reinstall with `uv sync`"
+
+
+@contextlib.contextmanager
+def starting_ffmpeg():
+    """Around starting an ffmpeg process: a binary that is there but cannot run on this machine
+    (another architecture, no memory to fork) is the environment's error, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise ModelError(f"cannot run ffmpeg ({e}); {_fix()}") from None
 
 
 def ff_path(path: Path) -> str:
@@ -54,7 +78,8 @@ def run_ffmpeg(args: list[str], input: bytes | None = None, what: str = "ffmpeg"
     """
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", *args]
     try:
-        return subprocess.run(cmd, input=input, capture_output=True, check=True).stdout
+        with starting_ffmpeg():
+            return subprocess.run(cmd, input=input, capture_output=True, check=True).stdout
     except subprocess.CalledProcessError as e:
         raise FFmpegError(f"{what} failed: {stderr_tail(e.stderr)}") from None
 
@@ -79,7 +104,8 @@ def probe(path: Path) -> Probe:
     a file it cannot read has no "Audio:" stream line, which is what we check.
     """
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", ff_path(path)]
-    stderr = subprocess.run(cmd, capture_output=True).stderr.decode("utf-8", "replace")
+    with starting_ffmpeg():
+        stderr = subprocess.run(cmd, capture_output=True).stderr.decode("utf-8", "replace")
     audio = _AUDIO.search(stderr)
     if audio is None:
         if "Stream #" in stderr:

@@ -82,10 +82,10 @@ def preflight(where: str, cache_root):
     """What every run that speaks checks and starts before the model loads: ffmpeg is there
     (no output without it), the compiler cache is shared with `ttsbatch warmup`, and Perth
     loads (never unmarked audio) and warms up beside the model load. Returns the watermarker."""
-    from ..audio.ffmpeg import ffmpeg_exe
+    from ..audio.ffmpeg import run_ffmpeg
     from ..audio.watermark import Watermarker
 
-    ffmpeg_exe()
+    run_ffmpeg(["-version"], what="ffmpeg -version")  # there, and runs on this machine
     use_compile_cache(cache_root)
     watermarker = Watermarker(where)
     watermarker.warm_in_background(24000)  # beside the model load, not on the first chunk
