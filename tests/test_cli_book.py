@@ -230,6 +230,35 @@ def test_no_ffmpeg_is_one_line_and_exit_3_before_the_model_loads(tiny_checkpoint
         ffmpeg.ffmpeg_exe.cache_clear()  # the next test finds the real binary again
 
 
+@pytest.mark.parametrize("broken", ["s3gen.safetensors", "t3_cfg.safetensors", "conds.pt"])
+def test_a_corrupt_checkpoint_file_is_one_line_and_exit_3(tiny_checkpoint, tmp_path, broken):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    with open(ck / broken, "r+b") as f:  # cut short, as by an interrupted download or copy
+        f.truncate(1000)
+    r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.wav", "--model-dir", ck, *FAST)
+    assert r.exit_code == 3, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ttsbatch: error: cannot load the checkpoint in {ck}"), lines
+
+
+def test_an_unusable_cache_dir_is_one_line_and_exit_3(tiny_checkpoint, tmp_path, monkeypatch):
+    from ttsbatch.engine import model
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TTSBATCH_CACHE_DIR", str(blocker / "cache"))  # below a file: cannot be made
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("loaded the model without a cache dir"))
+    r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.wav", "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 3, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ttsbatch: error: the cache dir {blocker / 'cache'} cannot be used"), lines
+
+
 def test_no_weights_is_one_line_and_exit_3(tmp_path):
     r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
     assert r.exit_code == 3

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,7 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
     if key in _CACHE:
         return _CACHE[key]
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     quiet_imports()
@@ -336,15 +338,18 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         ve = VoiceEncoder()
         ve.load_state_dict(load_file(directory / "ve.safetensors"))
         tokenizer = EnTokenizer(str(directory / "tokenizer.json"))
-    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
-        raise ModelError(f"cannot load the checkpoint in {directory}: {str(e).splitlines()[0][:200]}") from None
+        conds = None
+        if (directory / "conds.pt").exists():
+            conds = Conditionals.load(directory / "conds.pt", map_location="cpu")
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+        # a truncated or foreign file: safetensors' own error and torch.load's unpickling ones included
+        raise ModelError(f"cannot load the checkpoint in {directory}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
 
     t3.to(device).eval()
     s3.to(device).eval()
     ve.to(device).eval()
-    conds = None
-    if (directory / "conds.pt").exists():
-        conds = Conditionals.load(directory / "conds.pt", map_location="cpu").to(device)
+    if conds is not None:
+        conds = conds.to(device)
 
     random_size = random_size_of(directory)
     if random_size:

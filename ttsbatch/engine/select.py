@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 
 ENGINES = ("auto", "stock", "fast")
 
@@ -61,6 +61,13 @@ def use_compile_cache(cache_root: Path) -> Path:
     (``FLASH_ATTENTION_CUTE_DSL_CACHE_*``, read when FA4 is imported, after this) compiles
     again when an entry cannot be loaded."""
     d = Path(cache_root) / "compile"
+    try:  # made here: PyTorch would make it on its first import of dynamo, with a traceback if it cannot
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PermissionError(f"{d} is not writable")
+    except OSError as e:
+        raise ModelError(f"the cache dir {cache_root} cannot be used ({e}); point $TTSBATCH_CACHE_DIR (or warmup's "
+                         "--cache-dir) at a writable directory") from None
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
