@@ -154,6 +154,20 @@ def test_interrupted_run_resumes_with_only_the_rest(tiny_checkpoint, tmp_path, m
     assert summary(r) == {"rendered": 0, "reused": 4}
     assert np.array_equal(sf.read(out)[0], before)
 
+    # A stored chunk damaged behind our back: that run stops with one line and removes it;
+    # the next renders it again, to the same audio (its seed comes from its id).
+    damaged = next((work / "chunks").rglob(f"{second[0]}.flac"))
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and "is removed; run again" in lines[0], r.stderr
+    assert not damaged.exists()
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert summary(r) == {"rendered": 1, "reused": 3}
+    assert np.array_equal(sf.read(out)[0], before)
+
 
 def test_editing_one_paragraph_rerenders_only_its_chunks(tiny_checkpoint, tmp_path):
     book = tmp_path / "short.txt"

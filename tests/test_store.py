@@ -217,8 +217,10 @@ def test_truncated_chunk_is_detected_and_removed(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     assert store.has(ID1)  # has() is only an existence check ...
     with pytest.raises(StoreError, match="unreadable"):
-        store.get(ID1)  # ... get() refuses the damaged file ...
-    assert store.verify(ID1) is False  # ... and verify() removes it so it is rendered again
+        store.get(ID1)  # ... get() refuses the damaged file and removes it, so it is rendered again
+    assert not store.has(ID1) and not path.exists()
+    path.write_bytes(data[: len(data) // 2])
+    assert store.verify(ID1) is False  # verify() reads it all and removes it likewise
     assert not store.has(ID1) and not path.exists()
     assert store.verify(ID2) is True and store.has(ID2)
     assert store.verify(ID3) is False  # missing

@@ -227,8 +227,9 @@ class ChunkStore:
     def get(self, id: str) -> tuple[np.ndarray, int]:
         """Audio (float32, 1-D) and sample rate of chunk ``id``.
 
-        Raises ``StoreError`` if it is missing or cannot be decoded (truncated, corrupt); treat
-        that chunk as missing (``verify`` removes a corrupt file so it is rendered again).
+        Raises ``StoreError`` if it is missing or cannot be decoded (truncated, corrupt); a file
+        that cannot be decoded is removed first, so that the next run renders it again (a run
+        finds what is missing by the files that are there, not by reading each).
         """
         path = self.path(id)
         if not path.is_file():
@@ -236,7 +237,10 @@ class ChunkStore:
         try:
             wav, sr = sf.read(path, dtype="float32", always_2d=False)
         except (sf.SoundFileError, OSError) as e:
-            raise StoreError(f"chunk file {path} is unreadable ({_reason(e)}); run again to render it anew") from None
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise StoreError(f"chunk file {path} was unreadable ({_reason(e)}) and is removed; run again to render it "
+                             "anew") from None
         if wav.ndim != 1:
             wav = wav.mean(axis=1, dtype=np.float32)
         return wav, int(sr)
