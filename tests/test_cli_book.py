@@ -273,6 +273,27 @@ def test_an_unusable_cache_dir_is_one_line_and_exit_3(tiny_checkpoint, tmp_path,
     assert len(lines) == 1 and lines[0].startswith(f"ttsbatch: error: the cache dir {blocker / 'cache'} cannot be used"), lines
 
 
+def test_a_random_checkpoint_never_overwrites_real_weights(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    real = tmp_path / "real"
+    shutil.copytree(tiny_checkpoint, real)
+    state = load_file(real / "t3_cfg.safetensors")
+    save_file(state, str(real / "t3_cfg.safetensors"))  # the same tensors without our random mark: "real" weights
+    before = {f.name: f.read_bytes() for f in real.iterdir()}
+    r = run("checkpoint", "random", real)
+    assert r.exit_code == 2, r.output
+    assert "not overwriting it" in r.stderr and "Traceback" not in r.output
+    assert {f.name: f.read_bytes() for f in real.iterdir()} == before
+    # a random checkpoint of ours is rewritten without a question (tests and benchmarks remake them)
+    again = tmp_path / "again"
+    shutil.copytree(tiny_checkpoint, again)
+    assert run("checkpoint", "random", again, "--seed", "1").exit_code == 0
+    assert (again / "t3_cfg.safetensors").read_bytes() != (tiny_checkpoint / "t3_cfg.safetensors").read_bytes()
+
+
 def test_no_weights_is_one_line_and_exit_3(tmp_path):
     r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
     assert r.exit_code == 3

@@ -213,6 +213,11 @@ def write_random_checkpoint(directory: Path, size: str = "tiny", seed: int = 0) 
         raise InputError(f"unknown checkpoint size {size!r}; choose one of: {', '.join(SIZES)}")
     shape = SIZES[size]
     directory = Path(directory)
+    existing = [f for f in CHECKPOINT_FILES if (directory / f).exists()]
+    if existing and not _written_by_us(directory):
+        # real weights (or a fine-tuned voice) must never be replaced by noise
+        raise InputError(f"{directory} holds {', '.join(existing)} of a checkpoint that is not a random one; "
+                         "not overwriting it: name an empty directory")
     directory.mkdir(parents=True, exist_ok=True)
     # One metadata entry only: safetensors stores metadata from a hash map whose order changes
     # from process to process, and the checkpoint's identity (``fingerprint``) reads the bytes.
@@ -235,6 +240,14 @@ def write_random_checkpoint(directory: Path, size: str = "tiny", seed: int = 0) 
     conds = conditionals_from_wav(model, synthetic_voice(seconds), 24000, exaggeration=0.5)
     conds.save(directory / "conds.pt")
     return directory
+
+
+def _written_by_us(directory: Path) -> bool:
+    """Is ``directory`` a random checkpoint of ours? (An unreadable one counts as not.)"""
+    try:
+        return random_size_of(directory) is not None
+    except Exception:  # missing or damaged t3_cfg.safetensors: not provably ours
+        return False
 
 
 def random_size_of(directory: Path) -> str | None:
