@@ -45,7 +45,7 @@ def test_bad_presets_are_input_errors(tmp_path, toml, message):
     p.write_text(toml)
     with pytest.raises(InputError) as e:
         load_options(str(p))
-    assert message in str(e.value)
+    assert message in str(e.value) and "bad.toml" in str(e.value)  # every message names the file
 
 
 def test_unknown_preset_name_lists_the_choices():

@@ -119,12 +119,12 @@ def _preset_path(name: str) -> Path:
     raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
 
 
-def _coerce(group: str, f: dataclasses.Field, value: Any) -> Any:
+def _coerce(group: str, f: dataclasses.Field, value: Any, source: str = "preset") -> Any:
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InputError(f"preset: [{group}] {f.name} must be {kind.__name__}, got {value!r}")
+        raise InputError(f"{source}: [{group}] {f.name} must be {kind.__name__}, got {value!r}")
     return value
 
 
@@ -140,7 +140,7 @@ def apply_overrides(options: Options, overrides: dict[str, dict[str, Any]], sour
         for name, value in values.items():
             if name not in known:
                 raise InputError(f"{source}: unknown option {name!r} in [{group}]")
-            changes[name] = _coerce(group, known[name], value)
+            changes[name] = _coerce(group, known[name], value, source)
         options = replace(options, **{group: replace(current, **changes)})
     return options
 

@@ -61,13 +61,15 @@ def use_compile_cache(cache_root: Path) -> Path:
     (``FLASH_ATTENTION_CUTE_DSL_CACHE_*``, read when FA4 is imported, after this) compiles
     again when an entry cannot be loaded."""
     d = Path(cache_root) / "compile"
-    try:  # made here: PyTorch would make it on its first import of dynamo, with a traceback if it cannot
-        d.mkdir(parents=True, exist_ok=True)
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise PermissionError(f"{d} is not writable")
-    except OSError as e:
-        raise ModelError(f"the cache dir {cache_root} cannot be used ({e}); point $TTSBATCH_CACHE_DIR (or warmup's "
-                         "--cache-dir) at a writable directory") from None
+    # PyTorch makes its cache dir on its first import of dynamo, with a traceback if it cannot:
+    # check here (without making anything) that it could be made
+    there = d
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        why = "is not a directory" if there.exists() and not there.is_dir() else "is not writable"
+        raise ModelError(f"the cache dir {cache_root} cannot be used ({there} {why}); point $TTSBATCH_CACHE_DIR (or "
+                         "warmup's --cache-dir) at a writable directory")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
