@@ -517,9 +517,10 @@ def test_unsupported_estimator_runs_the_stock_modules(model, gen, monkeypatch):
 
 
 def test_compiled_encoder_is_one_graph_for_every_batch_and_bucket(model, bs, voice):
-    """``compile_encoder=True``: the flow encoder (both conformer stacks) is one region whose
-    single graph serves every bucket and batch size, a batch of one included (rows unbacked),
-    with the eager encoder's result. Dynamo's "eager" backend traces and guards as Inductor's would."""
+    """``compile_encoder=True``: the flow encoder's conformer layers are one region whose
+    single graph serves every layer of both stacks (the upsampled one at twice the frames),
+    every bucket and batch size, a batch of one included (rows unbacked), with the eager
+    encoder's result. Dynamo's "eager" backend traces and guards as Inductor's would."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -527,6 +528,8 @@ def test_compiled_encoder_is_one_graph_for_every_batch_and_bucket(model, bs, voi
     counters.clear()
     comp = BatchedS3Gen(model, compile_encoder=True, regions_backend="eager")
     assert comp.encoder.compiled and not bs.encoder.compiled
+    enc = model.s3gen.flow.encoder
+    assert len(enc.encoders) >= 1 and len(enc.up_encoders) >= 1  # two stacks, two frame rates, one graph
     g = torch.Generator().manual_seed(9)
     for B, n in ((3, 20), (5, 40), (1, 33), (2, 64)):
         toks = [torch.randint(0, 6561, (n - j,), generator=g).tolist() for j in range(B)]

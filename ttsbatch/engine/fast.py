@@ -109,11 +109,13 @@ class FastEngine:
         the same way (None: on CUDA; fp32 convs, exactly eager's result); ``overlap``: T3 on a thread and CUDA stream
         of its own, decoding the next chunks while S3Gen vocodes, the streams' priorities set
         by ``stream_priority`` (None: on CUDA);
-        ``compile_encoder``: S3Gen's flow encoder as one compiled region, one graph for every
-        batch and bucket (off: on an H100 it took S3Gen alone from 254.6x to 255.3x real time,
-        ``scripts/gpu_s3gen.py --encoder-compiled``; in 2-hour books on an H200 it saved the
-        book 0.8-2.4 s, but loading its compiled code from the cache cost each process 3.5-6 s
-        more before its first chunk, twenty-fourth session);
+        ``compile_encoder``: S3Gen's flow encoder's conformer layers as one compiled region,
+        one graph for every layer, batch and bucket (off: as the whole encoder in one region it
+        took S3Gen alone on an H100 from 254.6x to 255.3x real time, ``scripts/gpu_s3gen.py
+        --encoder-compiled``; in 2-hour books on an H200 it saved the book 0.8-2.4 s, but
+        loading its compiled code from the cache cost each process 3.5-6 s more before its first
+        chunk, twenty-fourth session, most of it dynamo tracing the whole encoder again: 4.5 s
+        on the dev machine's CPU against 0.5 s for one layer, ``scripts/encoder_trace_time.py``);
         ``s3gen_attention``: the CFM estimator's attention kernel, "auto" (FlashAttention 4
         where flash-attn-4 is installed and runs: a Hopper GPU; else PyTorch's FA2), "fa2" or
         "fa4" (warning if it cannot run; ``BatchedS3Gen``); ``s3gen_graphs``: S3Gen's CFM Euler step

@@ -51,8 +51,8 @@ FA2 kernel, or FlashAttention 4's (a Hopper kernel) where flash-attn-4 is instal
 region per upsampling stage, one for conv_post and the iSTFT's elementwise start);
 ``compile_vocoder=True`` compiles those the same way, and ``vocoder_dtype=torch.bfloat16``
 runs their convs in bf16 (Snake, masks, residuals, conv_post, the sine source and the
-(i)STFT stay fp32). ``compile_encoder=True`` compiles the flow encoder (both conformer
-stacks) as one region of the same kind. ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
+(i)STFT stay fp32). ``compile_encoder=True`` compiles the flow encoder's conformer layers
+as one region of the same kind (one graph for the layers of both stacks). ``compile=True`` runs the encoder, the CFM step and HiFiGAN through
 ``torch.compile`` (one graph per bucket and batch size: batches are padded to a power of
 two), and ``cuda_graphs=True`` replays the CFM loop's Euler step from one CUDA graph per
 (batch, bucket) shape.
@@ -208,6 +208,14 @@ class StageTimes:
     cfm_frames: int = 0  # frames the CFM estimator ran over per CFG half (padding or gaps included)
     graph_captures: int = 0  # CFM steps captured (``cuda_graphs``): one per (batch, bucket) shape
     capture_s: float = 0.0  # host seconds the captures took (recording the loop's launches)
+
+
+def conformer_layer(layer, x, att, pos):
+    """One layer of the flow encoder's conformer stacks: stock ``ConformerEncoderLayer.forward``
+    with the key-padding mask ``att`` (B, 1, T) for its attention and its conv module alike, as
+    ``UpsampleConformerEncoder.forward`` calls it. A function of the layer, so that one compiled
+    graph serves every layer (the layer's weights are the graph's inputs)."""
+    return layer(x, att, pos, att)[0]
 
 
 class BatchedS3Gen:
@@ -374,11 +382,14 @@ class BatchedS3Gen:
             conv2d=vocoder_conv2d,
         )
 
-        # the flow encoder (the conformer stacks up to encoder_proj) as one region: one graph
-        # for every batch size and bucket (tokens, positions dynamic; rows unbacked, so a
-        # batch of one shares it too)
-        self.encoder = Regions({"encode": self._encode}, "S3Gen's flow encoder", compile_encoder, regions_backend)
-        self._enc_fn = self._encode_region
+        # the flow encoder's conformer layers as one region: one graph for every layer of both
+        # stacks, batch size and bucket (frames, positions dynamic; rows unbacked, so a batch of
+        # one shares it too). Not the whole encoder as one region: dynamo traces a region again
+        # in every process (Inductor's cache keeps compiled graphs, not the trace), and the
+        # whole encoder (635 ops) took it 4.5 s against 0.5 s for one layer
+        # (scripts/encoder_trace_time.py, on the dev machine's CPU)
+        self.encoder = Regions({"layer": conformer_layer}, "S3Gen's flow encoder", compile_encoder, regions_backend)
+        self._enc_fn = self._encode
         self._step_fn = self._cfm_step
         self._voc_fn = self._vocode
         if compile:
@@ -803,11 +814,14 @@ class BatchedS3Gen:
                 self._pe_cache[key] = pe[:, c - size + 1 : c + size].contiguous()
         return self._pe_cache[key]
 
-    def _encode_region(self, tokens, lengths, pos1, pos2):
+    def _layers(self, stack, x, att, pos):
+        """``x`` through the conformer layers of ``stack`` (the compiled region each, if on)."""
         r = self.encoder
-        r.unbacked(0, tokens, lengths, shape_id="rows")
-        r.dyn((tokens, 1), (pos1, 1), (pos2, 1))
-        return r.encode(tokens, lengths, pos1, pos2)
+        for layer in stack:
+            r.unbacked(0, x, att, shape_id="rows")
+            r.dyn((x, 1), (att, 2), (pos, 1))
+            x = r.layer(layer, x, att, pos)
+        return x
 
     def _encode(self, tokens, lengths, pos1, pos2):
         """Stock ``CausalMaskedDiffWithXvec.inference`` up to ``encoder_proj`` (finalize=True),
@@ -823,13 +837,11 @@ class BatchedS3Gen:
             x = x * m  # stock's look-ahead conv pads each item's end with zeros: make padded frames zero
             x = enc.pre_lookahead_layer(x)
             att = tok_mask.unsqueeze(1)  # (B, 1, T): padded keys masked
-            for layer in enc.encoders:
-                x = layer(x, att, pos1, att)[0]
+            x = self._layers(enc.encoders, x, att, pos1)
             x = enc.up_layer(x.transpose(1, 2).contiguous(), 0)[0].transpose(1, 2).contiguous()  # causal
             x = enc.up_embed.out(x) * enc.up_embed.pos_enc.xscale
             att2 = length_mask(2 * lengths, 2 * T).unsqueeze(1)
-            for layer in enc.up_encoders:
-                x = layer(x, att2, pos2, att2)[0]
+            x = self._layers(enc.up_encoders, x, att2, pos2)
             if enc.normalize_before:
                 x = enc.after_norm(x)
             h = flow.encoder_proj(x)
