@@ -321,6 +321,9 @@ BAD_INPUTS = {
     "output is input": (lambda t: [_w(t / "a.txt", "Hi there."), "-o", t / "a.txt"], "overwrite the input"),
     "ignore eos without budget": (lambda t: [SAMPLES / "story.txt", "--ignore-eos"], "conflicting options"),
     "unknown preset": (lambda t: [SAMPLES / "story.txt", "--preset", "nope"], "unknown preset"),
+    # past T3's position tables a chunk failed mid-book with "IndexError: index out of range"
+    "chunks over T3's text context": (lambda t: [SAMPLES / "story.txt", "--max-chars", "5000"], "--max-chars must be between 20 and 2000"),
+    "budget over T3's speech context": (lambda t: [SAMPLES / "story.txt", "--max-new-tokens", "5000"], "at most 4096"),
 }
 
 

@@ -321,8 +321,12 @@ def check_options(options) -> None:
         raise InputError("--tokens-per-char must be >= 0; --max-new-tokens and --cfm-steps >= 1")
     if not (0 < g.temperature) or not (0 <= g.min_p <= 1) or not (0 < g.top_p <= 1) or g.repetition_penalty <= 0:
         raise InputError("sampling options out of range: temperature > 0, 0 <= min-p <= 1, 0 < top-p <= 1, repetition-penalty > 0")
-    if options.text.max_chars < 20:
-        raise InputError("--max-chars must be at least 20")
+    from .config import MAX_CHUNK_CHARS, MAX_SPEECH_TOKENS
+
+    if not 20 <= options.text.max_chars <= MAX_CHUNK_CHARS:
+        raise InputError(f"--max-chars must be between 20 and {MAX_CHUNK_CHARS}: a Chatterbox chunk reads at most 2,048 text tokens")
+    if g.max_new_tokens > MAX_SPEECH_TOKENS:
+        raise InputError(f"--max-new-tokens must be at most {MAX_SPEECH_TOKENS}: a Chatterbox chunk holds at most that many speech tokens")
 
 
 def print_plan(doc, chunks, skipped: int, seconds: float) -> None:

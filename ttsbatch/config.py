@@ -38,6 +38,13 @@ class TextOptions:
     language: str = "english"  # abbreviation list for sentence splitting
 
 
+# What one Chatterbox chunk can hold (chatterbox-tts's T3Config: max_text_tokens = 2048,
+# max_speech_tokens = 4096; past them T3's position tables end, an IndexError mid-book). Its
+# tokenizer makes at most one token of a character, and T3 adds a start and a stop token.
+MAX_CHUNK_CHARS = 2000
+MAX_SPEECH_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Sampling parameters of Chatterbox; they are part of every chunk's id."""
