@@ -323,6 +323,7 @@ BAD_INPUTS = {
     "unknown preset": (lambda t: [SAMPLES / "story.txt", "--preset", "nope"], "unknown preset"),
     # past T3's position tables a chunk failed mid-book with "IndexError: index out of range"
     "chunks over T3's text context": (lambda t: [SAMPLES / "story.txt", "--max-chars", "5000"], "--max-chars must be between 20 and 2000"),
+    "work dir is a file": (lambda t: [SAMPLES / "story.txt", "--work-dir", _w(t / "w", "x")], "is a file, not a directory"),
     "budget over T3's speech context": (lambda t: [SAMPLES / "story.txt", "--max-new-tokens", "5000"], "at most 4096"),
 }
 

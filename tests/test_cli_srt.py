@@ -228,6 +228,7 @@ BAD = {
     "output format": ("b.srt", SUBS, ["-o", "x.xyz"], "unsupported"),
     "output dir missing": ("b.srt", SUBS, ["-o", "no/dir/x.wav"], "does not exist"),
     "missing voice": ("b.srt", SUBS, ["--voice", "none.wav"], "not found"),
+    "work dir is a file": ("b.srt", SUBS, ["--work-dir", "b.srt"], "is a file, not a directory"),
     "sample rate": ("b.srt", SUBS, ["--sample-rate", "100"], "--sample-rate"),
 }
 

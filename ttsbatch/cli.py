@@ -257,6 +257,7 @@ def book(
         check_writable_output(out_path)
     elif f".{fmt}" not in SUPPORTED_FORMATS:
         raise InputError(f"--format {fmt}: unsupported; choose one of {', '.join(sorted(f[1:] for f in SUPPORTED_FORMATS))}")
+    check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
     if dry_run:
         print_plan(doc, chunks, skipped, estimate_seconds(chunks))
@@ -310,6 +311,12 @@ def book(
             f"{report.chunks_cached} reused; watermark score {report.watermark_score:.2f})",
             err=True,
         )
+
+
+def check_work_dir(work_dir: Path | None) -> None:
+    """A ``--work-dir`` that is a file: one line before the model loads (not "File exists" after)."""
+    if work_dir is not None and work_dir.exists() and not work_dir.is_dir():
+        raise InputError(f"--work-dir {work_dir}: is a file, not a directory")
 
 
 def check_options(options) -> None:

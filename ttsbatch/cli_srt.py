@@ -15,7 +15,8 @@ from . import cli as _cli
 from .cli import (
     BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
     MaxVramOpt, MinPOpt, ModelDirOpt, PresetOpt, ProgressMode, ProgressOpt, QuietOpt, RepetitionPenaltyOpt, TemperatureOpt,
-    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_options, generation_overrides, log, setup_logging, user_errors,
+    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_options, check_work_dir, generation_overrides, log, setup_logging,
+    user_errors,
 )
 from .errors import InputError
 
@@ -98,6 +99,7 @@ def srt(
 
     # checked before --dry-run returns: a plan that says nothing of a bad -o or --voice misleads
     check_writable_output(output)
+    check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
     if dry_run:
         print_cues(cues)
