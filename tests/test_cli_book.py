@@ -238,7 +238,7 @@ def test_no_ffmpeg_is_one_line_and_exit_3_before_the_model_loads(tiny_checkpoint
             assert r.exit_code == 3, r.output
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("ttsbatch: error: cannot run ffmpeg"), lines
-            assert str(exe) in lines[0] or "Exec format error" in lines[0], lines
+            assert str(exe) in lines[0] and "$IMAGEIO_FFMPEG_EXE" in lines[0], lines
             assert not (tmp_path / out).exists()
     finally:
         ffmpeg.ffmpeg_exe.cache_clear()  # the next test finds the real binary again

@@ -76,6 +76,12 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _discard(path: Path) -> None:
+    """Remove a chunk file that cannot be decoded: the next run finds it missing and renders it."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (best effort: some file systems refuse)."""
     try:
@@ -237,8 +243,7 @@ class ChunkStore:
         try:
             wav, sr = sf.read(path, dtype="float32", always_2d=False)
         except (sf.SoundFileError, OSError) as e:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _discard(path)
             raise StoreError(f"chunk file {path} was unreadable ({_reason(e)}) and is removed; run again to render it "
                              "anew") from None
         if wav.ndim != 1:
@@ -258,8 +263,7 @@ class ChunkStore:
             ok = False
         if not ok:
             log.warning("removing unreadable chunk file %s; it will be rendered again", path)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _discard(path)
         return ok
 
     def meta(self) -> dict[str, dict[str, Any]]:
