@@ -324,7 +324,17 @@ BAD_INPUTS = {
     # past T3's position tables a chunk failed mid-book with "IndexError: index out of range"
     "chunks over T3's text context": (lambda t: [SAMPLES / "story.txt", "--max-chars", "5000"], "--max-chars must be between 20 and 2000"),
     "work dir is a file": (lambda t: [SAMPLES / "story.txt", "--work-dir", _w(t / "w", "x")], "is a file, not a directory"),
-    "budget over T3's speech context": (lambda t: [SAMPLES / "story.txt", "--max-new-tokens", "5000"], "at most 4096"),
+    "budget over T3's speech context": (lambda t: [SAMPLES / "story.txt", "--max-new-tokens", "5000"], "--max-new-tokens must be between 1 and 4096, got 5000"),
+    # each range names the flag and the value given (it was one list of every sampling range)
+    "exaggeration past its range": (lambda t: [SAMPLES / "story.txt", "--exaggeration", "5"], "--exaggeration must be between 0 and 2, got 5"),
+    "negative cfg weight": (lambda t: [SAMPLES / "story.txt", "--cfg-weight", "-1"], "--cfg-weight must be at least 0, got -1"),
+    "zero temperature": (lambda t: [SAMPLES / "story.txt", "--temperature", "0"], "--temperature must be more than 0, got 0"),
+    "top-p over 1": (lambda t: [SAMPLES / "story.txt", "--top-p", "1.5"], "--top-p must be more than 0 and at most 1, got 1.5"),
+    "nan": (lambda t: [SAMPLES / "story.txt", "--min-p", "nan"], "--min-p must be a number"),
+    "negative vram cap": (lambda t: [SAMPLES / "story.txt", "--max-vram", "-3"], "--max-vram must be more than 0 gb, got -3"),
+    "voice is a directory": (lambda t: [SAMPLES / "story.txt", "--voice", t], "is a directory"),
+    "preset export out of range": (lambda t: [SAMPLES / "story.txt", "--preset", _w(t / "p.toml", '[export]\nmp3_bitrate = "lots"\n')],
+                                   "mp3_bitrate must be a bitrate"),
 }
 
 

@@ -15,7 +15,7 @@ from . import cli as _cli
 from .cli import (
     BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
     MaxVramOpt, MinPOpt, ModelDirOpt, PresetOpt, ProgressMode, ProgressOpt, QuietOpt, RepetitionPenaltyOpt, TemperatureOpt,
-    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_options, check_work_dir, generation_overrides, log, setup_logging,
+    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_max_vram, check_options, check_work_dir, generation_overrides, log, setup_logging,
     user_errors,
 )
 from .errors import InputError
@@ -83,6 +83,7 @@ def srt(
         overrides["export"] = {"sample_rate": sample_rate}
     options = load_options(preset, overrides)
     check_options(options)
+    check_max_vram(max_vram)
     if not 1.0 <= max_stretch <= MAX_STRETCH_LIMIT:
         raise InputError(f"--max-stretch must be between 1.0 and {MAX_STRETCH_LIMIT}")
     if duration is not None and not duration > 0:

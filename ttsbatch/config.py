@@ -126,12 +126,86 @@ def _preset_path(name: str) -> Path:
     raise InputError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The values one option may take; anything else fails before the model loads, not mid-book."""
+
+    low: float | None = None  # smallest allowed value (None: no bound)
+    high: float | None = None  # largest allowed value (None: no bound)
+    low_open: bool = False  # True: ``low`` itself is not allowed (temperature > 0)
+    why: str = ""  # said after the range, where the bound is not obvious
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None and not self.low_open:
+            return f"between {self.low:g} and {self.high:g}"
+        if self.low is not None and self.high is not None:
+            return f"more than {self.low:g} and at most {self.high:g}"
+        if self.low is not None:
+            return f"more than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"at most {self.high:g}"
+
+
+# Standard rates every output codec takes (ffmpeg refuses e.g. "-ar 30000" for MP3 after the
+# whole book is synthesized); 0 keeps the model's 24 kHz.
+SAMPLE_RATES = (0, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# "128k"-style bitrates, in kbit/s, within what LAME (MP3) and ffmpeg's AAC encoder accept.
+BITRATE_KBPS = {"mp3_bitrate": (8, 320), "aac_bitrate": (16, 512)}
+
+_ms = Limit(0)
+LIMITS: dict[tuple[str, str], Limit] = {
+    ("text", "max_chars"): Limit(20, MAX_CHUNK_CHARS, why="a Chatterbox chunk reads at most 2,048 text tokens"),
+    ("text", "merge_chars"): Limit(0, MAX_CHUNK_CHARS),
+    ("generation", "exaggeration"): Limit(0, 2),
+    ("generation", "cfg_weight"): Limit(0),
+    ("generation", "temperature"): Limit(0, low_open=True),
+    ("generation", "min_p"): Limit(0, 1),
+    ("generation", "top_p"): Limit(0, 1, low_open=True),
+    ("generation", "repetition_penalty"): Limit(0, low_open=True),
+    ("generation", "max_new_tokens"): Limit(1, MAX_SPEECH_TOKENS, why="a Chatterbox chunk holds at most that many speech tokens"),
+    ("generation", "tokens_per_char"): Limit(0),
+    ("generation", "cfm_steps"): Limit(1, 1000),
+    ("stitch", "sentence_pause_ms"): _ms,
+    ("stitch", "paragraph_pause_ms"): _ms,
+    ("stitch", "chapter_pause_ms"): _ms,
+    ("stitch", "fade_ms"): _ms,
+    ("stitch", "keep_ms"): _ms,
+    ("stitch", "silence_threshold_db"): Limit(-120, 0),
+}
+
+
+def _name(group: str, name: str, source: str) -> str:
+    """How the user wrote the option: ``--max-chars`` on the command line, ``[text] max_chars`` in a preset."""
+    return f"--{name.replace('_', '-')}" if source == "option" else f"{source}: [{group}] {name}"
+
+
+def _check_value(group: str, name: str, value: Any, source: str) -> None:
+    where = _name(group, name, source)
+    limit = LIMITS.get((group, name))
+    if limit is not None and not limit.allows(value):
+        raise InputError(f"{where} must be {limit.describe()}, got {value:g}" + (f": {limit.why}" if limit.why else ""))
+    if (group, name) == ("export", "sample_rate") and value not in SAMPLE_RATES:
+        raise InputError(f"{where} must be one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps 24000), got {value}")
+    if name in BITRATE_KBPS:
+        low, high = BITRATE_KBPS[name]
+        kbps = int(value[:-1]) if value[-1:] == "k" and value[:-1].isdigit() else None
+        if kbps is None or not low <= kbps <= high:
+            raise InputError(f"{where} must be a bitrate like \"128k\" between {low}k and {high}k, got {value!r}")
+
+
 def _coerce(group: str, f: dataclasses.Field, value: Any, source: str = "preset") -> Any:
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InputError(f"{source}: [{group}] {f.name} must be {kind.__name__}, got {value!r}")
+    if kind is float and value != value:  # NaN passes every comparison
+        raise InputError(f"{_name(group, f.name, source)} must be a number, got nan")
+    _check_value(group, f.name, value, source)
     return value
 
 

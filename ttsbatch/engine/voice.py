@@ -42,6 +42,8 @@ def read_voice(path: Path) -> Voice:
     import soundfile as sf
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--voice {path}: is a directory; give one audio file")
     if not path.is_file():
         raise InputError(f"voice file not found: {path}")
     try:
