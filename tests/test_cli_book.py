@@ -333,6 +333,7 @@ BAD_INPUTS = {
     "nan": (lambda t: [SAMPLES / "story.txt", "--min-p", "nan"], "--min-p must be a number"),
     "negative vram cap": (lambda t: [SAMPLES / "story.txt", "--max-vram", "-3"], "--max-vram must be more than 0 gb, got -3"),
     "voice is a directory": (lambda t: [SAMPLES / "story.txt", "--voice", t], "is a directory"),
+    "voice is a device": (lambda t: [SAMPLES / "story.txt", "--voice", "/dev/null"], "is not a regular file"),
     "preset export out of range": (lambda t: [SAMPLES / "story.txt", "--preset", _w(t / "p.toml", '[export]\nmp3_bitrate = "lots"\n')],
                                    "mp3_bitrate must be a bitrate"),
 }
