@@ -199,10 +199,23 @@ def test_publish_refuses_unmarked_frames_and_writes_nothing(wm, tmp_path, verifi
 
     frames = _frames(tmp_path, noise(9, seed=5), "plain")
     out = tmp_path / "book.mp3"
-    with pytest.raises(WatermarkError, match="watermark was not found"):
+    with pytest.raises(WatermarkError, match=r"watermark was not found .*; 9\.\d\d s of audio\); nothing written"):
         publish_verified(lambda staged: finish_stream(frames, staged), out, wm, frames=frames)
     assert not out.exists() and not list(tmp_path.glob(".book.partial*"))
     assert verified_paths == [frames]
+
+
+def test_publish_says_when_the_output_is_too_short_to_hold_the_mark(wm, tmp_path):
+    # 40 ms (a chunk of two speech tokens, e.g. --tokens-per-char 0.2 on "Some text."): Perth
+    # marks it but cannot read it back, and "not found (score 0.31)" alone reads like a bug
+    from ttsbatch.pipeline import publish_verified
+
+    marked = wm.apply(noise(0.04, seed=6), SR)
+    sf.write(str(tmp_path / "track.wav"), marked, SR, subtype="FLOAT")
+    out = tmp_path / "short.wav"
+    with pytest.raises(WatermarkError, match=r"0\.04 s of audio, too short to hold Perth's watermark"):
+        publish_verified(lambda staged: encode(tmp_path / "track.wav", staged), out, wm)
+    assert not out.exists()
 
 
 def test_ends_with(tmp_path):

@@ -37,7 +37,7 @@ from .ffmpeg import probe
 # odd synthetic audio is not proof; on speech and on our own outputs the margin is wide.
 THRESHOLD = 0.5
 
-_MIN_SAMPLES_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input
+_MIN_SAMPLES_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input; shorter audio holds no mark
 
 
 def _with_tail(x: np.ndarray, sr: int) -> np.ndarray:
