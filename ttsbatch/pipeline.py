@@ -485,7 +485,7 @@ def publish_verified(write, output: Path, watermarker, frames: Path | None = Non
         faults.point("encoded")
         if not check.marked:
             # Perth's mark lives in STFT frames of 64 ms: a few tokens of audio cannot hold one
-            short = f", too short to hold Perth's watermark (about {_MIN_SAMPLES_S:g} s or more)" if check.duration_s < _MIN_SAMPLES_S else ""
+            short = f", too short to hold Perth's watermark, which needs about {_MIN_SAMPLES_S:g} s" if check.duration_s < _MIN_SAMPLES_S else ""
             raise WatermarkError(
                 f"the watermark was not found in the encoded output (score {check.score:.2f}; "
                 f"{check.duration_s:.2f} s of audio{short}); nothing written"
