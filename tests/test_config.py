@@ -41,7 +41,7 @@ def test_preset_file_path_and_int_for_float(tmp_path):
         # values that used to pass here and fail after synthesis (ffmpeg, the stitcher) or never
         ("[export]\nmp3_bitrate = 'lots'\n", "[export] mp3_bitrate must be a bitrate like \"128k\" between 8k and 320k, got 'lots'"),
         ("[export]\naac_bitrate = '9000k'\n", "aac_bitrate must be a bitrate"),
-        ("[export]\nsample_rate = 5\n", "[export] sample_rate must be one of 0, 8000"),
+        ("[export]\nsample_rate = 5\n", "[export] sample_rate must be one of 0, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, got 5: 0 keeps 24000"),
         ("[stitch]\nparagraph_pause_ms = -100\n", "[stitch] paragraph_pause_ms must be at least 0, got -100"),
         ("[stitch]\nsilence_threshold_db = 10\n", "silence_threshold_db must be between -120 and 0, got 10"),
         ("[text]\nmerge_chars = -1\n", "[text] merge_chars must be between 0 and 2000, got -1"),

@@ -128,7 +128,7 @@ def _preset_path(name: str) -> Path:
 
 @dataclass(frozen=True)
 class Limit:
-    """The values one option may take; anything else fails before the model loads, not mid-book."""
+    """The numbers one option may take; anything else fails before the model loads, not mid-book."""
 
     low: float | None = None  # smallest allowed value (None: no bound)
     high: float | None = None  # largest allowed value (None: no bound)
@@ -150,14 +150,38 @@ class Limit:
         return f"at most {self.high:g}"
 
 
-# Standard rates every output codec takes (ffmpeg refuses e.g. "-ar 30000" for MP3 after the
-# whole book is synthesized); 0 keeps the model's 24 kHz.
-SAMPLE_RATES = (0, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-# "128k"-style bitrates, in kbit/s, within what LAME (MP3) and ffmpeg's AAC encoder accept.
-BITRATE_KBPS = {"mp3_bitrate": (8, 320), "aac_bitrate": (16, 512)}
+@dataclass(frozen=True)
+class OneOf:
+    """An option that takes one of a few values."""
+
+    choices: tuple
+    why: str = ""
+
+    def allows(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return f"one of {', '.join(map(str, self.choices))}"
+
+
+@dataclass(frozen=True)
+class Bitrate:
+    """A ``"128k"``-style bitrate in kbit/s, within what the encoder accepts."""
+
+    low_kbps: int
+    high_kbps: int
+    why: str = ""
+
+    def allows(self, value: str) -> bool:
+        digits = value[:-1] if value.endswith("k") else ""
+        return digits.isdigit() and self.low_kbps <= int(digits) <= self.high_kbps
+
+    def describe(self) -> str:
+        return f'a bitrate like "128k" between {self.low_kbps}k and {self.high_kbps}k'
+
 
 _ms = Limit(0)
-LIMITS: dict[tuple[str, str], Limit] = {
+LIMITS: dict[tuple[str, str], Limit | OneOf | Bitrate] = {
     ("text", "max_chars"): Limit(20, MAX_CHUNK_CHARS, why="a Chatterbox chunk reads at most 2,048 text tokens"),
     ("text", "merge_chars"): Limit(0, MAX_CHUNK_CHARS),
     ("generation", "exaggeration"): Limit(0, 2),
@@ -175,6 +199,11 @@ LIMITS: dict[tuple[str, str], Limit] = {
     ("stitch", "fade_ms"): _ms,
     ("stitch", "keep_ms"): _ms,
     ("stitch", "silence_threshold_db"): Limit(-120, 0),
+    # Standard rates every output codec takes (ffmpeg refuses e.g. "-ar 30000" for MP3, after
+    # the whole book is synthesized).
+    ("export", "sample_rate"): OneOf((0, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000), why="0 keeps 24000"),
+    ("export", "mp3_bitrate"): Bitrate(8, 320),  # LAME's range
+    ("export", "aac_bitrate"): Bitrate(16, 512),  # ffmpeg's AAC encoder's
 }
 
 
@@ -183,18 +212,8 @@ def _name(group: str, name: str, source: str) -> str:
     return f"--{name.replace('_', '-')}" if source == "option" else f"{source}: [{group}] {name}"
 
 
-def _check_value(group: str, name: str, value: Any, source: str) -> None:
-    where = _name(group, name, source)
-    limit = LIMITS.get((group, name))
-    if limit is not None and not limit.allows(value):
-        raise InputError(f"{where} must be {limit.describe()}, got {value:g}" + (f": {limit.why}" if limit.why else ""))
-    if (group, name) == ("export", "sample_rate") and value not in SAMPLE_RATES:
-        raise InputError(f"{where} must be one of {', '.join(map(str, SAMPLE_RATES))} (0 keeps 24000), got {value}")
-    if name in BITRATE_KBPS:
-        low, high = BITRATE_KBPS[name]
-        kbps = int(value[:-1]) if value[-1:] == "k" and value[:-1].isdigit() else None
-        if kbps is None or not low <= kbps <= high:
-            raise InputError(f"{where} must be a bitrate like \"128k\" between {low}k and {high}k, got {value!r}")
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
 
 def _coerce(group: str, f: dataclasses.Field, value: Any, source: str = "preset") -> Any:
@@ -202,10 +221,13 @@ def _coerce(group: str, f: dataclasses.Field, value: Any, source: str = "preset"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InputError(f"{source}: [{group}] {f.name} must be {kind.__name__}, got {value!r}")
+        raise InputError(f"{_name(group, f.name, source)} must be {kind.__name__}, got {value!r}")
     if kind is float and value != value:  # NaN passes every comparison
         raise InputError(f"{_name(group, f.name, source)} must be a number, got nan")
-    _check_value(group, f.name, value, source)
+    rule = LIMITS.get((group, f.name))
+    if rule is not None and not rule.allows(value):
+        why = f": {rule.why}" if rule.why else ""
+        raise InputError(f"{_name(group, f.name, source)} must be {rule.describe()}, got {_shown(value)}{why}")
     return value
 
 

@@ -468,7 +468,7 @@ def publish_verified(write, output: Path, watermarker, frames: Path | None = Non
     does not end with them, the output itself is checked, as without ``frames``. (A 2-hour
     book: the remux ~2.2 s and the check ~1.5 s on the H100's host, one after the other.)
     """
-    from .audio.watermark import _MIN_SAMPLES_S, verify_file
+    from .audio.watermark import MIN_MARK_S, verify_file
 
     staged = staged_path(output)
     try:
@@ -485,7 +485,7 @@ def publish_verified(write, output: Path, watermarker, frames: Path | None = Non
         faults.point("encoded")
         if not check.marked:
             # Perth's mark lives in STFT frames of 64 ms: a few tokens of audio cannot hold one
-            short = f", too short to hold Perth's watermark, which needs about {_MIN_SAMPLES_S:g} s" if check.duration_s < _MIN_SAMPLES_S else ""
+            short = f", too short to hold Perth's watermark, which needs about {MIN_MARK_S:g} s" if check.duration_s < MIN_MARK_S else ""
             raise WatermarkError(
                 f"the watermark was not found in the encoded output (score {check.score:.2f}; "
                 f"{check.duration_s:.2f} s of audio{short}); nothing written"

@@ -37,13 +37,13 @@ from .ffmpeg import probe
 # odd synthetic audio is not proof; on speech and on our own outputs the margin is wide.
 THRESHOLD = 0.5
 
-_MIN_SAMPLES_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input; shorter audio holds no mark
+MIN_MARK_S = 0.1  # Perth's STFT (n_fft 2048 at 32 kHz) needs > 64 ms of input; shorter audio holds no mark
 
 
 def _with_tail(x: np.ndarray, sr: int) -> np.ndarray:
     """``x`` with the zeros Perth needs after it: it returns a whole number of STFT hops
     (dropping up to ~10 ms at the end) and fails on very short input; cut back afterwards."""
-    return np.concatenate([x, np.zeros(max(2048, round(_MIN_SAMPLES_S * sr) - len(x)), np.float32)])
+    return np.concatenate([x, np.zeros(max(2048, round(MIN_MARK_S * sr) - len(x)), np.float32)])
 
 
 def _checked(marked, n: int) -> np.ndarray:
@@ -196,8 +196,8 @@ class Watermarker:
     def score(self, wav: np.ndarray, sr: int) -> float:
         """Perth's detection confidence in [0, 1]; 0.0 for silence (Perth has nothing to read)."""
         x = np.asarray(wav, dtype=np.float32).reshape(-1)
-        if len(x) < _MIN_SAMPLES_S * sr:
-            x = np.concatenate([x, np.zeros(round(_MIN_SAMPLES_S * sr) - len(x), np.float32)])
+        if len(x) < MIN_MARK_S * sr:
+            x = np.concatenate([x, np.zeros(round(MIN_MARK_S * sr) - len(x), np.float32)])
         try:
             with self._torch.inference_mode():
                 conf = self._perth.get_watermark(x, sample_rate=sr, round=False)

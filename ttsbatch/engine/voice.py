@@ -42,10 +42,9 @@ def read_voice(path: Path) -> Voice:
     import soundfile as sf
 
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"--voice {path}: is a directory; give one audio file")
     if path.exists() and not path.is_file():
-        raise InputError(f"--voice {path}: is not a regular file; give one audio file")
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise InputError(f"--voice {path}: is {kind}; give one audio file")
     if not path.is_file():
         raise InputError(f"voice file not found: {path}")
     try:
