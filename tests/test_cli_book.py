@@ -294,6 +294,25 @@ def test_a_random_checkpoint_never_overwrites_real_weights(tiny_checkpoint, tmp_
     assert (again / "t3_cfg.safetensors").read_bytes() != (tiny_checkpoint / "t3_cfg.safetensors").read_bytes()
 
 
+def test_letters_of_other_scripts_are_reported_not_lost_silently(tmp_path):
+    # an English book with a Greek word: the word goes unsaid (folded away), and the plan and
+    # the run say so before any work
+    book = tmp_path / "b.txt"
+    book.write_text("He said γεια to me. And été is fine.\n")
+    want = "not spoken: 4 letters in other scripts (Greek 4), as Chatterbox's English model says only Latin letters and digits"
+    r = run(book, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert want in r.stdout.splitlines()
+    assert "He said to me. And ete is fine." in r.stdout
+    r = run(book, "-o", tmp_path / "x.mp3", "--device", "cpu")  # no weights: fails at the load, after the warning
+    assert r.exit_code == 3
+    assert want in r.stderr and r.stderr.index(want) < r.stderr.index("--model-dir")
+    # accented Latin letters fold and are spoken: nothing to report
+    book.write_text("Café crème, naïve über. © 😀\n")
+    r = run(book, "--dry-run")
+    assert r.exit_code == 0 and "not spoken" not in r.output, r.output
+
+
 def test_no_weights_is_one_line_and_exit_3(tmp_path):
     r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
     assert r.exit_code == 3
@@ -334,6 +353,8 @@ BAD_INPUTS = {
     "negative vram cap": (lambda t: [SAMPLES / "story.txt", "--max-vram", "-3"], "--max-vram must be more than 0 gb, got -3"),
     "voice is a directory": (lambda t: [SAMPLES / "story.txt", "--voice", t], "is a directory"),
     "voice is a device": (lambda t: [SAMPLES / "story.txt", "--voice", "/dev/null"], "is not a regular file"),
+    # folding to ASCII drops other scripts: the line says which, not just "nothing speakable"
+    "only other scripts": (lambda t: [_w(t / "ru.txt", "Привет, как дела? 你好。")], "nothing speakable in it: 15 letters in other scripts (cyrillic 13, cjk 2)"),
     "preset export out of range": (lambda t: [SAMPLES / "story.txt", "--preset", _w(t / "p.toml", '[export]\nmp3_bitrate = "lots"\n')],
                                    "mp3_bitrate must be a bitrate"),
 }

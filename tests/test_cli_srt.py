@@ -220,6 +220,7 @@ BAD = {
     "stray text": ("b.srt", "Hello.\n\n" + SUBS, [], "line 1:"),
     "not webvtt": ("b.vtt", SUBS, [], "not a webvtt file"),
     "nothing speakable": ("b.srt", "1\n00:00:01,000 --> 00:00:02,000\n[music]\n\n2\n00:00:03,000 --> 00:00:04,000\n♪ la ♪\n", [], "no cue has anything speakable"),
+    "only other scripts": ("b.srt", "1\n00:00:01,000 --> 00:00:02,000\nПривет\n", [], "6 letters in other scripts (cyrillic 6)"),
     "empty": ("b.srt", "", [], "empty"),
     "unsupported type": ("b.txt", SUBS, [], "unsupported subtitle type"),
     "missing": ("b.srt", None, [], "no such file"),
@@ -248,6 +249,10 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, dry_run, monkeyp
     r = run(path, *extra, "--device", "cpu")
     if dry_run and case == "nothing speakable":
         assert r.exit_code == 0 and "2 cue(s): 0 spoken, 2 skipped" in r.stdout, r.output
+        return
+    if dry_run and case == "only other scripts":
+        assert r.exit_code == 0 and "1 cue(s): 0 spoken, 1 skipped" in r.stdout, r.output
+        assert "not spoken: 6 letters in other scripts (Cyrillic 6)" in r.stdout
         return
     assert r.exit_code == 2, (case, r.output)
     lines = r.stderr.strip().splitlines()

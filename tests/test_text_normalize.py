@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ttsbatch.config import TextOptions
-from ttsbatch.text.normalize import fold_ascii, normalize_text, punc_norm
+from ttsbatch.text.normalize import describe_unsaid, fold_ascii, normalize_text, punc_norm, unsaid_letters
 
 FULL = TextOptions()  # ascii_fold and normalize_punctuation on
 PLAIN = TextOptions(ascii_fold=False, normalize_punctuation=False)
@@ -22,6 +22,18 @@ def test_empty_stays_empty(opts):
     for text in ["", "   ", "\n\t", "😀🎉", "* * *", "—", "...", "\u200b"]:
         if opts.ascii_fold or not any(ch in text for ch in "😀🎉"):
             assert normalize_text(text, opts) == "", repr(text)
+
+
+def test_letters_of_other_scripts_are_counted_by_script():
+    text = "Hello Привет 你好 café Ω naïve ß ﬁ 😀 © ٣"
+    assert unsaid_letters(text) == {"Cyrillic": 6, "CJK": 2, "Greek": 1}  # most first
+    assert list(unsaid_letters(text)) == ["Cyrillic", "CJK", "Greek"]
+    for said in ["café", "ß æ ł", "ﬁ", "😀 © →", "plain ASCII.", ""]:
+        assert unsaid_letters(said) == {}, said
+    # what is counted is what folding removes
+    assert "П" not in fold_ascii("При") and fold_ascii("При").strip() == ""
+    assert describe_unsaid({"Cyrillic": 6, "CJK": 2}) == "8 letters in other scripts (Cyrillic 6, CJK 2)"
+    assert describe_unsaid({"Greek": 1}) == "1 letter in other scripts (Greek 1)"
 
 
 def test_emoji_kept_without_ascii_fold():

@@ -248,8 +248,9 @@ def book(
             raise InputError(f"output {out_path} would overwrite the input")
 
     chunks, skipped = chunk_document_report(doc, options.text)
+    unsaid = unsaid_in((p for ch in doc.chapters for p in ch.paragraphs), options.text)
     if not chunks:
-        raise InputError(f"{source}: nothing speakable in it")
+        raise InputError(f"{source}: nothing speakable in it{f': {unsaid}, and {ENGLISH_ONLY}' if unsaid else ''}")
     from .audio.export import SUPPORTED_FORMATS, check_writable_output
     from .engine.voice import BUILTIN, read_voice
 
@@ -261,8 +262,10 @@ def book(
     check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
     if dry_run:
-        print_plan(doc, chunks, skipped, estimate_seconds(chunks))
+        print_plan(doc, chunks, skipped, estimate_seconds(chunks), unsaid)
         return
+    if unsaid:
+        log.warning("not spoken: %s, as %s", unsaid, ENGLISH_ONLY)
 
     if out_path is not None:
         work = work_dir or default_work_dir(out_path)
@@ -333,7 +336,25 @@ def check_max_vram(max_vram: float | None) -> None:
         raise InputError(f"--max-vram must be more than 0 GB, got {max_vram:g}")
 
 
-def print_plan(doc, chunks, skipped: int, seconds: float) -> None:
+ENGLISH_ONLY = "Chatterbox's English model says only Latin letters and digits"
+
+
+def unsaid_in(texts, text_options) -> str | None:
+    """What of ``texts`` goes unsaid for being in another script ("4 letters in ..."); None if nothing.
+
+    Folding to ASCII turns letters the English model cannot say into spaces: a Greek quote in
+    an English book goes unsaid, a Russian book is silent. Said once, before the run, so that
+    words are never lost without a word.
+    """
+    from .text.normalize import describe_unsaid, unsaid_letters
+
+    if not text_options.ascii_fold:
+        return None
+    counts = unsaid_letters("\n".join(texts))
+    return describe_unsaid(counts) if counts else None
+
+
+def print_plan(doc, chunks, skipped: int, seconds: float, unsaid: str | None = None) -> None:
     """The --dry-run listing: chapters, then every chunk one per line, then the estimate."""
     typer.echo(f"# {doc.name}: {len(doc.chapters)} chapter(s), {len(chunks)} chunk(s)")
     for i, ch in enumerate(doc.chapters):
@@ -345,6 +366,8 @@ def print_plan(doc, chunks, skipped: int, seconds: float) -> None:
     typer.echo("")
     if skipped:
         typer.echo(f"skipped: {skipped} piece(s) with nothing speakable")
+    if unsaid:
+        typer.echo(f"not spoken: {unsaid}, as {ENGLISH_ONLY}")
     h, rem = divmod(int(round(seconds)), 3600)
     typer.echo(f"estimated audio: {h}:{rem // 60:02d}:{rem % 60:02d} ({seconds:.0f} s)")
 

@@ -13,10 +13,10 @@ import typer
 
 from . import cli as _cli
 from .cli import (
-    BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
+    ENGLISH_ONLY, BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
     MaxVramOpt, MinPOpt, ModelDirOpt, PresetOpt, ProgressMode, ProgressOpt, QuietOpt, RepetitionPenaltyOpt, TemperatureOpt,
     TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_max_vram, check_options, check_work_dir, generation_overrides, log, setup_logging,
-    user_errors,
+    unsaid_in, user_errors,
 )
 from .errors import InputError
 
@@ -102,11 +102,15 @@ def srt(
     check_writable_output(output)
     check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
+    unsaid = unsaid_in((c.raw for c in cues), options.text)
     if dry_run:
-        print_cues(cues)
+        print_cues(cues, unsaid)
         return
     if not spoken:
-        raise InputError(f"{subs_path}: no cue has anything speakable ({len(cues)} cue(s), all skipped; see --dry-run)")
+        why = f": {unsaid}, and {ENGLISH_ONLY}" if unsaid else ""
+        raise InputError(f"{subs_path}: no cue has anything speakable ({len(cues)} cue(s), all skipped; see --dry-run){why}")
+    if unsaid:
+        log.warning("not spoken: %s, as %s", unsaid, ENGLISH_ONLY)
 
     from .dub import render_subtitles
     from .engine.select import load_for_run
@@ -170,10 +174,12 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rem // 60_000:02d}:{rem % 60_000 // 1000:02d}.{rem % 1000:03d}"
 
 
-def print_cues(cues) -> None:
+def print_cues(cues, unsaid: str | None = None) -> None:
     """The --dry-run listing: one line per cue (time, then the spoken text or why it is skipped)."""
     skipped = sum(1 for c in cues if c.skipped)
     typer.echo(f"# {len(cues)} cue(s): {len(cues) - skipped} spoken, {skipped} skipped")
     for c in cues:
         what = c.text if not c.skipped else f"[skipped: {c.skipped}] {' '.join(c.raw.split())}"
         typer.echo(f"{c.index + 1:5d} {_clock(c.start)} --> {_clock(c.end)}  {what}")
+    if unsaid:
+        typer.echo(f"not spoken: {unsaid}, as {ENGLISH_ONLY}")

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 from ..config import TextOptions
 
-__all__ = ["normalize_text", "punc_norm", "fold_ascii"]
+__all__ = ["normalize_text", "punc_norm", "fold_ascii", "unsaid_letters", "describe_unsaid"]
 
 _WS_RE = re.compile(r"\s+")
 
@@ -134,6 +134,37 @@ def fold_ascii(text: str) -> str:
     text = _NEEDS_FOLD_RE.sub(lambda m: _fold_char(m.group()), text)
     # What was dropped may leave a space before punctuation: "Hello 😀." -> "Hello ."
     return _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)
+
+
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
+# The first word of a letter's Unicode name is its script ("CYRILLIC SMALL LETTER A"), but
+# for these: Chinese characters are "CJK UNIFIED IDEOGRAPH-4F60".
+_SCRIPT_NAMES = {"CJK": "CJK"}
+
+
+def unsaid_letters(text: str) -> dict[str, int]:
+    """The letters of ``text`` that ``fold_ascii`` drops, counted by script, most first.
+
+    These are letters of other scripts (Cyrillic, Greek, CJK, ...) that Chatterbox's English
+    model cannot say: folding turns them into spaces, so their words are not spoken. Accented
+    Latin letters fold to plain ones and are not counted; nor are emoji and symbols.
+    """
+    counts: dict[str, int] = {}
+    for m in _NON_ASCII_RE.finditer(text):
+        ch = unicodedata.normalize("NFKC", m.group())
+        if not ch.isalpha() or _fold_char(ch[0]).strip():
+            continue
+        word = unicodedata.name(ch[0], "OTHER").split()[0]
+        script = _SCRIPT_NAMES.get(word, word.capitalize())
+        counts[script] = counts.get(script, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def describe_unsaid(counts: dict[str, int]) -> str:
+    """``{"Cyrillic": 23, "CJK": 4}`` as "27 letters in other scripts (Cyrillic 23, CJK 4)"."""
+    n = sum(counts.values())
+    scripts = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return f"{n} letter{'s' if n != 1 else ''} in other scripts ({scripts})"
 
 
 def _drop_controls(text: str) -> str:
