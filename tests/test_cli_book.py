@@ -85,6 +85,15 @@ def test_story_to_mp3_end_to_end(tiny_checkpoint, tmp_path):
     assert "watermarked" in v.stdout and "NOT" not in v.stdout
 
 
+def test_verify_checks_every_file_named_before_reporting_any(tmp_path):
+    r = run("verify", tmp_path)
+    assert r.exit_code == 2 and r.stderr.strip() == f"ttsbatch: error: {tmp_path} is a directory, not an audio file"
+    # a missing last file stops the command before the first is reported (it was found last)
+    r = run("verify", _tone(tmp_path / "a.wav", 1.0), tmp_path / "nope.wav")
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert r.stderr.strip() == f"ttsbatch: error: no such file: {tmp_path / 'nope.wav'}"
+
+
 def test_segmented_mp3_book_is_checked_in_its_frames_beside_the_remux(tiny_checkpoint, tmp_path, monkeypatch):
     """A book in several MP3 segments: copied under its header while it is joined (no
     remux at the end), its mark read from the joined frames (while the chapters are added)
@@ -355,6 +364,8 @@ BAD_INPUTS = {
     "voice is a device": (lambda t: [SAMPLES / "story.txt", "--voice", "/dev/null"], "is not a regular file"),
     # folding to ASCII drops other scripts: the line says which, not just "nothing speakable"
     "only other scripts": (lambda t: [_w(t / "ru.txt", "Привет, как дела? 你好。")], "nothing speakable in it: 15 letters in other scripts (cyrillic 13, cjk 2)"),
+    # the run would have replaced the user's recording with the book
+    "output is the voice": (lambda t: [SAMPLES / "story.txt", "--voice", _tone(t / "v.wav", 3.0), "-o", t / "v.wav"], "would overwrite the voice file"),
     "preset export out of range": (lambda t: [SAMPLES / "story.txt", "--preset", _w(t / "p.toml", '[export]\nmp3_bitrate = "lots"\n')],
                                    "mp3_bitrate must be a bitrate"),
 }

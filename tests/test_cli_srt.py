@@ -221,6 +221,7 @@ BAD = {
     "not webvtt": ("b.vtt", SUBS, [], "not a webvtt file"),
     "nothing speakable": ("b.srt", "1\n00:00:01,000 --> 00:00:02,000\n[music]\n\n2\n00:00:03,000 --> 00:00:04,000\n♪ la ♪\n", [], "no cue has anything speakable"),
     "only other scripts": ("b.srt", "1\n00:00:01,000 --> 00:00:02,000\nПривет\n", [], "6 letters in other scripts (cyrillic 6)"),
+    "output is the voice": ("b.srt", SUBS, ["--voice", "v.wav", "-o", "v.wav"], "would overwrite the voice file"),
     "empty": ("b.srt", "", [], "empty"),
     "unsupported type": ("b.txt", SUBS, [], "unsupported subtitle type"),
     "missing": ("b.srt", None, [], "no such file"),

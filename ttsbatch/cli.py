@@ -257,6 +257,7 @@ def book(
     # checked before --dry-run returns: a plan that says nothing of a bad -o or --voice misleads
     if out_path is not None:
         check_writable_output(out_path)
+        check_not_the_voice(out_path, voice)
     elif f".{fmt}" not in SUPPORTED_FORMATS:
         raise InputError(f"--format {fmt}: unsupported; choose one of {', '.join(sorted(f[1:] for f in SUPPORTED_FORMATS))}")
     check_work_dir(work_dir)
@@ -336,6 +337,12 @@ def check_max_vram(max_vram: float | None) -> None:
         raise InputError(f"--max-vram must be more than 0 GB, got {max_vram:g}")
 
 
+def check_not_the_voice(output: Path, voice: Path | None) -> None:
+    """Refuse an output that is the voice file: the run would replace the user's recording."""
+    if voice is not None and output.resolve() == Path(voice).resolve():
+        raise InputError(f"output {output} would overwrite the voice file")
+
+
 ENGLISH_ONLY = "Chatterbox's English model says only Latin letters and digits"
 
 
@@ -381,11 +388,14 @@ def verify(
     from .audio.watermark import Watermarker, verify_file
 
     setup_logging(quiet=True)
+    for f in files:  # all of them before the first report: a typo in the last is not found last
+        if f.is_dir():
+            raise InputError(f"{f} is a directory, not an audio file")
+        if not f.is_file():
+            raise InputError(f"no such file: {f}")
     wm = Watermarker("cpu")
     unmarked = 0
     for f in files:
-        if not f.is_file():
-            raise InputError(f"no such file: {f}")
         r = verify_file(f, wm)
         state = "watermarked" if r.marked else "NOT watermarked"
         typer.echo(f"{f}: {state} (score {r.score:.2f}, {r.duration_s:.1f} s, {r.windows} window(s) checked)")

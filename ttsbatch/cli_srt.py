@@ -15,7 +15,7 @@ from . import cli as _cli
 from .cli import (
     ENGLISH_ONLY, BatchSizeOpt, CfgWeightOpt, CfmStepsOpt, Device, DeviceOpt, EngineOpt, ExaggerationOpt, IgnoreEosOpt, MaxNewTokensOpt,
     MaxVramOpt, MinPOpt, ModelDirOpt, PresetOpt, ProgressMode, ProgressOpt, QuietOpt, RepetitionPenaltyOpt, TemperatureOpt,
-    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_max_vram, check_options, check_work_dir, generation_overrides, log, setup_logging,
+    TokensPerCharOpt, TopPOpt, VoiceOpt, WaitOpt, check_max_vram, check_not_the_voice, check_options, check_work_dir, generation_overrides, log, setup_logging,
     unsaid_in, user_errors,
 )
 from .errors import InputError
@@ -100,6 +100,7 @@ def srt(
 
     # checked before --dry-run returns: a plan that says nothing of a bad -o or --voice misleads
     check_writable_output(output)
+    check_not_the_voice(output, voice)
     check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
     unsaid = unsaid_in((c.raw for c in cues), options.text)
