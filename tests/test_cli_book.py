@@ -189,6 +189,27 @@ def test_editing_one_paragraph_rerenders_only_its_chunks(tiny_checkpoint, tmp_pa
     assert summary(r) == {"rendered": 1, "reused": 3}
 
 
+def test_another_format_of_the_same_book_takes_the_chunks_already_rendered(tiny_checkpoint, tmp_path):
+    # book.flac, then book.wav: the chunks do not depend on the format, and a 10-hour book
+    # is not synthesized again for it
+    book = tmp_path / "short.txt"
+    book.write_text(SHORT)
+    assert run(book, "-o", tmp_path / "short.flac", "--model-dir", tiny_checkpoint, *FAST).exit_code == 0
+    donor = tmp_path / ".short.flac.ttsbatch"
+    before = {p: p.read_bytes() for p in (donor / "chunks").rglob("*.flac")}
+    r = run(book, "-o", tmp_path / "short.wav", "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert summary(r) == {"rendered": 0, "reused": 4}
+    flac, wav = sf.read(tmp_path / "short.flac")[0], sf.read(tmp_path / "short.wav")[0]
+    assert len(flac) == len(wav) and np.abs(flac - wav).max() < 1e-4  # the same audio (wav at 16 bits)
+    assert {p: p.read_bytes() for p in (donor / "chunks").rglob("*.flac")} == before  # only read
+    # an edited paragraph renders only its chunk, in a third format, taking the rest
+    book.write_text(SHORT.replace("Third one.", "Third one, now edited."))
+    r = run(book, "-o", tmp_path / "short.ogg", "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert summary(r) == {"rendered": 1, "reused": 3}
+
+
 def test_a_gpu_runs_track_process_stitches_what_the_inline_track_did(tiny_checkpoint, tmp_path, monkeypatch):
     """A GPU run's track in a process of its own (``TRACK_PROCESS``), here from a finished
     run's store: the same output, byte for byte, and nothing of the process left behind."""

@@ -141,6 +141,20 @@ def test_adjusted_srt_round_trips_and_matches_the_report(dubbed):
         assert s.end.total_seconds() == pytest.approx(c["speech_end"], abs=0.0005)
 
 
+def test_another_format_of_the_same_subtitles_takes_the_chunks_already_rendered(dubbed, tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(dubbed["subs"], tmp_path / "subs.srt")
+    shutil.copytree(dubbed["work"], tmp_path / ".subs.wav.ttsbatch")
+    monkeypatch.setenv("TTSBATCH_CACHE_DIR", str(dubbed["tmp"] / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = run(tmp_path / "subs.srt", "-o", tmp_path / "subs.flac", "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    assert summary(r) == {"rendered": 0, "reused": 3}
+    wav, flac = sf.read(dubbed["out"])[0], sf.read(tmp_path / "subs.flac")[0]
+    assert len(wav) == len(flac) and np.abs(wav - flac).max() < 1e-4
+
+
 def test_output_carries_the_watermark(dubbed):
     v = runner.invoke(app, ["verify", str(dubbed["out"])])
     assert v.exit_code == 0, v.output

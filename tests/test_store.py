@@ -19,10 +19,12 @@ from ttsbatch.store import (
     ChunkStore,
     StoreBusyError,
     StoreError,
+    adopt_chunks,
     atomic_write_bytes,
     cache_dir,
     default_work_dir,
     read_manifest,
+    sibling_work_dirs,
     store_lock,
     write_manifest,
 )
@@ -348,6 +350,38 @@ def test_lock_on_unwritable_root(tmp_path):
 def test_default_work_dir():
     assert default_work_dir(Path("/books/out/book.mp3")) == Path("/books/out/.book.mp3.ttsbatch")
     assert default_work_dir(Path("book.m4b")) == Path(".book.m4b.ttsbatch")
+
+
+def test_sibling_work_dirs_are_the_same_output_in_other_formats(tmp_path):
+    for name in [".book.mp3.ttsbatch", ".book.m4b.ttsbatch", ".book.wav.ttsbatch", ".book.2.mp3.ttsbatch",
+                 ".booklet.mp3.ttsbatch", ".other.mp3.ttsbatch", "book.mp3.ttsbatch"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".book.ogg.ttsbatch").write_text("a file, not a work dir")
+    assert [p.name for p in sibling_work_dirs(tmp_path / ".book.mp3.ttsbatch")] == [".book.m4b.ttsbatch", ".book.wav.ttsbatch"]
+    assert sibling_work_dirs(tmp_path / "mywork") == []  # a --work-dir of the user's own: none
+    assert sibling_work_dirs(tmp_path / "missing" / ".book.mp3.ttsbatch") == []
+
+
+def test_adopt_chunks_links_what_is_missing_and_leaves_the_donor_alone(tmp_path):
+    donor, other, mine = ChunkStore(tmp_path / "d"), ChunkStore(tmp_path / "o"), ChunkStore(tmp_path / "m")
+    donor.put(ID1, noise(seed=1), SR, {"text": "one"})
+    donor.put(ID2, noise(seed=2), SR)
+    other.put(ID3, noise(seed=3), SR)
+    mine.put(ID2, noise(seed=9), SR)  # already here: kept as it is
+    donated = {p: p.read_bytes() for p in donor.chunks_dir.rglob("*.flac")}
+    assert adopt_chunks(mine, [ID1, ID2, ID3, "ee" + "3" * 30], [donor.root, other.root, tmp_path / "nope"]) == 2
+    assert mine.ids() == {ID1, ID2, ID3}
+    assert np.array_equal(mine.get(ID1)[0], donor.get(ID1)[0]) and np.array_equal(mine.get(ID3)[0], other.get(ID3)[0])
+    assert np.array_equal(mine.get(ID2)[0], ChunkStore(tmp_path / "m").get(ID2)[0])
+    assert not np.array_equal(mine.get(ID2)[0], donor.get(ID2)[0])
+    assert mine.meta()[ID1]["text"] == "one" and mine.meta()[ID1]["adopted_from"] == str(donor.root)
+    assert {p: p.read_bytes() for p in donor.chunks_dir.rglob("*.flac")} == donated
+    assert not list(mine.chunks_dir.rglob(f"*{'.tmp'}"))
+    # a chunk later replaced in one store is not changed in the other (linked files are only renamed over)
+    mine.put(ID1, noise(seed=5), SR)
+    assert np.array_equal(donor.get(ID1)[0], ChunkStore(tmp_path / "d").get(ID1)[0])
+    assert not np.array_equal(donor.get(ID1)[0], mine.get(ID1)[0])
+    assert adopt_chunks(mine, [ID1, ID2, ID3], [donor.root]) == 0  # nothing missing
 
 
 def test_cache_dir(tmp_path, monkeypatch):

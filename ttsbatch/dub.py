@@ -40,7 +40,7 @@ from .audio.timing import FitOptions, Placement, Slot, fit_timeline, time_stretc
 from .config import Options, StitchOptions, as_dict
 from .pipeline import FORMAT_VERSION, RunReport, encode_verified, run_chunks
 from .plan import PlannedChunk, make_plan
-from .store import ChunkStore, StoreError, atomic_write_bytes, store_lock, write_manifest
+from .store import ChunkStore, StoreError, adopt_chunks, atomic_write_bytes, sibling_work_dirs, store_lock, write_manifest
 from .text.document import Chunk
 from .text.subtitles import SKIP_REASONS, Cue, cue_chunks
 
@@ -142,6 +142,7 @@ def render_subtitles(
     store = ChunkStore(work_dir)
     with store_lock(work_dir, timeout=lock_timeout):
         store.remove_temp_files()
+        adopt_chunks(store, (p.id for p in plan), sibling_work_dirs(work_dir))  # the same cues for another format
         write_manifest(work_dir, {
             "format": FORMAT_VERSION,
             "kind": "subtitles",

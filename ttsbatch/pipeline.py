@@ -24,7 +24,7 @@ from .config import GenerationOptions, Options, as_dict
 from .errors import TtsbatchError, WatermarkError
 from .plan import PlannedChunk, make_plan, pending
 from .progress import Progress
-from .store import TEMP_SUFFIX, ChunkStore, store_lock, write_manifest
+from .store import TEMP_SUFFIX, ChunkStore, adopt_chunks, sibling_work_dirs, store_lock, write_manifest
 from .text import Chunk, Document
 from .track import BookTrack
 from .track_process import TrackProcess
@@ -537,6 +537,8 @@ def render_book(
     store = ChunkStore(work_dir)
     with store_lock(work_dir, timeout=lock_timeout):
         store.remove_temp_files()  # leftovers of a run that was killed mid-write
+        # the same book rendered before to another format (book.mp3, now book.m4b): its chunks
+        adopt_chunks(store, (p.id for p in plan), sibling_work_dirs(work_dir))
         write_manifest(work_dir, manifest_for(doc, source, voice, model.model_id, options, plan))
         conds = VoiceCache(model, cache_dir).get(voice, options.generation.exaggeration)
         # The track is stitched and encoded as chunks arrive (in the engine's own thread on

@@ -22,6 +22,8 @@ Guarantees:
 * **The index is advisory.** The audio file is the truth: ``has``/``ids`` look only at the
   chunk files. ``index.jsonl`` is append-only metadata for people and tools; a torn last line
   (a kill in mid-append) is skipped when it is read.
+* **Shared across formats.** ``adopt_chunks`` links in the chunks that the same output's
+  work directory for another format holds (``sibling_work_dirs``): ids do not depend on it.
 * **Errors are one line.** A full disk or an unwritable directory makes ``put`` raise
   ``StoreError("cannot write chunk to ...: No space left on device")`` after removing its
   temporary file; the store is unchanged.
@@ -367,6 +369,70 @@ def default_work_dir(output: Path) -> Path:
     return output.parent / f".{output.name}.ttsbatch"
 
 
+def sibling_work_dirs(work_dir: Path) -> list[Path]:
+    """Work directories of the same output in other formats: ``.book.m4b.ttsbatch`` beside ``.book.mp3.ttsbatch``.
+
+    Only default work directories (``.<stem>.<ext>.ttsbatch``) have siblings; the list is in
+    name order and leaves ``work_dir`` itself out.
+    """
+    work_dir = Path(work_dir)
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.ttsbatch", work_dir.name)
+    if not m:
+        return []
+    prefix = f".{m.group(1)}."
+    try:
+        entries = sorted(work_dir.parent.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if e.name != work_dir.name and e.name.startswith(prefix) and e.name.endswith(".ttsbatch")
+            and re.fullmatch(r"[^.]+", e.name[len(prefix):-len(".ttsbatch")]) and e.is_dir()]
+
+
+def adopt_chunks(store: ChunkStore, ids, donors) -> int:
+    """Link into ``store`` the chunks of ``ids`` it lacks that a donor work directory holds.
+
+    A chunk id is the hash of everything its audio depends on (text, voice, options, model,
+    engine) and nothing of the output format, so the chunks a book rendered for ``book.mp3``
+    are the chunks of ``book.m4b``: taken, not rendered again. Each is hard-linked (copied
+    where links fail) under a temporary name and renamed into place, so the store stays atomic;
+    the donor is only read (its chunk files are never written in place, only replaced).
+    Returns how many were adopted.
+    """
+    wanted = set(ids) - store.ids()
+    adopted = 0
+    for donor in donors:
+        if not wanted:
+            break
+        other = ChunkStore(donor)
+        found = wanted & other.ids()
+        if not found:
+            continue
+        records = other.meta()
+        taken = 0
+        for id in sorted(found):
+            src, final = other.path(id), store.path(id)
+            tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, final)
+            except OSError as e:
+                _discard(tmp)
+                log.debug("could not take chunk %s from %s: %s", id, donor, e)
+                continue
+            with contextlib.suppress(OSError):
+                store._append_index({**records.get(id, {"id": id}), "adopted_from": str(donor)})
+            wanted.discard(id)
+            taken += 1
+        if taken:
+            log.info("took %d finished chunk(s) from %s", taken, donor)
+        adopted += taken
+    return adopted
+
+
 def cache_dir() -> Path:
     """ttsbatch's cache directory ($TTSBATCH_CACHE_DIR if set, else the platform's user cache).
 
@@ -380,12 +446,14 @@ def cache_dir() -> Path:
 
 __all__ = [
     "ChunkStore",
+    "adopt_chunks",
     "StoreBusyError",
     "StoreError",
     "atomic_write_bytes",
     "cache_dir",
     "default_work_dir",
     "read_manifest",
+    "sibling_work_dirs",
     "store_lock",
     "write_manifest",
 ]
