@@ -24,6 +24,20 @@ def test_empty_stays_empty(opts):
             assert normalize_text(text, opts) == "", repr(text)
 
 
+@pytest.mark.parametrize("text, said", [
+    ("Visit https://example.com/x?y=1.", "Visit example.com."),  # the sentence keeps its full stop
+    ("(see http://www.gutenberg.org/ebooks/55)", "(see gutenberg.org)."),
+    ("www.example.org is nice", "Example.org is nice."),
+    ("At HTTPS://Example.COM:8080/a/b, we met.", "At Example.COM, we met."),
+    ('Read "https://a.b.co/x" now!', 'Read "a.b.co" now!'),
+    ("http://localhost:8000/x here", "Localhost here."),
+    ("the site example.com works", "The site example.com works."),  # no address to shorten
+])
+def test_web_addresses_are_read_as_their_host(text, said):
+    # they were read character class by character class: "Http, localhost,8000 x here."
+    assert normalize_text(text, FULL) == said
+
+
 def test_letters_of_other_scripts_are_counted_by_script():
     text = "Hello Привет 你好 café Ω naïve ß ﬁ 😀 © ٣"
     assert unsaid_letters(text) == {"Cyrillic": 6, "CJK": 2, "Greek": 1}  # most first

@@ -7,8 +7,10 @@
 2. With ``ascii_fold``: accented letters lose their accents (``é`` -> ``e``, ``ß`` -> ``ss``),
    curly quotes become straight ones, dashes become ``-``, a few symbols are spelled out
    (``&`` -> ``and``, ``%`` -> ``percent``, ``$5`` -> ``5 dollars``, see ``_SYMBOL_WORDS``),
-   brackets become parentheses, and everything else that is not an ASCII letter, a digit
-   or one of ``.,!?;:'"-()`` (emoji, arrows, other scripts, ...) becomes a space.
+   brackets become parentheses, web addresses are read as their host
+   (``https://www.gutenberg.org/ebooks/55`` -> ``gutenberg.org``), and everything else that
+   is not an ASCII letter, a digit or one of ``.,!?;:'"-()`` (emoji, arrows, other
+   scripts, ...) becomes a space.
 3. Whitespace is collapsed to single spaces and stripped.
 4. Text with no letter or digit left is unspeakable and becomes ``""``.
 5. With ``normalize_punctuation``: Chatterbox's own ``punc_norm`` rules (``punc_norm`` below
@@ -124,8 +126,20 @@ def _fold_char(ch: str) -> str:
     return " "  # emoji, arrows, other scripts: nothing the English tokenizer can say
 
 
+# A web address: scheme or "www.", host, then any path, query or fragment, but not the
+# punctuation that ends its sentence ("see https://example.com/x." keeps its full stop).
+_URL_RE = re.compile(
+    r"\b(?:(?:https?|ftp)://(?:www\.)?|www\.)([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)(?::\d+)?(?:[/?#]\S*?)?"
+    r"(?=[.,!?;:)\]\"']*(?:\s|$))",
+    re.IGNORECASE,
+)
+
+
 def fold_ascii(text: str) -> str:
     """Fold ``text`` to the characters Chatterbox's English tokenizer can say (see module doc)."""
+    if "://" in text or "www." in text or "WWW." in text:
+        # read as their host: "https://www.gutenberg.org/ebooks/55?x=1" is "gutenberg.org"
+        text = _URL_RE.sub(lambda m: m.group(1), text)
     if not _NEEDS_FOLD_RE.search(text):
         return text
     text = _SYMBOL_RUN_RE.sub(" ", text)
