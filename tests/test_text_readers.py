@@ -218,6 +218,20 @@ def test_markdown_structure_and_stripping():
         assert gone not in text, gone
 
 
+def test_markdown_footnotes_are_read_at_the_end_without_their_markers():
+    # they were read where they stood, markers and all: "Footnote( 1)." and "( 1), The note."
+    raw = ("# One\n\nA claim[^1] and another[^long].\n\n[^1]: The first note.\n\n"
+           "# Two\n\nMore text.\n\n[^long]: A second note,\n    over two lines.\n")
+    doc = read_text(raw.encode(), "x.md", fmt="md")
+    assert [c.title for c in doc.chapters] == ["One", "Two", "Notes"]
+    assert doc.chapters[0].paragraphs == ("One", "A claim and another.")
+    assert doc.chapters[1].paragraphs == ("Two", "More text.")
+    assert doc.chapters[2].paragraphs == ("Notes", "The first note.", "A second note, over two lines.")
+    # without notes there is no Notes chapter, and a bracket that is no footnote stays
+    doc = read_text(b"# One\n\nA [bracket] and [^none].", "x.md", fmt="md")
+    assert [c.title for c in doc.chapters] == ["One"] and doc.chapters[0].paragraphs[1] == "A [bracket] and [^none]."
+
+
 def test_markdown_file_extensions(tmp_path):
     for name in ("a.md", "b.markdown", "c.MD"):
         doc = read_document(write(tmp_path, name, b"# Head\n\n**Bold** text."))

@@ -28,7 +28,9 @@ Markdown is parsed with markdown-it-py (CommonMark, plus tables and strikethroug
 only its text is kept: emphasis, inline code backticks, link targets (the link text
 stays), images, list bullets and numbers, blockquote markers, HTML tags and comments,
 horizontal rules and table pipes disappear; fenced code blocks are dropped; each table row
-becomes one paragraph with its cells joined by ", ". Indented code blocks are not
+becomes one paragraph with its cells joined by ", ". Footnotes (``[^1]``, read with
+mdit-py-plugins): the markers are not spoken, and the notes are spoken at the end of the
+book, in a last chapter titled "Notes". Indented code blocks are not
 recognised (indented lines are prose in books). A YAML front-matter block is skipped.
 """
 
@@ -210,8 +212,9 @@ def _markdown():
     global _md_parser
     if _md_parser is None:
         from markdown_it import MarkdownIt
+        from mdit_py_plugins.footnote import footnote_plugin
 
-        md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+        md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"]).use(footnote_plugin)
         md.disable("code")  # indented lines are prose, not code, in books
         _md_parser = md
     return _md_parser
@@ -249,7 +252,9 @@ def _parse_md(text: str, builder: _Builder) -> None:
             builder.heading(" ".join(_inline_text(tokens[i + 1]).split()))
             i += 3
             continue
-        if kind == "tr_open":
+        if kind == "footnote_block_open":  # the plugin gathers every note here, at the end
+            builder.heading("Notes")
+        elif kind == "tr_open":
             row = []
         elif kind == "tr_close":
             builder.paragraph(", ".join(cell for cell in row or () if cell))
