@@ -343,6 +343,19 @@ def test_letters_of_other_scripts_are_reported_not_lost_silently(tmp_path):
     assert r.exit_code == 0 and "not spoken" not in r.output, r.output
 
 
+def test_the_plan_and_the_run_say_what_of_a_gutenberg_book_is_left_out(tmp_path):
+    book = tmp_path / "pg.txt"
+    book.write_text("The Project Gutenberg eBook of X\n\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\n\n"
+                    "The story.\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\nThe license.\n")
+    r = run(book, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "left out: Project Gutenberg's header (3 lines)" in r.stdout.splitlines()
+    assert "left out: Project Gutenberg's end notes and license (3 lines)" in r.stdout.splitlines()
+    assert "license" not in r.stdout.replace("and license (", "")
+    r = run(book, "-o", tmp_path / "x.mp3", "--device", "cpu")  # no weights: fails at the load, after the log
+    assert r.exit_code == 3 and "left out: Project Gutenberg's header (3 lines)" in r.stderr
+
+
 def test_no_weights_is_one_line_and_exit_3(tmp_path):
     r = run(SAMPLES / "story.txt", "-o", tmp_path / "x.mp3", "--device", "cpu")
     assert r.exit_code == 3

@@ -232,6 +232,52 @@ def test_markdown_footnotes_are_read_at_the_end_without_their_markers():
     assert [c.title for c in doc.chapters] == ["One"] and doc.chapters[0].paragraphs[1] == "A [bracket] and [^none]."
 
 
+PG_BOOK = """\ufeffThe Project Gutenberg eBook of Oz
+
+This ebook is for the use of anyone anywhere in the United States and
+most other parts of the world at no cost.
+
+Title: Oz
+
+*** START OF THE PROJECT GUTENBERG EBOOK OZ ***
+
+Produced by David Widger
+and others.
+
+CHAPTER I.
+
+Dorothy lived in the midst of the great Kansas prairies (she read *** END OF it).
+
+End of Project Gutenberg's Oz, by L. Frank Baum
+
+*** END OF THE PROJECT GUTENBERG EBOOK OZ ***
+
+Updated editions will replace the previous one.
+
+START: FULL LICENSE
+"""
+
+
+@pytest.mark.parametrize("fmt", ["txt", "md"])
+def test_project_gutenberg_header_credit_and_license_are_left_out_and_said(fmt):
+    # they were read aloud: the license alone is some 20 minutes of speech
+    doc = read_text(PG_BOOK.encode(), f"oz.{fmt}", fmt=fmt)
+    assert paragraphs(doc) == ["CHAPTER I.", "Dorothy lived in the midst of the great Kansas prairies (she read *** END OF it)."]
+    assert doc.left_out == (
+        "Project Gutenberg's header (8 lines)",
+        "the producers' credit (Produced by David Widger and others.)",
+        "Project Gutenberg's end notes and license (7 lines)",
+    )
+    # the older markers ("THIS PROJECT GUTENBERG EBOOK"), no credit, no end marker
+    old = "Header.\n*** START OF THIS PROJECT GUTENBERG EBOOK OZ ***\n\nThe text.\n"
+    doc = read_text(old.encode(), "oz.txt")
+    assert paragraphs(doc) == ["The text."] and doc.left_out == ("Project Gutenberg's header (2 lines)",)
+    # a book without the start line is not touched, whatever it says of Project Gutenberg
+    plain = "About Project Gutenberg.\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\nMore.\n"
+    doc = read_text(plain.encode(), "x.txt")
+    assert len(paragraphs(doc)) == 3 and doc.left_out == ()
+
+
 def test_markdown_file_extensions(tmp_path):
     for name in ("a.md", "b.markdown", "c.MD"):
         doc = read_document(write(tmp_path, name, b"# Head\n\n**Bold** text."))

@@ -267,6 +267,8 @@ def book(
         return
     if unsaid:
         log.warning("not spoken: %s, as %s", unsaid, ENGLISH_ONLY)
+    for what in doc.left_out:
+        log.info("left out: %s", what)
 
     if out_path is not None:
         work = work_dir or default_work_dir(out_path)
@@ -375,6 +377,8 @@ def print_plan(doc, chunks, skipped: int, seconds: float, unsaid: str | None = N
         typer.echo(f"skipped: {skipped} piece(s) with nothing speakable")
     if unsaid:
         typer.echo(f"not spoken: {unsaid}, as {ENGLISH_ONLY}")
+    for what in doc.left_out:
+        typer.echo(f"left out: {what}")
     h, rem = divmod(int(round(seconds)), 3600)
     typer.echo(f"estimated audio: {h}:{rem // 60:02d}:{rem % 60:02d} ({seconds:.0f} s)")
 

@@ -22,6 +22,7 @@ class Document:
 
     name: str  # file name, for logs
     chapters: tuple[Chapter, ...]
+    left_out: tuple[str, ...] = ()  # what the reader did not take as text, one line each (plan and log)
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,16 @@ becomes one paragraph with its cells joined by ", ". Footnotes (``[^1]``, read w
 mdit-py-plugins): the markers are not spoken, and the notes are spoken at the end of the
 book, in a last chapter titled "Notes". Indented code blocks are not
 recognised (indented lines are prose in books). A YAML front-matter block is skipped.
+
+Project Gutenberg books (both formats): the header above ``*** START OF THE PROJECT
+GUTENBERG EBOOK ... ***``, the producers' credit after it and the license from ``*** END OF
+...`` on are left out, and ``Document.left_out`` says so (see ``strip_gutenberg``).
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import html
 import re
 from pathlib import Path
@@ -271,6 +276,51 @@ def _parse_md(text: str, builder: _Builder) -> None:
         i += 1
 
 
+# ---------------------------------------------------------------------------- Project Gutenberg
+
+_PG_START_RE = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
+_PG_END_RE = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
+# the line some older books put just above the end marker
+_PG_END_LINE_RE = re.compile(r"^\s*End of (?:the )?Project Gutenberg\b.*$", re.I | re.M)
+# the producers' credit, the first paragraph after the start marker in many books
+_PG_CREDIT_RE = re.compile(r"\A\s*(?:Produced by|E-?text prepared by|Transcribed from)\b.*?(?:\n[ \t]*\n|\Z)", re.I | re.S)
+
+
+def strip_gutenberg(text: str) -> tuple[str, tuple[str, ...]]:
+    """A Project Gutenberg book without the header, the producers' credit and the license.
+
+    A book from gutenberg.org starts with some 30 lines about the file and ends with the
+    Project Gutenberg License, some 350 lines (20 minutes of speech); both sit outside the
+    ``*** START OF THE PROJECT GUTENBERG EBOOK ... ***`` and ``*** END OF ... ***`` lines,
+    which are dropped with them. Only a book with a start line is touched. Returns the text and
+    what was left out, one line each (for the plan and the log).
+    """
+    start = _PG_START_RE.search(text)
+    if start is None:
+        return text, ()
+    head = text[: start.end()]
+    body = text[start.end():]
+    end = _PG_END_RE.search(body)
+    tail = ""
+    if end is not None:
+        cut = end.start()
+        line = None
+        for line in _PG_END_LINE_RE.finditer(body, 0, cut):
+            pass
+        if line is not None and not body[line.end(): cut].strip():
+            cut = line.start()
+        body, tail = body[:cut], body[cut:]
+    credit = _PG_CREDIT_RE.match(body)
+    if credit is not None:
+        body = body[credit.end():]
+    left_out = [f"Project Gutenberg's header ({head.count(chr(10)) + 1} lines)"]
+    if credit is not None:
+        left_out.append(f"the producers' credit ({' '.join(credit.group().split())[:60]})")
+    if tail:
+        left_out.append(f"Project Gutenberg's end notes and license ({tail.strip().count(chr(10)) + 1} lines)")
+    return body, tuple(left_out)
+
+
 # ---------------------------------------------------------------------------- public
 
 
@@ -282,9 +332,11 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
     text = _clean(decode_bytes(data, label))
     if not text.strip():
         raise InputError(f"{label}: file contains only whitespace")
+    text, left_out = strip_gutenberg(text)
     builder = _Builder()
     (_parse_md if fmt == "md" else _parse_txt)(text, builder)
-    return builder.build(name, label)
+    doc = builder.build(name, label)
+    return dataclasses.replace(doc, left_out=left_out) if left_out else doc
 
 
 # The longest novels are a few MB; 50 MB of text is some 800 hours of speech. Past this we
