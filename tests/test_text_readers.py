@@ -110,11 +110,36 @@ def test_txt_chapters():
         "Part III\n\nLater.\n\nEPILOGUE\n\nDone."
     )
     doc = read_text(raw.encode(), "b.txt")
-    assert [c.title for c in doc.chapters] == [None, "CHAPTER I.", "Chapter Two: The Storm", "PROLOGUE", "Part III", "EPILOGUE"]
+    # a bare number's title on the next line is the chapter's title too (both are spoken)
+    assert [c.title for c in doc.chapters] == [None, "CHAPTER I: Down the Rabbit-Hole", "Chapter Two: The Storm", "PROLOGUE", "Part III", "EPILOGUE"]
     assert doc.chapters[0].paragraphs == ("A preface line.",)
     assert doc.chapters[1].paragraphs == ("CHAPTER I.", "Down the Rabbit-Hole", "Alice was tired.")
     assert doc.chapters[2].paragraphs == ("Chapter Two: The Storm", "Rain fell hard.")
     assert doc.chapters[-1].paragraphs == ("EPILOGUE", "Done.")
+
+
+def test_a_table_of_contents_is_read_but_makes_no_chapters():
+    # Oz's contents list made a chapter "Introduction" (its first line) before the real one,
+    # and its chapters were called "Chapter I" with the title "The Cyclone" left out
+    raw = ("Contents\n\n Introduction\n Chapter I. The Cyclone\n Chapter II. The Council\n\n\n"
+           "Introduction\n\nFolklore.\n\nChapter I\nThe Cyclone\n\nDorothy lived.\n\n"
+           "Chapter II\nThe Council with the Munchkins\n\nShe was awakened.\n")
+    doc = read_text(raw.encode(), "oz.txt")
+    assert [c.title for c in doc.chapters] == [None, "Introduction", "Chapter I: The Cyclone", "Chapter II: The Council with the Munchkins"]
+    assert doc.chapters[0].paragraphs == ("Contents", "Introduction Chapter I. The Cyclone Chapter II. The Council")
+    assert doc.chapters[2].paragraphs == ("Chapter I", "The Cyclone", "Dorothy lived.")
+    # a contents list with one entry a paragraph: headings with nothing under them, read as text
+    raw = "CONTENTS\n\nCHAPTER I. Down\n\nCHAPTER II. Pool\n\nCHAPTER III. Race\n\nCHAPTER I. Down\n\nAlice.\n\nCHAPTER II. Pool\n\nTears.\n"
+    doc = read_text(raw.encode(), "alice.txt")
+    assert [c.title for c in doc.chapters] == [None, "CHAPTER I. Down", "CHAPTER II. Pool"]
+    assert doc.chapters[0].paragraphs == ("CONTENTS", "CHAPTER I. Down", "CHAPTER II. Pool", "CHAPTER III. Race")
+    # ...but a book that starts with them keeps them as chapters if nothing follows
+    assert [c.title for c in read_text(b"Part 1\n\nPart 2\n\nPart 3\n", "p.txt").chapters] == ["Part 1", "Part 2", "Part 3"]
+    # a heading over a sentence, or over more than one line, keeps its own title
+    doc = read_text(b"Chapter 3\nIt was late, and cold.\n\nChapter 4\nThe Storm\nRain fell.\n\nCHAPTER V.\nTHE END.\n\n"
+                    b"Chapter 6\nWho Stole the Tarts?\n\nText.\n", "c.txt")
+    assert [c.title for c in doc.chapters] == ["Chapter 3", "Chapter 4", "CHAPTER V: THE END.", "Chapter 6: Who Stole the Tarts?"]
+    assert doc.chapters[0].paragraphs == ("Chapter 3", "It was late, and cold.")
 
 
 def test_no_empty_untitled_chapter_when_the_book_starts_with_a_heading():

@@ -10,9 +10,11 @@ Boundary = Literal["sentence", "paragraph", "chapter", "end"]
 
 @dataclass(frozen=True)
 class Chapter:
-    """A chapter: its heading (also spoken, as the first paragraph) and its paragraphs."""
+    """A chapter: its heading (also spoken, as the first paragraph or two) and its paragraphs."""
 
-    title: str | None  # heading as written, None for text before the first heading
+    # heading as written ("Chapter I" over "The Cyclone" is "Chapter I: The Cyclone"), None
+    # for text before the first heading
+    title: str | None
     paragraphs: tuple[str, ...]  # plain text, one paragraph per item, hard wraps joined
 
 

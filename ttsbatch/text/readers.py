@@ -22,7 +22,11 @@ Chapters: a line on its own (the first line of a paragraph) such as ``CHAPTER I.
 ``is_chapter_heading``); the rest of that paragraph, if any, becomes the chapter's next
 paragraph. In Markdown every heading (``#`` .. ``######``, setext ``===``/``---``) starts
 a chapter too. The heading is the chapter's title and also its first paragraph, so it is
-spoken. Text before the first heading forms a chapter whose title is None.
+spoken. A bare number (``Chapter I``) over one short line (``The Cyclone``) is titled
+``Chapter I: The Cyclone``, both lines spoken. A table of contents (a block whose lines are
+nearly all headings, or three or more headings in a row with nothing under them) is read
+as text and starts no chapter. Text before the first heading forms a chapter whose title is
+None.
 
 Markdown is parsed with markdown-it-py (CommonMark, plus tables and strikethrough) and
 only its text is kept: emphasis, inline code backticks, link targets (the link text
@@ -117,6 +121,9 @@ _HEADING_RE = re.compile(
     re.IGNORECASE,
 )
 _MAX_HEADING = 80
+# "Chapter I" or "CHAPTER XII." and nothing more: its title may stand on the next line
+_BARE_HEADING_RE = re.compile(rf"(?:chapter|part|book|volume|act|canto)\s+{_NUMBER}\b\.?", re.IGNORECASE)
+_MAX_SUBTITLE = 60
 
 
 def is_chapter_heading(line: str) -> bool:
@@ -138,10 +145,11 @@ class _Builder:
     def __init__(self) -> None:
         self.chapters: list[tuple[str | None, list[str]]] = [(None, [])]
 
-    def heading(self, title: str) -> None:
+    def heading(self, title: str, spoken: tuple[str, ...] | None = None) -> None:
+        """Start a chapter called ``title``; its first paragraphs are ``spoken`` (default: the title)."""
         title = " ".join(title.split())
         if title:
-            self.chapters.append((title, [title]))
+            self.chapters.append((title, list(spoken or (title,))))
 
     def paragraph(self, text: str) -> None:
         text = text.strip()
@@ -153,16 +161,52 @@ class _Builder:
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
             return
+        if len(lines) >= 3 and sum(map(is_chapter_heading, lines)) >= 0.8 * len(lines):
+            # a table of contents ("Introduction", "Chapter I. The Cyclone", ...): read, not chapters
+            self.paragraph(join_lines(lines))
+            return
         if is_chapter_heading(lines[0]):
-            self.heading(lines[0].strip())
+            first = lines[0].strip()
+            if len(lines) == 2 and _is_subtitle(lines[1]) and _BARE_HEADING_RE.fullmatch(first.strip("*_#").strip()):
+                # "Chapter I" over "The Cyclone": one title for the chapter marks, both spoken
+                second = " ".join(lines[1].split())
+                self.heading(f"{first.rstrip('.')}: {second}", spoken=(first, second))
+                return
+            self.heading(first)
             lines = lines[1:]
         self.paragraph(join_lines(lines))
 
     def build(self, name: str, label: str) -> Document:
-        chapters = tuple(Chapter(title, tuple(paras)) for title, paras in self.chapters if paras)
+        chapters = [(title, paras) for title, paras in self.chapters if paras]
+        # a contents list set one entry to a paragraph makes chapters of nothing but their
+        # heading, three or more in a row: they are read as paragraphs of the chapter before
+        merged: list[tuple[str | None, list[str]]] = []
+        i = 0
+        while i < len(chapters):
+            j = i
+            while j < len(chapters) and chapters[j][0] is not None and chapters[j][1] == [chapters[j][0]]:
+                j += 1
+            if j - i >= 3 and j < len(chapters):
+                if not merged:
+                    merged.append((None, []))
+                merged[-1][1].extend(title for title, _ in chapters[i:j])
+                i = j
+                continue
+            merged.append(chapters[i])
+            i += 1
+        chapters = tuple(Chapter(title, tuple(paras)) for title, paras in merged)
         if not chapters:
             raise InputError(f"{label}: has no text to read")
         return Document(name=name, chapters=chapters)
+
+
+def _is_subtitle(line: str) -> bool:
+    """Could this line be a chapter's title under its number: short, and not a sentence going on?"""
+    line = line.strip()
+    if not 0 < len(line) <= _MAX_SUBTITLE or not line[0].isupper() or line.endswith((",", ";", ":", "-")):
+        return False
+    # "It was late." is the chapter's first sentence; "THE CYCLONE." and "Who Stole the Tarts?" are titles
+    return not line.endswith(".") or line.isupper()
 
 
 _HYPHEN_END_RE = re.compile(r"[^\W\d_]-$")
