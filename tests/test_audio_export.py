@@ -162,3 +162,49 @@ def test_names_that_look_like_protocols(track, tmp_path):
     out = tmp_path / "http:book.mp3"  # ffmpeg would read "http:" as a protocol without "file:"
     encode(track[0], out, ExportOptions())
     assert abs(decode_audio(out)[0].size / SR - track[1]) < 0.05
+
+
+def _toc_entries(path):
+    """The chapter ids an ID3 reader finds by walking the tables of contents from the top."""
+    from mutagen.id3 import ID3, CTOCFlags
+
+    tag = ID3(str(path))
+    tocs = {f.element_id: f for f in tag.getall("CTOC")}
+    assert all(len(t.child_element_ids) <= 255 for t in tocs.values())
+    (top,) = [t for t in tocs.values() if t.flags & CTOCFlags.TOP_LEVEL]
+
+    def walk(toc):
+        for child in toc.child_element_ids:
+            yield from walk(tocs[child]) if child in tocs else [child]
+
+    return list(walk(top)), [f.element_id for f in sorted(tag.getall("CHAP"), key=lambda f: f.start_time)]
+
+
+@pytest.mark.parametrize("n", [3, 300, 600])
+def test_an_mp3_with_more_chapters_than_one_id3_table_holds_lists_them_all(tmp_path, n):
+    # ffmpeg wrote its chapter count into the table's one-byte count: 300 chapters read as 44
+    src = tmp_path / "t.wav"
+    sf.write(src, tone(n * 0.05 + 1), SR)
+    chapters = [(f"Chapter {i + 1}", i * 0.05) for i in range(n)]
+    out = tmp_path / "book.mp3"
+    encode(src, out, ExportOptions(), chapters=chapters, title="A Book")
+    listed, chaps = _toc_entries(out)
+    assert len(chaps) == n and listed == chaps
+    _, got = read_chapters(out)
+    assert [t for t, _ in got] == [t for t, _ in chapters]
+
+
+def test_chapters_added_in_place_to_an_mp3_are_all_in_its_tables(tmp_path):
+    from mutagen.id3 import ID3
+
+    src, mp3 = tmp_path / "t.wav", tmp_path / "book.mp3"
+    sf.write(src, tone(16), SR)
+    run_ffmpeg(["-v", "error", "-y", "-i", str(src), "-c:a", "libmp3lame", "-id3v2_version", "4",
+                "-metadata", "title=x", "-metadata_header_padding", "60000", str(mp3)])
+    size = ID3(str(mp3)).size
+    audio = mp3.read_bytes()[size:]
+    chapters = [(f"Chapter {i + 1}", i * 0.05) for i in range(300)]
+    assert export.add_chapters(mp3, chapters, "A Book", 16.0)
+    assert ID3(str(mp3)).size == size and mp3.read_bytes()[size:] == audio  # the audio did not move
+    listed, chaps = _toc_entries(mp3)
+    assert len(chaps) == 300 and listed == chaps

@@ -171,6 +171,8 @@ def _ffmpeg_into(source: Path, out: Path, codec: list[str], chapters, title, tot
             args += ["-f", "ffmetadata", "-i", ff_path(meta)]
             map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
         run_ffmpeg([*args, *map_args, *codec, *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)], what=f"{what} {out.name}")
+        if ext == ".mp3" and len(chapters) > _ID3_TOC_MAX:
+            _nest_id3_toc(tmp)
         _publish(tmp, out)
     except BaseException:  # includes KeyboardInterrupt: never leave a partial output
         tmp.unlink(missing_ok=True)
@@ -380,6 +382,38 @@ def chapter_tag_bytes(titles: Sequence[str]) -> int:
     return 64 + sum(64 + len(t.encode("utf-8")) for t in titles)
 
 
+# An ID3v2 table of contents (CTOC) counts its entries in one byte; ffmpeg's MP3 muxer writes
+# the number of chapters into it regardless, so a book of 300 chapters got a table saying 44.
+_ID3_TOC_MAX = 255
+
+
+def _nest_id3_toc(mp3: Path, padding: int | None = None) -> None:
+    """Give ``mp3``'s ID3v2 tag a table of contents that holds all of its chapters.
+
+    Up to 255 chapters, ffmpeg's own table is right and is kept. Past that the chapters go
+    into tables of at most 255 entries, listed by the top-level table, as the ID3v2 chapter
+    addendum provides (players that read the CHAP frames alone see every chapter either way).
+    ``padding``: the tag's padding in bytes (mutagen's default if None).
+    """
+    from mutagen.id3 import CTOC, ID3, CTOCFlags
+
+    tag = ID3(str(mp3))
+    chaps = sorted(tag.getall("CHAP"), key=lambda f: f.start_time)
+    if len(chaps) <= _ID3_TOC_MAX:
+        return
+    tag.delall("CTOC")
+    level, n = [c.element_id for c in chaps], 0
+    while len(level) > _ID3_TOC_MAX:
+        parents = []
+        for i in range(0, len(level), _ID3_TOC_MAX):
+            parents.append(f"toc{n}")
+            tag.add(CTOC(element_id=f"toc{n}", flags=CTOCFlags.ORDERED, child_element_ids=level[i : i + _ID3_TOC_MAX], sub_frames=[]))
+            n += 1
+        level = parents
+    tag.add(CTOC(element_id="toc", flags=CTOCFlags.TOP_LEVEL | CTOCFlags.ORDERED, child_element_ids=level, sub_frames=[]))
+    tag.save(str(mp3), v2_version=4, padding=None if padding is None else (lambda info: padding))
+
+
 def _id3_tag(mp3: Path, meta: Path, padding: int) -> bytes:
     """The ID3v2 tag ffmpeg's MP3 muxer writes for ``mp3``'s audio with the ffmetadata file
     ``meta`` and ``padding`` bytes of padding (ffmpeg copies one frame: the tag is what counts)."""
@@ -391,6 +425,7 @@ def _id3_tag(mp3: Path, meta: Path, padding: int) -> bytes:
                     "-map", "0:a:0", "-map_metadata", "1", "-map_chapters", "1", "-c", "copy", "-frames:a", "1",
                     "-write_xing", "0", "-id3v2_version", "4", "-metadata_header_padding", str(padding),
                     "-f", "mp3", ff_path(tiny)], what=f"writing the chapters of {mp3.name}")
+        _nest_id3_toc(tiny, padding)
         return tiny.read_bytes()[: ID3(str(tiny)).size]
     finally:
         tiny.unlink(missing_ok=True)
