@@ -285,3 +285,15 @@ def test_the_overrun_line_names_the_delayed_cues_or_the_longer_track():
     last_only = {"overrun_cues": 1, "overrun_seconds": 23.25, "delayed_cues": 0, "max_delay": 0.0}
     line = overrun_line(last_only, "t.json")
     assert "no cue starts late: the track runs past its planned end" in line and "0.00" not in line
+
+
+def test_a_duration_that_ends_before_cues_start_is_said(tmp_path):
+    # the track ran on past --duration to hold them, without a word
+    subs = tmp_path / "s.srt"
+    subs.write_text(SUBS)
+    want = "--duration 4 s ends before 1 cue(s) start (the last at 6.000 s); the track runs on to hold them"
+    r = run(subs, "--dry-run", "--duration", "4")
+    assert r.exit_code == 0 and want in r.stdout.splitlines(), r.output
+    assert "--duration" not in run(subs, "--dry-run", "--duration", "6.5").stdout  # every cue starts inside it
+    r = run(subs, "-o", tmp_path / "s.wav", "--duration", "4", "--device", "cpu")  # no weights: after the warning
+    assert r.exit_code == 3 and want in r.stderr

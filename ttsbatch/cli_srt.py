@@ -104,9 +104,16 @@ def srt(
     check_work_dir(work_dir)
     the_voice = read_voice(voice) if voice else BUILTIN
     unsaid = unsaid_in((c.raw for c in cues), options.text)
+    late = [c for c in spoken if duration is not None and c.start >= duration]
+    # speech is never cut: the track runs past --duration to hold them (timing.py)
+    past = f"--duration {duration:g} s ends before {len(late)} cue(s) start (the last at {max(c.start for c in late):.3f} s); the track runs on to hold them" if late else None
     if dry_run:
         print_cues(cues, unsaid)
+        if past:
+            typer.echo(past)
         return
+    if past:
+        log.warning("%s", past)
     if not spoken:
         why = f": {unsaid}, and {ENGLISH_ONLY}" if unsaid else ""
         raise InputError(f"{subs_path}: no cue has anything speakable ({len(cues)} cue(s), all skipped; see --dry-run){why}")
