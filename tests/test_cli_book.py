@@ -324,6 +324,17 @@ def test_a_random_checkpoint_never_overwrites_real_weights(tiny_checkpoint, tmp_
     assert (again / "t3_cfg.safetensors").read_bytes() != (tiny_checkpoint / "t3_cfg.safetensors").read_bytes()
 
 
+def test_an_epub_book_is_planned_by_its_chapters(tmp_path):
+    from .test_text_epub import make_epub
+
+    book = make_epub(tmp_path / "b.epub", [("a.xhtml", "<h1>Chapter One</h1><p>It was night.</p>"),
+                                           ("b.xhtml", "<h1>Chapter Two</h1><p>It was day.</p>")])
+    r = run(book, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "# b.epub: 2 chapter(s), 4 chunk(s)" in r.stdout
+    assert "chapter 2: Chapter Two [2 chunks]" in r.stdout and "    2 It was night." in r.stdout
+
+
 def test_letters_of_other_scripts_are_reported_not_lost_silently(tmp_path):
     # an English book with a Greek word: the word goes unsaid (folded away), and the plan and
     # the run say so before any work
@@ -373,6 +384,7 @@ BAD_INPUTS = {
     "whitespace only": (lambda t: [_w(t / "e.txt", " \n\t\n ")], "only whitespace"),
     "binary": (lambda t: [_wb(t / "b.txt")], "binary"),
     "unsupported extension": (lambda t: [_w(t / "b.docx", "hello")], "unsupported"),
+    "not an epub": (lambda t: [_w(t / "b.epub", "hello")], "b.epub: not a readable epub"),
     "corrupt voice": (lambda t: [SAMPLES / "story.txt", "--voice", _w(t / "v.wav", "RIFF nonsense")], "not readable audio"),
     "silent voice": (lambda t: [SAMPLES / "story.txt", "--voice", _sil(t / "v.wav", 3.0)], "silent"),
     "short voice": (lambda t: [SAMPLES / "story.txt", "--voice", _tone(t / "v.wav", 1.0)], "at least 2 s"),

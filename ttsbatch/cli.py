@@ -173,11 +173,11 @@ def generation_overrides(**flags) -> dict:
 @app.command("book")
 @user_errors
 def book(
-    book_path: str = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md, or - for standard input."),
+    book_path: str = typer.Argument(..., metavar="BOOK", help="Text to speak: .txt, .md, .epub, or - for standard input."),
     voice: VoiceOpt = None,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, format by extension (.wav .flac .mp3 .m4a .m4b .ogg), or - for standard output (with --format). Default: BOOK with .mp3."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Output format when writing to standard output: wav, flac, mp3, m4a, ogg."),
-    input_format: str = typer.Option("txt", "--input-format", help="How to read standard input: txt or md."),
+    input_format: str = typer.Option("txt", "--input-format", help="How to read standard input: txt, md or epub."),
     preset: PresetOpt = None,
     model_dir: ModelDirOpt = None,
     device: DeviceOpt = Device.auto,
@@ -229,8 +229,8 @@ def book(
     if fmt and not to_stdout:
         raise InputError("conflicting options: --format is for -o -; otherwise the extension of -o decides")
     if from_stdin:
-        if input_format not in ("txt", "md"):
-            raise InputError(f"--input-format {input_format}: expected txt or md")
+        if input_format not in ("txt", "md", "epub"):
+            raise InputError(f"--input-format {input_format}: expected txt, md or epub")
         data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         doc = read_text(data, "stdin", input_format)
         source = Path("stdin")

@@ -1,6 +1,7 @@
 """Readers: a file (or bytes from stdin) becomes a ``Document`` of chapters and paragraphs.
 
-Formats: plain text (``.txt``, ``.text``) and Markdown (``.md``, ``.markdown``).
+Formats: plain text (``.txt``, ``.text``), Markdown (``.md``, ``.markdown``) and EPUB
+(``.epub``, read by ``epub.py`` into the same chapters and paragraphs).
 
 Decoding, strictly in this order: a byte-order mark (UTF-8, UTF-16 LE/BE, UTF-32 LE/BE)
 decides; otherwise UTF-8, then Windows-1252, then Latin-1. Input with NUL bytes (and no
@@ -55,7 +56,7 @@ from .document import Chapter, Document
 
 __all__ = ["read_document", "read_text", "decode_bytes", "is_chapter_heading", "SUPPORTED_EXTENSIONS"]
 
-SUPPORTED_EXTENSIONS: dict[str, str] = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md"}
+SUPPORTED_EXTENSIONS: dict[str, str] = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".epub": "epub"}
 
 _BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32"),
@@ -369,10 +370,17 @@ def strip_gutenberg(text: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
-    if fmt not in ("txt", "md"):
-        raise InputError(f"{label}: unknown text format {fmt!r}; expected 'txt' or 'md'")
+    if fmt not in ("txt", "md", "epub"):
+        raise InputError(f"{label}: unknown text format {fmt!r}; expected 'txt', 'md' or 'epub'")
     if not data:
         raise InputError(f"{label}: file is empty")
+    if fmt == "epub":
+        from .epub import parse_epub
+
+        builder = _Builder()
+        left_out = parse_epub(data, label, builder)
+        doc = builder.build(name, label)
+        return dataclasses.replace(doc, left_out=left_out) if left_out else doc
     text = _clean(decode_bytes(data, label))
     if not text.strip():
         raise InputError(f"{label}: file contains only whitespace")
@@ -388,10 +396,15 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 
 
-def _too_large(label: str, size: int) -> InputError:
+# An EPUB carries its pictures and fonts with the text: an illustrated one is larger.
+MAX_EPUB_BYTES = 200 * 1024 * 1024
+
+
+def _too_large(label: str, size: int, limit: int = MAX_INPUT_BYTES) -> InputError:
+    what = "an EPUB" if limit == MAX_EPUB_BYTES else "text"
     return InputError(
-        f"{label}: {size / 2**20:.0f} MB of text is more than ttsbatch reads at once "
-        f"({MAX_INPUT_BYTES // 2**20} MB, some 800 hours of speech); split it into parts"
+        f"{label}: {size / 2**20:.0f} MB of {what} is more than ttsbatch reads at once "
+        f"({limit // 2**20} MB{', some 800 hours of speech' if limit == MAX_INPUT_BYTES else ''}); split it into parts"
     )
 
 
@@ -403,7 +416,7 @@ def read_text(data: bytes, name: str, fmt: str = "txt") -> Document:
 
 
 def read_document(path: Path) -> Document:
-    """Read a .txt/.text/.md/.markdown file; every problem is an InputError naming the file."""
+    """Read a .txt/.text/.md/.markdown/.epub file; every problem is an InputError naming the file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -415,8 +428,9 @@ def read_document(path: Path) -> Document:
         raise InputError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; supported: {kinds}")
     try:
         size = path.stat().st_size
-        if size > MAX_INPUT_BYTES:
-            raise _too_large(str(path), size)
+        limit = MAX_EPUB_BYTES if fmt == "epub" else MAX_INPUT_BYTES
+        if size > limit:
+            raise _too_large(str(path), size, limit)
         data = path.read_bytes()
     except PermissionError:
         raise InputError(f"{path}: cannot read it (permission denied)") from None
