@@ -331,8 +331,27 @@ def test_an_epub_book_is_planned_by_its_chapters(tmp_path):
                                            ("b.xhtml", "<h1>Chapter Two</h1><p>It was day.</p>")])
     r = run(book, "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "# b.epub: 2 chapter(s), 4 chunk(s)" in r.stdout
+    assert "# b.epub (Test Book): 2 chapter(s), 4 chunk(s)" in r.stdout
     assert "chapter 2: Chapter Two [2 chunks]" in r.stdout and "    2 It was night." in r.stdout
+
+
+def test_an_epub_to_m4b_end_to_end_carries_its_title_and_chapters(tiny_checkpoint, tmp_path):
+    import subprocess
+
+    from ttsbatch.audio.export import ffmpeg_exe
+
+    from .test_text_epub import make_epub
+
+    book = make_epub(tmp_path / "b.epub", [("a.xhtml", "<h1>Chapter One</h1><p>It was night.</p>"),
+                                           ("b.xhtml", "<p>No heading.</p>")], toc=[("b.xhtml", "Second Part")])
+    out = tmp_path / "b.m4b"
+    r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
+    assert r.exit_code == 0, r.output
+    meta = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(out), "-f", "ffmetadata", "-"],
+                          capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"^title=(.*)$", meta, re.M) == ["Test Book", "Chapter One", "Second Part"]  # was "b.epub"
+    v = run("verify", out)
+    assert v.exit_code == 0 and "NOT" not in v.stdout, v.output
 
 
 def test_letters_of_other_scripts_are_reported_not_lost_silently(tmp_path):

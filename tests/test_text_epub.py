@@ -64,6 +64,7 @@ def test_chapters_and_paragraphs_in_reading_order(tmp_path):
     ]
     # the navigation document (the table of contents) and the cover are not read
     assert "Test Book" not in str(chapters(doc)) and doc.name == "b.epub"
+    assert doc.title == "Test Book" and doc.display_title == "Test Book"  # its dc:title, for the output's tag
 
 
 def test_a_heading_in_a_paragraph_and_line_breaks(tmp_path):

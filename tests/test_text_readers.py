@@ -303,6 +303,15 @@ def test_project_gutenberg_header_credit_and_license_are_left_out_and_said(fmt):
     assert len(paragraphs(doc)) == 3 and doc.left_out == ()
 
 
+def test_the_books_own_title_from_markdown_front_matter():
+    doc = read_text(b'---\ntitle: "The Book"\nauthor: Me\n---\n\n# One\n\nText.\n', "b.md", fmt="md")
+    assert doc.title == "The Book" and doc.display_title == "The Book"
+    assert [c.title for c in doc.chapters] == ["One"]
+    for raw, fmt in [(b"# One\n\nText.\n", "md"), (b"---\ntitle: X\n---\nText.\n", "txt")]:
+        doc = read_text(raw, "b." + fmt, fmt=fmt)
+        assert doc.title is None and doc.display_title == "b." + fmt
+
+
 def test_markdown_file_extensions(tmp_path):
     for name in ("a.md", "b.markdown", "c.MD"):
         doc = read_document(write(tmp_path, name, b"# Head\n\n**Bold** text."))

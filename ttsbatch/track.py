@@ -203,7 +203,7 @@ class BookTrack:
     def _chapter_title(self, k: int) -> str | None:
         """Chapter ``k``'s mark: its heading, else the book's name for the first, "Part N" after
         (TrackWriter names a blank one "Chapter N")."""
-        return self.doc.chapters[k].title or (self.doc.name if k == 0 else f"Part {k + 1}")
+        return self.doc.chapters[k].title or (self.doc.display_title if k == 0 else f"Part {k + 1}")
 
     def _next_is_ready(self) -> bool:
         return self._next < len(self.plan) and self.plan[self._next].id in self._ready
@@ -226,7 +226,7 @@ class BookTrack:
                     # the tag's padding holds the chapters (their times are known at the end)
                     titles = [self._chapter_title(k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
                     encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S,
-                                               remux_to=self.remux_to, title=self.doc.name,
+                                               remux_to=self.remux_to, title=self.doc.display_title,
                                                header_padding=chapter_tag_bytes(titles))
                     with self._cond:  # finish may be hurrying already
                         self._encoder = encoder

@@ -25,6 +25,12 @@ class Document:
     name: str  # file name, for logs
     chapters: tuple[Chapter, ...]
     left_out: tuple[str, ...] = ()  # what the reader did not take as text, one line each (plan and log)
+    title: str | None = None  # the book's own title (EPUB metadata, Markdown front matter), if it has one
+
+    @property
+    def display_title(self) -> str:
+        """The title the output's tag gets: the book's own, else its file name."""
+        return self.title or self.name
 
 
 @dataclass(frozen=True)

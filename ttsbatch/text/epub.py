@@ -134,9 +134,9 @@ def _walk(node, builder) -> None:
     flush()
 
 
-def parse_epub(data: bytes, label: str, builder) -> tuple[str, ...]:
+def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str | None]:
     """Feed the EPUB ``data``'s text to ``builder`` (readers.py's), in reading order; returns
-    what was left out (``Document.left_out``)."""
+    what was left out (``Document.left_out``) and the book's title (its ``dc:title``)."""
     _check_not_encrypted(data, label)
     import ebooklib
     from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
@@ -165,4 +165,6 @@ def parse_epub(data: bytes, label: str, builder) -> tuple[str, ...]:
         if title and not body.find(list(_HEADINGS)):
             builder.heading(title)
         _walk(body, builder)
-    return ("Project Gutenberg's header and license",) if boilerplate else ()
+    titles = [" ".join(str(t[0]).split()) for t in book.get_metadata("DC", "title") if t and t[0]]
+    return (("Project Gutenberg's header and license",) if boilerplate else ()), next((t for t in titles if t), None)
+

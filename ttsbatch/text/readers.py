@@ -290,8 +290,17 @@ def _html_text(block: str) -> str:
     return re.sub(r"[ \t]+", " ", html.unescape(_TAG_RE.sub(" ", block)))
 
 
-def _parse_md(text: str, builder: _Builder) -> None:
-    text = _FRONT_MATTER_RE.sub("", text, count=1)
+_FRONT_MATTER_TITLE_RE = re.compile(r"^title[ \t]*:[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+
+
+def _parse_md(text: str, builder: _Builder) -> str | None:
+    """Feed the Markdown ``text`` to ``builder``; returns the front matter's ``title:``, if any."""
+    title = None
+    front = _FRONT_MATTER_RE.match(text)
+    if front:
+        m = _FRONT_MATTER_TITLE_RE.search(front.group())
+        title = m.group(1).strip("\"'").strip() or None if m else None
+        text = text[front.end():]
     tokens = _markdown().parse(text)
     i = 0
     row: list[str] | None = None
@@ -319,6 +328,7 @@ def _parse_md(text: str, builder: _Builder) -> None:
                 builder.block(para.split("\n"))
         # fence, code_block, hr and every *_open/_close: nothing to say
         i += 1
+    return title
 
 
 # ---------------------------------------------------------------------------- Project Gutenberg
@@ -378,17 +388,15 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
         from .epub import parse_epub
 
         builder = _Builder()
-        left_out = parse_epub(data, label, builder)
-        doc = builder.build(name, label)
-        return dataclasses.replace(doc, left_out=left_out) if left_out else doc
+        left_out, title = parse_epub(data, label, builder)
+        return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title)
     text = _clean(decode_bytes(data, label))
     if not text.strip():
         raise InputError(f"{label}: file contains only whitespace")
     text, left_out = strip_gutenberg(text)
     builder = _Builder()
-    (_parse_md if fmt == "md" else _parse_txt)(text, builder)
-    doc = builder.build(name, label)
-    return dataclasses.replace(doc, left_out=left_out) if left_out else doc
+    title = _parse_md(text, builder) if fmt == "md" else _parse_txt(text, builder)
+    return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title)
 
 
 # The longest novels are a few MB; 50 MB of text is some 800 hours of speech. Past this we
