@@ -79,6 +79,23 @@ def test_a_heading_in_a_paragraph_and_line_breaks(tmp_path):
     ]
 
 
+def test_a_heading_right_under_another_is_its_subtitle(tmp_path):
+    # a title page made two chapters of nothing: "Oz" and "by L. Frank Baum"
+    path = make_epub(tmp_path / "b.epub", [
+        ("title.xhtml", "<h1>Oz</h1><h2>by L. Frank Baum</h2>"),
+        ("c1.xhtml", "<section><h2>Chapter 1</h2><div><h2>The Cyclone</h2></div><p>Dorothy lived.</p><h2>A Break</h2><p>More.</p></section>"),
+        ("part.xhtml", "<h1>Part Two</h1>"),
+        ("c2.xhtml", "<h1>Chapter 2</h1><p>Text.</p>"),
+    ])
+    assert chapters(read_document(path)) == [
+        ("Oz: by L. Frank Baum", ["Oz", "by L. Frank Baum"]),
+        ("Chapter 1: The Cyclone", ["Chapter 1", "The Cyclone", "Dorothy lived."]),
+        ("A Break", ["A Break", "More."]),  # a heading after text starts a chapter
+        ("Part Two", ["Part Two"]),  # a heading in a document of its own stays a chapter
+        ("Chapter 2", ["Chapter 2", "Text."]),
+    ]
+
+
 def test_documents_off_the_reading_order_are_left_out(tmp_path):
     path = make_epub(tmp_path / "b.epub", [("a.xhtml", "<h1>One</h1><p>Text.</p>"), ("note.xhtml", "<p>A pop-up note.</p>")],
                      spine=lambda items: [items["a.xhtml"], (items["note.xhtml"].id, "no")])

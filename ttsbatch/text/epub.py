@@ -96,9 +96,14 @@ def _block(builder, text: str) -> None:
     builder.block([" ".join(line.split()) for line in text.split("\n")])
 
 
-def _walk(node, builder) -> None:
+def _walk(node, builder, state: dict) -> None:
     """Feed ``node``'s headings and paragraphs to ``builder`` in document order; text between
-    blocks (``<div>Loose <p>Para</p></div>``) is a paragraph of its own, in its place."""
+    blocks (``<div>Loose <p>Para</p></div>``) is a paragraph of its own, in its place.
+
+    A heading right under another in the same document, nothing between them, is the first's
+    subtitle (``<h2>Chapter 1</h2><h2>The Storm</h2>`` is "Chapter 1: The Storm"), not a
+    chapter of nothing; ``state["after"]`` is the chapter's paragraphs as the last heading left them.
+    """
     from bs4 import NavigableString, Tag
 
     inline: list[str] = []
@@ -117,7 +122,13 @@ def _walk(node, builder) -> None:
             inline.append("\n")
         elif child.name in _HEADINGS:
             flush()
-            builder.heading(" ".join(_text(child).split()))
+            text, paras = " ".join(_text(child).split()), builder.chapters[-1][1]
+            after = state.get("after")
+            if text and after is not None and after[0] is paras and after[1] == len(paras):
+                builder.subtitle(text)
+            else:
+                builder.heading(text)
+            state["after"] = (builder.chapters[-1][1], len(builder.chapters[-1][1]))
         elif child.name == "table":
             flush()
             for row in child.find_all("tr"):
@@ -125,7 +136,7 @@ def _walk(node, builder) -> None:
                 builder.paragraph(", ".join(c for c in cells if c))
         elif child.find(_STRUCTURE):
             flush()
-            _walk(child, builder)
+            _walk(child, builder, state)
         elif child.name in _BLOCKS or child.name == "tr":
             flush()
             _block(builder, _text(child))
@@ -164,7 +175,7 @@ def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str |
         boilerplate += len(body.find_all(_is_boilerplate))
         if title and not body.find(list(_HEADINGS)):
             builder.heading(title)
-        _walk(body, builder)
+        _walk(body, builder, {})
     titles = [" ".join(str(t[0]).split()) for t in book.get_metadata("DC", "title") if t and t[0]]
     return (("Project Gutenberg's header and license",) if boilerplate else ()), next((t for t in titles if t), None)
 

@@ -146,11 +146,17 @@ class _Builder:
     def __init__(self) -> None:
         self.chapters: list[tuple[str | None, list[str]]] = [(None, [])]
 
-    def heading(self, title: str, spoken: tuple[str, ...] | None = None) -> None:
-        """Start a chapter called ``title``; its first paragraphs are ``spoken`` (default: the title)."""
+    def heading(self, title: str) -> None:
+        """Start a chapter called ``title``; the title is its first paragraph (spoken)."""
         title = " ".join(title.split())
         if title:
-            self.chapters.append((title, list(spoken or (title,))))
+            self.chapters.append((title, [title]))
+
+    def subtitle(self, text: str) -> None:
+        """A line under the chapter's heading that belongs to its title: spoken, and in the title."""
+        title, paras = self.chapters[-1]
+        paras.append(text)
+        self.chapters[-1] = (f"{title.rstrip('.')}: {text}" if title else text, paras)
 
     def paragraph(self, text: str) -> None:
         text = text.strip()
@@ -170,8 +176,8 @@ class _Builder:
             first = lines[0].strip()
             if len(lines) == 2 and _is_subtitle(lines[1]) and _BARE_HEADING_RE.fullmatch(first.strip("*_#").strip()):
                 # "Chapter I" over "The Cyclone": one title for the chapter marks, both spoken
-                second = " ".join(lines[1].split())
-                self.heading(f"{first.rstrip('.')}: {second}", spoken=(first, second))
+                self.heading(first)
+                self.subtitle(" ".join(lines[1].split()))
                 return
             self.heading(first)
             lines = lines[1:]
