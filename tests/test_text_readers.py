@@ -297,6 +297,13 @@ def test_project_gutenberg_header_credit_and_license_are_left_out_and_said(fmt):
     old = "Header.\n*** START OF THIS PROJECT GUTENBERG EBOOK OZ ***\n\nThe text.\n"
     doc = read_text(old.encode(), "oz.txt")
     assert paragraphs(doc) == ["The text."] and doc.left_out == ("Project Gutenberg's header (2 lines)",)
+    # a 1990s book: its small print ends the header, and a line alone ends the book
+    old = ("The Project Gutenberg Etext of X\n\n**The Legal Small Print**\nTerms.\n"
+           "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n\nThe text.\n\n"
+           "End of The Project Gutenberg Etext of X\n")
+    doc = read_text(old.encode(), "x.txt")
+    assert paragraphs(doc) == ["The text."]
+    assert doc.left_out == ("Project Gutenberg's header (5 lines)", "Project Gutenberg's end notes and license (1 line)")
     # a book without the start line is not touched, whatever it says of Project Gutenberg
     plain = "About Project Gutenberg.\n\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n\nMore.\n"
     doc = read_text(plain.encode(), "x.txt")

@@ -339,7 +339,8 @@ def _parse_md(text: str, builder: _Builder) -> str | None:
 
 # ---------------------------------------------------------------------------- Project Gutenberg
 
-_PG_START_RE = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
+# the start line, or the end of the old (1990s) "small print" that stood in its place
+_PG_START_RE = re.compile(r"^(?:\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b|\*END\*THE SMALL PRINT!).*$", re.I | re.M)
 _PG_END_RE = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
 # the line some older books put just above the end marker
 _PG_END_LINE_RE = re.compile(r"^\s*End of (?:the )?Project Gutenberg\b.*$", re.I | re.M)
@@ -371,14 +372,23 @@ def strip_gutenberg(text: str) -> tuple[str, tuple[str, ...]]:
         if line is not None and not body[line.end(): cut].strip():
             cut = line.start()
         body, tail = body[:cut], body[cut:]
+    else:  # old books end with the line alone; the last one, if nothing but a few lines follow it
+        line = None
+        for line in _PG_END_LINE_RE.finditer(body):
+            pass
+        if line is not None and body[line.end():].count("\n") < 40:
+            body, tail = body[: line.start()], body[line.start():]
     credit = _PG_CREDIT_RE.match(body)
     if credit is not None:
         body = body[credit.end():]
-    left_out = [f"Project Gutenberg's header ({head.count(chr(10)) + 1} lines)"]
+    def lines(n: int) -> str:
+        return f"{n} line{'s' if n != 1 else ''}"
+
+    left_out = [f"Project Gutenberg's header ({lines(head.count(chr(10)) + 1)})"]
     if credit is not None:
         left_out.append(f"the producers' credit ({' '.join(credit.group().split())[:60]})")
     if tail:
-        left_out.append(f"Project Gutenberg's end notes and license ({tail.strip().count(chr(10)) + 1} lines)")
+        left_out.append(f"Project Gutenberg's end notes and license ({lines(tail.strip().count(chr(10)) + 1)})")
     return body, tuple(left_out)
 
 
