@@ -76,9 +76,10 @@ def test_encode_resamples(track, tmp_path):
 def test_chapter_marks_read_back(track, tmp_path, ext):
     src, _, chapters = track
     out = tmp_path / f"book{ext}"
-    encode(src, out, ExportOptions(), chapters=chapters, title="A Book")
+    encode(src, out, ExportOptions(), chapters=chapters, title="A Book", artist="An Author")
     meta, got = read_chapters(out)
     assert "title=A Book" in meta
+    assert "artist=An Author" in meta
     assert [t for t, _ in got] == ["Opening; part = 1", "Second chapter"]
     assert got[0][1] == 0.0
     assert got[1][1] == pytest.approx(chapters[1][1], abs=0.01) and chapters[1][1] == pytest.approx(4.0)
@@ -204,7 +205,8 @@ def test_chapters_added_in_place_to_an_mp3_are_all_in_its_tables(tmp_path):
     size = ID3(str(mp3)).size
     audio = mp3.read_bytes()[size:]
     chapters = [(f"Chapter {i + 1}", i * 0.05) for i in range(300)]
-    assert export.add_chapters(mp3, chapters, "A Book", 16.0)
+    assert export.add_chapters(mp3, chapters, "A Book", 16.0, artist="An Author")
     assert ID3(str(mp3)).size == size and mp3.read_bytes()[size:] == audio  # the audio did not move
+    assert str(ID3(str(mp3))["TPE1"]) == "An Author" and str(ID3(str(mp3))["TIT2"]) == "A Book"
     listed, chaps = _toc_entries(mp3)
     assert len(chaps) == 300 and listed == chaps

@@ -343,13 +343,15 @@ def test_an_epub_to_m4b_end_to_end_carries_its_title_and_chapters(tiny_checkpoin
     from .test_text_epub import make_epub
 
     book = make_epub(tmp_path / "b.epub", [("a.xhtml", "<h1>Chapter One</h1><p>It was night.</p>"),
-                                           ("b.xhtml", "<p>No heading.</p>")], toc=[("b.xhtml", "Second Part")])
+                                           ("b.xhtml", "<p>No heading.</p>")], toc=[("b.xhtml", "Second Part")],
+                     authors=["L. Frank Baum"])
     out = tmp_path / "b.m4b"
     r = run(book, "-o", out, "--model-dir", tiny_checkpoint, *FAST)
     assert r.exit_code == 0, r.output
     meta = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(out), "-f", "ffmetadata", "-"],
                           capture_output=True, text=True, check=True).stdout
     assert re.findall(r"^title=(.*)$", meta, re.M) == ["Test Book", "Chapter One", "Second Part"]  # was "b.epub"
+    assert re.findall(r"^artist=(.*)$", meta, re.M) == ["L. Frank Baum"]
     v = run("verify", out)
     assert v.exit_code == 0 and "NOT" not in v.stdout, v.output
 

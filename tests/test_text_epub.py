@@ -14,14 +14,16 @@ from ttsbatch.errors import InputError
 from ttsbatch.text.readers import read_document, read_text
 
 
-def make_epub(path, docs, toc=(), spine=None):
-    """An EPUB at ``path`` with ``docs`` ((file name, body XHTML)) and ``toc`` ((file, title))."""
+def make_epub(path, docs, toc=(), spine=None, authors=()):
+    """An EPUB at ``path`` with ``docs`` ((file name, body XHTML)), ``toc`` ((file, title)) and ``authors``."""
     from ebooklib import epub
 
     book = epub.EpubBook()
     book.set_identifier("test-book")
     book.set_title("Test Book")
     book.set_language("en")
+    for i, name in enumerate(authors):
+        book.add_author(name, uid=f"a{i}")
     items = {}
     for name, body in docs:
         item = epub.EpubHtml(title=name, file_name=name, content=f"<html><body>{body}</body></html>")
@@ -141,6 +143,13 @@ def test_unreadable_files_are_one_input_error(tmp_path, content):
     with pytest.raises(InputError, match=r"bad\.epub: not a readable EPUB") as e:
         read_document(path)
     assert "\n" not in str(e.value)
+
+
+def test_the_books_title_and_authors_from_its_metadata(tmp_path):
+    path = make_epub(tmp_path / "b.epub", [("a.xhtml", "<p>Text.</p>")], authors=["L. Frank Baum", "W. W. Denslow"])
+    doc = read_document(path)
+    assert (doc.title, doc.author) == ("Test Book", "L. Frank Baum and W. W. Denslow")
+    assert read_document(make_epub(tmp_path / "c.epub", [("a.xhtml", "<p>Text.</p>")])).author is None
 
 
 def test_an_epub_from_standard_input(tmp_path):

@@ -312,11 +312,11 @@ def test_project_gutenberg_header_credit_and_license_are_left_out_and_said(fmt):
 
 def test_the_books_own_title_from_markdown_front_matter():
     doc = read_text(b'---\ntitle: "The Book"\nauthor: Me\n---\n\n# One\n\nText.\n', "b.md", fmt="md")
-    assert doc.title == "The Book" and doc.display_title == "The Book"
+    assert doc.title == "The Book" and doc.display_title == "The Book" and doc.author == "Me"
     assert [c.title for c in doc.chapters] == ["One"]
     for raw, fmt in [(b"# One\n\nText.\n", "md"), (b"---\ntitle: X\n---\nText.\n", "txt")]:
         doc = read_text(raw, "b." + fmt, fmt=fmt)
-        assert doc.title is None and doc.display_title == "b." + fmt
+        assert doc.title is None and doc.author is None and doc.display_title == "b." + fmt
 
 
 def test_markdown_file_extensions(tmp_path):

@@ -365,7 +365,8 @@ def unsaid_in(texts, text_options) -> str | None:
 
 def print_plan(doc, chunks, skipped: int, seconds: float, unsaid: str | None = None) -> None:
     """The --dry-run listing: chapters, then every chunk one per line, then the estimate."""
-    named = f" ({doc.title})" if doc.title else ""
+    named = ", by ".join(x for x in (doc.title, doc.author) if x)
+    named = f" ({named})" if named else ""
     typer.echo(f"# {doc.name}{named}: {len(doc.chapters)} chapter(s), {len(chunks)} chunk(s)")
     for i, ch in enumerate(doc.chapters):
         n = sum(1 for c in chunks if c.chapter == i)

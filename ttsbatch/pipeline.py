@@ -577,10 +577,10 @@ def render_book(
 
             def write(staged):
                 t = time.perf_counter()
-                if remuxed == staged and add_chapters(staged, marks, doc.display_title, seconds):
+                if remuxed == staged and add_chapters(staged, marks, doc.display_title, seconds, doc.author):
                     sync_file(staged)
                 else:  # one segment, another format, or the live remux failed
-                    finish_stream(encoded, staged, chapters=marks, title=doc.display_title, total_s=seconds)
+                    finish_stream(encoded, staged, chapters=marks, title=doc.display_title, total_s=seconds, artist=doc.author)
                 report.tail_seconds["publish"] = time.perf_counter() - t
 
             t0 = time.perf_counter()

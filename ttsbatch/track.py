@@ -227,7 +227,7 @@ class BookTrack:
                     titles = [self._chapter_title(k) or f"Chapter {k + 1}" for k in range(len(self.doc.chapters))]
                     encoder = SegmentedEncoder(self.encoded, sr, self.options.export, segment_s=segments.SEGMENT_S,
                                                remux_to=self.remux_to, title=self.doc.display_title,
-                                               header_padding=chapter_tag_bytes(titles))
+                                               header_padding=chapter_tag_bytes(titles), artist=self.doc.author)
                     with self._cond:  # finish may be hurrying already
                         self._encoder = encoder
                         if self._stop:

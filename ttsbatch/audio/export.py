@@ -116,10 +116,12 @@ def _chapter_spans(chapters: Sequence[tuple[str, float]], total_s: float) -> lis
     return spans
 
 
-def _ffmetadata(chapters: Sequence[tuple[str, float]], title: str | None, total_s: float) -> str:
+def _ffmetadata(chapters: Sequence[tuple[str, float]], title: str | None, total_s: float, artist: str | None = None) -> str:
     lines = [";FFMETADATA1"]
     if title:
         lines.append(f"title={_escape_meta(title)}")
+    if artist:  # the book's author: players show it as the artist
+        lines.append(f"artist={_escape_meta(artist)}")
     for start_ms, end_ms, name in _chapter_spans(chapters, total_s):
         lines += ["[CHAPTER]", "TIMEBASE=1/1000", f"START={start_ms}", f"END={end_ms}", f"title={_escape_meta(name)}"]
     return "\n".join(lines) + "\n"
@@ -142,6 +144,7 @@ def encode(
     opts: ExportOptions = ExportOptions(),
     chapters: Sequence[tuple[str, float]] = (),
     title: str | None = None,
+    artist: str | None = None,
 ) -> None:
     """Encode the stitched WAV ``track_wav`` into ``out``; the format follows ``out``'s extension.
 
@@ -153,10 +156,10 @@ def encode(
     if not track_wav.is_file():
         raise InputError(f"{track_wav}: stitched track not found")
     _ffmpeg_into(track_wav, Path(out), encode_args(ext, opts), chapters, title,
-                 lambda: sf.info(str(track_wav)).duration, what="encoding")
+                 lambda: sf.info(str(track_wav)).duration, what="encoding", artist=artist)
 
 
-def _ffmpeg_into(source: Path, out: Path, codec: list[str], chapters, title, total_s, what: str) -> None:
+def _ffmpeg_into(source: Path, out: Path, codec: list[str], chapters, title, total_s, what: str, artist: str | None = None) -> None:
     """ffmpeg ``source`` -> ``out`` with ``codec`` arguments, chapters and title (``total_s()``
     gives the length the last chapter ends at), atomically: written beside ``out`` under a
     temporary name, renamed over it only when complete; nothing is left behind on failure."""
@@ -166,8 +169,8 @@ def _ffmpeg_into(source: Path, out: Path, codec: list[str], chapters, title, tot
     args = ["-v", "error", "-y", "-i", ff_path(source)]
     map_args = ["-map", "0:a:0"]
     try:
-        if chapters or title:
-            meta.write_text(_ffmetadata(chapters, title, total_s()), encoding="utf-8")
+        if chapters or title or artist:
+            meta.write_text(_ffmetadata(chapters, title, total_s(), artist), encoding="utf-8")
             args += ["-f", "ffmetadata", "-i", ff_path(meta)]
             map_args += ["-map_metadata", "1", "-map_chapters", "1" if ext in _CHAPTER_FORMATS else "-1"]
         run_ffmpeg([*args, *map_args, *codec, *_mux_args(ext), "-f", _MUXERS[ext], ff_path(tmp)], what=f"{what} {out.name}")
@@ -287,14 +290,15 @@ def finish_stream(
     chapters: Sequence[tuple[str, float]] = (),
     title: str | None = None,
     total_s: float | None = None,
+    artist: str | None = None,
 ) -> None:
-    """``out`` from the audio a StreamEncoder wrote to ``encoded``, plus chapters and title.
+    """``out`` from the audio a StreamEncoder wrote to ``encoded``, plus chapters, title and artist.
 
     The audio is copied, not re-encoded (seconds for a 10-hour book). Atomic like ``encode``.
     """
     encoded = Path(encoded)
     _ffmpeg_into(encoded, Path(out), ["-c", "copy"], chapters, title,
-                 lambda: total_s if total_s is not None else probe_duration(encoded), what="writing")
+                 lambda: total_s if total_s is not None else probe_duration(encoded), what="writing", artist=artist)
 
 
 def decode_audio(
@@ -366,8 +370,8 @@ class FramesRemux(_PipedFFmpeg):
 
     _what = "writing"
 
-    def __init__(self, out: Path, title: str | None = None, padding: int = 4096):
-        meta = ["-metadata", f"title={title}"] if title else []
+    def __init__(self, out: Path, title: str | None = None, padding: int = 4096, artist: str | None = None):
+        meta = [*(["-metadata", f"title={title}"] if title else []), *(["-metadata", f"artist={artist}"] if artist else [])]
         self._start([ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-y", "-f", "mp3", "-i", "pipe:0",
                      "-map", "0:a:0", "-c", "copy", *meta, "-id3v2_version", "4",
                      "-metadata_header_padding", str(max(10, int(padding))), "-f", "mp3", ff_path(Path(out))], out)
@@ -431,7 +435,8 @@ def _id3_tag(mp3: Path, meta: Path, padding: int) -> bytes:
         tiny.unlink(missing_ok=True)
 
 
-def add_chapters(path: Path, chapters: Sequence[tuple[str, float]], title: str | None, total_s: float) -> bool:
+def add_chapters(path: Path, chapters: Sequence[tuple[str, float]], title: str | None, total_s: float,
+                 artist: str | None = None) -> bool:
     """Put ``chapters`` ((title, start seconds), the last ending at ``total_s``) into the ID3v2
     tag of the MP3 ``path``, in place: the tag ffmpeg writes for them (as :func:`finish_stream`
     would: the same ffmetadata) is made exactly as long as ``path``'s tag with its padding
@@ -445,7 +450,7 @@ def add_chapters(path: Path, chapters: Sequence[tuple[str, float]], title: str |
     size = ID3(str(path)).size  # the header's 10 bytes included
     meta = path.with_name(f".{path.name}.chapters-{os.getpid()}.ffmeta")
     try:
-        meta.write_text(_ffmetadata(chapters, title, total_s), encoding="utf-8")
+        meta.write_text(_ffmetadata(chapters, title, total_s, artist), encoding="utf-8")
         least = len(_id3_tag(path, meta, padding=10))  # ffmpeg pads at least 10 bytes
         if least > size:
             return False

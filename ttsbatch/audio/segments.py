@@ -110,9 +110,10 @@ class SegmentedEncoder:
         remux_to: Path | None = None,
         title: str | None = None,
         header_padding: int = 4096,
+        artist: str | None = None,
     ):
         """``remux_to``: where a :class:`FramesRemux` copies the joined frames as they come,
-        under a header with ``title`` and ``header_padding`` bytes for the chapters
+        under a header with ``title`` (and ``artist``) and ``header_padding`` bytes for the chapters
         (:attr:`remuxed` says whether it is complete). Only several segments are joined: a
         book of one segment is never remuxed live."""
         self.path = Path(path)
@@ -141,7 +142,7 @@ class SegmentedEncoder:
         self._joined_s = 0.0
         self._out = None
         self._join_error: OSError | None = None
-        self._remux_args = (Path(remux_to), title, header_padding) if remux_to is not None else None
+        self._remux_args = (Path(remux_to), title, header_padding, artist) if remux_to is not None else None
         self._remux: FramesRemux | None = None
         self._remuxed = False
         self._new_segment()

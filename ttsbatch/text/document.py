@@ -26,6 +26,7 @@ class Document:
     chapters: tuple[Chapter, ...]
     left_out: tuple[str, ...] = ()  # what the reader did not take as text, one line each (plan and log)
     title: str | None = None  # the book's own title (EPUB metadata, Markdown front matter), if it has one
+    author: str | None = None  # its author, from the same places: the output's artist tag
 
     @property
     def display_title(self) -> str:

@@ -145,9 +145,10 @@ def _walk(node, builder, state: dict) -> None:
     flush()
 
 
-def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str | None]:
+def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str | None, str | None]:
     """Feed the EPUB ``data``'s text to ``builder`` (readers.py's), in reading order; returns
-    what was left out (``Document.left_out``) and the book's title (its ``dc:title``)."""
+    what was left out (``Document.left_out``), the book's title (``dc:title``) and its authors
+    (``dc:creator``, joined with " and ")."""
     _check_not_encrypted(data, label)
     import ebooklib
     from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
@@ -176,6 +177,11 @@ def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str |
         if title and not body.find(list(_HEADINGS)):
             builder.heading(title)
         _walk(body, builder, {})
-    titles = [" ".join(str(t[0]).split()) for t in book.get_metadata("DC", "title") if t and t[0]]
-    return (("Project Gutenberg's header and license",) if boilerplate else ()), next((t for t in titles if t), None)
+    def meta(name: str) -> list[str]:
+        values = [" ".join(str(v[0]).split()) for v in book.get_metadata("DC", name) if v and v[0]]
+        return [v for v in values if v]
+
+    titles, authors = meta("title"), meta("creator")
+    left_out = ("Project Gutenberg's header and license",) if boilerplate else ()
+    return left_out, (titles[0] if titles else None), (" and ".join(dict.fromkeys(authors)) or None)
 

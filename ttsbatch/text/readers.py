@@ -296,16 +296,18 @@ def _html_text(block: str) -> str:
     return re.sub(r"[ \t]+", " ", html.unescape(_TAG_RE.sub(" ", block)))
 
 
-_FRONT_MATTER_TITLE_RE = re.compile(r"^title[ \t]*:[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+def _front_matter_value(front: str, key: str) -> str | None:
+    m = re.search(rf"^{key}[ \t]*:[ \t]*(.+?)[ \t]*$", front, re.MULTILINE)
+    return (m.group(1).strip("\"'").strip() or None) if m else None
 
 
-def _parse_md(text: str, builder: _Builder) -> str | None:
-    """Feed the Markdown ``text`` to ``builder``; returns the front matter's ``title:``, if any."""
-    title = None
+def _parse_md(text: str, builder: _Builder) -> tuple[str | None, str | None]:
+    """Feed the Markdown ``text`` to ``builder``; returns the front matter's ``title:`` and
+    ``author:``, where it has them."""
+    title = author = None
     front = _FRONT_MATTER_RE.match(text)
     if front:
-        m = _FRONT_MATTER_TITLE_RE.search(front.group())
-        title = m.group(1).strip("\"'").strip() or None if m else None
+        title, author = _front_matter_value(front.group(), "title"), _front_matter_value(front.group(), "author")
         text = text[front.end():]
     tokens = _markdown().parse(text)
     i = 0
@@ -334,7 +336,7 @@ def _parse_md(text: str, builder: _Builder) -> str | None:
                 builder.block(para.split("\n"))
         # fence, code_block, hr and every *_open/_close: nothing to say
         i += 1
-    return title
+    return title, author
 
 
 # ---------------------------------------------------------------------------- Project Gutenberg
@@ -404,15 +406,17 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
         from .epub import parse_epub
 
         builder = _Builder()
-        left_out, title = parse_epub(data, label, builder)
-        return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title)
+        left_out, title, author = parse_epub(data, label, builder)
+        return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title, author=author)
     text = _clean(decode_bytes(data, label))
     if not text.strip():
         raise InputError(f"{label}: file contains only whitespace")
     text, left_out = strip_gutenberg(text)
     builder = _Builder()
-    title = _parse_md(text, builder) if fmt == "md" else _parse_txt(text, builder)
-    return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title)
+    title, author = _parse_md(text, builder) if fmt == "md" else (None, None)
+    if fmt != "md":
+        _parse_txt(text, builder)
+    return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title, author=author)
 
 
 # The longest novels are a few MB; 50 MB of text is some 800 hours of speech. Past this we
