@@ -145,10 +145,10 @@ def _walk(node, builder, state: dict) -> None:
     flush()
 
 
-def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str | None, str | None]:
-    """Feed the EPUB ``data``'s text to ``builder`` (readers.py's), in reading order; returns
-    what was left out (``Document.left_out``), the book's title (``dc:title``) and its authors
-    (``dc:creator``, joined with " and ")."""
+def parse_epub(data: bytes, label: str, builder) -> None:
+    """Feed the EPUB ``data``'s text to ``builder`` (readers.py's), in reading order, and the
+    book's title (``dc:title``), authors (``dc:creator``, joined with " and ") and what was
+    left out."""
     _check_not_encrypted(data, label)
     import ebooklib
     from bs4 import BeautifulSoup, XMLParsedAsHTMLWarning
@@ -182,6 +182,7 @@ def parse_epub(data: bytes, label: str, builder) -> tuple[tuple[str, ...], str |
         return [v for v in values if v]
 
     titles, authors = meta("title"), meta("creator")
-    left_out = ("Project Gutenberg's header and license",) if boilerplate else ()
-    return left_out, (titles[0] if titles else None), (" and ".join(dict.fromkeys(authors)) or None)
+    builder.title = titles[0] if titles else None
+    builder.author = " and ".join(dict.fromkeys(authors)) or None
+    builder.left_out = ("Project Gutenberg's header and license",) if boilerplate else ()
 

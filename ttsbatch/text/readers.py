@@ -46,7 +46,6 @@ GUTENBERG EBOOK ... ***``, the producers' credit after it and the license from `
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import html
 import re
 from pathlib import Path
@@ -145,6 +144,10 @@ def is_chapter_heading(line: str) -> bool:
 class _Builder:
     def __init__(self) -> None:
         self.chapters: list[tuple[str | None, list[str]]] = [(None, [])]
+        # what the Document carries beside its chapters: set by the reader that finds them
+        self.title: str | None = None
+        self.author: str | None = None
+        self.left_out: tuple[str, ...] = ()
 
     def heading(self, title: str) -> None:
         """Start a chapter called ``title``; the title is its first paragraph (spoken)."""
@@ -204,7 +207,7 @@ class _Builder:
         chapters = tuple(Chapter(title, tuple(paras)) for title, paras in merged)
         if not chapters:
             raise InputError(f"{label}: has no text to read")
-        return Document(name=name, chapters=chapters)
+        return Document(name=name, chapters=chapters, left_out=self.left_out, title=self.title, author=self.author)
 
 
 def _is_subtitle(line: str) -> bool:
@@ -301,13 +304,11 @@ def _front_matter_value(front: str, key: str) -> str | None:
     return (m.group(1).strip("\"'").strip() or None) if m else None
 
 
-def _parse_md(text: str, builder: _Builder) -> tuple[str | None, str | None]:
-    """Feed the Markdown ``text`` to ``builder``; returns the front matter's ``title:`` and
-    ``author:``, where it has them."""
-    title = author = None
+def _parse_md(text: str, builder: _Builder) -> None:
+    """Feed the Markdown ``text`` to ``builder``, the front matter's ``title:`` and ``author:`` too."""
     front = _FRONT_MATTER_RE.match(text)
     if front:
-        title, author = _front_matter_value(front.group(), "title"), _front_matter_value(front.group(), "author")
+        builder.title, builder.author = _front_matter_value(front.group(), "title"), _front_matter_value(front.group(), "author")
         text = text[front.end():]
     tokens = _markdown().parse(text)
     i = 0
@@ -336,7 +337,6 @@ def _parse_md(text: str, builder: _Builder) -> tuple[str | None, str | None]:
                 builder.block(para.split("\n"))
         # fence, code_block, hr and every *_open/_close: nothing to say
         i += 1
-    return title, author
 
 
 # ---------------------------------------------------------------------------- Project Gutenberg
@@ -362,36 +362,30 @@ def strip_gutenberg(text: str) -> tuple[str, tuple[str, ...]]:
     start = _PG_START_RE.search(text)
     if start is None:
         return text, ()
-    head = text[: start.end()]
-    body = text[start.end():]
+    head, body = text[: start.end()], text[start.end():]
     end = _PG_END_RE.search(body)
-    tail = ""
-    if end is not None:
-        cut = end.start()
-        line = None
-        for line in _PG_END_LINE_RE.finditer(body, 0, cut):
-            pass
-        if line is not None and not body[line.end(): cut].strip():
-            cut = line.start()
-        body, tail = body[:cut], body[cut:]
-    else:  # old books end with the line alone; the last one, if nothing but a few lines follow it
-        line = None
-        for line in _PG_END_LINE_RE.finditer(body):
-            pass
-        if line is not None and body[line.end():].count("\n") < 40:
-            body, tail = body[: line.start()], body[line.start():]
+    cut = end.start() if end is not None else len(body)
+    line = None
+    for line in _PG_END_LINE_RE.finditer(body, 0, cut):  # the last "End of ..." line above the cut
+        pass
+    # it goes with the end marker right under it; with no marker (old books), it is the end
+    # itself if no more than a few lines follow it
+    if line is not None and (not body[line.end(): cut].strip() if end is not None else body.count("\n", line.end()) < 40):
+        cut = line.start()
+    body, tail = body[:cut], body[cut:]
     credit = _PG_CREDIT_RE.match(body)
     if credit is not None:
         body = body[credit.end():]
-    def lines(n: int) -> str:
-        return f"{n} line{'s' if n != 1 else ''}"
-
-    left_out = [f"Project Gutenberg's header ({lines(head.count(chr(10)) + 1)})"]
+    left_out = [f"Project Gutenberg's header ({_lines(head.count(chr(10)) + 1)})"]
     if credit is not None:
         left_out.append(f"the producers' credit ({' '.join(credit.group().split())[:60]})")
     if tail:
-        left_out.append(f"Project Gutenberg's end notes and license ({lines(tail.strip().count(chr(10)) + 1)})")
+        left_out.append(f"Project Gutenberg's end notes and license ({_lines(tail.strip().count(chr(10)) + 1)})")
     return body, tuple(left_out)
+
+
+def _lines(n: int) -> str:
+    return f"{n} line{'s' if n != 1 else ''}"
 
 
 # ---------------------------------------------------------------------------- public
@@ -406,17 +400,15 @@ def _read(data: bytes, name: str, fmt: str, label: str) -> Document:
         from .epub import parse_epub
 
         builder = _Builder()
-        left_out, title, author = parse_epub(data, label, builder)
-        return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title, author=author)
+        parse_epub(data, label, builder)
+        return builder.build(name, label)
     text = _clean(decode_bytes(data, label))
     if not text.strip():
         raise InputError(f"{label}: file contains only whitespace")
-    text, left_out = strip_gutenberg(text)
     builder = _Builder()
-    title, author = _parse_md(text, builder) if fmt == "md" else (None, None)
-    if fmt != "md":
-        _parse_txt(text, builder)
-    return dataclasses.replace(builder.build(name, label), left_out=left_out, title=title, author=author)
+    text, builder.left_out = strip_gutenberg(text)
+    (_parse_md if fmt == "md" else _parse_txt)(text, builder)
+    return builder.build(name, label)
 
 
 # The longest novels are a few MB; 50 MB of text is some 800 hours of speech. Past this we
