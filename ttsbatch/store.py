@@ -219,6 +219,21 @@ class ChunkStore:
             raise StoreError(f"cannot write chunk index {self.index_path}: {_reason(e)}") from None
         return final
 
+    def link(self, id: str, src: Path, meta: dict[str, Any] | None = None) -> None:
+        """Store the finished chunk file ``src`` (another store's) as chunk ``id``: hard-linked
+        under a temporary name and renamed into place (copied atomically where links fail), its
+        metadata appended to the index. ``src`` is only read. Raises OSError."""
+        final = self.path(id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, final)
+        except OSError:
+            _discard(tmp)
+            atomic_write_bytes(final, Path(src).read_bytes())
+        self._append_index({"id": id, **(meta or {})})
+
     def _append_index(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
         with self._index_lock:
@@ -379,13 +394,12 @@ def sibling_work_dirs(work_dir: Path) -> list[Path]:
     m = re.fullmatch(r"\.(.+)\.[^.]+\.ttsbatch", work_dir.name)
     if not m:
         return []
-    prefix = f".{m.group(1)}."
+    sibling = re.compile(rf"\.{re.escape(m.group(1))}\.[^.]+\.ttsbatch")
     try:
         entries = sorted(work_dir.parent.iterdir())
     except OSError:
         return []
-    return [e for e in entries if e.name != work_dir.name and e.name.startswith(prefix) and e.name.endswith(".ttsbatch")
-            and re.fullmatch(r"[^.]+", e.name[len(prefix):-len(".ttsbatch")]) and e.is_dir()]
+    return [e for e in entries if e.name != work_dir.name and sibling.fullmatch(e.name) and e.is_dir()]
 
 
 def adopt_chunks(store: ChunkStore, ids, donors) -> int:
@@ -410,21 +424,11 @@ def adopt_chunks(store: ChunkStore, ids, donors) -> int:
         records = other.meta()
         taken = 0
         for id in sorted(found):
-            src, final = other.path(id), store.path(id)
-            tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
             try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(src, tmp)
-                except OSError:
-                    shutil.copyfile(src, tmp)
-                os.replace(tmp, final)
-            except OSError as e:
-                _discard(tmp)
+                store.link(id, other.path(id), {**records.get(id, {}), "adopted_from": str(donor)})
+            except OSError as e:  # it is rendered instead
                 log.debug("could not take chunk %s from %s: %s", id, donor, e)
                 continue
-            with contextlib.suppress(OSError):
-                store._append_index({**records.get(id, {"id": id}), "adopted_from": str(donor)})
             wanted.discard(id)
             taken += 1
         if taken:
